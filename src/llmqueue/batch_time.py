@@ -1,0 +1,220 @@
+"""Batch-time models t_b: seconds for a batch of b tokens (PAPER.md §1, paper §3.1, Eq. 4).
+
+* ``staircase``        t_b = c + a * ceil(b / b0)        (v3, Assumption 1; the default)
+* ``piecewise_linear`` t_b = c + a * max(0, b - b0)      (v1/v2)
+* ``constant``         t_b = duration                    (the §5.4 network uses t = 1)
+* ``table``            interpolated from measured (tokens, seconds) points
+
+Parameters are given in milliseconds in configs (``c_ms``...) and held in seconds here.
+The default is the paper's CodeLlama-34B / A100 fit: c = 11.28 ms, a = 35.47 ms, b0 = 128.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+from llmqueue.errors import ConfigError
+
+PAPER_STAIRCASE = {"model": "staircase", "c_ms": 11.28, "a_ms": 35.47, "b0": 128}
+
+
+class AssumptionWarning(UserWarning):
+    """A configuration breaks one of the paper's assumptions (the run still proceeds)."""
+
+
+class BatchTime(ABC):
+    """t_b as a function of the batch's token load b >= 1."""
+
+    name: str
+
+    @abstractmethod
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        """Vectorised batch time in seconds for integer token loads >= 1."""
+
+    @abstractmethod
+    def to_dict(self) -> dict:
+        """The config table (ms units) that :func:`make_batch_time` accepts back."""
+
+    def __call__(self, tokens: int) -> float:
+        return float(self.seconds(np.asarray([tokens]))[0])
+
+    def table(self, token_budget: int) -> list[float]:
+        """t_b for b = 0..token_budget as a list (index 0 unused), checked positive."""
+        b = np.arange(1, token_budget + 1)
+        t = self.seconds(b)
+        bad = np.flatnonzero(~(np.isfinite(t) & (t > 0)))
+        if bad.size:
+            raise ConfigError(
+                "engine.batch_time", self.to_dict(),
+                f"batch time must be finite and > 0 for every load 1..{token_budget}; "
+                f"got {t[bad[0]]!r} s at {int(b[bad[0]])} tokens",
+            )
+        # perf: the engine looks batch times up by index instead of recomputing them.
+        return [0.0, *t.tolist()]
+
+    def assumption_warnings(self, token_budget: int) -> list[str]:
+        """Messages for broken paper assumptions at this budget (none by default)."""
+        return []
+
+
+class Staircase(BatchTime):
+    name = "staircase"
+
+    def __init__(self, c: float, a: float, b0: int) -> None:
+        self.c, self.a, self.b0 = c, a, b0
+
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        return self.c + self.a * np.ceil(np.asarray(tokens) / self.b0)
+
+    def to_dict(self) -> dict:
+        return {"model": self.name, "c_ms": self.c * 1e3, "a_ms": self.a * 1e3, "b0": self.b0}
+
+    def assumption_warnings(self, token_budget: int) -> list[str]:
+        if token_budget % self.b0:
+            return [
+                f"batch_time.b0 = {self.b0} does not divide engine.token_budget = {token_budget} "
+                f"(paper Assumption 1): batches of {token_budget // self.b0 * self.b0} tokens serve "
+                f"more tokens per second than full batches, so Theorem 2's capacity is only a bound"
+            ]
+        return []
+
+
+class PiecewiseLinear(BatchTime):
+    name = "piecewise_linear"
+
+    def __init__(self, c: float, a: float, b0: int) -> None:
+        self.c, self.a, self.b0 = c, a, b0
+
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        return self.c + self.a * np.maximum(0, np.asarray(tokens) - self.b0)
+
+    def to_dict(self) -> dict:
+        return {"model": self.name, "c_ms": self.c * 1e3, "a_ms_per_token": self.a * 1e3, "b0": self.b0}
+
+
+class Constant(BatchTime):
+    name = "constant"
+
+    def __init__(self, duration: float) -> None:
+        self.duration = duration
+
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        return np.full(np.shape(tokens), self.duration, dtype=float)
+
+    def to_dict(self) -> dict:
+        return {"model": self.name, "duration_ms": self.duration * 1e3}
+
+
+EXTRAPOLATIONS = ("linear", "clamp", "error")
+
+
+class Table(BatchTime):
+    """Linear interpolation between measured points; outside them ``extrapolate`` decides:
+    ``linear`` extends the first/last segment, ``clamp`` holds the end values, ``error``
+    refuses loads outside [first, last] tokens."""
+
+    name = "table"
+
+    def __init__(self, tokens: np.ndarray, seconds: np.ndarray, extrapolate: str = "linear") -> None:
+        self.tokens = np.asarray(tokens, dtype=float)
+        self.secs = np.asarray(seconds, dtype=float)
+        self.extrapolate = extrapolate
+
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        b = np.asarray(tokens, dtype=float)
+        x, y = self.tokens, self.secs
+        t = np.interp(b, x, y)
+        if self.extrapolate == "linear" and len(x) >= 2:
+            lo, hi = b < x[0], b > x[-1]
+            t = np.where(lo, y[0] + (b - x[0]) * (y[1] - y[0]) / (x[1] - x[0]), t)
+            t = np.where(hi, y[-1] + (b - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2]), t)
+        elif self.extrapolate == "error" and (b.min(initial=x[0]) < x[0] or b.max(initial=x[-1]) > x[-1]):
+            raise ConfigError(
+                "engine.batch_time.extrapolate", "error",
+                f"loads {int(b.min())}..{int(b.max())} tokens fall outside the table's "
+                f"{int(x[0])}..{int(x[-1])} tokens; add points or use 'linear' or 'clamp'",
+            )
+        return t
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.name,
+            "points": [[float(b), float(s * 1e3)] for b, s in zip(self.tokens, self.secs)],
+            "extrapolate": self.extrapolate,
+        }
+
+
+# ---- construction from a config table --------------------------------------------------
+
+_KEYS = {
+    "staircase": ("c_ms", "a_ms", "b0"),
+    "piecewise_linear": ("c_ms", "a_ms_per_token", "b0"),
+    "constant": ("duration_ms",),
+    "table": ("points", "extrapolate"),
+}
+
+
+def _number(spec: Mapping, key: str, field: str, *, minimum: float, strict: bool = False) -> float:
+    value = spec[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{field}.{key}", value, "a finite number")
+    if value < minimum or (strict and value == minimum):
+        raise ConfigError(f"{field}.{key}", value, f"a number {'>' if strict else '>='} {minimum}")
+    return float(value)
+
+
+def _integer(spec: Mapping, key: str, field: str, *, minimum: int) -> int:
+    value = spec[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{field}.{key}", value, f"an integer >= {minimum}")
+    return value
+
+
+def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> BatchTime:
+    """Build a model from a config table such as ``{"model": "staircase", "c_ms": 11.28, ...}``.
+
+    Missing parameters of the staircase default to the paper's fit; other models need all.
+    """
+    spec = dict(PAPER_STAIRCASE if spec is None else spec)
+    model = spec.pop("model", "staircase")
+    if model not in _KEYS:
+        raise ConfigError(f"{field}.model", model, f"one of {', '.join(_KEYS)}")
+    unknown = sorted(set(spec) - set(_KEYS[model]))
+    if unknown:
+        raise ConfigError(f"{field}.{unknown[0]}", spec[unknown[0]],
+                          f"a key of the {model} model: {', '.join(_KEYS[model])}")
+    if model == "staircase":
+        spec = {**{k: PAPER_STAIRCASE[k] for k in _KEYS[model]}, **spec}
+    missing = [k for k in _KEYS[model] if k not in spec and k != "extrapolate"]
+    if missing:
+        raise ConfigError(f"{field}.{missing[0]}", None, f"required by the {model} model")
+    if model == "staircase":
+        return Staircase(_number(spec, "c_ms", field, minimum=0) / 1e3,
+                         _number(spec, "a_ms", field, minimum=0, strict=True) / 1e3,
+                         _integer(spec, "b0", field, minimum=1))
+    if model == "piecewise_linear":
+        c = _number(spec, "c_ms", field, minimum=0, strict=True) / 1e3
+        return PiecewiseLinear(c, _number(spec, "a_ms_per_token", field, minimum=0) / 1e3,
+                               _integer(spec, "b0", field, minimum=0))
+    if model == "constant":
+        return Constant(_number(spec, "duration_ms", field, minimum=0, strict=True) / 1e3)
+    return _make_table(spec, field)
+
+
+def _make_table(spec: Mapping, field: str) -> Table:
+    points, extrapolate = spec["points"], spec.get("extrapolate", "linear")
+    if extrapolate not in EXTRAPOLATIONS:
+        raise ConfigError(f"{field}.extrapolate", extrapolate, f"one of {', '.join(EXTRAPOLATIONS)}")
+    shape = "a list of at least 2 [tokens, milliseconds] pairs with tokens >= 1 strictly increasing and ms > 0"
+    try:
+        arr = np.asarray(points, dtype=float)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}.points", points, shape) from None
+    if (arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 2 or not np.isfinite(arr).all()
+            or arr[0, 0] < 1 or np.any(np.diff(arr[:, 0]) <= 0) or np.any(arr[:, 1] <= 0)):
+        raise ConfigError(f"{field}.points", points, shape)
+    return Table(arr[:, 0], arr[:, 1] / 1e3, extrapolate)

@@ -1,0 +1,118 @@
+"""One engine: a scheduler plus an executor of batches (PAPER.md §1–2, paper §3.1).
+
+The engine admits requests, asks its scheduler for a plan at each batch boundary, times
+the batch with the batch-time model, applies it through :func:`~llmqueue.request.apply_batch`
+and checks work conservation (Eqs. 8–9): a batch must hold ``min(b_max, demand)`` tokens,
+with ``demand = Σ p_i + #{decoding}``.  Under a request cap k_max the bound is the most
+tokens any k_max requests could take, ``min(b_max, sum of the k_max largest shares)``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from llmqueue.batch import BatchPlan
+from llmqueue.batch_time import BatchTime
+from llmqueue.errors import ConfigError, InternalError
+from llmqueue.request import Request, apply_batch
+from llmqueue.schedulers import EngineState, Scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one executed batch did."""
+
+    plan: BatchPlan
+    start_time: float
+    end_time: float
+    demand: int              # Σ p_i + #decoding at the batch's start (Eq. 8)
+    bound: int               # tokens a work-conserving batch holds: min(b_max, demand), cap-aware
+    finished: list[Request]
+
+
+class Engine:
+    """A scheduler, a token budget, an optional request cap and a batch-time model."""
+
+    def __init__(self, scheduler: Scheduler, token_budget: int, batch_time: BatchTime,
+                 max_batch_requests: int | None = None) -> None:
+        if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+            raise ConfigError("engine.token_budget", token_budget,
+                              "an integer >= 1 (a batch must fit at least one decode token)")
+        if max_batch_requests is not None and (
+                isinstance(max_batch_requests, bool) or not isinstance(max_batch_requests, int)
+                or max_batch_requests < 1):
+            raise ConfigError("engine.max_batch_requests", max_batch_requests, "an integer >= 1, or omitted for no cap")
+        self.scheduler = scheduler
+        self.token_budget = token_budget
+        self.max_batch_requests = max_batch_requests
+        self.batch_time = batch_time
+        self.state = EngineState(token_budget, max_batch_requests)
+        self._durations = batch_time.table(token_budget)
+        self.num_in_engine = 0
+        self.violations = 0
+        self.rejected: list[Request] = []
+
+    @property
+    def has_work(self) -> bool:
+        return self.num_in_engine > 0
+
+    def admit(self, request: Request) -> bool:
+        """Queue ``request``; a prompt the scheduler can never serve is rejected (False)."""
+        if request.num_prompt_tokens > self.token_budget and not self.scheduler.splits_prompts:
+            self.rejected.append(request)
+            return False
+        self.state.prefilling.append(request)
+        self.state.total_prefill_left += request.num_prompt_tokens
+        self.num_in_engine += 1
+        return True
+
+    def demand(self) -> int:
+        """Σ p_i + number of decoding requests (Eq. 8)."""
+        return self.state.total_prefill_left + len(self.state.decoding)
+
+    def bound(self, demand: int) -> int:
+        """Tokens a work-conserving batch must hold now (cap-aware under k_max)."""
+        k = self.max_batch_requests
+        state = self.state
+        if k is None or self.num_in_engine <= k:
+            return min(self.token_budget, demand)
+        shares = heapq.nlargest(k, (r.prefill_left for r in state.prefilling))
+        best = sum(shares) + min(k - len(shares), len(state.decoding))
+        return min(self.token_budget, best)
+
+    def step(self, now: float) -> Step:
+        """Plan, time and apply one batch starting at ``now``."""
+        state = self.state
+        demand = state.total_prefill_left + len(state.decoding)
+        bound = self.bound(demand)
+        plan = self.scheduler.plan(state)
+        tokens = plan.num_tokens
+        if tokens == 0 or tokens > self.token_budget:
+            raise InternalError(f"{self.scheduler!r} planned {tokens} tokens with demand {demand}")
+        if tokens != bound:
+            self.violations += 1
+        end = now + self._durations[tokens]
+        finished = apply_batch(plan.prefill, plan.decode, end)
+        state.total_prefill_left -= plan.num_prefill_tokens
+        self._requeue(plan, finished)
+        self.num_in_engine -= len(finished)
+        return Step(plan, now, end, demand, bound, finished)
+
+    def _requeue(self, plan: BatchPlan, finished: list[Request]) -> None:
+        """Move requests whose prefill ended to ``decoding``; drop finished decoders."""
+        state = self.state
+        if plan.prefill:
+            done = [r for r, _ in plan.prefill if r.prefill_left == 0]
+            prefilling = state.prefilling
+            popped = 0
+            # perf: FCFS policies finish prefills at the head of the queue: pop them in O(1).
+            while prefilling and prefilling[0].prefill_left == 0:
+                prefilling.popleft()
+                popped += 1
+            if popped != len(done):
+                state.prefilling = type(prefilling)(r for r in prefilling if r.prefill_left)
+            state.decoding.extend(r for r in done if r.decode_left)
+        if finished:
+            # perf: rebuild only when a request finished, not at every batch.
+            state.decoding = [r for r in state.decoding if r.decode_left]

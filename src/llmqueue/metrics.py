@@ -1,0 +1,155 @@
+"""Metrics and the stability verdict of a run (PAPER.md §4 and §7).
+
+Latency: TTFT = first token − arrival (the batch finishing the prompt emits the first
+token), TBT = (finish − first token) / v_d (mean time between a request's output tokens,
+vLLM's TPOT), E2E = finish − arrival; statistics over the requests that got there by T.
+
+Verdict: the backlog B(t) (unprocessed tokens of requests in the system) is sampled on a
+grid over the second half of the run, cut into ``blocks`` consecutive blocks whose means
+are regressed on time; block means tame the strong autocorrelation of a queue, and the
+slope's 95 % confidence interval uses Student's t with blocks − 2 degrees of freedom.
+``unstable`` if the interval lies above 0 and the slope exceeds the tolerance (a fraction
+of the engine's capacity, default 1 %); ``stable`` if the interval lies below the
+tolerance; otherwise ``inconclusive`` (too close to the boundary for this horizon).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from llmqueue.analysis import Analysis
+from llmqueue.simulator import Result
+
+STABLE, UNSTABLE, INCONCLUSIVE = "stable", "unstable", "inconclusive"
+DEFAULT_TOLERANCE = 0.01
+DEFAULT_BLOCKS = 10
+_GRID = 400
+
+
+@dataclass(frozen=True)
+class Trend:
+    slope: float          # tokens/s over the window
+    ci_low: float
+    ci_high: float
+    window: tuple[float, float]
+
+
+def latency_stats(values: np.ndarray) -> dict:
+    """mean, p50, p90, p99 (None when there are no values)."""
+    if len(values) == 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"mean": float(values.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def _served(result: Result) -> np.ndarray:
+    return ~result.rejected
+
+
+def backlog(result: Result, times: np.ndarray) -> np.ndarray:
+    """Unprocessed tokens in the system at ``times`` (arrived minus processed)."""
+    keep = _served(result)
+    arrivals = result.arrival_time[keep]
+    arrived = np.concatenate(([0], np.cumsum(result.num_prompt_tokens[keep] + result.num_output_tokens[keep])))
+    processed = np.concatenate(([0], np.cumsum(result.batch_tokens)))
+    return (arrived[np.searchsorted(arrivals, times, side="right")]
+            - processed[np.searchsorted(result.batch_end_time, times, side="right")])
+
+
+def in_system(result: Result, times: np.ndarray) -> np.ndarray:
+    """Requests in the system (arrived, not finished, not rejected) at ``times``."""
+    keep = _served(result)
+    finish = np.sort(np.where(np.isnan(result.finish_time[keep]), np.inf, result.finish_time[keep]))
+    return (np.searchsorted(result.arrival_time[keep], times, side="right")
+            - np.searchsorted(finish, times, side="right"))
+
+
+def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS) -> Trend | None:
+    """Slope of the backlog over the second half of the run with a 95 % interval."""
+    t0, t1 = result.end_time / 2, result.end_time
+    if not t1 > t0:
+        return None
+    grid = np.linspace(t0, t1, _GRID)
+    y = backlog(result, grid).astype(float).reshape(blocks, -1).mean(axis=1)
+    x = grid.reshape(blocks, -1).mean(axis=1)
+    fit = stats.linregress(x, y)
+    half = stats.t.ppf(0.975, blocks - 2) * fit.stderr
+    return Trend(float(fit.slope), float(fit.slope - half), float(fit.slope + half), (float(t0), float(t1)))
+
+
+def verdict(trend: Trend | None, tolerance_tokens_per_s: float, num_arrived: int) -> tuple[str, str]:
+    """``stable`` / ``unstable`` / ``inconclusive`` and the reason, from the backlog trend."""
+    if trend is None or num_arrived < 100:
+        return INCONCLUSIVE, "run too short for a verdict (fewer than 100 arrivals)"
+    detail = (f"backlog slope {trend.slope:.1f} tokens/s, 95% CI [{trend.ci_low:.1f}, {trend.ci_high:.1f}], "
+              f"tolerance {tolerance_tokens_per_s:.1f}")
+    if trend.ci_low > 0 and trend.slope > tolerance_tokens_per_s:
+        return UNSTABLE, detail + ": the backlog grows"
+    if trend.ci_high < tolerance_tokens_per_s:
+        return STABLE, detail + ": no growth beyond the tolerance"
+    return INCONCLUSIVE, detail + ": run longer to decide"
+
+
+def prediction(analysis: Analysis, work_conserving: bool) -> str:
+    """What Theorem 2 predicts for this scheduler and load."""
+    if analysis.offered_tokens_per_s > analysis.peak_tokens_per_s:
+        return UNSTABLE
+    if analysis.rho < 1 and work_conserving:
+        return STABLE
+    if analysis.rho > 1 and work_conserving:
+        return UNSTABLE
+    return "not predicted (not work-conserving)" if analysis.rho < 1 else "boundary"
+
+
+def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
+              tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """The run's summary as a JSON-able dict (keys documented in docs/config.md)."""
+    T = result.end_time
+    keep = _served(result)
+    arrival = result.arrival_time
+    first, finish = result.first_token_time, result.finish_time
+    done = keep & (finish <= T)
+    started = keep & (first <= T)
+    sojourn = np.clip(np.where(np.isnan(finish), T, np.minimum(finish, T)) - arrival, 0, None)
+    arrived = int(np.count_nonzero(arrival <= T))
+    completed = int(np.count_nonzero(done))
+    processed = int(result.batch_tokens[result.batch_end_time <= T].sum())
+    trend = backlog_trend(result)
+    tol = tolerance * analysis.capacity_tokens_per_s
+    verdict_name, reason = verdict(trend, tol, arrived)
+    with_output = done & (result.num_output_tokens > 0)
+    tbt = (finish[with_output] - first[with_output]) / result.num_output_tokens[with_output]
+    return {
+        "scheduler": result.scheduler,
+        "token_budget": result.token_budget,
+        "horizon_s": T,
+        "arrived": arrived,
+        "completed": completed,
+        "rejected": int(np.count_nonzero(result.rejected)),
+        "throughput_rps": completed / T if T > 0 else 0.0,
+        "token_throughput": processed / T if T > 0 else 0.0,
+        "mean_in_system": float(sojourn[keep & (arrival <= T)].sum() / T) if T > 0 else 0.0,
+        "final_in_system": int(in_system(result, np.asarray([T]))[0]),
+        "final_backlog_tokens": int(backlog(result, np.asarray([T]))[0]),
+        "backlog_slope_tokens_per_s": trend.slope if trend else None,
+        "backlog_slope_ci": [trend.ci_low, trend.ci_high] if trend else None,
+        "verdict": verdict_name,
+        "verdict_reason": reason,
+        "predicted": prediction(analysis, work_conserving),
+        "capacity_tokens_per_s": analysis.capacity_tokens_per_s,
+        "offered_tokens_per_s": analysis.offered_tokens_per_s,
+        "rho": analysis.rho,
+        "max_stable_rate_rps": analysis.max_stable_rate_rps,
+        "fluid_growth_tokens_per_s": analysis.fluid_growth_tokens_per_s,
+        "work_conserving_claimed": work_conserving,
+        "work_conserving_violations": result.violations,
+        "batches": result.num_batches,
+        "mean_batch_tokens": float(result.batch_tokens.mean()) if result.num_batches else 0.0,
+        "ttft_s": latency_stats(first[started] - arrival[started]),
+        "tbt_s": latency_stats(tbt),
+        "e2e_s": latency_stats(finish[done] - arrival[done]),
+        "wall_s": result.wall_s,
+    }

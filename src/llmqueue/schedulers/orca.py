@@ -1,0 +1,21 @@
+"""Orca (PAPER.md §3, paper §4, Table 1): prefill first, mixed batches.
+
+Fill the budget with prefill tokens (FCFS, chunking the last prompt so the batch is
+full), then give one decode token per decoding request in the room left (FCFS).
+Work-conserving: the chunking is what makes every batch hold min(b_max, demand) tokens.
+"""
+
+from llmqueue.batch import BatchPlan
+from llmqueue.schedulers.base import EngineState, Scheduler
+
+
+class Orca(Scheduler):
+    name = "orca"
+    summary = "prefill first, mixed batches"
+    work_conserving = True
+
+    def plan(self, state: EngineState) -> BatchPlan:
+        batch = state.builder()
+        batch.add_prefills(state.prefilling, split=True)
+        batch.add_decodes(state.decoding)
+        return batch.build()
