@@ -10,10 +10,11 @@ tokens any k_max requests could take, ``min(b_max, sum of the k_max largest shar
 from __future__ import annotations
 
 import heapq
+import warnings
 from dataclasses import dataclass
 
 from llmqueue.batch import BatchPlan
-from llmqueue.batch_time import BatchTime
+from llmqueue.batch_time import AssumptionWarning, BatchTime
 from llmqueue.errors import ConfigError, InternalError
 from llmqueue.request import Request, apply_batch
 from llmqueue.schedulers import EngineState, Scheduler
@@ -49,6 +50,8 @@ class Engine:
         self.batch_time = batch_time
         self.state = EngineState(token_budget, max_batch_requests)
         self._durations = batch_time.table(token_budget)
+        for message in batch_time.assumption_warnings(token_budget):
+            warnings.warn(message, AssumptionWarning, stacklevel=2)
         self.num_in_engine = 0
         self.violations = 0
         self.rejected: list[Request] = []

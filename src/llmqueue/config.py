@@ -1,0 +1,284 @@
+"""TOML configuration of one run: schema, validation, dotted overrides (docs/config.md).
+
+A config has three tables (all keys optional, defaults are the paper's Fig. 1 setting):
+
+* ``[engine]``  scheduler, token_budget (b_max), max_batch_requests (k_max), the chosen
+  scheduler's options, and ``[engine.batch_time]`` (model and its parameters in ms);
+* ``[workload]`` arrival (poisson | deterministic | gamma | trace), rate (requests/s) or
+  load (a fraction of Theorem 2's λ*), cv (gamma), trace options, and the
+  ``[workload.prompt]`` / ``[workload.output]`` length distributions;
+* ``[run]``     horizon_s or requests, seed, drain, record_batches, verdict_tolerance.
+
+Every error names the dotted field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmqueue.batch_time import PAPER_STAIRCASE, make_batch_time
+from llmqueue.errors import ConfigError
+from llmqueue.schedulers import SCHEDULERS
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "engine": {"scheduler": "sarathi", "token_budget": 512, "batch_time": dict(PAPER_STAIRCASE)},
+    "workload": {
+        "arrival": "poisson",
+        "load": 0.9,
+        "prompt": {"dist": "poisson", "mean": 129},
+        "output": {"dist": "poisson", "mean": 112},
+    },
+    "run": {"horizon_s": 1200.0, "seed": 0},
+}
+
+ENGINE_KEYS = {"scheduler", "token_budget", "max_batch_requests", "batch_time"}
+WORKLOAD_KEYS = {"arrival", "rate", "load", "cv", "trace", "format", "time_scale", "max_tokens",
+                 "cap_mode", "on_bad_row", "prompt", "output"}
+RUN_KEYS = {"horizon_s", "requests", "seed", "drain", "record_batches", "verdict_tolerance"}
+ARRIVALS = ("poisson", "deterministic", "gamma", "trace")
+TRACE_KEYS = {"trace", "format", "time_scale", "max_tokens", "cap_mode", "on_bad_row"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    horizon_s: float | None
+    requests: int | None
+    seed: int
+    drain: bool
+    record_batches: bool
+    verdict_tolerance: float
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated config; ``data`` is the resolved TOML (defaults filled in)."""
+
+    data: dict[str, Any]
+    base_dir: Path
+    run: RunConfig
+
+    @property
+    def engine(self) -> dict[str, Any]:
+        return self.data["engine"]
+
+    @property
+    def workload(self) -> dict[str, Any]:
+        return self.data["workload"]
+
+    @property
+    def scheduler_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.engine.items() if k not in ENGINE_KEYS}
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (None: the defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError("config", str(p), "an existing TOML file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", str(p), f"a readable UTF-8 TOML file ({exc.__class__.__name__})") from None
+        data = parse_toml(text, str(p))
+        base_dir = p.resolve().parent
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    return parse_config(data, base_dir)
+
+
+# Keys that replace each other: setting one (e.g. by --set) removes the other.
+EXCLUSIVE = {"run.requests": "run.horizon_s", "run.horizon_s": "run.requests",
+             "workload.rate": "workload.load", "workload.load": "workload.rate"}
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", source, f"valid TOML ({exc})") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``engine.token_budget=1024`` -> ("engine.token_budget", 1024); bare words are strings."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError("--set", item, "key=value with a dotted key, e.g. engine.token_budget=1024")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in nested tables, dropping a key it replaces (EXCLUSIVE)."""
+    if key in EXCLUSIVE:
+        section, _, other = EXCLUSIVE[key].partition(".")
+        if isinstance(data.get(section), dict):
+            data[section].pop(other, None)
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), child, "a table, since --set addresses a key inside it")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---- validation ------------------------------------------------------------------------
+
+def _table(data: Mapping[str, Any], key: str, field: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(field, value, "a table")
+    return dict(value)
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], field: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{field}.{key}", table[key], f"a known key: {', '.join(sorted(allowed))}")
+
+
+def _number(value: Any, field: str, *, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(field, value, "a finite number" + (" > 0" if positive else ""))
+    if positive and value <= 0:
+        raise ConfigError(field, value, "a number > 0")
+    return float(value)
+
+
+def _int(value: Any, field: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(field, value, f"an integer >= {minimum}")
+    return value
+
+
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(field, value, "true or false")
+    return value
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
+    """Validate a config mapping (merging defaults) into a :class:`Config`."""
+    base_dir = base_dir or Path.cwd()
+    _check_keys(data, {"engine", "workload", "run"}, "config")
+    engine = {**DEFAULTS["engine"], **_table(data, "engine", "engine")}
+    workload = _workload_table(_table(data, "workload", "workload"))
+    run = {**DEFAULTS["run"], **_table(data, "run", "run")}
+    if "requests" in _table(data, "run", "run") and "horizon_s" not in _table(data, "run", "run"):
+        run.pop("horizon_s", None)
+
+    name = engine["scheduler"]
+    if name not in SCHEDULERS:
+        raise ConfigError("engine.scheduler", name, f"one of {', '.join(SCHEDULERS)}")
+    options = set(SCHEDULERS[name].options)
+    _check_keys(engine, ENGINE_KEYS | options, "engine")
+    budget = engine["token_budget"]
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ConfigError("engine.token_budget", budget,
+                          "an integer >= 1 (a batch must fit at least one decode token)")
+    cap = engine.get("max_batch_requests")
+    if cap is not None:
+        _int(cap, "engine.max_batch_requests", 1)
+    batch_time = engine["batch_time"]
+    if not isinstance(batch_time, dict):
+        raise ConfigError("engine.batch_time", batch_time, "a table with a model and its parameters")
+    make_batch_time(batch_time).table(budget)  # validates parameters and positivity
+    SCHEDULERS[name](**{k: v for k, v in engine.items() if k in options})  # validates options
+
+    _check_keys(run, RUN_KEYS, "run")
+    if "horizon_s" in run and "requests" in run:
+        raise ConfigError("run.requests", run["requests"], "omitted when run.horizon_s is given (choose one horizon)")
+    horizon = _number(run["horizon_s"], "run.horizon_s") if "horizon_s" in run else None
+    requests = _int(run["requests"], "run.requests", 1) if "requests" in run else None
+    if workload["arrival"] == "trace" and "horizon_s" not in _table(data, "run", "run") and requests is None:
+        horizon = None  # replay the whole trace
+        run.pop("horizon_s", None)
+    rc = RunConfig(
+        horizon_s=horizon,
+        requests=requests,
+        seed=_int(run["seed"], "run.seed", 0),
+        drain=_bool(run.get("drain", False), "run.drain"),
+        record_batches=_bool(run.get("record_batches", False), "run.record_batches"),
+        verdict_tolerance=_number(run.get("verdict_tolerance", 0.01), "run.verdict_tolerance"),
+    )
+    resolved = {"engine": engine, "workload": workload, "run": run}
+    return Config(resolved, base_dir, rc)
+
+
+def _workload_table(given: dict[str, Any]) -> dict[str, Any]:
+    arrival = given.get("arrival", "trace" if "trace" in given else DEFAULTS["workload"]["arrival"])
+    if arrival not in ARRIVALS:
+        raise ConfigError("workload.arrival", arrival, f"one of {', '.join(ARRIVALS)}")
+    _check_keys(given, WORKLOAD_KEYS, "workload")
+    if arrival == "trace":
+        if "trace" not in given:
+            raise ConfigError("workload.trace", None, "a trace file path (required when arrival = \"trace\")")
+        for key in ("rate", "load", "cv"):
+            if key in given:
+                raise ConfigError(f"workload.{key}", given[key], "omitted for a trace (use time_scale)")
+        return {"arrival": arrival, **given}
+    extra = sorted(TRACE_KEYS & set(given))
+    if extra:
+        raise ConfigError(f"workload.{extra[0]}", given[extra[0]], 'only allowed with arrival = "trace"')
+    table = {"arrival": arrival, **{k: v for k, v in given.items() if k != "arrival"}}
+    if "rate" in table and "load" in table:
+        raise ConfigError("workload.load", table["load"], "omitted when workload.rate is given (choose one)")
+    if "rate" not in table and "load" not in table:
+        table["load"] = DEFAULTS["workload"]["load"]
+    if "rate" in table:
+        _number(table["rate"], "workload.rate")
+    else:
+        _number(table["load"], "workload.load")
+    for key in ("prompt", "output"):
+        table.setdefault(key, dict(DEFAULTS["workload"][key]))
+        if not isinstance(table[key], dict):
+            raise ConfigError(f"workload.{key}", table[key], "a table with dist and its parameters")
+    return table
+
+
+# ---- writing TOML ----------------------------------------------------------------------
+
+def dumps(data: Mapping[str, Any]) -> str:
+    """Write a nested mapping of scalars and lists as TOML (enough for configs)."""
+    lines: list[str] = []
+    _dump_table(data, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _dump_table(table: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping) and v is not None}
+    tables = {k: v for k, v in table.items() if isinstance(v, Mapping)}
+    if path and (scalars or not tables):
+        lines.append(f"\n[{'.'.join(path)}]")
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_value(value)}")
+    for key, value in tables.items():
+        _dump_table(value, [*path, key], lines)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -1,0 +1,118 @@
+"""From a validated config to results: build the engine and workload, run, summarise.
+
+The library entry points behind the command line: :func:`run_config` (one run) and
+:func:`compare` (several schedulers on the same arrivals: common random numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmqueue.analysis import Analysis, analyze
+from llmqueue.batch_time import BatchTime, make_batch_time
+from llmqueue.config import ENGINE_KEYS, Config
+from llmqueue.engine import Engine
+from llmqueue.metrics import summarize
+from llmqueue.schedulers import make_scheduler
+from llmqueue.simulator import Result, simulate
+from llmqueue.workload import Requests, Trace, Workload, load_trace, make_arrivals, make_length
+
+Progress = Callable[[str, float], None]  # (scheduler, fraction done)
+
+
+@dataclass
+class Run:
+    """One finished run: the raw result, its summary and the closed-form analysis."""
+
+    result: Result
+    summary: dict
+    analysis: Analysis
+
+
+def batch_time_of(config: Config) -> BatchTime:
+    return make_batch_time(config.engine["batch_time"])
+
+
+def build_engine(config: Config, scheduler: str | None = None) -> Engine:
+    """The configured engine; ``scheduler`` swaps the policy (its own options then default)."""
+    name = scheduler or config.engine["scheduler"]
+    options = config.scheduler_options if name == config.engine["scheduler"] else {}
+    return Engine(make_scheduler(name, **options), config.engine["token_budget"], batch_time_of(config),
+                  config.engine.get("max_batch_requests"))
+
+
+def build_workload(config: Config) -> Workload:
+    """Arrival process (rate, or load as a fraction of λ*) or trace, and length laws."""
+    w = config.workload
+    if w["arrival"] == "trace":
+        path = Path(w["trace"])
+        if not path.is_absolute():
+            path = config.base_dir / path
+        trace = load_trace(path, format=w.get("format", "auto"), time_scale=w.get("time_scale", 1.0),
+                           max_tokens=w.get("max_tokens"), cap_mode=w.get("cap_mode", "clip"),
+                           on_bad_row=w.get("on_bad_row", "error"))
+        prompt = make_length(w["prompt"], field="workload.prompt", minimum=1) if "prompt" in w else None
+        output = make_length(w["output"], field="workload.output", minimum=0) if "output" in w else None
+        return Workload(trace, prompt, output)
+    prompt = make_length(w["prompt"], field="workload.prompt", minimum=1)
+    output = make_length(w["output"], field="workload.output", minimum=0)
+    rate = w.get("rate")
+    if rate is None:
+        analysis = analyze(batch_time_of(config), config.engine["token_budget"], 1.0, prompt.mean, output.mean)
+        rate = w["load"] * analysis.max_stable_rate_rps
+    spec = {"arrival": w["arrival"], "rate": rate, **({"cv": w["cv"]} if "cv" in w else {})}
+    return Workload(make_arrivals(spec), prompt, output)
+
+
+def analysis_of(config: Config, workload: Workload) -> Analysis:
+    return analyze(batch_time_of(config), config.engine["token_budget"], workload.arrival_rate,
+                   workload.mean_prompt_len, workload.mean_output_len, config.engine.get("max_batch_requests"))
+
+
+def generate(config: Config, workload: Workload) -> Requests:
+    rc = config.run
+    return workload.generate(rc.seed, horizon_s=rc.horizon_s, num_requests=rc.requests)
+
+
+def execute(config: Config, engine: Engine, workload: Workload, requests: Requests,
+            progress: Progress | None = None) -> Run:
+    """Simulate ``requests`` on ``engine`` and summarise against the closed form."""
+    rc = config.run
+    name = engine.scheduler.name
+    total = max(len(requests), 1)
+    hook = (lambda now, n: progress(name, n / total)) if progress else None
+    result = simulate(engine, requests, horizon_s=rc.horizon_s, drain=rc.drain,
+                      record_batches=rc.record_batches, progress=hook)
+    analysis = analysis_of(config, workload)
+    summary = summarize(result, analysis, work_conserving=engine.scheduler.work_conserving,
+                        tolerance=rc.verdict_tolerance)
+    if isinstance(workload.arrivals, Trace):
+        summary["trace"] = workload.arrivals.summary()
+    if analysis.notes:
+        summary["notes"] = list(analysis.notes)
+    return Run(result, summary, analysis)
+
+
+def run_config(config: Config, progress: Progress | None = None) -> Run:
+    """One run of the configured scheduler."""
+    workload = build_workload(config)
+    return execute(config, build_engine(config), workload, generate(config, workload), progress)
+
+
+def compare(config: Config, schedulers: Iterable[str], progress: Progress | None = None,
+            on_done: Callable[[Run], None] | None = None) -> list[Run]:
+    """Each scheduler on the same generated requests (common random numbers)."""
+    workload = build_workload(config)
+    requests = generate(config, workload)
+    runs = []
+    for name in schedulers:
+        run = execute(config, build_engine(config, name), workload, requests, progress)
+        runs.append(run)
+        if on_done is not None:
+            on_done(run)
+    return runs
+
+
+__all__ = ["Run", "build_engine", "build_workload", "run_config", "compare", "execute", "ENGINE_KEYS"]
