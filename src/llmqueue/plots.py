@@ -18,10 +18,13 @@ from llmqueue.runner import Run  # noqa: E402
 def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: int = 600) -> Path:
     """Number of requests in the system over time, one line per run (log scale)."""
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
-    for run in runs:
+    styles = ["-", "--", "-.", ":"]
+    for i, run in enumerate(runs):
         r = run.result
         t = np.linspace(0, r.end_time, points)
-        ax.plot(t, in_system(r, t) + 1, label=f"{r.scheduler} ({run.summary['verdict']})", linewidth=1.4)
+        # Line styles cycle so that schedulers with identical paths stay visible.
+        ax.plot(t, in_system(r, t) + 1, styles[i % len(styles)], linewidth=1.6,
+                label=f"{r.scheduler} ({run.summary['verdict']})")
     ax.set_yscale("log")
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("requests in system + 1 (log scale)")

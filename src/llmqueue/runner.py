@@ -53,11 +53,11 @@ def build_workload(config: Config) -> Workload:
         trace = load_trace(path, format=w.get("format", "auto"), time_scale=w.get("time_scale", 1.0),
                            max_tokens=w.get("max_tokens"), cap_mode=w.get("cap_mode", "clip"),
                            on_bad_row=w.get("on_bad_row", "error"))
-        prompt = make_length(w["prompt"], field="workload.prompt", minimum=1) if "prompt" in w else None
-        output = make_length(w["output"], field="workload.output", minimum=0) if "output" in w else None
+        prompt = make_length(w["prompt"], field="workload.prompt", minimum=1, base_dir=config.base_dir) if "prompt" in w else None
+        output = make_length(w["output"], field="workload.output", minimum=0, base_dir=config.base_dir) if "output" in w else None
         return Workload(trace, prompt, output)
-    prompt = make_length(w["prompt"], field="workload.prompt", minimum=1)
-    output = make_length(w["output"], field="workload.output", minimum=0)
+    prompt = make_length(w["prompt"], field="workload.prompt", minimum=1, base_dir=config.base_dir)
+    output = make_length(w["output"], field="workload.output", minimum=0, base_dir=config.base_dir)
     rate = w.get("rate")
     if rate is None:
         analysis = analyze(batch_time_of(config), config.engine["token_budget"], 1.0, prompt.mean, output.mean)
