@@ -74,3 +74,13 @@ def test_just_above_capacity_is_never_called_stable(seed):
     inconclusive but must not claim stability."""
     s = _summaries("fig1", 1.02, seed, 600.0, ["sarathi"])["sarathi"]
     assert s["verdict"] in ("unstable", "inconclusive")
+
+
+def test_drained_overload_is_still_unstable():
+    """The verdict looks at the arrival period, not at the emptying tail of a drained run."""
+    data = scenario_data("theorem2")
+    data["workload"]["load"] = 1.3
+    data["run"] = {"horizon_s": 600.0, "seed": 0, "drain": True}
+    (run,) = compare(parse_config(data), ["sarathi"])
+    assert run.summary["final_in_system"] == 0 and run.summary["completed"] == run.summary["arrived"]
+    assert run.summary["verdict"] == "unstable", run.summary["verdict_reason"]

@@ -5,7 +5,7 @@ token), TBT = (finish − first token) / v_d (mean time between a request's outp
 vLLM's TPOT), E2E = finish − arrival; statistics over the requests that got there by T.
 
 Verdict: the backlog B(t) (unprocessed tokens of requests in the system) is sampled on a
-grid over the second half of the run, cut into ``blocks`` consecutive blocks whose means
+grid over the second half of the arrival period, cut into ``blocks`` consecutive blocks whose means
 are regressed on time; block means tame the strong autocorrelation of a queue, and the
 slope's 95 % confidence interval uses Student's t with blocks − 2 degrees of freedom.
 ``unstable`` if the interval lies above 0 and the slope exceeds the tolerance (a fraction
@@ -68,8 +68,14 @@ def in_system(result: Result, times: np.ndarray) -> np.ndarray:
 
 
 def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS) -> Trend | None:
-    """Slope of the backlog over the second half of the run with a 95 % interval."""
-    t0, t1 = result.end_time / 2, result.end_time
+    """Slope of the backlog over the second half of the arrival period, with a 95 % interval.
+
+    The window ends at the last arrival (or T if earlier): a drained run's emptying tail
+    says nothing about whether the engine kept up while requests were arriving.
+    """
+    last_arrival = float(result.arrival_time[-1]) if len(result.arrival_time) else 0.0
+    t1 = min(result.end_time, last_arrival)
+    t0 = t1 / 2
     if not t1 > t0:
         return None
     grid = np.linspace(t0, t1, _GRID)
