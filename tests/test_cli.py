@@ -141,6 +141,8 @@ BAD_CASES = [
     ("[engine]\nscheduler = 'orca'\nsplit_prompts = true\n", [], "engine.split_prompts"),
     ("[engine]\nscheduler = 'vllm'\nsplit_prompts = 'yes'\n", [], "engine.split_prompts"),
     ("[engine]\nmax_batch_requests = 0\n", [], "engine.max_batch_requests"),
+    ("[engine]\nscheduler = 'vllm-v1'\nmax_num_seqs = 0\n", [], "engine.max_num_seqs"),
+    ("[engine]\nscheduler = 'vllm-v1'\nlong_prefill_token_threshold = -1\n", [], "engine.long_prefill_token_threshold"),
     ("[engine.batch_time]\nmodel = 'cubic'\n", [], "engine.batch_time.model"),
     ("[engine.batch_time]\nmodel = 'constant'\n", [], "engine.batch_time.duration_ms"),
     ("[engine.batch_time]\nmodel = 'staircase'\nb0 = 0\n", [], "engine.batch_time.b0"),

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import heapq
 import warnings
+from bisect import bisect_left, insort
+from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter
 
 from llmqueue.batch import BatchPlan
 from llmqueue.batch_time import AssumptionWarning, BatchTime
 from llmqueue.errors import ConfigError, InternalError
 from llmqueue.request import Request, apply_batch
 from llmqueue.schedulers import EngineState, Scheduler
+
+_RID = attrgetter("rid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +96,7 @@ class Engine:
         bound = self.bound(demand)
         plan = self.scheduler.plan(state)
         tokens = plan.num_tokens
-        if tokens == 0 or tokens > self.token_budget:
+        if tokens < 1 or tokens > self.token_budget:
             raise InternalError(f"{self.scheduler!r} planned {tokens} tokens with demand {demand}")
         if tokens != bound:
             self.violations += 1
@@ -103,19 +108,35 @@ class Engine:
         return Step(plan, now, end, demand, bound, finished)
 
     def _requeue(self, plan: BatchPlan, finished: list[Request]) -> None:
-        """Move requests whose prefill ended to ``decoding``; drop finished decoders."""
+        """Drop finished decoders; move requests whose prefill ended to ``decoding``.
+
+        Invariant: ``decoding`` is sorted by arrival (rid), the FCFS order schedulers use.
+        """
         state = self.state
-        if plan.prefill:
-            done = [r for r, _ in plan.prefill if r.prefill_left == 0]
-            prefilling = state.prefilling
-            popped = 0
-            # perf: FCFS policies finish prefills at the head of the queue: pop them in O(1).
-            while prefilling and prefilling[0].prefill_left == 0:
-                prefilling.popleft()
-                popped += 1
-            if popped != len(done):
-                state.prefilling = type(prefilling)(r for r in prefilling if r.prefill_left)
-            state.decoding.extend(r for r in done if r.decode_left)
-        if finished:
-            # perf: rebuild only when a request finished, not at every batch.
-            state.decoding = [r for r in state.decoding if r.decode_left]
+        decoding = state.decoding
+        for request in finished:
+            if request.num_output_tokens:  # it finished by a decode token, so it was decoding
+                # perf: bisect + del (a C memmove) instead of rebuilding the list per finish;
+                # rebuilding made runs with thousands of decoders ~4x slower.
+                i = bisect_left(decoding, request.rid, key=_RID)
+                if i == len(decoding) or decoding[i] is not request:
+                    raise InternalError(f"finished request {request.rid} was not decoding")
+                del decoding[i]
+        if not plan.prefill:
+            return
+        prefilling = state.prefilling
+        popped = 0
+        # perf: FCFS policies finish prefills at the head of the queue: pop them in O(1).
+        while prefilling and prefilling[0].prefill_left == 0:
+            prefilling.popleft()
+            popped += 1
+        done = [r for r, _ in plan.prefill if r.prefill_left == 0]
+        if popped != len(done):
+            state.prefilling = deque(r for r in prefilling if r.prefill_left)
+        for request in done:
+            if not request.decode_left:
+                continue
+            if decoding and decoding[-1].rid > request.rid:
+                insort(decoding, request, key=_RID)
+            else:
+                decoding.append(request)

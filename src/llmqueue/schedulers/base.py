@@ -26,6 +26,7 @@ class Option:
     type: type
     default: Any
     help: str
+    minimum: int | None = None   # for int options: the smallest allowed value
 
 
 class EngineState:
@@ -65,6 +66,8 @@ class Scheduler(ABC):
             ok = isinstance(value, opt.type) and not (opt.type is int and isinstance(value, bool))
             if not ok:
                 raise ConfigError(f"engine.{key}", value, f"a {opt.type.__name__} ({opt.help})")
+            if opt.minimum is not None and value < opt.minimum:
+                raise ConfigError(f"engine.{key}", value, f"an integer >= {opt.minimum} ({opt.help})")
         self.settings = {k: options.get(k, o.default) for k, o in self.options.items()}
 
     @property

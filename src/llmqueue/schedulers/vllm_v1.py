@@ -9,7 +9,7 @@ vLLM's option of the same name does.  Without a cap or threshold this is work-co
 (every batch is filled while demand remains); with them it is not, and it does not claim to be.
 """
 
-from heapq import merge
+from bisect import bisect_left
 from operator import attrgetter
 
 from llmqueue.batch import BatchPlan
@@ -23,8 +23,8 @@ class VLLMv1(Scheduler):
     summary = "vLLM v1: running requests first (decodes and prefill chunks), then waiting, one budget"
     work_conserving = False
     options = {
-        "max_num_seqs": Option(int, 256, "most requests running at once (vLLM's max_num_seqs)"),
-        "long_prefill_token_threshold": Option(int, 0, "largest prefill chunk per step, 0 = no limit"),
+        "max_num_seqs": Option(int, 256, "most requests running at once (vLLM's max_num_seqs)", minimum=1),
+        "long_prefill_token_threshold": Option(int, 0, "largest prefill chunk per step, 0 = no limit", minimum=0),
     }
 
     def plan(self, state: EngineState) -> BatchPlan:
@@ -36,16 +36,16 @@ class VLLMv1(Scheduler):
                 break
             started.append(request)
         running = len(started) + len(state.decoding)
-        if started:
-            for request in merge(started, state.decoding, key=_RID):
-                if batch.full:
-                    break
-                if request.prefill_left:
-                    batch.add_prefill(request, split=True, max_chunk=max_chunk)
-                else:
-                    batch.add_decode(request)
-        else:  # perf: the common case, only decodes running, is one slice
-            batch.add_decodes(state.decoding)
+        decoding = state.decoding  # sorted by rid, i.e. admission order
+        prev = 0
+        for request in started:  # interleave by admission order, decoders in slices
+            # perf: bisect + slices instead of a Python-level merge over every decoder
+            # (the merge made vllm-v1 ~3.5x slower than sarathi on the Fig. 1 workload).
+            pos = bisect_left(decoding, request.rid, lo=prev, key=_RID)
+            batch.add_decodes(decoding[prev:pos])
+            batch.add_prefill(request, split=True, max_chunk=max_chunk)
+            prev = pos
+        batch.add_decodes(decoding[prev:] if prev else decoding)
         waiting = len(state.prefilling) - len(started)
         limit = self.settings["max_num_seqs"]
         for i in range(len(started), len(started) + waiting):
