@@ -203,3 +203,25 @@ def test_module_entry_point_and_exit_status():
     proc = subprocess.run([sys.executable, "-m", "llmqueue", "simulate", "fig1", "--set", "engine.token_budget=0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "engine.token_budget" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_interrupted_compare_keeps_finished_runs(capsys, tmp_path, monkeypatch):
+    """Ctrl-C during the second scheduler: the first one's results are printed and kept."""
+    import llmqueue.runner as runner
+
+    real = runner.execute
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", interrupting)
+    code, out, err = run_cli(capsys, "compare", "--horizon", "60", "--out", str(tmp_path),
+                             "--schedulers", "orca,sarathi,vllm")
+    assert code == 130 and "interrupted" in err
+    assert "orca" in out and "sarathi" not in out
+    runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert [r["scheduler"] for r in runs] == ["orca"]

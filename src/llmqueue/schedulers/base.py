@@ -72,8 +72,9 @@ class Scheduler(ABC):
 
     @property
     def splits_prompts(self) -> bool:
-        """Whether a prompt larger than the token budget can ever be served."""
-        return True
+        """Whether a prompt larger than the token budget can ever be served (True unless
+        the policy has a ``split_prompts`` option set to false)."""
+        return self.settings.get("split_prompts", True)
 
     @abstractmethod
     def plan(self, state: EngineState) -> BatchPlan:

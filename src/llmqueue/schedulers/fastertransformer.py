@@ -15,10 +15,6 @@ class FasterTransformer(Scheduler):
     work_conserving = False
     options = {"split_prompts": SPLIT_OPTION}
 
-    @property
-    def splits_prompts(self) -> bool:
-        return self.settings["split_prompts"]
-
     def plan(self, state: EngineState) -> BatchPlan:
         batch = state.builder()
         if state.decoding:
