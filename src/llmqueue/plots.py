@@ -22,8 +22,9 @@ def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: in
     for i, run in enumerate(runs):
         r = run.result
         t = np.linspace(0, r.end_time, points)
-        # Line styles cycle so that schedulers with identical paths stay visible.
-        ax.plot(t, in_system(r, t) + 1, styles[i % len(styles)], linewidth=1.6,
+        # Line styles cycle and earlier runs are drawn on top, so that schedulers with
+        # identical paths (e.g. sarathi and vllm-v1 below max_num_seqs) stay visible.
+        ax.plot(t, in_system(r, t) + 1, styles[i % len(styles)], linewidth=1.6, zorder=len(runs) - i,
                 label=f"{r.scheduler} ({run.summary['verdict']})")
     ax.set_yscale("log")
     ax.set_xlabel("simulated time (s)")
