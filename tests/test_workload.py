@@ -533,6 +533,6 @@ def test_workload_imports_only_numpy_scipy_stdlib_and_errors():
                                                         "datetime", "functools", "io", "math", "numbers",
                                                         "pathlib", "typing"}
     assert third_party == {"numpy", "scipy", "llmqueue"}
-    assert {n for n in names if n.startswith("llmqueue")} == {"llmqueue.errors"}
+    assert {n for n in names if n.startswith("llmqueue")} == {"llmqueue.errors", "llmqueue.checks"}
     assert issubclass(Poisson, LengthDist) and issubclass(PoissonArrivals, ArrivalProcess)
     assert "PAPER.md §1" in (module.__doc__ or "") and Trace.__doc__

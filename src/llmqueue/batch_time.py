@@ -11,12 +11,12 @@ The default is the paper's CodeLlama-34B / A100 fit: c = 11.28 ms, a = 35.47 ms,
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 import numpy as np
 
+from llmqueue.checks import integer, number
 from llmqueue.errors import ConfigError
 
 PAPER_STAIRCASE = {"model": "staircase", "c_ms": 11.28, "a_ms": 35.47, "b0": 128}
@@ -158,22 +158,6 @@ _KEYS = {
 }
 
 
-def _number(spec: Mapping, key: str, field: str, *, minimum: float, strict: bool = False) -> float:
-    value = spec[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{field}.{key}", value, "a finite number")
-    if value < minimum or (strict and value == minimum):
-        raise ConfigError(f"{field}.{key}", value, f"a number {'>' if strict else '>='} {minimum}")
-    return float(value)
-
-
-def _integer(spec: Mapping, key: str, field: str, *, minimum: int) -> int:
-    value = spec[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{field}.{key}", value, f"an integer >= {minimum}")
-    return value
-
-
 def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> BatchTime:
     """Build a model from a config table such as ``{"model": "staircase", "c_ms": 11.28, ...}``.
 
@@ -192,16 +176,16 @@ def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> B
     missing = [k for k in _KEYS[model] if k not in spec and k != "extrapolate"]
     if missing:
         raise ConfigError(f"{field}.{missing[0]}", None, f"required by the {model} model")
+    def ms(key: str, **bound: float) -> float:
+        return number(spec[key], f"{field}.{key}", **bound) / 1e3
+
     if model == "staircase":
-        return Staircase(_number(spec, "c_ms", field, minimum=0) / 1e3,
-                         _number(spec, "a_ms", field, minimum=0, strict=True) / 1e3,
-                         _integer(spec, "b0", field, minimum=1))
+        return Staircase(ms("c_ms", at_least=0), ms("a_ms", above=0), integer(spec["b0"], f"{field}.b0", 1))
     if model == "piecewise_linear":
-        c = _number(spec, "c_ms", field, minimum=0, strict=True) / 1e3
-        return PiecewiseLinear(c, _number(spec, "a_ms_per_token", field, minimum=0) / 1e3,
-                               _integer(spec, "b0", field, minimum=0))
+        return PiecewiseLinear(ms("c_ms", above=0), ms("a_ms_per_token", at_least=0),
+                               integer(spec["b0"], f"{field}.b0", 0))
     if model == "constant":
-        return Constant(_number(spec, "duration_ms", field, minimum=0, strict=True) / 1e3)
+        return Constant(ms("duration_ms", above=0))
     return _make_table(spec, field)
 
 

@@ -14,7 +14,6 @@ Every error names the dotted field, the value and what is allowed.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmqueue.batch_time import PAPER_STAIRCASE, make_batch_time
+from llmqueue.checks import boolean, integer, number
 from llmqueue.errors import ConfigError
 from llmqueue.schedulers import SCHEDULERS
 
@@ -153,26 +153,6 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], field: str) -> None
             raise ConfigError(f"{field}.{key}", table[key], f"a known key: {', '.join(sorted(allowed))}")
 
 
-def _number(value: Any, field: str, *, positive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(field, value, "a finite number" + (" > 0" if positive else ""))
-    if positive and value <= 0:
-        raise ConfigError(field, value, "a number > 0")
-    return float(value)
-
-
-def _int(value: Any, field: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(field, value, f"an integer >= {minimum}")
-    return value
-
-
-def _bool(value: Any, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(field, value, "true or false")
-    return value
-
-
 def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
     """Validate a config mapping (merging defaults) into a :class:`Config`."""
     base_dir = base_dir or Path.cwd()
@@ -188,13 +168,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         raise ConfigError("engine.scheduler", name, f"one of {', '.join(SCHEDULERS)}")
     options = set(SCHEDULERS[name].options)
     _check_keys(engine, ENGINE_KEYS | options, "engine")
-    budget = engine["token_budget"]
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ConfigError("engine.token_budget", budget,
-                          "an integer >= 1 (a batch must fit at least one decode token)")
-    cap = engine.get("max_batch_requests")
-    if cap is not None:
-        _int(cap, "engine.max_batch_requests", 1)
+    budget = engine["token_budget"] = integer(engine["token_budget"], "engine.token_budget", 1,
+                                              what="a batch must fit at least one decode token")
+    if engine.get("max_batch_requests") is not None:
+        engine["max_batch_requests"] = integer(engine["max_batch_requests"], "engine.max_batch_requests", 1)
     batch_time = engine["batch_time"]
     if not isinstance(batch_time, dict):
         raise ConfigError("engine.batch_time", batch_time, "a table with a model and its parameters")
@@ -204,18 +181,18 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     _check_keys(run, RUN_KEYS, "run")
     if "horizon_s" in run and "requests" in run:
         raise ConfigError("run.requests", run["requests"], "omitted when run.horizon_s is given (choose one horizon)")
-    horizon = _number(run["horizon_s"], "run.horizon_s") if "horizon_s" in run else None
-    requests = _int(run["requests"], "run.requests", 1) if "requests" in run else None
+    horizon = number(run["horizon_s"], "run.horizon_s", above=0) if "horizon_s" in run else None
+    requests = integer(run["requests"], "run.requests", 1) if "requests" in run else None
     if workload["arrival"] == "trace" and "horizon_s" not in _table(data, "run", "run") and requests is None:
         horizon = None  # replay the whole trace
         run.pop("horizon_s", None)
     rc = RunConfig(
         horizon_s=horizon,
         requests=requests,
-        seed=_int(run["seed"], "run.seed", 0),
-        drain=_bool(run.get("drain", False), "run.drain"),
-        record_batches=_bool(run.get("record_batches", False), "run.record_batches"),
-        verdict_tolerance=_number(run.get("verdict_tolerance", 0.01), "run.verdict_tolerance"),
+        seed=integer(run["seed"], "run.seed", 0),
+        drain=boolean(run.get("drain", False), "run.drain"),
+        record_batches=boolean(run.get("record_batches", False), "run.record_batches"),
+        verdict_tolerance=number(run.get("verdict_tolerance", 0.01), "run.verdict_tolerance", above=0),
     )
     resolved = {"engine": engine, "workload": workload, "run": run}
     return Config(resolved, base_dir, rc)
@@ -241,10 +218,8 @@ def _workload_table(given: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("workload.load", table["load"], "omitted when workload.rate is given (choose one)")
     if "rate" not in table and "load" not in table:
         table["load"] = DEFAULTS["workload"]["load"]
-    if "rate" in table:
-        _number(table["rate"], "workload.rate")
-    else:
-        _number(table["load"], "workload.load")
+    key = "rate" if "rate" in table else "load"
+    number(table[key], f"workload.{key}", above=0)
     for key in ("prompt", "output"):
         table.setdefault(key, dict(DEFAULTS["workload"][key]))
         if not isinstance(table[key], dict):

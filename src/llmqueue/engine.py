@@ -18,7 +18,8 @@ from operator import attrgetter
 
 from llmqueue.batch import BatchPlan
 from llmqueue.batch_time import AssumptionWarning, BatchTime
-from llmqueue.errors import ConfigError, InternalError
+from llmqueue.checks import integer
+from llmqueue.errors import InternalError
 from llmqueue.request import Request, apply_batch
 from llmqueue.schedulers import EngineState, Scheduler
 
@@ -42,13 +43,11 @@ class Engine:
 
     def __init__(self, scheduler: Scheduler, token_budget: int, batch_time: BatchTime,
                  max_batch_requests: int | None = None) -> None:
-        if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
-            raise ConfigError("engine.token_budget", token_budget,
-                              "an integer >= 1 (a batch must fit at least one decode token)")
-        if max_batch_requests is not None and (
-                isinstance(max_batch_requests, bool) or not isinstance(max_batch_requests, int)
-                or max_batch_requests < 1):
-            raise ConfigError("engine.max_batch_requests", max_batch_requests, "an integer >= 1, or omitted for no cap")
+        token_budget = integer(token_budget, "engine.token_budget", 1,
+                               what="a batch must fit at least one decode token")
+        if max_batch_requests is not None:
+            max_batch_requests = integer(max_batch_requests, "engine.max_batch_requests", 1,
+                                         what="or omitted for no cap")
         self.scheduler = scheduler
         self.token_budget = token_budget
         self.max_batch_requests = max_batch_requests

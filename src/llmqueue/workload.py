@@ -26,9 +26,11 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy import stats
 
+from llmqueue.checks import BIG as _BIG
+from llmqueue.checks import integer as _integer
+from llmqueue.checks import number as _number
 from llmqueue.errors import ConfigError, TraceError
 
-_BIG = 2**62  # upper bound on token counts and integer parameters (keeps int64 and numpy's samplers safe)
 _MAX_MEAN = 1e12  # largest accepted mean parameter (numpy's Poisson sampler fails near 1e19)
 
 
@@ -45,37 +47,6 @@ class Requests:
 
 
 # ---- parameter checks ------------------------------------------------------------------
-
-def _number(value: Any, field: str, *, above: float | None = None, at_least: float | None = None,
-            at_most: float = math.inf) -> float:
-    """A finite real (not bool, not str) with the given bounds, as float."""
-    bound = f"> {above:g}" if above is not None else f">= {at_least:g}"
-    allowed = f"a finite number {bound}" + (f" and <= {at_most:g}" if at_most < math.inf else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(field, value, allowed)
-    try:
-        x = float(value)
-    except OverflowError:
-        raise ConfigError(field, value, allowed) from None
-    if (not math.isfinite(x) or x > at_most or (above is not None and x <= above)
-            or (at_least is not None and x < at_least)):
-        raise ConfigError(field, value, allowed)
-    return x
-
-
-def _integer(value: Any, field: str, minimum: int) -> int:
-    """An integer >= minimum (a float with no fractional part is accepted)."""
-    allowed = f"an integer >= {minimum}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(field, value, allowed)
-    if not isinstance(value, numbers.Integral):
-        if not math.isfinite(value) or not float(value).is_integer():
-            raise ConfigError(field, value, allowed)
-        value = int(value)
-    if not minimum <= value <= _BIG:
-        raise ConfigError(field, value, allowed + (" and <= 2**62" if value > _BIG else ""))
-    return int(value)
-
 
 def _mean(value: Any, field: str, *, at_least: float | None = None) -> float:
     return _number(value, field, above=None if at_least else 0.0, at_least=at_least, at_most=_MAX_MEAN)

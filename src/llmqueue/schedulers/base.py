@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from llmqueue.batch import BatchBuilder, BatchPlan
+from llmqueue.checks import integer
 from llmqueue.errors import ConfigError
 from llmqueue.request import Request
 
@@ -66,8 +67,8 @@ class Scheduler(ABC):
             ok = isinstance(value, opt.type) and not (opt.type is int and isinstance(value, bool))
             if not ok:
                 raise ConfigError(f"engine.{key}", value, f"a {opt.type.__name__} ({opt.help})")
-            if opt.minimum is not None and value < opt.minimum:
-                raise ConfigError(f"engine.{key}", value, f"an integer >= {opt.minimum} ({opt.help})")
+            if opt.minimum is not None:
+                integer(value, f"engine.{key}", opt.minimum, what=opt.help)
         self.settings = {k: options.get(k, o.default) for k, o in self.options.items()}
 
     @property
