@@ -19,7 +19,12 @@ class ConfigError(LlmqueueError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{field} = {value!r} is not allowed: {allowed}")
+        if value is None:
+            message = f"{field} is missing: {allowed}"
+        else:
+            shown = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+            message = f"{field} = {shown} is not allowed: {allowed}"
+        super().__init__(message)
 
 
 class TraceError(LlmqueueError):
