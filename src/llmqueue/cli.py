@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -302,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except LlmqueueError as exc:
             print(f"llmqueue: error: {exc}", file=sys.stderr)
             code = EXIT_USAGE
+        except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 1
         for message in dict.fromkeys(str(w.message) for w in caught):
             print(f"llmqueue: warning: {message}", file=sys.stderr)
     return code
