@@ -225,3 +225,22 @@ def test_interrupted_compare_keeps_finished_runs(capsys, tmp_path, monkeypatch):
     assert "orca" in out and "sarathi" not in out
     runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
     assert [r["scheduler"] for r in runs] == ["orca"]
+
+
+def test_timeseries_written_by_simulate_and_compare(capsys, small_config, tmp_path):
+    import csv
+
+    code, out, _ = run_cli(capsys, "simulate", str(small_config), "--json", "--out", str(tmp_path / "s"))
+    summary = json.loads(out)
+    rows = list(csv.DictReader((tmp_path / "s" / "timeseries.csv").open()))
+    assert float(rows[-1]["time_s"]) == summary["horizon_s"]
+    assert int(rows[-1]["in_system"]) == summary["final_in_system"]
+    assert int(rows[-1]["backlog_tokens"]) == summary["final_backlog_tokens"]
+    reqs = list(csv.DictReader((tmp_path / "s" / "requests.csv").open()))
+    # the batch that crosses T still completes, so a finish time may lie just after T
+    unfinished = sum(1 for r in reqs if r["finish_time"] == "" or float(r["finish_time"]) > summary["horizon_s"])
+    assert unfinished == summary["arrived"] - summary["completed"]
+    code, _, _ = run_cli(capsys, "compare", "--horizon", "30", "--schedulers", "orca,vllm", "--no-plot",
+                         "--out", str(tmp_path / "c"))
+    header = (tmp_path / "c" / "timeseries.csv").read_text().splitlines()[0].split(",")
+    assert header == ["time_s", "orca_in_system", "orca_backlog_tokens", "vllm_in_system", "vllm_backlog_tokens"]

@@ -20,6 +20,7 @@ import numpy as np
 from llmqueue import __version__
 from llmqueue.config import Config, dumps, load_config, parse_config, parse_override, set_dotted
 from llmqueue.errors import LlmqueueError
+from llmqueue.metrics import timeseries
 from llmqueue.schedulers import SCHEDULERS
 from llmqueue.scenarios import DEFAULT_SCENARIO, SCENARIOS, scenario_data, scenario_text
 
@@ -91,24 +92,31 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 def _write_requests_csv(path: Path, result) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["rid", "arrival_time", "num_prompt_tokens", "num_output_tokens", "first_token_time",
-                    "finish_time", "rejected"])
-        for i in range(len(result.arrival_time)):
-            ft, fin = result.first_token_time[i], result.finish_time[i]
-            w.writerow([i, repr(float(result.arrival_time[i])), int(result.num_prompt_tokens[i]),
-                        int(result.num_output_tokens[i]), "" if np.isnan(ft) else repr(float(ft)),
-                        "" if np.isnan(fin) else repr(float(fin)), int(result.rejected[i])])
+    blank = lambda a: ["" if np.isnan(x) else x for x in a.tolist()]  # noqa: E731 - "not yet" is empty
+    _write_columns_csv(path, {
+        "rid": np.arange(len(result.arrival_time)), "arrival_time": result.arrival_time,
+        "num_prompt_tokens": result.num_prompt_tokens, "num_output_tokens": result.num_output_tokens,
+        "first_token_time": blank(result.first_token_time), "finish_time": blank(result.finish_time),
+        "rejected": result.rejected.astype(int)})
 
 
-def _write_batches_csv(path: Path, batches: dict) -> None:
-    names = list(batches)
+def _write_columns_csv(path: Path, columns: dict) -> None:
+    names = list(columns)
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(names)
-        cols = [batches[n].tolist() for n in names]
-        w.writerows(zip(*cols))
+        w.writerows(zip(*(c.tolist() if isinstance(c, np.ndarray) else c for c in columns.values())))
+
+
+def _timeseries_columns(runs) -> dict:
+    """time_s plus, per run, in_system and backlog_tokens columns (prefixed when several)."""
+    columns = {}
+    for run in runs:
+        series = timeseries(run.result)
+        columns.setdefault("time_s", series.pop("time_s"))
+        prefix = f"{run.result.scheduler}_" if len(runs) > 1 else ""
+        columns.update({prefix + k: v for k, v in series.items()})
+    return columns
 
 
 # ---- commands ----------------------------------------------------------------------------
@@ -155,12 +163,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"horizon {finished[0].result.end_time:.0f} s, seed {cfg.run.seed}, "
               f"{summaries[0]['arrived']} arrivals (same for every scheduler)\n")
         print(_table(summaries))
+    _write_columns_csv(out / "timeseries.csv", _timeseries_columns(finished))
     if not args.no_plot:
         a = finished[0].analysis
         png = plot_in_system(finished, out / "number_in_system.png",
                              f"Requests in system: ρ = {a.rho:.2f} (λ = {a.arrival_rate:.2f} req/s), b_max = {a.token_budget}")
         if not args.json:
-            print(f"\nwrote {png} and {out / 'summary.json'}")
+            print(f"\nwrote {png}, {out / 'summary.json'} and {out / 'timeseries.csv'}")
     if interrupted:
         print("interrupted: the table shows the schedulers that finished", file=sys.stderr)
         return 130
@@ -183,7 +192,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _write_json(out / "summary.json", run.summary)
         _write_requests_csv(out / "requests.csv", run.result)
         if run.result.batches is not None:
-            _write_batches_csv(out / "batches.csv", run.result.batches)
+            _write_columns_csv(out / "batches.csv", run.result.batches)
+        _write_columns_csv(out / "timeseries.csv", _timeseries_columns([run]))
     if args.json:
         print(json.dumps(run.summary, default=float))
         return 0
@@ -192,7 +202,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"scheduler {s['scheduler']}: {s['verdict']} (theory: {s['predicted']})  {s['verdict_reason']}")
     print(_table([s]))
     if args.out:
-        print(f"\nwrote {args.out}/config.toml, summary.json, requests.csv"
+        print(f"\nwrote {args.out}/config.toml, summary.json, requests.csv, timeseries.csv"
               + (", batches.csv" if run.result.batches is not None else ""))
     return 0
 

@@ -67,6 +67,12 @@ def in_system(result: Result, times: np.ndarray) -> np.ndarray:
             - np.searchsorted(finish, times, side="right"))
 
 
+def timeseries(result: Result, points: int = 600) -> dict[str, np.ndarray]:
+    """Number in system and backlog (tokens) on an even grid over [0, T]."""
+    t = np.linspace(0.0, result.end_time, points)
+    return {"time_s": t, "in_system": in_system(result, t), "backlog_tokens": backlog(result, t)}
+
+
 def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS) -> Trend | None:
     """Slope of the backlog over the second half of the arrival period, with a 95 % interval.
 
