@@ -26,7 +26,7 @@ def test_piecewise_linear_and_constant():
 
 
 def test_table_interpolation_and_extrapolation():
-    spec = {"model": "table", "points": [[1, 10.0], [101, 20.0], [201, 40.0]]}
+    spec = {"model": "table", "points_ms": [[1, 10.0], [101, 20.0], [201, 40.0]]}
     lin = make_batch_time(spec)
     assert lin(51) == pytest.approx(0.015)
     assert lin(301) == pytest.approx(0.060)  # continues the last segment
@@ -39,10 +39,10 @@ def test_table_interpolation_and_extrapolation():
 
 
 @pytest.mark.parametrize("spec,field", [
-    ({"model": "table", "points": [[1, 10.0]]}, "points"),
-    ({"model": "table", "points": [[10, 1.0], [5, 2.0]]}, "points"),
-    ({"model": "table", "points": [[1, -1.0], [5, 2.0]]}, "points"),
-    ({"model": "table", "points": [[1, 1.0], [5, 2.0]], "extrapolate": "wild"}, "extrapolate"),
+    ({"model": "table", "points_ms": [[1, 10.0]]}, "points_ms"),
+    ({"model": "table", "points_ms": [[10, 1.0], [5, 2.0]]}, "points_ms"),
+    ({"model": "table", "points_ms": [[1, -1.0], [5, 2.0]]}, "points_ms"),
+    ({"model": "table", "points_ms": [[1, 1.0], [5, 2.0]], "extrapolate": "wild"}, "extrapolate"),
     ({"model": "staircase", "a_ms": 0}, "a_ms"),
     ({"model": "staircase", "b0": 1.5}, "b0"),
     ({"model": "constant", "duration_ms": True}, "duration_ms"),
@@ -55,7 +55,7 @@ def test_bad_batch_time_specs(spec, field):
 
 
 def test_nonpositive_times_refused():
-    t = make_batch_time({"model": "table", "points": [[100, 1.0], [200, 50.0]]})  # linear below 100 goes negative
+    t = make_batch_time({"model": "table", "points_ms": [[100, 1.0], [200, 50.0]]})  # linear below 100 goes negative
     with pytest.raises(ConfigError, match="> 0"):
         t.table(512)
 
@@ -63,7 +63,7 @@ def test_nonpositive_times_refused():
 def test_round_trip_to_dict():
     for spec in (None, {"model": "piecewise_linear", "c_ms": 20.0, "a_ms_per_token": 0.1, "b0": 64},
                  {"model": "constant", "duration_ms": 5.0},
-                 {"model": "table", "points": [[1.0, 10.0], [101.0, 20.0]], "extrapolate": "clamp"}):
+                 {"model": "table", "points_ms": [[1.0, 10.0], [101.0, 20.0]], "extrapolate": "clamp"}):
         t = make_batch_time(spec)
         again = make_batch_time(t.to_dict())
         b = np.arange(1, 300)

@@ -75,7 +75,7 @@ def test_set_overrides_and_out_files(capsys, small_config, tmp_path):
     rows = (out_dir / "requests.csv").read_text().splitlines()
     assert len(rows) == summary["arrived"] + 1
     batches = (out_dir / "batches.csv").read_text().splitlines()
-    assert batches[0].startswith("start_time,end_time,num_prefill_tokens") and len(batches) - 1 == summary["batches"]
+    assert batches[0].startswith("start_time,end_time,num_prefill_tokens") and batches[0].endswith(",bound,duration") and len(batches) - 1 == summary["batches"]
 
 
 def test_resolved_config_round_trips(capsys, small_config, tmp_path):

@@ -143,7 +143,7 @@ class Table(BatchTime):
     def to_dict(self) -> dict:
         return {
             "model": self.name,
-            "points": [[float(b), float(s * 1e3)] for b, s in zip(self.tokens, self.secs)],
+            "points_ms": [[float(b), float(s * 1e3)] for b, s in zip(self.tokens, self.secs)],
             "extrapolate": self.extrapolate,
         }
 
@@ -154,7 +154,7 @@ _KEYS = {
     "staircase": ("c_ms", "a_ms", "b0"),
     "piecewise_linear": ("c_ms", "a_ms_per_token", "b0"),
     "constant": ("duration_ms",),
-    "table": ("points", "extrapolate"),
+    "table": ("points_ms", "extrapolate"),
 }
 
 
@@ -190,15 +190,15 @@ def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> B
 
 
 def _make_table(spec: Mapping, field: str) -> Table:
-    points, extrapolate = spec["points"], spec.get("extrapolate", "linear")
+    points, extrapolate = spec["points_ms"], spec.get("extrapolate", "linear")
     if extrapolate not in EXTRAPOLATIONS:
         raise ConfigError(f"{field}.extrapolate", extrapolate, f"one of {', '.join(EXTRAPOLATIONS)}")
     shape = "a list of at least 2 [tokens, milliseconds] pairs with tokens >= 1 strictly increasing and ms > 0"
     try:
         arr = np.asarray(points, dtype=float)
     except (TypeError, ValueError):
-        raise ConfigError(f"{field}.points", points, shape) from None
+        raise ConfigError(f"{field}.points_ms", points, shape) from None
     if (arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 2 or not np.isfinite(arr).all()
             or arr[0, 0] < 1 or np.any(np.diff(arr[:, 0]) <= 0) or np.any(arr[:, 1] <= 0)):
-        raise ConfigError(f"{field}.points", points, shape)
+        raise ConfigError(f"{field}.points_ms", points, shape)
     return Table(arr[:, 0], arr[:, 1] / 1e3, extrapolate)

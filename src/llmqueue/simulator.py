@@ -22,7 +22,7 @@ from llmqueue.request import Request
 from llmqueue.workload import Requests
 
 BATCH_COLUMNS = ("start_time", "end_time", "num_prefill_tokens", "num_decode_tokens",
-                 "num_requests", "demand", "bound")
+                 "num_requests", "demand", "bound")  # plus "duration" (end - start) in Result.batches
 
 
 @dataclass
@@ -127,6 +127,7 @@ def _collect(engine: Engine, requests: Requests, admitted: list[Request], end_ti
         cols = np.array(detail, dtype=float).reshape(-1, len(BATCH_COLUMNS))
         batches = {name: cols[:, j] if j < 2 else cols[:, j].astype(np.int64)
                    for j, name in enumerate(BATCH_COLUMNS)}
+        batches["duration"] = batches["end_time"] - batches["start_time"]
     return Result(
         scheduler=engine.scheduler.name,
         token_budget=engine.token_budget,
