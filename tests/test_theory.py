@@ -68,12 +68,13 @@ def test_fig1_contrast(seed):
         assert at95[name]["verdict"] == "stable", at95[name]["verdict_reason"]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(6))
 def test_just_above_capacity_is_never_called_stable(seed):
-    """ρ = 1.02 for 10 minutes: growth of 2 % of capacity is hard to see; the verdict may be
-    inconclusive but must not claim stability."""
-    s = _summaries("fig1", 1.02, seed, 600.0, ["sarathi"])["sarathi"]
-    assert s["verdict"] in ("unstable", "inconclusive")
+    """ρ = 1.01 for 20 minutes: growth of 1 % of capacity (the tolerance) cannot be told
+    from a slow relaxation; the verdict may be inconclusive but must not claim stability.
+    (Seed 4 was called stable before the AR(1) correction of the slope's interval.)"""
+    s = _summaries("fig1", 1.01, seed, 1200.0, ["sarathi"])["sarathi"]
+    assert s["verdict"] in ("unstable", "inconclusive"), s["verdict_reason"]
 
 
 def test_drained_overload_is_still_unstable():
