@@ -244,3 +244,25 @@ def test_timeseries_written_by_simulate_and_compare(capsys, small_config, tmp_pa
                          "--out", str(tmp_path / "c"))
     header = (tmp_path / "c" / "timeseries.csv").read_text().splitlines()[0].split(",")
     assert header == ["time_s", "orca_in_system", "orca_backlog_tokens", "vllm_in_system", "vllm_backlog_tokens"]
+
+
+def test_resolved_config_of_a_trace_run_works_from_another_folder(capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "t.csv").write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n"
+                                  + "".join(f"{i * 0.5},{20 + i % 7},{5 + i % 3}\n" for i in range(200)))
+    (folder / "c.toml").write_text("[workload]\ntrace = 't.csv'\n[run]\ndrain = true\n")
+    out_dir = tmp_path / "out"
+    code, first, _ = run_cli(capsys, "simulate", str(folder / "c.toml"), "--json", "--out", str(out_dir))
+    assert code == 0 and json.loads(first)["arrived"] == 200
+    monkeypatch.chdir(tmp_path)
+    code, again, err = run_cli(capsys, "simulate", str(out_dir / "config.toml"), "--json")
+    assert code == 0, err
+    assert json.loads(again)["completed"] == json.loads(first)["completed"] == 200
+
+
+def test_unwritable_out_folder_is_a_clean_error(capsys, small_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "simulate", str(small_config), "--out", str(blocker / "sub"))
+    assert code == 2 and err.startswith("llmqueue: error:") and "Traceback" not in err

@@ -144,7 +144,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def on_done(run) -> None:
         progress.done()
         finished.append(run)
-        _write_json(out / "summary.json", {"config": cfg.data, "runs": [r.summary for r in finished]})
+        _write_json(out / "summary.json", {"config": cfg.portable(), "runs": [r.summary for r in finished]})
 
     interrupted = False
     try:
@@ -188,7 +188,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(dumps(cfg.data))
+        (out / "config.toml").write_text(dumps(cfg.portable()))
         _write_json(out / "summary.json", run.summary)
         _write_requests_csv(out / "requests.csv", run.result)
         if run.result.batches is not None:
@@ -316,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             code = 1
+        except OSError as exc:  # e.g. an --out folder that cannot be written
+            print(f"llmqueue: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+            code = EXIT_USAGE
         for message in dict.fromkeys(str(w.message) for w in caught):
             print(f"llmqueue: warning: {message}", file=sys.stderr)
     return code

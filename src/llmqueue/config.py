@@ -14,6 +14,7 @@ Every error names the dotted field, the value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,6 +74,20 @@ class Config:
     @property
     def scheduler_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.engine.items() if k not in ENGINE_KEYS}
+
+    def resolve(self, path: str) -> Path:
+        """A file named in the config: relative paths are relative to the config file."""
+        p = Path(path)
+        return p if p.is_absolute() else self.base_dir / p
+
+    def portable(self) -> dict[str, Any]:
+        """The resolved config with absolute file paths, valid from any folder."""
+        data = copy.deepcopy(self.data)
+        tables = [data["workload"], *(data["workload"].get(k) for k in ("prompt", "output"))]
+        for table in tables:
+            if isinstance(table, dict) and isinstance(table.get("trace"), str):
+                table["trace"] = str(self.resolve(table["trace"]))
+        return data
 
 
 # ---- loading ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from llmqueue.analysis import Analysis, analyze
 from llmqueue.batch_time import BatchTime, make_batch_time
@@ -47,10 +46,7 @@ def build_workload(config: Config) -> Workload:
     """Arrival process (rate, or load as a fraction of λ*) or trace, and length laws."""
     w = config.workload
     if w["arrival"] == "trace":
-        path = Path(w["trace"])
-        if not path.is_absolute():
-            path = config.base_dir / path
-        trace = load_trace(path, format=w.get("format", "auto"), time_scale=w.get("time_scale", 1.0),
+        trace = load_trace(config.resolve(w["trace"]), format=w.get("format", "auto"), time_scale=w.get("time_scale", 1.0),
                            max_tokens=w.get("max_tokens"), cap_mode=w.get("cap_mode", "clip"),
                            on_bad_row=w.get("on_bad_row", "error"))
         prompt = make_length(w["prompt"], field="workload.prompt", minimum=1, base_dir=config.base_dir) if "prompt" in w else None
