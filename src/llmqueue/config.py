@@ -174,9 +174,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     _check_keys(data, {"engine", "workload", "run"}, "config")
     engine = {**DEFAULTS["engine"], **_table(data, "engine", "engine")}
     workload = _workload_table(_table(data, "workload", "workload"))
-    run = {**DEFAULTS["run"], **_table(data, "run", "run")}
-    if "requests" in _table(data, "run", "run") and "horizon_s" not in _table(data, "run", "run"):
-        run.pop("horizon_s", None)
+    given_run = _table(data, "run", "run")
+    run = {**DEFAULTS["run"], **given_run}
+    if "horizon_s" not in given_run and ("requests" in given_run or workload["arrival"] == "trace"):
+        del run["horizon_s"]  # the default horizon gives way to a count, or to a whole trace
 
     name = engine["scheduler"]
     if name not in SCHEDULERS:
@@ -198,9 +199,6 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         raise ConfigError("run.requests", run["requests"], "omitted when run.horizon_s is given (choose one horizon)")
     horizon = number(run["horizon_s"], "run.horizon_s", above=0) if "horizon_s" in run else None
     requests = integer(run["requests"], "run.requests", 1) if "requests" in run else None
-    if workload["arrival"] == "trace" and "horizon_s" not in _table(data, "run", "run") and requests is None:
-        horizon = None  # replay the whole trace
-        run.pop("horizon_s", None)
     rc = RunConfig(
         horizon_s=horizon,
         requests=requests,
