@@ -10,7 +10,8 @@ import tomllib
 import pytest
 
 from llmqueue.cli import main
-from llmqueue.scenarios import SCENARIOS
+from llmqueue.config import dumps
+from llmqueue.scenarios import SCENARIOS, scenario_data
 
 SUMMARY_KEYS = {"arrived", "completed", "throughput_rps", "token_throughput", "mean_in_system", "final_in_system",
                 "backlog_slope_tokens_per_s", "verdict", "capacity_tokens_per_s", "offered_tokens_per_s", "rho",
@@ -25,30 +26,14 @@ def run_cli(capsys, *argv):
 
 @pytest.fixture
 def small_config(tmp_path):
+    """The Fig. 1 scenario at budget 256, 5 requests/s, one simulated minute, batch records on."""
+    data = scenario_data("fig1")
+    data["engine"]["token_budget"] = 256
+    data["workload"] = {**data["workload"], "rate": 5.0}
+    del data["workload"]["load"]
+    data["run"] = {"horizon_s": 60.0, "seed": 3, "record_batches": True}
     path = tmp_path / "run.toml"
-    path.write_text("""
-[engine]
-scheduler = "sarathi"
-token_budget = 256
-[engine.batch_time]
-model = "staircase"
-c_ms = 11.28
-a_ms = 35.47
-b0 = 128
-[workload]
-arrival = "poisson"
-rate = 5.0
-[workload.prompt]
-dist = "poisson"
-mean = 129
-[workload.output]
-dist = "poisson"
-mean = 112
-[run]
-horizon_s = 60.0
-seed = 3
-record_batches = true
-""")
+    path.write_text(dumps(data))
     return path
 
 

@@ -91,7 +91,7 @@ class Engine:
     def step(self, now: float) -> Step:
         """Plan, time and apply one batch starting at ``now``."""
         state = self.state
-        demand = state.total_prefill_left + len(state.decoding)
+        demand = self.demand()
         bound = self.bound(demand)
         plan = self.scheduler.plan(state)
         tokens = plan.num_tokens

@@ -38,13 +38,6 @@ class Request:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
 
-    @property
-    def demand(self) -> int:
-        """This request's share of the paper's demand (Eq. 8): p_i, or 1 if decoding."""
-        if self.prefill_left:
-            return self.prefill_left
-        return 1 if self.decode_left else 0
-
     def __repr__(self) -> str:
         return (
             f"Request(rid={self.rid}, prefill_left={self.prefill_left}/{self.num_prompt_tokens}, "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from llmqueue.analysis import Analysis, analyze
 from llmqueue.batch_time import BatchTime, make_batch_time
-from llmqueue.config import ENGINE_KEYS, Config
+from llmqueue.config import Config
 from llmqueue.engine import Engine
 from llmqueue.metrics import summarize
 from llmqueue.schedulers import make_scheduler
@@ -111,4 +111,4 @@ def compare(config: Config, schedulers: Iterable[str], progress: Progress | None
     return runs
 
 
-__all__ = ["Run", "build_engine", "build_workload", "run_config", "compare", "execute", "ENGINE_KEYS"]
+__all__ = ["Run", "build_engine", "build_workload", "run_config", "compare", "execute"]

@@ -5,7 +5,7 @@ Each is a complete, commented config; ``llmqueue scenarios show NAME`` prints it
 
 from __future__ import annotations
 
-from llmqueue.config import Config, parse_config, parse_toml
+from llmqueue.config import parse_toml
 from llmqueue.errors import ConfigError
 
 _STAIRCASE = """
@@ -108,6 +108,3 @@ def scenario_text(name: str) -> str:
 def scenario_data(name: str) -> dict:
     return parse_toml(scenario_text(name), f"scenario {name}")
 
-
-def scenario_config(name: str) -> Config:
-    return parse_config(scenario_data(name))
