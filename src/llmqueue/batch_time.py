@@ -30,6 +30,10 @@ class BatchTime(ABC):
     """t_b as a function of the batch's token load b >= 1."""
 
     name: str
+    #: True when t_b depends on the token load alone (the paper's Assumption 1). A model that
+    #: also looks at the batch's mix (prefill vs decode tokens, context length) sets False and
+    #: overrides :meth:`plan_seconds`; the engine then times each batch by its plan.
+    tokens_only: bool = True
 
     @abstractmethod
     def seconds(self, tokens: np.ndarray) -> np.ndarray:
@@ -41,6 +45,10 @@ class BatchTime(ABC):
 
     def __call__(self, tokens: int) -> float:
         return float(self.seconds(np.asarray([tokens]))[0])
+
+    def plan_seconds(self, plan) -> float:
+        """Batch time of a :class:`~llmqueue.batch.BatchPlan` (before it is applied)."""
+        return self(plan.num_tokens)
 
     def table(self, token_budget: int) -> list[float]:
         """t_b for b = 0..token_budget as a list (index 0 unused), checked positive."""

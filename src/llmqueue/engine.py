@@ -54,6 +54,7 @@ class Engine:
         self.batch_time = batch_time
         self.state = EngineState(token_budget, max_batch_requests)
         self._durations = batch_time.table(token_budget)
+        self._tokens_only = batch_time.tokens_only
         for message in batch_time.assumption_warnings(token_budget):
             warnings.warn(message, AssumptionWarning, stacklevel=2)
         self.num_in_engine = 0
@@ -99,7 +100,7 @@ class Engine:
             raise InternalError(f"{self.scheduler!r} planned {tokens} tokens with demand {demand}")
         if tokens != bound:
             self.violations += 1
-        end = now + self._durations[tokens]
+        end = now + (self._durations[tokens] if self._tokens_only else self.batch_time.plan_seconds(plan))
         finished = apply_batch(plan.prefill, plan.decode, end)
         state.total_prefill_left -= plan.num_prefill_tokens
         self._requeue(plan, finished)

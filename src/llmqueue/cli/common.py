@@ -1,0 +1,119 @@
+"""Shared pieces of the command line: config loading, progress line, tables, writers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from llmqueue.config import (
+    Config,
+    load_config,
+    parse_config,
+    parse_override,
+    set_dotted,
+)
+from llmqueue.metrics import timeseries
+from llmqueue.scenarios import SCENARIOS, scenario_data
+
+
+def config_from(source: str | None, overrides: Sequence[str]) -> Config:
+    """A TOML path, or a built-in scenario name when no such file exists."""
+    if source is not None and not Path(source).exists() and source in SCENARIOS:
+        data = scenario_data(source)
+        for item in overrides:
+            set_dotted(data, *parse_override(item))
+        return parse_config(data)
+    return load_config(source, list(overrides))
+
+
+class Progress:
+    """A one-line progress display on stderr (only when stderr is a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.last = -1
+
+    def __call__(self, name: str, fraction: float) -> None:
+        pct = int(fraction * 100)
+        if self.enabled and pct != self.last:
+            self.last = pct
+            sys.stderr.write(f"\r  simulating {name:<18} {pct:3d}%")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.last >= 0:
+            sys.stderr.write("\r" + " " * 40 + "\r")
+            sys.stderr.flush()
+        self.last = -1
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(summaries: Sequence[dict]) -> str:
+    head = ("scheduler", "verdict", "theory", "req/s", "tok/s", "slope tok/s", "in-sys mean",
+            "in-sys final", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "violations")
+    rows = [head]
+    for s in summaries:
+        theory = s["predicted"] if s["predicted"] in ("stable", "unstable") else "-"
+        rows.append((s["scheduler"], s["verdict"], theory, fmt(s["throughput_rps"]), fmt(s["token_throughput"], 0),
+                     fmt(s["backlog_slope_tokens_per_s"], 1), fmt(s["mean_in_system"], 1),
+                     str(s["final_in_system"]), fmt(s["ttft_s"]["p50"], 3), fmt(s["ttft_s"]["p99"], 3),
+                     fmt(s["e2e_s"]["p50"], 2), fmt(s["e2e_s"]["p99"], 2), str(s["work_conserving_violations"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def analysis_line(run) -> str:
+    a = run.analysis
+    return (f"capacity {a.capacity_tokens_per_s:.1f} tokens/s (b_max={a.token_budget}, t_b={a.batch_time_s * 1e3:.2f} ms); "
+            f"offered {a.offered_tokens_per_s:.1f} tokens/s at λ={a.arrival_rate:.3f} req/s; ρ={a.rho:.3f}; "
+            f"λ*={a.max_stable_rate_rps:.3f} req/s")
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def write_requests_csv(path: Path, result) -> None:
+    blank = lambda a: ["" if np.isnan(x) else x for x in a.tolist()]
+    write_columns_csv(path, {
+        "rid": np.arange(len(result.arrival_time)), "arrival_time": result.arrival_time,
+        "num_prompt_tokens": result.num_prompt_tokens, "num_output_tokens": result.num_output_tokens,
+        "first_token_time": blank(result.first_token_time), "finish_time": blank(result.finish_time),
+        "rejected": result.rejected.astype(int)})
+
+
+def write_columns_csv(path: Path, columns: dict) -> None:
+    names = list(columns)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(names)
+        w.writerows(zip(*(c.tolist() if isinstance(c, np.ndarray) else c for c in columns.values())))
+
+
+def timeseries_columns(runs) -> dict:
+    """time_s plus, per run, in_system and backlog_tokens columns (prefixed when several)."""
+    columns = {}
+    for run in runs:
+        series = timeseries(run.result)
+        columns.setdefault("time_s", series.pop("time_s"))
+        prefix = f"{run.result.scheduler}_" if len(runs) > 1 else ""
+        columns.update({prefix + k: v for k, v in series.items()})
+    return columns
+
+
+
+
+def add_overrides(sp) -> None:
+    """The repeatable ``--set KEY=VALUE`` option of every config-taking command."""
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set engine.token_budget=1024 (repeatable)")

@@ -1,0 +1,195 @@
+"""Single-engine commands: compare, simulate, capacity, policies, scenarios (PAPER.md §2-§4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmqueue.cli.common import (
+    Progress,
+    add_overrides,
+    analysis_line,
+    config_from,
+    table,
+    timeseries_columns,
+    write_columns_csv,
+    write_json,
+    write_requests_csv,
+)
+from llmqueue.config import dumps
+from llmqueue.errors import LlmqueueError
+from llmqueue.scenarios import DEFAULT_SCENARIO, SCENARIOS, scenario_text
+from llmqueue.schedulers import SCHEDULERS
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from llmqueue.plots import plot_in_system
+    from llmqueue.runner import compare
+
+    overrides = list(args.set)
+    for flag, key in (("load", "workload.load"), ("rate", "workload.rate"), ("budget", "engine.token_budget"),
+                      ("horizon", "run.horizon_s"), ("requests", "run.requests"), ("seed", "run.seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = config_from(args.config or DEFAULT_SCENARIO, overrides)
+    names = [n.strip() for n in args.schedulers.split(",") if n.strip()] if args.schedulers else list(SCHEDULERS)
+    for n in names:
+        if n not in SCHEDULERS:
+            raise LlmqueueError(f"--schedulers: {n!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(sys.stderr.isatty() and not args.json)
+    finished: list = []
+
+    def on_done(run) -> None:
+        progress.done()
+        finished.append(run)
+        write_json(out / "summary.json", {"config": cfg.portable(), "runs": [r.summary for r in finished]})
+
+    interrupted = False
+    try:
+        compare(cfg, names, progress, on_done)
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.done()
+    if not finished:
+        print("interrupted before any scheduler finished", file=sys.stderr)
+        return 130
+    summaries = [r.summary for r in finished]
+    if args.json:
+        print(json.dumps({"runs": summaries}, default=float))
+    else:
+        print(analysis_line(finished[0]))
+        print(f"horizon {finished[0].result.end_time:.0f} s, seed {cfg.run.seed}, "
+              f"{summaries[0]['arrived']} arrivals (same for every scheduler)\n")
+        print(table(summaries))
+    write_columns_csv(out / "timeseries.csv", timeseries_columns(finished))
+    if not args.no_plot:
+        a = finished[0].analysis
+        png = plot_in_system(finished, out / "number_in_system.png",
+                             f"Requests in system: ρ = {a.rho:.2f} (λ = {a.arrival_rate:.2f} req/s), b_max = {a.token_budget}")
+        if not args.json:
+            print(f"\nwrote {png}, {out / 'summary.json'} and {out / 'timeseries.csv'}")
+    if interrupted:
+        print("interrupted: the table shows the schedulers that finished", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from llmqueue.runner import run_config
+
+    cfg = config_from(args.config, args.set)
+    progress = Progress(sys.stderr.isatty() and not args.json)
+    try:
+        run = run_config(cfg, progress)
+    finally:
+        progress.done()
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(dumps(cfg.portable()))
+        write_json(out / "summary.json", run.summary)
+        write_requests_csv(out / "requests.csv", run.result)
+        if run.result.batches is not None:
+            write_columns_csv(out / "batches.csv", run.result.batches)
+        write_columns_csv(out / "timeseries.csv", timeseries_columns([run]))
+    if args.json:
+        print(json.dumps(run.summary, default=float))
+        return 0
+    s = run.summary
+    print(analysis_line(run))
+    print(f"scheduler {s['scheduler']}: {s['verdict']} (theory: {s['predicted']})  {s['verdict_reason']}")
+    print(table([s]))
+    if args.out:
+        print(f"\nwrote {args.out}/config.toml, summary.json, requests.csv, timeseries.csv"
+              + (", batches.csv" if run.result.batches is not None else ""))
+    return 0
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from llmqueue.runner import analysis_of, build_workload
+
+    cfg = config_from(args.config, args.set)
+    a = analysis_of(cfg, build_workload(cfg))
+    if args.json:
+        print(json.dumps(a.to_dict()))
+        return 0
+    rows = [("token budget b_max", f"{a.token_budget}"),
+            ("batch time t(b_max)", f"{a.batch_time_s * 1e3:.3f} ms"),
+            ("capacity b_max/t(b_max)", f"{a.capacity_tokens_per_s:.2f} tokens/s"),
+            ("mean prompt / output", f"{a.mean_prompt_len:.2f} / {a.mean_output_len:.2f} tokens"),
+            ("largest stable rate λ*", f"{a.max_stable_rate_rps:.4f} requests/s"),
+            ("arrival rate λ", f"{a.arrival_rate:.4f} requests/s"),
+            ("offered load λ(m_p+m_d)", f"{a.offered_tokens_per_s:.2f} tokens/s"),
+            ("utilisation ρ", f"{a.rho:.4f}"),
+            ("fluid backlog growth", f"{a.fluid_growth_tokens_per_s:.2f} tokens/s")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    for note in a.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    for name, cls in SCHEDULERS.items():
+        claim = "work-conserving" if cls.work_conserving else "not work-conserving"
+        print(f"{name:<18} {claim:<20} {cls.summary}")
+        for opt, o in cls.options.items():
+            print(f"{'':<18}   option {opt} ({o.type.__name__}, default {json.dumps(o.default)}): {o.help}")
+    return 0
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        if not args.name:
+            raise LlmqueueError("scenarios show: give a scenario name; allowed: " + ", ".join(SCENARIOS))
+        sys.stdout.write(scenario_text(args.name))
+        return 0
+    if args.action is not None:
+        raise LlmqueueError(f"scenarios: unknown action {args.action!r}; allowed: show")
+    for name, (desc, _) in SCENARIOS.items():
+        print(f"{name:<10} {desc}")
+    return 0
+
+
+def register(sub) -> None:
+    c = sub.add_parser("compare", help="run every scheduler on the same arrivals (default: the Fig. 1 scenario)")
+    c.add_argument("--config", help=f"TOML config or scenario name (default {DEFAULT_SCENARIO})")
+    c.add_argument("--load", type=float, help="arrival rate as a fraction of λ* (default 0.9)")
+    c.add_argument("--rate", type=float, help="arrival rate in requests/s (instead of --load)")
+    c.add_argument("--budget", type=int, help="token budget b_max (default 512)")
+    c.add_argument("--horizon", type=float, help="simulated seconds (default 1200)")
+    c.add_argument("--requests", type=int, help="number of arrivals (instead of --horizon)")
+    c.add_argument("--seed", type=int, help="random seed (default 0)")
+    c.add_argument("--schedulers", help=f"comma-separated (default all: {','.join(SCHEDULERS)})")
+    c.add_argument("--out", default="llmqueue_output/compare", help="folder for the plot and summary.json")
+    c.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    c.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_overrides(c)
+    c.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("simulate", help="one run from a TOML config (or a scenario name)")
+    s.add_argument("config")
+    add_overrides(s)
+    s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    s.add_argument("--out", help="write config.toml, summary.json, requests.csv (and batches.csv) here")
+    s.set_defaults(func=cmd_simulate)
+
+    k = sub.add_parser("capacity", help="closed-form capacity, λ*, ρ (Theorem 2)")
+    k.add_argument("config")
+    add_overrides(k)
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_capacity)
+
+    sub.add_parser("policies", help="list schedulers, their options and work-conserving claim").set_defaults(
+        func=cmd_policies)
+
+    sc = sub.add_parser("scenarios", help="list built-in scenarios; 'scenarios show NAME' prints one as TOML")
+    sc.add_argument("action", nargs="?", help="show")
+    sc.add_argument("name", nargs="?")
+    sc.set_defaults(func=cmd_scenarios)
