@@ -9,8 +9,8 @@ from pathlib import Path
 import llmqueue
 
 PACKAGE = Path(llmqueue.__file__).parent
-CORE = ["request", "batch", "batch_time", "engine", "workload", "simulator", "analysis", "metrics",
-        "config", "runner", "checks", "errors", "schedulers"]
+CORE = ["request", "batch", "batch_time", "engine", "fastpath", "workload", "simulator", "analysis", "region", "metrics",
+        "config", "runner", "sweep", "network", "checks", "errors", "schedulers"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -32,8 +32,8 @@ def test_core_imports_no_plotting_or_cli():
 
 
 def test_lower_layers_do_not_import_upper_ones():
-    order = ["errors", "checks", "request", "batch", "batch_time", "schedulers", "engine", "workload",
-             "simulator", "analysis", "metrics", "config", "runner"]
+    order = ["errors", "checks", "request", "batch", "batch_time", "schedulers", "engine", "fastpath", "workload",
+             "simulator", "analysis", "region", "metrics", "config", "runner", "sweep", "network", "real"]
     for i, name in enumerate(order):
         upper = {f"llmqueue.{u}" for u in order[i + 1:]}
         for path in _files(name):

@@ -4,6 +4,7 @@
 * ``piecewise_linear`` t_b = c + a * max(0, b - b0)      (v1/v2)
 * ``constant``         t_b = duration                    (the §5.4 network uses t = 1)
 * ``table``            interpolated from measured (tokens, seconds) points
+* ``prefill_decode``   t = c + p·prefill + d·decode (+ x·attention pairs): timed by the plan's mix
 
 Parameters are given in milliseconds in configs (``c_ms``...) and held in seconds here.
 The default is the paper's CodeLlama-34B / A100 fit: c = 11.28 ms, a = 35.47 ms, b0 = 128.
@@ -156,6 +157,57 @@ class Table(BatchTime):
         }
 
 
+def attention_pairs(plan) -> int:
+    """(query token, context token) pairs a batch's attention computes, its own positions included:
+    a decode token of a request holding k tokens of KV attends k + 1; a prefill chunk of n tokens
+    after c computed ones attends n·c + n(n+1)/2.  Read before the plan is applied."""
+    pairs = 0
+    for r, n in plan.prefill:
+        pairs += n * (r.num_prompt_tokens - r.prefill_left) + n * (n + 1) // 2
+    for r in plan.decode:
+        pairs += r.num_prompt_tokens + r.num_output_tokens - r.decode_left + 1
+    return pairs
+
+
+class PrefillDecode(BatchTime):
+    """t = c + p·(prefill tokens) + d·(decode tokens) + x·(attention pairs), timed by the batch's plan.
+
+    Not the paper's Assumption 1 (``tokens_only`` is False): on a CPU a decode token costs several
+    prefill tokens (docs/real_engine.md).  The token-only view :meth:`seconds` (Theorem 2's capacity,
+    the engine's table) assumes a stated mix: a fraction ``prefill_fraction`` of the tokens are prefill
+    and every token attends ``mean_context_tokens`` tokens.  In steady state a stable engine serves
+    prefill tokens at the fraction m_p / (m_p + m_d) of the workload, so set it to that.
+    """
+
+    name = "prefill_decode"
+    tokens_only = False
+
+    def __init__(self, c: float, prefill: float, decode: float, context: float = 0.0,
+                 prefill_fraction: float = 0.5, mean_context: float = 0.0) -> None:
+        self.c, self.prefill, self.decode, self.context = c, prefill, decode, context
+        self.prefill_fraction, self.mean_context = prefill_fraction, mean_context
+
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        f = self.prefill_fraction
+        per_token = f * self.prefill + (1 - f) * self.decode + self.context * self.mean_context
+        return self.c + per_token * np.asarray(tokens, dtype=float)
+
+    def plan_seconds(self, plan) -> float:
+        t = self.c + self.prefill * plan.num_prefill_tokens + self.decode * len(plan.decode)
+        # perf: the pairs loop is O(batch); skip it when the model has no context term.
+        return t + self.context * attention_pairs(plan) if self.context else t
+
+    def to_dict(self) -> dict:
+        return {"model": self.name, "c_ms": self.c * 1e3, "prefill_ms_per_token": self.prefill * 1e3,
+                "decode_ms_per_token": self.decode * 1e3, "context_ms_per_token": self.context * 1e3,
+                "prefill_fraction": self.prefill_fraction, "mean_context_tokens": self.mean_context}
+
+    def assumption_warnings(self, token_budget: int) -> list[str]:
+        return [f"batch_time.model = prefill_decode times each batch by its mix (not Assumption 1); "
+                f"capacity and λ* assume prefill_fraction = {self.prefill_fraction:g}"
+                + (f" and mean_context_tokens = {self.mean_context:g}" if self.context else "")]
+
+
 # ---- construction from a config table --------------------------------------------------
 
 _KEYS = {
@@ -163,7 +215,10 @@ _KEYS = {
     "piecewise_linear": ("c_ms", "a_ms_per_token", "b0"),
     "constant": ("duration_ms",),
     "table": ("points_ms", "extrapolate"),
+    "prefill_decode": ("c_ms", "prefill_ms_per_token", "decode_ms_per_token", "context_ms_per_token",
+                       "prefill_fraction", "mean_context_tokens"),
 }
+_OPTIONAL = {"extrapolate", "context_ms_per_token", "prefill_fraction", "mean_context_tokens"}
 
 
 def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> BatchTime:
@@ -181,7 +236,7 @@ def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> B
                           f"a key of the {model} model: {', '.join(_KEYS[model])}")
     if model == "staircase":
         spec = {**{k: PAPER_STAIRCASE[k] for k in _KEYS[model]}, **spec}
-    missing = [k for k in _KEYS[model] if k not in spec and k != "extrapolate"]
+    missing = [k for k in _KEYS[model] if k not in spec and k not in _OPTIONAL]
     if missing:
         raise ConfigError(f"{field}.{missing[0]}", None, f"required by the {model} model")
     def ms(key: str, **bound: float) -> float:
@@ -194,6 +249,12 @@ def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> B
                                integer(spec["b0"], f"{field}.b0", 0))
     if model == "constant":
         return Constant(ms("duration_ms", above=0))
+    if model == "prefill_decode":
+        return PrefillDecode(
+            ms("c_ms", at_least=0), ms("prefill_ms_per_token", at_least=0), ms("decode_ms_per_token", at_least=0),
+            number(spec.get("context_ms_per_token", 0.0), f"{field}.context_ms_per_token", at_least=0) / 1e3,
+            number(spec.get("prefill_fraction", 0.5), f"{field}.prefill_fraction", at_least=0, at_most=1),
+            number(spec.get("mean_context_tokens", 0.0), f"{field}.mean_context_tokens", at_least=0))
     return _make_table(spec, field)
 
 

@@ -7,7 +7,8 @@ A config has three tables (all keys optional, defaults are the paper's Fig. 1 se
 * ``[workload]`` arrival (poisson | deterministic | gamma | trace), rate (requests/s) or
   load (a fraction of Theorem 2's λ*), cv (gamma), trace options, and the
   ``[workload.prompt]`` / ``[workload.output]`` length distributions;
-* ``[run]``     horizon_s or requests, seed, drain, record_batches, verdict_tolerance.
+* ``[run]``     horizon_s or requests, seed, drain, record_batches, verdict_tolerance, method
+  (``fast``: the event-level fast path, or ``reference``: one engine step per batch).
 
 Every error names the dotted field, the value and what is allowed.
 """
@@ -25,6 +26,7 @@ from llmqueue.batch_time import PAPER_STAIRCASE, make_batch_time
 from llmqueue.checks import boolean, integer, number
 from llmqueue.errors import ConfigError
 from llmqueue.schedulers import SCHEDULERS
+from llmqueue.simulator import METHODS
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "engine": {"scheduler": "sarathi", "token_budget": 512, "batch_time": dict(PAPER_STAIRCASE)},
@@ -40,7 +42,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 ENGINE_KEYS = {"scheduler", "token_budget", "max_batch_requests", "batch_time"}
 WORKLOAD_KEYS = {"arrival", "rate", "load", "cv", "trace", "format", "time_scale", "max_tokens",
                  "cap_mode", "on_bad_row", "prompt", "output"}
-RUN_KEYS = {"horizon_s", "requests", "seed", "drain", "record_batches", "verdict_tolerance"}
+RUN_KEYS = {"horizon_s", "requests", "seed", "drain", "record_batches", "verdict_tolerance", "method"}
 ARRIVALS = ("poisson", "deterministic", "gamma", "trace")
 TRACE_KEYS = {"trace", "format", "time_scale", "max_tokens", "cap_mode", "on_bad_row"}
 
@@ -53,6 +55,7 @@ class RunConfig:
     drain: bool
     record_batches: bool
     verdict_tolerance: float
+    method: str = "fast"          # simulator loop: "fast" or "reference" (identical results)
 
 
 @dataclass(frozen=True)
@@ -206,9 +209,16 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         drain=boolean(run.get("drain", False), "run.drain"),
         record_batches=boolean(run.get("record_batches", False), "run.record_batches"),
         verdict_tolerance=number(run.get("verdict_tolerance", 0.01), "run.verdict_tolerance", above=0),
+        method=_method(run.get("method", "fast")),
     )
     resolved = {"engine": engine, "workload": workload, "run": run}
     return Config(resolved, base_dir, rc)
+
+
+def _method(value: Any) -> str:
+    if value not in METHODS:
+        raise ConfigError("run.method", value, f"one of {', '.join(METHODS)} (both give identical results)")
+    return value
 
 
 def _workload_table(given: dict[str, Any]) -> dict[str, Any]:

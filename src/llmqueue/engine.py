@@ -55,6 +55,9 @@ class Engine:
         self.state = EngineState(token_budget, max_batch_requests)
         self._durations = batch_time.table(token_budget)
         self._tokens_only = batch_time.tokens_only
+        bind = getattr(scheduler, "bind_batch_time", None)
+        if bind is not None:  # a policy that plans by batch time (schedulers/maxweight.py, paper §6)
+            bind(batch_time, token_budget)
         for message in batch_time.assumption_warnings(token_budget):
             warnings.warn(message, AssumptionWarning, stacklevel=2)
         self.num_in_engine = 0

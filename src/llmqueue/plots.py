@@ -37,3 +37,163 @@ def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: in
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_region(region, position, achieved: Sequence[dict], path: str | Path, title: str) -> Path:
+    """The 2-D stability region (paper §6, Theorem 10) in tokens/ms, the workload's point and
+    ray, and the (prefill, decode) rates that simulated schedulers served."""
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=120)
+    u = np.array([0.0] + [v.prefill_rate for v in region.vertices] + [0.0]) / 1e3
+    w = np.array([0.0] + [v.decode_rate for v in region.vertices] + [0.0]) / 1e3
+    ax.fill(u, w, alpha=0.15, color="tab:blue", label="stability region")
+    ax.plot(u[1:-1], w[1:-1], "-o", color="tab:blue", markersize=4)
+    for v in region.vertices:
+        if v.batch is not None:
+            ax.annotate(f"{v.batch.num_prefill_tokens}+{v.batch.num_decode_tokens}",
+                        (v.prefill_rate / 1e3, v.decode_rate / 1e3), textcoords="offset points", xytext=(5, 5),
+                        fontsize=8)
+    p = np.array([position.prefill_rate, position.decode_rate]) / 1e3
+    reach = p / position.rho if position.rho > 0 else p
+    end = p if position.rho > 1 else reach
+    ax.plot([0, end[0]], [0, end[1]], ":", color="gray", linewidth=1)
+    ax.plot(*p, "k*", markersize=12, label=f"workload ({position.status}, ρ = {position.rho:.3f})")
+    markers = ["s", "^", "D", "v", "P", "X"]
+    for i, r in enumerate(achieved):
+        ax.plot(r["prefill_tokens_per_s"] / 1e3, r["decode_tokens_per_s"] / 1e3, markers[i % len(markers)],
+                markersize=8, label=f"{r['scheduler']} served ({r['verdict']})")
+    ax.set_xlabel("prefill tokens/ms (λ·m_p)")
+    ax.set_ylabel("decode tokens/ms (λ·m_d)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- sweeps (docs/sweeps.md): tidy rows from llmqueue.sweep.results.tidy ---------------
+
+_VERDICT_COLORS = {"stable": "tab:green", "unstable": "tab:red", "mixed": "tab:orange"}
+
+
+def _arrival_rate(row: dict) -> float:
+    return row["rho"] * row["max_stable_rate_rps"]  # λ = ρ·λ*, whether the grid set rate or load
+
+
+def _by_scheduler(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["scheduler"], []).append(row)
+    return groups
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_stability_map(rows: Sequence[dict], path: str | Path) -> Path:
+    """Phase map of verdicts: arrival rate × token budget, one panel per scheduler, with
+    Theorem 2's λ* at each budget (paper Fig. 1 / Theorem 2). A point is green when every
+    seed was stable, red when every seed was unstable, orange otherwise."""
+    groups = _by_scheduler(rows)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.2), dpi=120, sharey=True, squeeze=False)
+    for ax, (name, group) in zip(axes[0], groups.items()):
+        cells: dict[tuple[float, int], list[str]] = {}
+        star: dict[int, float] = {}
+        for r in group:
+            cells.setdefault((round(_arrival_rate(r), 9), r["token_budget"]), []).append(r["verdict"])
+            star[r["token_budget"]] = r["max_stable_rate_rps"]
+        state = {cell: v[0] if len(set(v)) == 1 and v[0] in ("stable", "unstable") else "mixed"
+                 for cell, v in cells.items()}
+        for kind, color in _VERDICT_COLORS.items():
+            pts = [cell for cell, s in state.items() if s == kind]
+            if pts:
+                ax.scatter(*zip(*pts), s=36, marker="s", color=color,
+                           label="mixed or inconclusive" if kind == "mixed" else f"{kind} (every seed)")
+        budgets = sorted(star)
+        ax.plot([star[b] for b in budgets], budgets, "k--", linewidth=1.2, label="λ* (Theorem 2)")
+        ax.set_yscale("log", base=2)
+        ax.set_yticks(budgets, [str(b) for b in budgets])
+        ax.set_xlabel("arrival rate λ (requests/s)")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("token budget b_max")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_latency_vs_load(rows: Sequence[dict], path: str | Path,
+                         metrics: Sequence[str] = ("ttft_s.p99", "tbt_s.p99", "e2e_s.p99")) -> Path:
+    """Latency percentiles against load ρ, one line per scheduler and budget (median over
+    seeds); unstable points are marked with a cross."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), dpi=120, squeeze=False)
+    lines: dict[tuple[str, int], dict[float, list[dict]]] = {}
+    for r in rows:
+        lines.setdefault((r["scheduler"], r["token_budget"]), {}).setdefault(round(r["rho"], 6), []).append(r)
+    for ax, metric in zip(axes[0], metrics):
+        for (name, budget), points in sorted(lines.items()):
+            rhos = sorted(points)
+            values = [np.median([r[metric] for r in points[x] if r.get(metric) is not None] or [np.nan]) for x in rhos]
+            (line,) = ax.plot(rhos, values, "-o", markersize=3, label=f"{name}, b_max={budget}")
+            bad = [(x, v) for x, v in zip(rhos, values) if any(r["verdict"] == "unstable" for r in points[x])]
+            if bad:
+                ax.plot(*zip(*bad), "x", color=line.get_color(), markersize=7)
+        ax.set_yscale("log")
+        ax.set_xlabel("load ρ = λ / λ*")
+        ax.set_ylabel(f"{metric} (s, median over seeds)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_max_rate_vs_budget(searches: Sequence[dict], rows: Sequence[dict], path: str | Path) -> Path:
+    """Largest stable rate against token budget per scheduler, with λ* (Theorem 2) drawn.
+
+    From ``max-rate`` searches when the store has any; otherwise from a sweep's runs: per
+    scheduler and budget, the largest swept rate below the first rate any seed failed."""
+    best: dict[str, dict[int, float]] = {}
+    star: dict[int, float] = {}
+    if searches:
+        source = "max-rate searches"
+        for s in searches:
+            budget, name = s["config"]["engine"]["token_budget"], s["config"]["engine"]["scheduler"]
+            star[budget] = s["lambda_star_rps"]
+            if s["max_rate_rps"] is not None:
+                best.setdefault(name, {})[budget] = s["max_rate_rps"]
+    else:
+        source = "sweep (largest rate with every seed stable)"
+        cells: dict[tuple[str, int], dict[float, list[str]]] = {}
+        for r in rows:
+            star[r["token_budget"]] = r["max_stable_rate_rps"]
+            cells.setdefault((r["scheduler"], r["token_budget"]), {}).setdefault(
+                round(_arrival_rate(r), 9), []).append(r["verdict"])
+        for (name, budget), by_rate in cells.items():
+            ok = None
+            for rate in sorted(by_rate):
+                if set(by_rate[rate]) != {"stable"}:
+                    break
+                ok = rate
+            if ok is not None:
+                best.setdefault(name, {})[budget] = ok
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    budgets = sorted(star)
+    ax.plot(budgets, [star[b] for b in budgets], "k--", linewidth=1.5, label="λ* (Theorem 2)")
+    for name, points in sorted(best.items()):
+        xs = sorted(points)
+        ax.plot(xs, [points[b] for b in xs], "-o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("token budget b_max")
+    ax.set_ylabel("largest stable arrival rate (requests/s)")
+    ax.set_title(f"Max stable rate vs token budget ({source})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -80,7 +80,7 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
     total = max(len(requests), 1)
     hook = (lambda now, n: progress(name, n / total)) if progress else None
     result = simulate(engine, requests, horizon_s=rc.horizon_s, drain=rc.drain,
-                      record_batches=rc.record_batches, progress=hook)
+                      record_batches=rc.record_batches, progress=hook, method=rc.method)
     analysis = analysis_of(config, workload)
     summary = summarize(result, analysis, work_conserving=engine.scheduler.work_conserving,
                         tolerance=rc.verdict_tolerance)

@@ -94,7 +94,40 @@ seed = 0
 record_batches = true
 """,
     ),
+    "point-c": (
+        ("Paper §6.2 / Fig. 14: load exactly at vertex C of the cap's region (cap 100, staircase): one "
+         "request every 467.5 ms, 290 prompt + 990 output tokens; Sarathi-128 stays bounded, "
+         "Sarathi-1024 diverges (`llmqueue region point-c`)"),
+        """# Paper §6.2 (Fig. 14): with at most 100 requests per batch the stability region is 2-D
+# (Theorem 10). Its vertex C is batches of 29 prefill + 99 decode tokens every 46.75 ms,
+# i.e. (620.3, 2117.6) tokens/s; this workload offers exactly that.
+[engine]
+scheduler = "sarathi"
+token_budget = 128        # try 1024 (diverges), or scheduler = "maxweight" with 1024
+max_batch_requests = 100
+""" + _STAIRCASE + """
+[workload]
+arrival = "deterministic"
+rate = 2.1390374331550803 # one request every 467.5 ms (1 / 0.4675 s)
+
+[workload.prompt]
+dist = "fixed"
+value = 290
+
+[workload.output]
+dist = "fixed"
+value = 990
+
+[run]
+horizon_s = 1800.0
+seed = 0
+""",
+    ),
 }
+
+from llmqueue.network.scenarios import NETWORK_SCENARIOS  # noqa: E402  (texts only; PAPER.md §6)
+
+SCENARIOS.update(NETWORK_SCENARIOS)
 
 DEFAULT_SCENARIO = "fig1"
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmqueue.engine import Engine
+from llmqueue.errors import ConfigError
+from llmqueue.fastpath import fallback_reason, run_fast
 from llmqueue.request import Request
 from llmqueue.workload import Requests
 
@@ -50,14 +52,23 @@ class Result:
         return len(self.batch_end_time)
 
 
+METHODS = ("fast", "reference")
+
+
 def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = None, drain: bool = False,
              record_batches: bool = False,
-             progress: Callable[[float, int], None] | None = None) -> Result:
+             progress: Callable[[float, int], None] | None = None, method: str = "fast") -> Result:
     """Run ``requests`` through ``engine``; return a :class:`Result`.
 
     Without ``horizon_s`` and ``drain`` the run ends at the last arrival.  ``progress``
-    is called now and then with (simulated time, requests admitted).
+    is called now and then with (simulated time, requests admitted).  ``method`` picks the
+    loop: ``"fast"`` (the event-level fast path of :mod:`llmqueue.fastpath`, used when the
+    engine's scheduler and batch-time model support it, else the reference) or
+    ``"reference"`` (one :meth:`Engine.step` per batch); both give identical results.
+    ``Result.meta["method"]`` says which one ran.
     """
+    if method not in METHODS:
+        raise ConfigError("run.method", method, f"one of {', '.join(METHODS)}")
     started = _time.perf_counter()
     arrivals = requests.arrival_time.tolist()
     prompts = requests.num_prompt_tokens.tolist()
@@ -74,6 +85,26 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
     ends: list[float] = []
     tokens: list[int] = []
     detail: list[tuple] | None = [] if record_batches else None
+    reason = fallback_reason(engine) if method == "fast" else "selected"
+    if reason is None:
+        now, i = run_fast(engine, arrivals, prompts, outputs, horizon, admitted, ends, tokens, detail, progress)
+    else:
+        now, i = _run_reference(engine, arrivals, prompts, outputs, horizon, admitted, ends, tokens, detail,
+                                progress)
+    end_time = max(now, arrivals[-1] if n else 0.0) if drain else horizon
+    result = _collect(engine, requests, admitted, end_time, ends, tokens, detail)
+    result.wall_s = _time.perf_counter() - started
+    result.meta["method"] = "fast" if reason is None else f"reference ({reason})"
+    if progress is not None:
+        progress(now, i)
+    return result
+
+
+def _run_reference(engine: Engine, arrivals: list[float], prompts: list[int], outputs: list[int], horizon: float,
+                   admitted: list[Request], ends: list[float], tokens: list[int], detail: list | None,
+                   progress: Callable[[float, int], None] | None) -> tuple[float, int]:
+    """The straightforward loop: one :meth:`Engine.step` per batch (the reference for the fast path)."""
+    n = len(arrivals)
     now, i = 0.0, 0
     step = engine.step
     next_report = 0
@@ -102,12 +133,7 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
         if progress is not None and len(ends) >= next_report:
             progress(now, i)
             next_report = len(ends) + 2000
-    end_time = max(now, arrivals[-1] if n else 0.0) if drain else horizon
-    result = _collect(engine, requests, admitted, end_time, ends, tokens, detail)
-    result.wall_s = _time.perf_counter() - started
-    if progress is not None:
-        progress(now, i)
-    return result
+    return now, i
 
 
 def _collect(engine: Engine, requests: Requests, admitted: list[Request], end_time: float,

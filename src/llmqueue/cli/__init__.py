@@ -14,11 +14,11 @@ import warnings
 from collections.abc import Sequence
 
 from llmqueue import __version__
-from llmqueue.cli import single
+from llmqueue.cli import network, real, region, single, sweep
 from llmqueue.errors import LlmqueueError
 
 EXIT_USAGE = 2
-COMMAND_GROUPS = (single,)
+COMMAND_GROUPS = (single, region, sweep, real, network)
 
 
 def build_parser() -> argparse.ArgumentParser:

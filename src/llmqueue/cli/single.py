@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from llmqueue.cli import network
 from llmqueue.cli.common import (
     Progress,
     add_overrides,
@@ -80,6 +81,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if network.is_network_source(args.config):  # [[engines]]: a network config (PAPER.md §6)
+        return network.cmd_simulate(args)
     from llmqueue.runner import run_config
 
     cfg = config_from(args.config, args.set)
@@ -111,10 +114,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
+    if network.is_network_source(args.config):  # [[engines]]: traffic equations (PAPER.md §6)
+        return network.cmd_capacity(args)
     from llmqueue.runner import analysis_of, build_workload
 
     cfg = config_from(args.config, args.set)
     a = analysis_of(cfg, build_workload(cfg))
+    if cfg.engine.get("max_batch_requests") is not None:  # paper §6: the 2-D region, not Theorem 2's line
+        from llmqueue.cli.region import capacity_report
+
+        return capacity_report(cfg, a, args.json)
     if args.json:
         print(json.dumps(a.to_dict()))
         return 0

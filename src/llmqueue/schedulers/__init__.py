@@ -7,13 +7,14 @@ from typing import Any
 from llmqueue.errors import ConfigError
 from llmqueue.schedulers.base import EngineState, Option, Scheduler
 from llmqueue.schedulers.fastertransformer import FasterTransformer
+from llmqueue.schedulers.maxweight import MaxWeight
 from llmqueue.schedulers.orca import Orca
 from llmqueue.schedulers.sarathi import Sarathi
 from llmqueue.schedulers.vllm import VanillaVLLM
 from llmqueue.schedulers.vllm_v1 import VLLMv1
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.name: cls for cls in (FasterTransformer, VanillaVLLM, Orca, Sarathi, VLLMv1)
+    cls.name: cls for cls in (FasterTransformer, VanillaVLLM, Orca, Sarathi, VLLMv1, MaxWeight)
 }
 
 PAPER_SCHEDULERS = ("fastertransformer", "vllm", "orca", "sarathi")

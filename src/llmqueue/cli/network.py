@@ -1,0 +1,142 @@
+"""Network commands (PAPER.md §6): ``llmqueue network simulate|capacity CONFIG``.
+
+``llmqueue simulate`` and ``llmqueue capacity`` hand a network config (one with
+``[[engines]]``) to these commands, so either spelling works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from llmqueue.cli.common import (
+    Progress,
+    add_overrides,
+    fmt,
+    write_columns_csv,
+    write_json,
+)
+from llmqueue.network import (
+    analyze_network,
+    is_network_source,
+    load_network,
+    network_timeseries,
+    simulate_network,
+    summarize_network,
+)
+
+__all__ = ["cmd_capacity", "cmd_simulate", "is_network_source", "register"]
+
+
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    rows = [head, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def capacity_table(a) -> str:
+    rows = [(name, fmt(c, 1), fmt(o, 1), fmt(r, 4)) for name, c, o, r in
+            zip(a.engines, a.capacity_tokens_per_s, a.offered_tokens_per_s, a.rho)]
+    return _table(("engine", "capacity tok/s", "offered tok/s", "ρ"), rows)
+
+
+def analysis_lines(net, a) -> list[str]:
+    rates = ", ".join(f"{c.name} {r:.4g}" for c, r in zip(net.classes, a.rates))
+    return [f"classes (jobs/s): {rates}" + (f"  (scaled so max ρ = {net.load:g})" if net.load else ""),
+            (f"bottleneck {a.bottleneck} at ρ = {a.max_rho:.4f}; largest stable scaling of all rates α* = "
+             f"{a.max_scaling:.4f} (traffic equations)"),
+            (f"routing {'cyclic (a job returns to an engine it left)' if a.cyclic else 'acyclic between engines'}; "
+             f"prediction: {a.prediction()}")]
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    net = load_network(args.config, args.set)
+    a = analyze_network(net)
+    if args.json:
+        print(json.dumps(a.to_dict()))
+        return 0
+    print(capacity_table(a))
+    for line in analysis_lines(net, a):
+        print(line)
+    return 0
+
+
+def summary_tables(s: dict) -> str:
+    engines = [(e["engine"], e["policy"], e["scheduler"], fmt(e["rho"], 3), fmt(e["busy_fraction"], 3),
+                fmt(e["token_throughput"], 0), fmt(e["backlog_slope_tokens_per_s"], 1), e["verdict"],
+                str(e["peak_backlog_tokens"]), fmt(e["mean_prefill_tokens"], 1), fmt(e["mean_decode_tokens"], 1),
+                fmt(e["ttft_s"]["p50"], 3), fmt(e["ttft_s"]["p99"], 3), str(e["work_conserving_violations"]))
+               for e in s["engines"]]
+    classes = [(c["class"], fmt(c["rate_jps"], 3), str(c["arrived"]), str(c["completed"]), str(c["rejected"]),
+                fmt(c["throughput_jps"], 3), fmt(c["e2e_s"]["p50"], 2), fmt(c["e2e_s"]["p99"], 2),
+                f"{fmt(c['tokens_per_job'], 1)} ({c['expected_tokens_per_job']:.1f})") for c in s["classes"]]
+    hops = [(f"{c['class']}.{h['hop']}", h["engine"], str(h["visits"]), fmt(h["ttft_s"]["p50"], 3),
+             fmt(h["ttft_s"]["p99"], 3), fmt(h["hop_latency_s"]["p50"], 2)) for c in s["classes"] for h in c["hops"]]
+    return "\n\n".join([
+        _table(("engine", "policy", "scheduler", "ρ", "busy", "tok/s", "slope tok/s", "verdict", "peak backlog",
+                "prefill/batch", "decode/batch", "TTFT p50", "TTFT p99", "violations"), engines),
+        _table(("class", "jobs/s", "arrived", "completed", "rejected", "done/s", "E2E p50", "E2E p99",
+                "tokens/job (expected)"), classes),
+        _table(("hop", "engine", "visits", "TTFT p50", "TTFT p99", "hop p50"), hops),
+    ])
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    net = load_network(args.config, args.set)
+    progress = Progress(sys.stderr.isatty() and not args.json)
+    try:
+        result = simulate_network(net, progress=lambda now: progress("network", min(now / net.horizon_s, 1.0)))
+    finally:
+        progress.done()
+    s = summarize_network(result)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", net.data)
+        write_json(out / "summary.json", s)
+        write_columns_csv(out / "timeseries.csv", network_timeseries(result))
+        blank = lambda a: ["" if np.isnan(x) else x for x in a.tolist()]
+        names = np.array([e.name for e in net.engines])
+        write_columns_csv(out / "requests.csv", {
+            "rid": np.arange(len(result.arrival_time)), "job": result.sub_job,
+            "class": [net.classes[k].name for k in result.sub_class.tolist()],
+            "hop": [net.classes[k].hops[h].id for k, h in zip(result.sub_class.tolist(), result.sub_hop.tolist())],
+            "engine": names[result.sub_engine] if len(names) else [], "arrival_time": result.arrival_time,
+            "num_prompt_tokens": result.num_prompt_tokens, "num_output_tokens": result.num_output_tokens,
+            "first_token_time": blank(result.first_token_time), "finish_time": blank(result.finish_time),
+            "rejected": result.rejected.astype(int)})
+    if args.json:
+        print(json.dumps(s, default=float))
+        return 0
+    n = s["network"]
+    for line in analysis_lines(net, result.analysis):
+        print(line)
+    print(f"horizon {s['horizon_s']:g} s, seed {s['seed']}, {n['jobs_arrived']} jobs arrived, "
+          f"{n['jobs_completed']} completed")
+    print(f"network: {n['verdict']}  {n['verdict_reason']}; peak backlog {n['peak_backlog_tokens']} tokens\n")
+    print(summary_tables(s))
+    if args.out:
+        print(f"\nwrote {args.out}/config.json, summary.json, timeseries.csv, requests.csv")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("network", help="networks of engines and delay stations (paper §5): simulate, capacity")
+    nsub = p.add_subparsers(dest="network_command", required=True)
+    s = nsub.add_parser("simulate", help="simulate a network config (or scenario: rybko-stolyar, fork-join, ...)")
+    s.add_argument("config")
+    add_overrides(s)
+    s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    s.add_argument("--out", help="write config.json, summary.json, timeseries.csv, requests.csv here")
+    s.set_defaults(func=cmd_simulate)
+    k = nsub.add_parser("capacity", help="traffic equations: per-engine load, ρ, α*, bottleneck")
+    k.add_argument("config")
+    add_overrides(k)
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_capacity)

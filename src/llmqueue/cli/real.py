@@ -1,0 +1,316 @@
+"""Real-engine commands: ``engine run``, ``engine validate``, ``calibrate`` (docs/real_engine.md).
+
+The real engine needs PyTorch (``pip install 'llmqueue[cpu]'``); without it these commands
+print that one line and exit 2.  Calibration from a samples CSV or from Vidur's GPU
+profiles needs only numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmqueue.cli.common import (
+    Progress,
+    add_overrides,
+    analysis_line,
+    fmt,
+    table,
+    timeseries_columns,
+    write_columns_csv,
+    write_json,
+    write_requests_csv,
+)
+from llmqueue.config import dumps
+from llmqueue.errors import LlmqueueError
+from llmqueue.real import require_torch
+from llmqueue.schedulers import SCHEDULERS
+
+DEFAULT_VIDUR_ROOT = "../shared/data/vidur_profiles"
+
+
+def _schedulers(arg: str | None, default: str) -> list[str]:
+    names = [n.strip() for n in arg.split(",") if n.strip()] if arg else [default]
+    for n in names:
+        if n not in SCHEDULERS:
+            raise LlmqueueError(f"--schedulers: {n!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
+    return names
+
+
+def _ints(arg: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in arg.split(",") if x.strip()]
+    except ValueError:
+        raise LlmqueueError(f"{flag}: {arg!r} is not allowed: comma-separated integers >= 0") from None
+    if not values or min(values) < 0:
+        raise LlmqueueError(f"{flag}: {arg!r} is not allowed: comma-separated integers >= 0")
+    return values
+
+
+def _real_line(summary: dict) -> str:
+    r, m = summary["real"], summary["real"]["model"]
+    source = r["hf_path"] or f"random weights, seed {m['seed']}"
+    return (f"real engine: {m['num_params'] / 1e6:.1f} M params (hidden {m['hidden_size']}, {m['num_layers']} layers, "
+            f"{m['num_heads']}/{m['num_kv_heads']} heads, {m['dtype']}, {source}); torch threads {r['torch_threads']}; "
+            f"clock {r['clock']} (timer {r['timer']}); KV pool {r['kv_capacity_tokens']} tokens "
+            f"({r['kv_pool_bytes'] / 2**20:.0f} MiB)")
+
+
+def cmd_engine_run(args: argparse.Namespace) -> int:
+    require_torch()
+    from llmqueue.real.serve import RealEngine, load_engine_config
+
+    cfg, settings = load_engine_config(args.config, args.set)
+    names = _schedulers(args.schedulers, cfg.engine["scheduler"])
+    engine = RealEngine(settings, cfg.base_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(dumps({**cfg.portable(), "real": settings.to_table()}))
+    progress = Progress(sys.stderr.isatty() and not args.json)
+    from llmqueue.runner import build_workload, generate
+
+    requests = generate(cfg, build_workload(cfg))   # the same arrivals for every scheduler
+    total = max(len(requests), 1)
+    runs = []
+    interrupted = False
+    try:
+        for name in names:
+            run = engine.run(cfg, name, requests, lambda now, n, name=name: progress(name, n / total))
+            progress.done()
+            runs.append(run)
+            prefix = f"{name}_" if len(names) > 1 else ""
+            write_requests_csv(out / f"{prefix}requests.csv", run.result)
+            write_columns_csv(out / f"{prefix}batches.csv", run.result.batches)
+            write_json(out / "summary.json", {"config": cfg.portable(), "runs": [r.summary for r in runs]})
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.done()
+    if not runs:
+        print("interrupted before any scheduler finished", file=sys.stderr)
+        return 130
+    summaries = [r.summary for r in runs]
+    write_columns_csv(out / "timeseries.csv", timeseries_columns(runs))
+    if args.json:
+        print(json.dumps({"runs": summaries}, default=float))
+    else:
+        print(_real_line(summaries[0]))
+        print(analysis_line(runs[0]) + "  (from the config's batch-time model)")
+        print(f"horizon {runs[0].result.end_time:.0f} s of measured service time, seed {cfg.run.seed}, "
+              f"{summaries[0]['arrived']} arrivals\n")
+        print(table(summaries))
+        for s in summaries:
+            r = s["real"]
+            print(f"{s['scheduler']}: mean batch {r['mean_batch_ms']:.2f} ms, KV peak {r['kv_peak_reserved_tokens']} "
+                  f"tokens reserved, at most {r['peak_waiting_for_memory']} waiting for memory, "
+                  f"{r['output_tokens']} output tokens, wall {s['wall_s']:.0f} s")
+    if not args.no_plot:
+        from llmqueue.plots import plot_in_system
+
+        a = runs[0].analysis
+        png = plot_in_system(runs, out / "number_in_system.png",
+                             f"Real engine: requests in system, λ = {a.arrival_rate:.2f} req/s "
+                             f"(ρ = {a.rho:.2f} by the config's model), b_max = {a.token_budget}")
+        if not args.json:
+            print(f"\nwrote {png}, {out / 'summary.json'}, timeseries.csv, requests.csv, batches.csv")
+    if interrupted:
+        print("interrupted: the table shows the schedulers that finished", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_engine_validate(args: argparse.Namespace) -> int:
+    require_torch()
+    from llmqueue.real.serve import RealEngine, load_engine_config
+    from llmqueue.real.validate import QUANTITIES, validate
+
+    cfg, settings = load_engine_config(args.config, args.set)
+    names = _schedulers(args.schedulers, cfg.engine["scheduler"])
+    engine = RealEngine(settings, cfg.base_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        from llmqueue.real.calibrate import calibrate_config
+        from llmqueue.real.serve import TIMERS
+
+        cfg, fit = calibrate_config(cfg, engine.model, TIMERS[settings.timer], seed=cfg.run.seed)
+        print(f"recalibrated just before the runs: {fit.name}, R² {fit.r2:.4f}, "
+              + ", ".join(f"{k} = {v:.4g}" for k, v in fit.batch_time.to_dict().items() if k != "model"))
+    rows: list[dict] = []
+
+    def on_done(row: dict) -> None:
+        rows.append(row)
+        write_json(out / "validation.json", {"config": cfg.portable(), "rows": [
+            {k: row[k] for k in ("scheduler", "sim", "real", "relative_error")} for row in rows]})
+
+    validate(cfg, engine, names, on_done)
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("scheduler", "relative_error")} for r in rows], default=float))
+        return 0
+    print(_real_line(rows[0]["real"]))
+    print(analysis_line(rows[0]["sim_run"]))
+    head = ("scheduler", "quantity", "simulator", "real", "error")
+    lines = [head]
+    for r in rows:
+        for label, get in QUANTITIES:
+            err = r["relative_error"][label]
+            lines.append((r["scheduler"], label, fmt(get(r["sim"]), 3), fmt(get(r["real"]), 3),
+                          "-" if err is None else f"{err * 100:+.1f}%"))
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    for i, x in enumerate(lines):
+        print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(x, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"\nwrote {out / 'validation.json'}")
+    return 0
+
+
+def _grid_line(prefill: list[int], decode: list[int], context: list[int], budget: int) -> str:
+    join = lambda xs: ",".join(map(str, xs))
+    return f"grid: --prefill {join(prefill)} --decode {join(decode)} --context {join(context)} --max-tokens {budget}"
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from llmqueue.real.fit import Samples, batch_time_toml, fit_all, workload_mix
+
+    prefill = _ints(args.prefill, "--prefill") if args.prefill else None
+    decode = _ints(args.decode, "--decode") if args.decode else None
+    context = _ints(args.context, "--context") if args.context else None
+    if args.repeats < 1:
+        raise LlmqueueError(f"--repeats: {args.repeats} is not allowed: an integer >= 1")
+    header: list[str] = []
+    cfg = None
+    if args.config:
+        if args.vidur_model or args.samples:
+            from llmqueue.cli.common import config_from
+
+            cfg = config_from(args.config, args.set)
+        else:
+            require_torch()
+            from llmqueue.real.serve import load_engine_config
+
+            cfg, settings = load_engine_config(args.config, args.set)
+    budget = args.max_tokens or (cfg.engine["token_budget"] if cfg else 512)
+    if args.samples:
+        samples = Samples.read_csv(args.samples)
+        header.append(f"fitted by llmqueue calibrate from {args.samples}")
+    elif args.vidur_model:
+        from llmqueue.real.vidur import load_profile, profile_samples
+
+        profile = load_profile(args.vidur_root, args.vidur_model, args.device)
+        prefill = prefill or [0, 32, 64, 128, 256, 384, 512, 768, 1024]
+        decode, context = decode or [0, 1, 8, 16, 32, 64, 128], context or [128, 512, 1024, 2048]
+        samples = profile_samples(profile, prefill, decode, context, budget)
+        header += [f"derived from Vidur GPU profiles: {args.vidur_model} on {args.device.upper()}, tensor parallel 1",
+                   f"source: {profile.source}",
+                   "upstream: microsoft/vidur @ 7d47513363ec447a741ac5e47241580b47724fbf (MIT), data/profiling/",
+                   "not included: CPU overheads, sampling, LM head (not in the profiles)",
+                   _grid_line(prefill, decode, context, budget)]
+    else:
+        require_torch()
+        import torch
+
+        from llmqueue.real.calibrate import (
+            DEFAULT_CONTEXT,
+            DEFAULT_DECODE,
+            DEFAULT_PREFILL,
+            grid_points,
+            measure,
+        )
+        from llmqueue.real.serve import TIMERS, RealSettings, load_model
+
+        if cfg is None:
+            settings = RealSettings()
+        torch.set_num_threads(settings.threads)
+        model = load_model(settings, cfg.base_dir if cfg else None)
+        prefill, decode = prefill or list(DEFAULT_PREFILL), decode or list(DEFAULT_DECODE)
+        context = context or list(DEFAULT_CONTEXT)
+        points = grid_points(prefill, decode, context, budget)
+        progress = Progress(sys.stderr.isatty() and not args.json)
+        samples = measure(model, points, TIMERS[settings.timer], repeats=args.repeats, seed=args.seed,
+                          progress=lambda done, total: progress("calibration", done / total))
+        progress.done()
+        c = model.config
+        header.append(f"measured by llmqueue calibrate on the real CPU engine: {c.num_params / 1e6:.1f} M params, "
+                      f"hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads}/{c.num_kv_heads} heads, {c.dtype}")
+        header.append(f"torch threads {torch.get_num_threads()}, timer {settings.timer}, {args.repeats} repeats "
+                      f"(median), {len(points)} grid points")
+        header.append(_grid_line(prefill, decode, context, budget))
+    fraction, mean_context = 0.5, 0.0
+    if cfg is not None:
+        from llmqueue.runner import build_workload
+
+        w = build_workload(cfg)
+        fraction, mean_context = workload_mix(w.mean_prompt_len, w.mean_output_len)
+        header.append(f"token-only view (capacity, λ*) of prefill_decode: the workload's mix, m_p = "
+                      f"{w.mean_prompt_len:g}, m_d = {w.mean_output_len:g}")
+    fits = fit_all(samples, budget, fraction, mean_context)
+    best = max(fits, key=lambda f: f.r2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples.write_csv(out / "samples.csv")
+    for fit in fits:
+        (out / f"batch_time_{fit.name.replace('+', '_')}.toml").write_text(batch_time_toml(fit, header))
+    (out / "batch_time.toml").write_text(batch_time_toml(best, [*header, "the fit with the highest R²"]))
+    write_json(out / "fits.json", {"header": header, "samples": len(samples), "token_budget": budget,
+                                   "fits": [f.to_dict() for f in fits], "best": best.name})
+    if not args.no_plot:
+        from llmqueue.real.plots import plot_residuals
+
+        plot_residuals(samples, fits, out / "residuals.png", header[0][:110])
+    if args.json:
+        print(json.dumps({"fits": [f.to_dict() for f in fits], "best": best.name}, default=float))
+        return 0
+    for line in header:
+        print(line)
+    print(f"{len(samples)} batches; R² over all of them:")
+    for fit in fits:
+        params = {k: v for k, v in fit.batch_time.to_dict().items() if k not in ("model", "points_ms")}
+        shown = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in params.items())
+        print(f"  {fit.name:<24} R² {fit.r2:.4f}  RMSE {fit.to_dict()['rmse_ms']:.2f} ms  {shown}")
+    print(f"\nwrote {out / 'batch_time.toml'} ({best.name}), one batch_time_<model>.toml per model, fits.json, "
+          f"samples.csv" + ("" if args.no_plot else ", residuals.png"))
+    return 0
+
+
+def register(sub) -> None:
+    e = sub.add_parser("engine", help="the real CPU engine (PyTorch): run, validate against the simulator")
+    esub = e.add_subparsers(dest="engine_command", required=True)
+    r = esub.add_parser("run", help="run a config's workload through the real engine")
+    r.add_argument("config", help="TOML config with an optional [real] table (model, threads, clock, KV pool)")
+    r.add_argument("--schedulers", help="comma-separated, each on the same arrivals (default: the config's)")
+    r.add_argument("--out", default="llmqueue_output/engine", help="folder for summary.json, CSVs and the plot")
+    r.add_argument("--json", action="store_true", help="print the summaries as JSON")
+    r.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    add_overrides(r)
+    r.set_defaults(func=cmd_engine_run)
+
+    v = esub.add_parser("validate", help="simulator (config's batch-time model) versus real engine, same arrivals")
+    v.add_argument("config")
+    v.add_argument("--schedulers", help="comma-separated (default: the config's)")
+    v.add_argument("--out", default="llmqueue_output/validate", help="folder for validation.json")
+    v.add_argument("--calibrate", action="store_true",
+                   help="first re-measure the batch-time model on this machine now (grid up to the budget) and "
+                        "simulate with that fit instead of the config's")
+    v.add_argument("--json", action="store_true")
+    add_overrides(v)
+    v.set_defaults(func=cmd_engine_validate)
+
+    c = sub.add_parser("calibrate", help="fit batch-time models to the real engine, a samples CSV or Vidur profiles")
+    c.add_argument("--config", help="engine config: its [real] model and threads, token budget and workload mix")
+    c.add_argument("--samples", help="fit a samples CSV (from an earlier calibration) instead of measuring")
+    c.add_argument("--vidur-model", help="fit Vidur GPU profiles of this model instead (llama-2-7b, llama-3-8b)")
+    c.add_argument("--device", default="a100", help="with --vidur-model: a100 or h100 (default a100)")
+    c.add_argument("--vidur-root", default=DEFAULT_VIDUR_ROOT, help=f"profiles folder (default {DEFAULT_VIDUR_ROOT})")
+    c.add_argument("--prefill", help="prefill tokens of the grid, comma-separated")
+    c.add_argument("--decode", help="decode tokens (requests) of the grid, comma-separated")
+    c.add_argument("--context", help="context lengths of the decode requests, comma-separated")
+    c.add_argument("--max-tokens", type=int, help="largest batch (default: the config's token budget, else 512)")
+    c.add_argument("--repeats", type=int, default=3, help="timings per grid point, median kept (default 3)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the measuring order (default 0)")
+    c.add_argument("--out", default="llmqueue_output/calibrate", help="folder for the fitted configs and plot")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--no-plot", action="store_true")
+    add_overrides(c)
+    c.set_defaults(func=cmd_calibrate)

@@ -1,0 +1,310 @@
+"""Many-run commands: sweep, max-rate, results, plot (docs/sweeps.md)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from llmqueue.cli.common import add_overrides, config_from, fmt
+from llmqueue.errors import LlmqueueError
+from llmqueue.sweep import DEFAULT_STORE, Store, expand, make_executor, parse_grid, parse_slo, seed_list
+from llmqueue.sweep.driver import SweepStats, sweep
+from llmqueue.sweep.results import tidy, varying, where, write_csv, write_parquet
+
+EXIT_INTERRUPTED = 130
+PLOT_KINDS = ("stability-map", "latency-vs-load", "max-rate-vs-budget")
+
+
+class Bar:
+    """``[#######-------]  120/480  25%  2 failed  elapsed 0:12  ETA 0:36`` on a terminal's stderr."""
+
+    def __init__(self, enabled: bool, width: int = 28) -> None:
+        self.enabled, self.width = enabled, width
+        self.total = self.done = self.failed = 0
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+
+    def begin(self, todo: int, skipped: int) -> None:
+        self.total += todo
+        if self.enabled and skipped:
+            sys.stderr.write(f"  {skipped} point{'s' if skipped != 1 else ''} already stored: skipped\n")
+        self.draw(force=True)
+
+    def step(self, task, outcome) -> None:
+        self.done += 1
+        self.failed += outcome["status"] != "ok"
+        self.draw(force=self.done == self.total)
+
+    def draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or not self.total or (not force and now - self.last_draw < 0.2):
+            return
+        self.last_draw = now
+        frac = self.done / self.total
+        elapsed = now - self.start
+        eta = _clock(elapsed / self.done * (self.total - self.done)) if self.done else "?"
+        filled = int(frac * self.width)
+        failed = f"  {self.failed} failed" if self.failed else ""
+        sys.stderr.write(f"\r  [{'#' * filled}{'-' * (self.width - filled)}] {self.done}/{self.total} "
+                         f"{frac:4.0%}{failed}  elapsed {_clock(elapsed)}  ETA {eta}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.total:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """``kill PID`` stops a sweep like Ctrl-C does: workers stopped, finished runs kept."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _executor(args):
+    if args.jobs is not None and args.jobs < 1:
+        raise LlmqueueError(f"--jobs = {args.jobs} is not allowed: an integer >= 1")
+    return make_executor(args.jobs, args.ray)
+
+
+def _interrupted(store: Store) -> int:
+    n = len(store.statuses())
+    print(f"interrupted: {n} runs are in {store.path}; run the same command again to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    base = config_from(args.config, args.set)
+    axes = parse_grid(args.grid)
+    points = expand(base, axes, seed_list(args.seeds, base.run.seed))  # validates every point first
+    configs = len(points) // args.seeds
+    if args.dry_run:
+        print(f"{len(points)} runs ({configs} configs x {args.seeds} seeds); every point is valid")
+        return 0
+    executor = _executor(args)
+    bar = Bar(sys.stderr.isatty())
+    start = time.monotonic()
+    with Store(args.store) as store, _sigterm_as_interrupt():
+        try:
+            stats = sweep(points, store, executor, retry_failed=args.retry_failed, on_start=bar.begin,
+                          on_result=bar.step)
+        except KeyboardInterrupt:
+            bar.close()
+            return _interrupted(store)
+        bar.close()
+        print(_report(stats, configs, args.seeds, executor.describe(), time.monotonic() - start, store.path))
+        keys = {(p.config_hash, p.seed) for p in points}
+        failed = [r for r in store.runs() if r["status"] != "ok" and (r["config_hash"], r["seed"]) in keys]
+    for run in failed[:5]:
+        print(f"  failed: seed {run['seed']} config {run['config_hash']}: {run['error']}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} point(s) failed; `llmqueue results {args.store} --where status=failed` lists them, "
+              "--retry-failed runs them again", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(stats: SweepStats, configs: int, seeds: int, where: str, seconds: float, path: Path) -> str:
+    ran = stats.ok + stats.failed
+    return (f"sweep: {stats.points} runs ({configs} configs x {seeds} seeds): {stats.skipped} already stored, "
+            f"{stats.ok} ran ok, {stats.failed} failed, in {_clock(seconds)} on {where if ran else 'nothing'}; "
+            f"store {path}")
+
+
+def cmd_max_rate(args: argparse.Namespace) -> int:
+    from llmqueue.sweep.maxrate import max_rate
+
+    base = config_from(args.config, args.set)
+    axes = parse_grid(args.grid)
+    for axis in axes:
+        if axis.key in ("workload.rate", "workload.load"):
+            raise LlmqueueError(f"--grid {axis.key}: max-rate searches over the arrival rate itself; "
+                                "grid over other keys (e.g. engine.scheduler, engine.token_budget)")
+    slos = [parse_slo(s) for s in args.slo]
+    seeds = seed_list(args.seeds, base.run.seed)
+    bases = [(p.overrides, p.config) for p in expand(base, axes, [base.run.seed])]
+    executor = _executor(args)
+    bar = Bar(sys.stderr.isatty() and not args.json)
+    with Store(args.store) as store, _sigterm_as_interrupt():
+        try:
+            results = max_rate(bases, seeds, store, executor, slos=slos, rel_tol=args.rel_tol,
+                               on_start=bar.begin, on_result=bar.step)
+        except KeyboardInterrupt:
+            bar.close()
+            return _interrupted(store)
+        bar.close()
+    if args.json:
+        print(json.dumps([{"point": dict(r.overrides), "max_rate_rps": r.max_rate_rps,
+                           "failed_rate_rps": r.failed_rate_rps, "lambda_star_rps": r.lambda_star_rps,
+                           "ratio_to_lambda_star": r.max_rate_rps / r.lambda_star_rps if r.max_rate_rps else None,
+                           "confidence": r.confidence, "probes": [p.__dict__ for p in r.probes]} for r in results]))
+        return 0
+    print(_max_rate_table(results))
+    print(f"\nconfidence: {results[0].confidence}")
+    for note in dict.fromkeys(n for r in results for n in r.notes):
+        print(f"note: {note}")
+    print(f"probes stored in {args.store}")
+    return 0
+
+
+def _max_rate_table(results) -> str:
+    keys = [k for k, _ in results[0].overrides] if results else []
+    head = (*keys, "max stable req/s", "fails at", "λ* (Thm 2)", "ratio", "probes")
+    rows = [head]
+    for r in results:
+        best = "none found" if r.max_rate_rps is None else f"{r.max_rate_rps:.3f}"
+        failed = "none found" if r.failed_rate_rps is None else f"{r.failed_rate_rps:.3f}"
+        ratio = "-" if r.max_rate_rps is None else f"{r.max_rate_rps / r.lambda_star_rps:.3f}"
+        rows.append((*(str(v) for _, v in r.overrides), best, failed, f"{r.lambda_star_rps:.3f}", ratio,
+                     str(len(r.probes))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < len(keys) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _rows(args) -> list[dict]:
+    with Store(args.store, readonly=True) as store:
+        return where(tidy(store.runs()), args.where)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    if args.max_rate:
+        with Store(args.store, readonly=True) as store:
+            rows = store.max_rates()
+        flat = [{**{f"{k}": v for k, v in _flat_config(r["config"]).items()}, "seeds": json.dumps(r["seeds"]),
+                 "slos": json.dumps(r["slos"]), "rel_tol": r["rel_tol"], "max_rate_rps": r["max_rate_rps"],
+                 "failed_rate_rps": r["failed_rate_rps"], "lambda_star_rps": r["lambda_star_rps"],
+                 "version": r["version"], "finished_at": r["finished_at"]} for r in rows]
+        rows = where(flat, args.where)
+    else:
+        rows = _rows(args)
+    if args.csv:
+        write_csv(rows, args.csv)
+    elif args.parquet:
+        write_parquet(rows, args.parquet)
+    else:
+        print(_results_table(rows, args.max_rate))
+        return 0
+    if args.csv != "-":
+        print(f"wrote {len(rows)} rows to {args.csv or args.parquet}", file=sys.stderr)
+    return 0
+
+
+def _flat_config(config: dict) -> dict:
+    from llmqueue.sweep.results import flatten
+
+    flat = flatten(config)
+    flat.pop("run.seed", None)
+    return flat
+
+
+def _results_table(rows: list[dict], max_rate: bool) -> str:
+    if not rows:
+        return "no rows"
+    keys = varying(rows)
+    tail = (("max_rate_rps", "failed_rate_rps", "lambda_star_rps") if max_rate else
+            ("seed", "status", "verdict", "rho", "throughput_rps", "ttft_s.p99", "e2e_s.p99"))
+    cols = [*keys, *tail]
+    cells = [cols] + [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + f"\n{len(rows)} rows"
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return fmt(v, 3)
+    return str(v)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from llmqueue import plots
+
+    out = Path(args.out or f"llmqueue_output/{args.kind}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in _rows(args) if r["status"] == "ok"]
+    if args.kind == "max-rate-vs-budget":
+        with Store(args.store, readonly=True) as store:
+            searches = store.max_rates()
+        path = plots.plot_max_rate_vs_budget(searches, rows, out)
+    elif not rows:
+        raise LlmqueueError(f"store {args.store}: no successful runs to plot" + (" (after --where)" if args.where else ""))
+    elif args.kind == "stability-map":
+        path = plots.plot_stability_map(rows, out)
+    else:
+        path = plots.plot_latency_vs_load(rows, out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_executor(p) -> None:
+    p.add_argument("--jobs", type=int, help="local worker processes (default: one per core); with --ray local, "
+                   "the CPUs of the private Ray instance")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on Ray: auto (the cluster on this machine), local "
+                   "(start a private instance), or HOST:PORT / ray://HOST:10001; needs the extra llmqueue[ray]")
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite results store (default {DEFAULT_STORE})")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("sweep", help="run a grid of configs x seeds into a resumable SQLite store")
+    s.add_argument("config", help="TOML config or scenario name: the base of every point")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
+                   help="an axis: KEY=v1,v2,... or KEY=start:stop:step (stop included); repeatable")
+    s.add_argument("--seeds", type=int, default=1, help="seeds per point, from the config's run.seed (default 1)")
+    _add_executor(s)
+    s.add_argument("--retry-failed", action="store_true", help="run stored failed points again")
+    s.add_argument("--dry-run", action="store_true", help="validate the grid and print its size, run nothing")
+    add_overrides(s)
+    s.set_defaults(func=cmd_sweep)
+
+    m = sub.add_parser("max-rate", help="largest stable arrival rate by bisection, next to Theorem 2's λ*")
+    m.add_argument("config", help="TOML config or scenario name")
+    m.add_argument("--slo", action="append", default=[], metavar="NAME=SECONDS",
+                   help="also require e.g. ttft_p99=2.0 or tbt_p99=0.2 in every seed (repeatable)")
+    m.add_argument("--seeds", type=int, default=3, help="seeds per probed rate (default 3)")
+    m.add_argument("--rel-tol", type=float, default=0.01, help="stop when the bracket is this narrow (default 0.01)")
+    m.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
+                   help="one search per point, e.g. engine.scheduler=orca,sarathi (repeatable)")
+    m.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_executor(m)
+    add_overrides(m)
+    m.set_defaults(func=cmd_max_rate)
+
+    r = sub.add_parser("results", help="tidy table of a store: one row per run")
+    r.add_argument("store", help="the SQLite store written by sweep or max-rate")
+    r.add_argument("--where", action="append", default=[], metavar="COLUMN OP VALUE",
+                   help="keep rows with e.g. engine.scheduler=orca, workload.rate>=10, status=failed (repeatable)")
+    out = r.add_mutually_exclusive_group()
+    out.add_argument("--csv", metavar="OUT", help="write every column as CSV (- for standard output)")
+    out.add_argument("--parquet", metavar="OUT", help="write every column as Parquet (needs pyarrow)")
+    r.add_argument("--max-rate", action="store_true", help="the max-rate searches instead of the runs")
+    r.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("plot", help="standard plots of a store")
+    p.add_argument("store", help="the SQLite store written by sweep or max-rate")
+    p.add_argument("--kind", required=True, choices=PLOT_KINDS)
+    p.add_argument("--out", help="PNG file (default llmqueue_output/KIND.png)")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN OP VALUE", help="filter runs first")
+    p.set_defaults(func=cmd_plot)

@@ -1,0 +1,433 @@
+"""The simulator's event-level fast path (PAPER.md §1–3, paper §3.1; docs/performance.md).
+
+It runs the same batches as :meth:`~llmqueue.engine.Engine.step` driven by the reference loop
+of :func:`~llmqueue.simulator.simulate`, bit for bit, at a cost set by *events* (arrivals,
+prefill completions, request completions) rather than by tokens.  Three exact tricks:
+
+1. **Lazy decode counts.**  A batch gives one decode token to a prefix of the decoding list
+   (every built-in policy adds decoders FCFS).  When the prefix is the whole list (the common
+   case) a round counter ``G`` goes up by one instead of touching each decoder: a decoder
+   stores the round at which it finishes (``decode_left`` holds ``G + tokens left`` while the
+   fast path runs) and a heap of those rounds says who finishes next.  A partial prefix touches
+   only the smaller side (the prefix, or the rest, whose finishing round moves back by one).
+2. **Plans as counts.**  A policy's batch is (how many leading decoders get a token, the
+   prefill chunks of the leading prefilling requests), computed by the policy's own rules from
+   the queues without building a decode list.  Only the exact scheduler classes in
+   :data:`FAST_POLICIES` take this path; any other scheduler (a subclass, a new policy, one that
+   plans by batch time), a batch-time model that is not ``tokens_only``, or an engine that
+   already holds work uses the reference loop instead.
+3. **Quiet stretches.**  While no request finishes its prefill or decode and no arrival or the
+   horizon is reached, consecutive batches are identical (same decoders, same chunk sizes), so
+   they are applied in one go: rounds ``G += m``, chunks ``prefill_left -= m·c``.  Their end
+   times are still added one at a time, in the same order as the reference (``end = now + t``),
+   by a short loop or, for long stretches, ``np.cumsum`` (a sequential accumulation), so every
+   time matches to the last bit.  Stretches are not merged when per-batch records are kept.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Callable
+from itertools import islice
+from operator import attrgetter
+
+import numpy as np
+
+from llmqueue.engine import Engine
+from llmqueue.errors import InternalError
+from llmqueue.request import Request
+from llmqueue.schedulers.fastertransformer import FasterTransformer
+from llmqueue.schedulers.orca import Orca
+from llmqueue.schedulers.sarathi import Sarathi
+from llmqueue.schedulers.vllm import VanillaVLLM
+from llmqueue.schedulers.vllm_v1 import VLLMv1
+
+_RID = attrgetter("rid")
+Chunks = Callable[[], "tuple[list[float], list[int], list[int], float] | None"]
+SARATHI, ORCA, VLLM, FASTERTRANSFORMER, VLLM_V1 = range(5)
+
+#: The scheduler classes whose batches this module reproduces (exact class, not subclasses).
+FAST_POLICIES: dict[type, int] = {
+    Sarathi: SARATHI, Orca: ORCA, VanillaVLLM: VLLM, FasterTransformer: FASTERTRANSFORMER, VLLMv1: VLLM_V1,
+}
+
+# perf: stretches longer than this take the numpy path; a Python loop of float adds costs
+# ~0.1 µs per batch, a cumsum call ~5 µs plus ~2 ns per batch.
+_NUMPY_STRETCH = 48
+_INF = float("inf")
+_NO_CAP = 1 << 62
+
+
+def fallback_reason(engine: Engine) -> str | None:
+    """Why ``engine`` cannot take the fast path (None: it can)."""
+    if type(engine.scheduler) not in FAST_POLICIES:
+        return f"scheduler {engine.scheduler.name!r} has no fast path"
+    if not engine.batch_time.tokens_only:
+        return f"batch time {engine.batch_time.name!r} depends on more than the token load"
+    if engine.num_in_engine or engine.rejected or engine.violations:
+        return "the engine already holds requests"
+    return None
+
+
+# ---- batch composition: each policy's plan as (decoders, prefill chunks) ------------------
+
+def _fcfs_prefills(pre: deque, room: int, slots: int, split: bool, chunks: list) -> int:
+    """BatchBuilder.add_prefills as counts: append (request, chunk) pairs; return the room left."""
+    for r in pre:
+        if room == 0 or slots == 0:
+            break
+        left = r.prefill_left
+        c = left if left <= room else room  # noqa: FURB136  perf: no call in the per-chunk loop
+        if c < left and not split:
+            break
+        chunks.append((r, c))
+        room -= c
+        slots -= 1
+        if c < left:
+            break
+    return room
+
+
+def _vllm_v1(pre: deque, dec: list, budget: int, cap: int, max_chunk: int, limit: int,
+             chunks: list) -> int:
+    """VLLMv1.plan as counts (see schedulers/vllm_v1.py): return the number of leading decoders."""
+    room, slots, n, prev = budget, cap, 0, 0
+    started = 0
+    for r in pre:
+        if r.prefill_left == r.num_prompt_tokens:
+            break
+        started += 1
+        pos = bisect_left(dec, r.rid, lo=prev, key=_RID)
+        k = min(pos - prev, room, slots)
+        if k > 0:
+            n += k
+            room -= k
+            slots -= k
+        if room and slots:
+            left = r.prefill_left
+            c = min(left, max_chunk, room)
+            chunks.append((r, c))
+            room -= c
+            slots -= 1
+        prev = pos
+    k = min(len(dec) - prev, room, slots)
+    if k > 0:
+        n += k
+        room -= k
+        slots -= k
+    running = started + len(dec)
+    for r in islice(pre, started, None):
+        if room == 0 or slots == 0 or running >= limit:
+            break
+        c = min(r.prefill_left, max_chunk, room)
+        chunks.append((r, c))
+        room -= c
+        slots -= 1
+        running += 1
+    return n
+
+
+def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs: list[int], horizon: float,
+             admitted: list[Request], ends, tokens, detail: list | None,
+             progress: Callable[[float, int], None] | None, more: Chunks | None = None) -> tuple[float, int]:
+    """The reference loop of :func:`~llmqueue.simulator.simulate` on the fast path.
+
+    Appends to ``admitted``, ``ends`` and ``tokens`` (and ``detail``) exactly what the reference
+    loop would; returns (final time, arrivals admitted).  At the end the engine's state, counters
+    and rejected list are what reference stepping would have left.  ``more`` (streaming runs)
+    is called when the arrivals run out and returns the next (arrivals, prompts, outputs) lists and
+    the horizon (which may become known only with the last chunk), or None; it may consume and
+    clear ``admitted``, ``ends`` and ``tokens`` in place.
+    """
+    policy = FAST_POLICIES[type(engine.scheduler)]
+    settings = engine.scheduler.settings
+    split = settings.get("split_prompts", True)
+    max_chunk = settings.get("long_prefill_token_threshold", 0) or _NO_CAP
+    limit = settings.get("max_num_seqs", _NO_CAP)
+    budget = engine.token_budget
+    kmax = engine.max_batch_requests
+    cap = kmax if kmax is not None else _NO_CAP
+    most = min(budget, cap)  # decode tokens a decode-first batch can hold
+    durations = engine.batch_time.table(budget)
+    splits_prompts = engine.scheduler.splits_prompts
+    rejected = engine.rejected
+
+    state = engine.state
+    pre: deque[Request] = state.prefilling
+    dec: list[Request] = state.decoding
+    total_prefill = state.total_prefill_left
+    in_engine = engine.num_in_engine
+    violations = engine.violations
+    # Lazy decode counts.  dec[:head] are "head" decoders: decode_left holds the round at which
+    # each finishes (> rounds).  dec[head:] are "tail" decoders: decode_left holds -(tokens left).
+    # A batch that decodes dec[:n] first moves the boundary to n (converting only the decoders
+    # between the old and the new boundary), then advances ``rounds`` by one.
+    rounds = 0
+    head = 0
+    for r in dec:
+        r.decode_left = -r.decode_left
+    calendar: dict[int, list[Request]] = {}  # finishing round -> head decoders (stale ones skipped)
+    pending: list[int] = []                  # heap of the calendar's rounds
+    heappush, heappop = heapq.heappush, heapq.heappop
+    ends_append, tokens_append = ends.append, tokens.append
+
+    n_arr = len(arrivals)
+    now, i, base = 0.0, 0, 0
+    next_report = 0
+    while True:
+        # Admit every arrival up to this batch boundary (Engine.admit).
+        while True:
+            while i < n_arr and arrivals[i] <= now:
+                r = Request(base + i, arrivals[i], prompts[i], outputs[i])
+                admitted.append(r)
+                i += 1
+                if r.num_prompt_tokens > budget and not splits_prompts:
+                    rejected.append(r)
+                    continue
+                pre.append(r)
+                total_prefill += r.num_prompt_tokens
+                in_engine += 1
+            if i < n_arr or more is None:
+                break
+            chunk = more()  # streaming: the next arrivals
+            if chunk is None:
+                more = None
+                break
+            base += n_arr
+            arrivals, prompts, outputs, horizon = chunk
+            n_arr, i = len(arrivals), 0
+        if not in_engine:
+            if i >= n_arr or arrivals[i] > horizon:
+                break
+            now = arrivals[i]
+            continue
+        if now >= horizon:
+            break
+
+        # The plan, as counts: the n leading decoders get a token, plus prefill chunks.
+        num_dec = len(dec)
+        chunks: list[tuple[Request, int]] = []
+        prefill_tokens = 0
+        if policy == SARATHI:
+            n = num_dec if num_dec < most else most  # noqa: FURB136  perf: no call per batch
+            if pre:
+                prefill_tokens = budget - n - _fcfs_prefills(pre, budget - n, cap - n, True, chunks)
+        elif policy == ORCA:
+            room = _fcfs_prefills(pre, budget, cap, True, chunks) if pre else budget
+            prefill_tokens = budget - room
+            n = min(num_dec, room, cap - len(chunks))
+        elif policy == VLLM:
+            if pre:
+                n = 0
+                prefill_tokens = budget - _fcfs_prefills(pre, budget, cap, split, chunks)
+            else:
+                n = num_dec if num_dec < most else most  # noqa: FURB136  perf: no call per batch
+        elif policy == FASTERTRANSFORMER:
+            if num_dec:
+                n = num_dec if num_dec < most else most  # noqa: FURB136  perf: no call per batch
+            else:
+                n = 0
+                prefill_tokens = budget - _fcfs_prefills(pre, budget, cap, split, chunks)
+        else:
+            n = _vllm_v1(pre, dec, budget, cap, max_chunk, limit, chunks)
+            prefill_tokens = sum(c for _, c in chunks)
+        num_tokens = n + prefill_tokens
+        demand = total_prefill + num_dec
+        if num_tokens < 1 or num_tokens > budget:
+            raise InternalError(f"{engine.scheduler!r} planned {num_tokens} tokens with demand {demand}")
+        cap_active = kmax is not None and in_engine > kmax
+        if cap_active:
+            shares = heapq.nlargest(kmax, (r.prefill_left for r in pre))
+            bound = min(budget, sum(shares) + min(kmax - len(shares), num_dec))
+        else:
+            bound = budget if demand > budget else demand  # noqa: FURB136  perf: once per batch
+        duration = durations[num_tokens]
+
+        # Decoders joining the head (dec[:n] must be head before a round).
+        if n > head:
+            for r in dec[head:n]:
+                key = rounds - r.decode_left
+                r.decode_left = key
+                bucket = calendar.get(key)
+                if bucket is None:
+                    calendar[key] = [r]
+                    heappush(pending, key)
+                else:
+                    bucket.append(r)
+            head = n
+
+        # A quiet stretch: how many batches from this one on are identical and finish nothing.
+        if detail is None and (not cap_active or not pre):
+            quiet = _NO_CAP
+            for r, c in chunks:
+                q = (r.prefill_left - 1) // c
+                if q < quiet:  # perf: the usual case (a chunk completes) stops at once
+                    quiet = q
+                    if q < 2:
+                        break
+            if quiet >= 2 and n:
+                if n < head:
+                    for r in dec[n:head]:
+                        r.decode_left = rounds - r.decode_left
+                    head = n
+                while pending:  # the next round at which a head decoder finishes (skip stale ones)
+                    key = pending[0]
+                    if key > rounds and any(r.decode_left == key for r in calendar[key]):
+                        break
+                    calendar.pop(heappop(pending), None)
+                q = pending[0] - rounds - 1
+                quiet = min(quiet, q)
+            if quiet >= 2:
+                lim = arrivals[i] if i < n_arr else _INF
+                lim = min(lim, horizon)
+                if quiet <= _NUMPY_STRETCH:
+                    m, s = 0, now
+                    while m < quiet and s < lim:
+                        s += duration
+                        ends_append(s)
+                        m += 1
+                    tokens.extend([num_tokens] * m)
+                else:
+                    m, s = _stretch(now, duration, quiet, lim, ends)
+                    tokens.extend(np.full(m, num_tokens, dtype=np.int64).tolist())
+                # Violations: the bound falls with demand (prefill tokens served); decoders stay.
+                if prefill_tokens and not cap_active:
+                    violations += m - _bound_hits(num_tokens, budget, demand, prefill_tokens, m)
+                elif num_tokens != bound:
+                    violations += m
+                if n:
+                    rounds += m
+                for r, c in chunks:
+                    r.prefill_left -= m * c
+                total_prefill -= m * prefill_tokens
+                now = s
+                if progress is not None and len(ends) >= next_report:
+                    progress(now, base + i)
+                    next_report = len(ends) + 2000
+                continue
+
+        # One batch.
+        if num_tokens != bound:
+            violations += 1
+        end = now + duration
+        if detail is not None:
+            detail.append((now, end, prefill_tokens, n, len(chunks) + n, demand, bound))
+        if n:
+            if n < head and n <= head - n:
+                # perf: a short prefix gets its token by moving each one's round one earlier,
+                # instead of moving the long rest to the tail and back.
+                finished = []
+                for r in dec[:n]:
+                    key = r.decode_left - 1
+                    r.decode_left = key
+                    if key == rounds:
+                        finished.append(r)
+                        continue
+                    bucket = calendar.get(key)
+                    if bucket is None:
+                        calendar[key] = [r]
+                        heappush(pending, key)
+                    else:
+                        bucket.append(r)
+            else:
+                if n < head:
+                    for r in dec[n:head]:
+                        r.decode_left = rounds - r.decode_left
+                    head = n
+                rounds += 1
+                finished = calendar.pop(rounds, ())
+                while pending and pending[0] <= rounds:
+                    calendar.pop(heappop(pending), None)
+            for r in finished:
+                if r.decode_left != rounds:
+                    continue  # a stale calendar entry
+                r.decode_left = 0
+                r.finish_time = end
+                j = bisect_left(dec, r.rid, hi=head, key=_RID)
+                if j == head or dec[j] is not r:
+                    raise InternalError(f"finished request {r.rid} was not decoding")
+                del dec[j]
+                head -= 1
+                in_engine -= 1
+        if chunks:
+            total_prefill -= prefill_tokens
+            done = 0
+            for r, c in chunks:
+                left = r.prefill_left - c
+                r.prefill_left = left
+                if left == 0:
+                    done += 1
+                    r.first_token_time = end
+                    left = r.decode_left
+                    if left == 0:
+                        r.finish_time = end
+                        in_engine -= 1
+                        continue
+                    if dec and dec[-1].rid > r.rid:
+                        j = bisect_left(dec, r.rid, key=_RID)
+                        dec.insert(j, r)
+                    else:
+                        j = len(dec)
+                        dec.append(r)
+                    if j < head:  # joins the head: it finishes `left` rounds from now
+                        head += 1
+                        key = rounds + left
+                        r.decode_left = key
+                        bucket = calendar.get(key)
+                        if bucket is None:
+                            calendar[key] = [r]
+                            heappush(pending, key)
+                        else:
+                            bucket.append(r)
+                    else:
+                        r.decode_left = -left
+            if done:
+                popped = 0
+                while pre and pre[0].prefill_left == 0:
+                    pre.popleft()
+                    popped += 1
+                if popped != done:
+                    pre = deque(r for r in pre if r.prefill_left)
+        now = end
+        ends_append(end)
+        tokens_append(num_tokens)
+        if progress is not None and len(ends) >= next_report:
+            progress(now, base + i)
+            next_report = len(ends) + 2000
+
+    # Leave the engine as reference stepping would: true decode counts, same queues and counters.
+    for j, r in enumerate(dec):
+        r.decode_left = r.decode_left - rounds if j < head else -r.decode_left
+    state.prefilling = pre
+    state.total_prefill_left = total_prefill
+    engine.num_in_engine = in_engine
+    engine.violations = violations
+    return now, base + i
+
+
+def _stretch(now: float, duration: float, quiet: int, lim: float, ends) -> tuple[int, float]:
+    """Up to ``quiet`` batches of ``duration`` from ``now``, each starting before ``lim``: append
+    their end times (sequential float additions, as the reference) and return (count, last end)."""
+    m, s = 0, now
+    while m < quiet and s < lim:
+        want = quiet - m
+        if lim != _INF:  # perf: only compute the ends that can start before lim (plus a margin)
+            want = min(want, int((lim - s) / duration) + 2)
+        seq = np.cumsum(np.concatenate(([s], np.full(want, duration))))
+        run = int(np.searchsorted(seq[:want], lim, side="left"))  # starts seq[0..want-1] before lim
+        ends.extend(seq[1:run + 1].tolist())
+        m += run
+        s = float(seq[run])
+        if run < want:
+            break
+    return m, s
+
+
+def _bound_hits(num_tokens: int, budget: int, demand: int, served: int, m: int) -> int:
+    """How many j in [0, m) have num_tokens == min(budget, demand - j * served) (served > 0)."""
+    if num_tokens == budget:  # demand - j * served >= budget
+        return min(m, (demand - budget) // served + 1) if demand >= budget else 0
+    gap = demand - num_tokens
+    return int(gap >= 0 and gap % served == 0 and gap // served < m)

@@ -1,0 +1,144 @@
+"""Metrics of a network run: per engine, per class, and the network verdict (PAPER.md §6–7).
+
+* per engine: the single-engine summary (:func:`llmqueue.metrics.summarize`) of its
+  sub-requests and batches — utilisation, backlog trend and verdict, batch mix, TTFT,
+  work-conservation violations — against the load the traffic equations offer it;
+* per class: jobs arrived, completed and rejected, throughput, job end-to-end latency (entry
+  to final exit, joins and tool delays included), per-hop visits and TTFT, tokens per job
+  (realised against the traffic equations' expectation);
+* the network verdict: the network's backlog (unprocessed tokens of every job in it, later
+  hops included: :meth:`~llmqueue.network.sim.NetworkResult.total_result`) judged by the same statistical test as one engine (:func:`llmqueue.metrics.backlog_trend`),
+  with the tolerance a fraction of the bottleneck's capacity; peak backlog and how the peaks
+  grow (the largest backlog in the last quarter of the run over that in the second quarter).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmqueue.analysis import analyze
+from llmqueue.metrics import (
+    backlog,
+    backlog_trend,
+    in_system,
+    latency_stats,
+    summarize,
+    verdict,
+)
+from llmqueue.network.sim import NetworkResult
+
+_GRID = 600
+
+
+def engine_summaries(result: NetworkResult) -> list[dict]:
+    net, a = result.network, result.analysis
+    out = []
+    for j, spec in enumerate(net.engines):
+        load = result.analysis.classes
+        visit_rate = sum(rate * a.visits_per_job[k, j] for k, rate in enumerate(a.rates))
+        prompt_rate = sum(rate * load[k].prompt_tokens[h.index] for k, rate in enumerate(a.rates)
+                          for h in net.classes[k].hops if h.engine == j)
+        offered = float(a.offered_tokens_per_s[j])
+        if visit_rate > 0:
+            m_p, m_d = prompt_rate / visit_rate, (offered - prompt_rate) / visit_rate
+        else:
+            m_p, m_d = 1.0, 0.0
+        single = analyze(spec.batch_time, spec.token_budget, visit_rate, m_p, m_d, spec.max_batch_requests)
+        engine = result.engines[j]
+        r = result.engine_result(j)
+        s = summarize(r, single, work_conserving=engine.scheduler.work_conserving,
+                      tolerance=net.verdict_tolerance)
+        b = r.batches
+        started = b["start_time"] < result.end_time
+        busy = float((np.minimum(b["end_time"][started], result.end_time) - b["start_time"][started]).sum())
+        s.update({
+            "engine": spec.name, "policy": spec.policy, "predicted": a.prediction(),
+            "busy_fraction": busy / result.end_time if result.end_time > 0 else 0.0,
+            "token_utilisation": s["token_throughput"] / single.capacity_tokens_per_s,
+            "mean_prefill_tokens": float(b["num_prefill_tokens"].mean()) if len(b["end_time"]) else 0.0,
+            "mean_decode_tokens": float(b["num_decode_tokens"].mean()) if len(b["end_time"]) else 0.0,
+            "peak_backlog_tokens": int(backlog(r, np.linspace(0, result.end_time, _GRID)).max()),
+        })
+        out.append(s)
+    return out
+
+
+def class_summaries(result: NetworkResult) -> list[dict]:
+    net, a = result.network, result.analysis
+    T = result.end_time
+    out = []
+    for k, cls in enumerate(net.classes):
+        mine = result.job_class == k
+        entry, exit_ = result.job_entry_time[mine], result.job_exit_time[mine]
+        done = exit_ <= T
+        hops = []
+        for h in cls.hops:
+            if not h.is_engine:
+                continue
+            m = (result.sub_class == k) & (result.sub_hop == h.index)
+            arrived = m & (result.arrival_time <= T)
+            started = m & (result.first_token_time <= T)
+            finished = m & (result.finish_time <= T)
+            hops.append({
+                "hop": h.id, "engine": net.engines[h.engine].name, "visits": int(arrived.sum()),
+                "expected_visits_per_job": float(a.classes[k].visits[h.index]),
+                "ttft_s": latency_stats(result.first_token_time[started] - result.arrival_time[started]),
+                "hop_latency_s": latency_stats(result.finish_time[finished] - result.arrival_time[finished]),
+            })
+        n_done = int(done.sum())
+        out.append({
+            "class": cls.name, "rate_jps": a.rates[k], "arrived": int((entry <= T).sum()), "completed": n_done,
+            "rejected": int(result.job_rejected[mine].sum()),
+            "throughput_jps": n_done / T if T > 0 else 0.0,
+            "e2e_s": latency_stats(exit_[done] - entry[done]),
+            "tokens_per_job": float(result.job_tokens[mine].mean()) if mine.any() else None,
+            "expected_tokens_per_job": float(a.tokens_per_job[k].sum()),
+            "expected_delay_s_per_job": a.classes[k].delay_s,
+            "hops": hops,
+        })
+    return out
+
+
+def network_timeseries(result: NetworkResult, points: int = _GRID) -> dict[str, np.ndarray]:
+    """Backlog (tokens) per engine and of the whole network, and jobs in it, on an even grid over [0, T]."""
+    t = np.linspace(0.0, result.end_time, points)
+    series = {"time_s": t}
+    for j, spec in enumerate(result.network.engines):
+        series[f"{spec.name}_backlog_tokens"] = backlog(result.engine_result(j), t)
+    series["total_backlog_tokens"] = backlog(result.total_result(), t)
+    series["jobs_in_network"] = in_system(result.total_result(), t)
+    return series
+
+
+def summarize_network(result: NetworkResult) -> dict:
+    """The run's summary as a JSON-able dict (keys in docs/network.md)."""
+    net, a = result.network, result.analysis
+    T = result.end_time
+    total = result.total_result()
+    trend = backlog_trend(total)
+    bottleneck = a.engines.index(a.bottleneck)
+    tol = net.verdict_tolerance * float(a.capacity_tokens_per_s[bottleneck])
+    arrived = int((result.job_entry_time <= T).sum())
+    name, reason = verdict(trend, tol, arrived)
+    grid = np.linspace(0.0, T, _GRID)
+    b = backlog(total, grid)
+    q = _GRID // 4
+    second, last = b[q:2 * q].max(initial=0), b[3 * q:].max(initial=0)
+    return {
+        "horizon_s": T,
+        "seed": net.seed,
+        "network": {
+            "verdict": name, "verdict_reason": reason, "predicted": a.prediction(),
+            "backlog_slope_tokens_per_s": trend.slope if trend else None,
+            "backlog_slope_ci": [trend.ci_low, trend.ci_high] if trend else None,
+            "peak_backlog_tokens": int(b.max(initial=0)), "final_backlog_tokens": int(b[-1]) if len(b) else 0,
+            "peak_growth": float(last / second) if second > 0 else None,
+            "jobs_arrived": arrived, "jobs_completed": int((result.job_exit_time <= T).sum()),
+            "max_rho": a.max_rho, "max_scaling": a.max_scaling, "bottleneck": a.bottleneck, "cyclic": a.cyclic,
+            "work_conserving_violations": int(sum(e.violations for e in result.engines)),
+        },
+        "engines": engine_summaries(result),
+        "classes": class_summaries(result),
+        "analysis": a.to_dict(),
+        "wall_s": result.wall_s,
+    }

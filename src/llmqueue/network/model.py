@@ -1,0 +1,453 @@
+"""The network's schema: engines, delay stations, classes and their routes (PAPER.md §6, paper §5).
+
+A network config is TOML with ``[[engines]]``, ``[[delays]]``, ``[[classes]]`` (each class
+with its ``[[classes.hops]]``), an optional ``[network]`` table and ``[run]``; docs/network.md
+has every key with complete examples.  :func:`parse_network` validates it all — stations,
+length laws, arrival processes and the route structure (:mod:`llmqueue.network.routes`) —
+so that a bad config stops with one clear :class:`~llmqueue.errors.ConfigError` before any
+simulation starts.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from llmqueue.batch_time import PAPER_STAIRCASE, BatchTime, make_batch_time
+from llmqueue.checks import boolean, integer, number
+from llmqueue.config import parse_override, parse_toml, set_dotted
+from llmqueue.errors import ConfigError
+from llmqueue.schedulers import SCHEDULERS
+from llmqueue.workload import ArrivalProcess, LengthDist, make_arrivals, make_length
+
+FCFS, PRIORITY, MAX_PRESSURE = "fcfs", "priority", "max-pressure"
+POLICIES = (FCFS, PRIORITY, MAX_PRESSURE)
+EXIT = -1            # route target: the job leaves the network
+ENGINE_KEYS = {"name", "scheduler", "token_budget", "max_batch_requests", "batch_time", "policy", "class_priority"}
+CLASS_KEYS = {"name", "arrival", "rate", "cv", "add_previous_output", "hops"}
+HOP_KEYS = {"id", "engine", "delay", "prompt", "output", "next", "p", "fork", "join", "loop", "rounds",
+            "continue_p", "max_rounds", "add_previous_output"}
+RUN_KEYS = {"horizon_s", "seed", "drain", "verdict_tolerance"}
+NETWORK_KEYS = {"load"}
+TOP_KEYS = {"network", "engines", "delays", "classes", "run"}
+MAX_ROUNDS = 10_000
+
+
+# ---- delay-time laws (seconds) -----------------------------------------------------------
+
+class DelayTime:
+    """Law of a delay-station time in seconds: fixed, exponential, uniform or lognormal."""
+
+    LAWS: ClassVar[dict[str, tuple[str, ...]]] = {"fixed": ("value_s",), "exponential": ("mean_s",), "uniform": ("low_s", "high_s"),
+            "lognormal": ("mean_s", "sigma")}
+
+    def __init__(self, spec: Mapping[str, Any], field: str) -> None:
+        law = spec.get("dist")
+        if law not in self.LAWS:
+            raise ConfigError(f"{field}.dist", law, f"one of {', '.join(self.LAWS)}")
+        self.law = law
+        p = {}
+        for key in self.LAWS[law]:
+            if key not in spec:
+                raise ConfigError(f"{field}.{key}", None, f"required with dist = {law!r}")
+            p[key] = number(spec[key], f"{field}.{key}", above=0 if key in ("mean_s", "sigma") else None,
+                            at_least=None if key in ("mean_s", "sigma") else 0)
+        if law == "uniform" and p["high_s"] < p["low_s"]:
+            raise ConfigError(f"{field}.high_s", p["high_s"], f"a number >= low_s = {p['low_s']:g}")
+        self.params = p
+
+    @property
+    def mean(self) -> float:
+        p = self.params
+        return {"fixed": lambda: p["value_s"], "exponential": lambda: p["mean_s"],
+                "uniform": lambda: (p["low_s"] + p["high_s"]) / 2, "lognormal": lambda: p["mean_s"]}[self.law]()
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        p = self.params
+        if self.law == "fixed":
+            return np.full(n, p["value_s"])
+        if self.law == "exponential":
+            return rng.exponential(p["mean_s"], n)
+        if self.law == "uniform":
+            return rng.uniform(p["low_s"], p["high_s"], n)
+        mu = math.log(p["mean_s"]) - p["sigma"] ** 2 / 2  # E = exp(mu + sigma^2 / 2) = mean_s
+        return rng.lognormal(mu, p["sigma"], n)
+
+    def to_dict(self) -> dict:
+        return {"dist": self.law, **self.params}
+
+
+# ---- the validated model -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    scheduler: str
+    options: dict
+    token_budget: int
+    max_batch_requests: int | None
+    batch_time: BatchTime
+    policy: str
+    class_priority: tuple[int, ...]      # class indices, highest priority first
+
+
+@dataclass(frozen=True)
+class DelaySpec:
+    name: str
+    time: DelayTime
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One step of a route: a visit to an engine (``engine`` >= 0) or to a delay station."""
+
+    index: int
+    id: str
+    engine: int | None                    # engine index, or None for a delay hop
+    delay: int | None                     # delay-station index
+    prompt: LengthDist | None
+    output: LengthDist | None
+    grow: bool                            # add the previous LLM output to this prompt
+    targets: tuple[int, ...]              # next hops (EXIT = leave), chosen with probs
+    probs: tuple[float, ...]
+    fork: tuple[int, ...]                 # parallel branches instead of targets (empty: none)
+    join: bool                            # wait here for every branch of the innermost fork
+    loop: int | None                      # go back to this hop for another round ...
+    rounds: int | None                    # ... until `rounds` rounds are done, or
+    continue_p: float | None              # ... with probability continue_p each round,
+    max_rounds: int | None                # ... at most max_rounds rounds
+
+    @property
+    def is_engine(self) -> bool:
+        return self.engine is not None
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    name: str
+    arrivals: ArrivalProcess               # at the given rate (before any [network].load scaling)
+    hops: tuple[Hop, ...]
+    field: str                             # "classes[k]" for messages
+
+
+@dataclass
+class Network:
+    engines: tuple[EngineSpec, ...]
+    delays: tuple[DelaySpec, ...]
+    classes: tuple[ClassSpec, ...]
+    routes: tuple = ()                     # routes.Route per class (filled by parse_network)
+    rates: tuple[float, ...] = ()          # λ_k in jobs/s after [network].load scaling
+    load: float | None = None
+    horizon_s: float = 1200.0
+    seed: int = 0
+    drain: bool = False
+    verdict_tolerance: float = 0.01
+    data: dict = field(default_factory=dict)   # the resolved TOML
+
+    def engine_index(self, name: str) -> int:
+        return [e.name for e in self.engines].index(name)
+
+
+# ---- parsing -----------------------------------------------------------------------------
+
+def is_network_data(data: Mapping[str, Any]) -> bool:
+    """A config is a network config when it has ``[[engines]]``."""
+    return "engines" in data
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}", table[key], f"a known key: {', '.join(sorted(allowed))}")
+
+
+def _tables(data: Mapping[str, Any], key: str, required: bool) -> list[dict]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(key, value, f"an array of tables ([[{key}]])")
+    if required and not value:
+        raise ConfigError(key, None, f"at least one [[{key}]] table")
+    return [dict(t) for t in value]
+
+
+def _name(table: Mapping[str, Any], where: str, taken: dict[str, str]) -> str:
+    name = table.get("name")
+    if not isinstance(name, str) or not name or name == "exit":
+        raise ConfigError(f"{where}.name", name, "a non-empty string other than 'exit'")
+    if name in taken:
+        raise ConfigError(f"{where}.name", name, f"a name not already used (by {taken[name]})")
+    taken[name] = where
+    return name
+
+
+def parse_network(data: Mapping[str, Any], base_dir: Path | None = None) -> Network:
+    """Validate a network config mapping into a :class:`Network` (routes checked, rates scaled)."""
+    from llmqueue.network.analysis import analyze_network
+    from llmqueue.network.routes import Route
+
+    _check_keys(data, TOP_KEYS, "config")
+    taken: dict[str, str] = {}
+    raw_engines = _tables(data, "engines", required=True)
+    raw_delays = _tables(data, "delays", required=False)
+    raw_classes = _tables(data, "classes", required=True)
+    engine_names = [_name(t, f"engines[{i}]", taken) for i, t in enumerate(raw_engines)]
+    delay_names = [_name(t, f"delays[{i}]", taken) for i, t in enumerate(raw_delays)]
+    class_taken: dict[str, str] = {}
+    class_names = [_name(t, f"classes[{i}]", class_taken) for i, t in enumerate(raw_classes)]
+
+    engines = tuple(_engine(t, f"engines[{i}]", class_names) for i, t in enumerate(raw_engines))
+    delays = []
+    for i, t in enumerate(raw_delays):
+        where = f"delays[{i}]"
+        _check_keys(t, {"name", *{k for keys in DelayTime.LAWS.values() for k in keys}, "dist"}, where)
+        delays.append(DelaySpec(t["name"], DelayTime({k: v for k, v in t.items() if k != "name"}, where)))
+    classes = tuple(_class(t, f"classes[{i}]", engine_names, delay_names, base_dir)
+                    for i, t in enumerate(raw_classes))
+
+    net_table = data.get("network", {})
+    if not isinstance(net_table, dict):
+        raise ConfigError("network", net_table, "a table")
+    _check_keys(net_table, NETWORK_KEYS, "network")
+    load = number(net_table["load"], "network.load", above=0) if "load" in net_table else None
+    run = data.get("run", {})
+    if not isinstance(run, dict):
+        raise ConfigError("run", run, "a table")
+    _check_keys(run, RUN_KEYS, "run")
+    net = Network(
+        engines=engines, delays=tuple(delays), classes=classes, load=load,
+        horizon_s=number(run.get("horizon_s", 1200.0), "run.horizon_s", above=0),
+        seed=integer(run.get("seed", 0), "run.seed", 0),
+        drain=boolean(run.get("drain", False), "run.drain"),
+        verdict_tolerance=number(run.get("verdict_tolerance", 0.01), "run.verdict_tolerance", above=0),
+        data=dict(data),
+    )
+    net.routes = tuple(Route(c, net) for c in classes)
+    net.rates = tuple(c.arrivals.rate for c in classes)
+    if load is not None:  # the class rates are relative: scale them so the bottleneck's ρ = load
+        rho_max = max(analyze_network(net).rho)
+        if rho_max <= 0:
+            raise ConfigError("network.load", load, "omitted: no class brings any tokens to an engine")
+        net.rates = tuple(r * load / rho_max for r in net.rates)
+    return net
+
+
+def _engine(t: dict, where: str, class_names: list[str]) -> EngineSpec:
+    name = t.get("scheduler", "sarathi")
+    if name not in SCHEDULERS:
+        raise ConfigError(f"{where}.scheduler", name, f"one of {', '.join(SCHEDULERS)}")
+    options = {k: v for k, v in t.items() if k not in ENGINE_KEYS}
+    _check_keys(options, set(SCHEDULERS[name].options), where)
+    try:
+        SCHEDULERS[name](**options)
+    except ConfigError as exc:  # re-word "engine.X" as "engines[i].X"
+        raise ConfigError(exc.field.replace("engine.", f"{where}.", 1), exc.value, exc.allowed) from None
+    budget = integer(t.get("token_budget", 512), f"{where}.token_budget", 1,
+                     what="a batch must fit at least one decode token")
+    cap = t.get("max_batch_requests")
+    cap = None if cap is None else integer(cap, f"{where}.max_batch_requests", 1)
+    spec = t.get("batch_time", dict(PAPER_STAIRCASE))
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}.batch_time", spec, "a table with a model and its parameters")
+    batch_time = make_batch_time(spec, f"{where}.batch_time")
+    batch_time.table(budget)
+    policy = t.get("policy", FCFS)
+    if policy not in POLICIES:
+        raise ConfigError(f"{where}.policy", policy, f"one of {', '.join(POLICIES)}")
+    order = t.get("class_priority")
+    if policy == PRIORITY:
+        if not isinstance(order, list) or not order or len(set(map(str, order))) != len(order):
+            raise ConfigError(f"{where}.class_priority", order,
+                              "a non-empty list of distinct class names, highest priority first "
+                              "(required with policy = \"priority\")")
+        for c in order:
+            if c not in class_names:
+                raise ConfigError(f"{where}.class_priority", c, f"a class name: {', '.join(class_names)}")
+        ranks = tuple(class_names.index(c) for c in order)
+    else:  # kept (unused) so that --set engines.X.policy=fcfs works on a priority config
+        ranks = ()
+    return EngineSpec(t["name"], name, options, budget, cap, batch_time, policy, ranks)
+
+
+def _class(t: dict, where: str, engine_names: list[str], delay_names: list[str],
+           base_dir: Path | None) -> ClassSpec:
+    _check_keys(t, CLASS_KEYS, where)
+    spec = {"arrival": t.get("arrival", "poisson"), "rate": t.get("rate")}
+    if "cv" in t:
+        spec["cv"] = t["cv"]
+    if spec["rate"] is None:
+        raise ConfigError(f"{where}.rate", None, "jobs/s (relative weights when [network] load is given)")
+    arrivals = make_arrivals(spec, field=where)
+    grow_default = boolean(t.get("add_previous_output", False), f"{where}.add_previous_output")
+    raw_hops = t.get("hops")
+    if not isinstance(raw_hops, list) or not raw_hops or not all(isinstance(h, dict) for h in raw_hops):
+        raise ConfigError(f"{where}.hops", raw_hops, "at least one [[classes.hops]] table")
+    ids: dict[str, int] = {}
+    for i, h in enumerate(raw_hops):
+        hid = h.get("id", f"hop{i}")
+        if not isinstance(hid, str) or not hid or hid == "exit" or hid in ids:
+            raise ConfigError(f"{where}.hops[{i}].id", hid, "a string unique within the class, other than 'exit'")
+        ids[hid] = i
+    hops = tuple(_hop(h, i, f"{where}.hops[{i}]", ids, len(raw_hops), engine_names, delay_names, grow_default,
+                      base_dir) for i, h in enumerate(raw_hops))
+    return ClassSpec(t["name"], arrivals, hops, where)
+
+
+def _target(value: Any, field: str, ids: dict[str, int]) -> int:
+    if value == "exit":
+        return EXIT
+    if not isinstance(value, str) or value not in ids:
+        raise ConfigError(field, value, f"a hop id of this class ({', '.join(ids)}) or 'exit'")
+    return ids[value]
+
+
+def _hop(h: dict, i: int, where: str, ids: dict[str, int], n: int, engine_names: list[str],
+         delay_names: list[str], grow_default: bool, base_dir: Path | None) -> Hop:
+    _check_keys(h, HOP_KEYS, where)
+    if ("engine" in h) == ("delay" in h):
+        raise ConfigError(f"{where}.engine", h.get("engine"), "exactly one of engine = NAME or delay = NAME per hop")
+    engine = delay = None
+    prompt = output = None
+    if "engine" in h:
+        if h["engine"] not in engine_names:
+            raise ConfigError(f"{where}.engine", h["engine"], f"an engine name: {', '.join(engine_names)}")
+        engine = engine_names.index(h["engine"])
+        for key in ("prompt", "output"):
+            if key not in h:
+                raise ConfigError(f"{where}.{key}", None, "a length distribution table, e.g. {dist = \"poisson\", mean = 32}")
+        prompt = make_length(h["prompt"], field=f"{where}.prompt", minimum=1, base_dir=base_dir)
+        output = make_length(h["output"], field=f"{where}.output", minimum=0, base_dir=base_dir)
+    else:
+        if h["delay"] not in delay_names:
+            allowed = ", ".join(delay_names) or "none defined: add a [[delays]] table"
+            raise ConfigError(f"{where}.delay", h["delay"], f"a delay-station name ({allowed})")
+        delay = delay_names.index(h["delay"])
+        for key in ("prompt", "output", "add_previous_output"):
+            if key in h:
+                raise ConfigError(f"{where}.{key}", h[key], "omitted on a delay hop (it processes no tokens)")
+    grow = boolean(h.get("add_previous_output", grow_default), f"{where}.add_previous_output")
+    fork: tuple[int, ...] = ()
+    if "fork" in h:
+        if "next" in h or "p" in h:
+            raise ConfigError(f"{where}.fork", h["fork"], "omitted when next/p are given (a hop forks or moves on)")
+        if not isinstance(h["fork"], list) or len(h["fork"]) < 2:
+            raise ConfigError(f"{where}.fork", h["fork"], "a list of at least 2 hop ids (the parallel branches)")
+        fork = tuple(_target(x, f"{where}.fork", ids) for x in h["fork"])
+        if EXIT in fork:
+            raise ConfigError(f"{where}.fork", "exit", "hop ids of this class (a branch cannot leave before its join)")
+        targets, probs = (), ()
+    else:
+        nxt = h.get("next", "exit" if i == n - 1 else next(k for k, v in ids.items() if v == i + 1))
+        if isinstance(nxt, list):
+            if not nxt:
+                raise ConfigError(f"{where}.next", nxt, "a hop id, 'exit', or a non-empty list of them with p")
+            targets = tuple(_target(x, f"{where}.next", ids) for x in nxt)
+            if "p" not in h:
+                raise ConfigError(f"{where}.p", None, f"a list of {len(targets)} probabilities (next is a list)")
+            p = h["p"]
+            if not isinstance(p, list) or len(p) != len(targets):
+                raise ConfigError(f"{where}.p", p, f"a list of {len(targets)} probabilities, one per next hop")
+            probs = tuple(number(x, f"{where}.p", at_least=0, at_most=1) for x in p)
+            if abs(sum(probs) - 1) > 1e-9:
+                raise ConfigError(f"{where}.p", p, "probabilities that sum to 1")
+        else:
+            if "p" in h:
+                raise ConfigError(f"{where}.p", h["p"], "omitted unless next is a list")
+            targets, probs = (_target(nxt, f"{where}.next", ids),), (1.0,)
+    join = boolean(h.get("join", False), f"{where}.join")
+    loop = rounds = continue_p = max_rounds = None
+    if "loop" in h:
+        loop = _target(h["loop"], f"{where}.loop", ids)
+        if loop == EXIT:
+            raise ConfigError(f"{where}.loop", "exit", "a hop id of this class (where the next round starts)")
+        if ("rounds" in h) == ("continue_p" in h):
+            raise ConfigError(f"{where}.rounds", h.get("rounds"),
+                              "exactly one of rounds (a fixed number) or continue_p (geometric) with loop")
+        if "rounds" in h:
+            rounds = integer(h["rounds"], f"{where}.rounds", 1, what=f"at most {MAX_ROUNDS}")
+            if rounds > MAX_ROUNDS:
+                raise ConfigError(f"{where}.rounds", rounds, f"an integer between 1 and {MAX_ROUNDS}")
+        else:
+            continue_p = number(h["continue_p"], f"{where}.continue_p", at_least=0)
+            if continue_p >= 1:
+                raise ConfigError(f"{where}.continue_p", h["continue_p"],
+                                  "a probability < 1 (with 1 the loop never ends: a cycle without an exit)")
+            if "max_rounds" in h:
+                max_rounds = integer(h["max_rounds"], f"{where}.max_rounds", 1)
+                if max_rounds > MAX_ROUNDS:
+                    raise ConfigError(f"{where}.max_rounds", max_rounds, f"an integer between 1 and {MAX_ROUNDS}")
+    else:
+        for key in ("rounds", "continue_p", "max_rounds"):
+            if key in h:
+                raise ConfigError(f"{where}.{key}", h[key], "only allowed with loop = HOP_ID")
+    if "max_rounds" in h and rounds is not None:
+        raise ConfigError(f"{where}.max_rounds", h["max_rounds"], "only allowed with continue_p")
+    return Hop(i, h.get("id", f"hop{i}"), engine, delay, prompt, output, grow, targets, probs, fork, join,
+               loop, rounds, continue_p, max_rounds)
+
+
+# ---- loading and overrides ---------------------------------------------------------------
+
+ARRAYS = ("engines", "delays", "classes")
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """``--set`` for networks: ``engines.S1.token_budget=1024``, ``classes.A.hops.h1.prompt.mean=64``,
+    ``network.load=0.95``, ``run.horizon_s=600`` (array entries addressed by name, id or index)."""
+    key, value = parse_override(item)
+    parts = key.split(".")
+    node: Any = data
+    i = 0
+    while i < len(parts) - 1 and parts[i] in (*ARRAYS, "hops") and isinstance(node.get(parts[i]), list):
+        entries, ref = node[parts[i]], parts[i + 1]
+        found = [t for t in entries if isinstance(t, dict) and (t.get("name") == ref or t.get("id") == ref)]
+        if not found and ref.isdigit() and int(ref) < len(entries):
+            found = [entries[int(ref)]]
+        if not found:
+            names = [str(t.get("name", t.get("id", j))) for j, t in enumerate(entries) if isinstance(t, dict)]
+            raise ConfigError("--set", item, f"{'.'.join(parts[:i + 1])}.NAME with NAME one of {', '.join(names)}")
+        node = found[0]
+        i += 2
+    if i >= len(parts):
+        raise ConfigError("--set", item, "a key inside the addressed table, e.g. engines.S1.token_budget=1024")
+    set_dotted(node, ".".join(parts[i:]), value)
+
+
+def read_network_data(source: str | Path) -> tuple[dict[str, Any], Path]:
+    """The TOML mapping of a file, or of a built-in scenario name when no such file exists."""
+    from llmqueue.scenarios import SCENARIOS, scenario_data
+
+    p = Path(source)
+    if not p.exists() and str(source) in SCENARIOS:
+        return scenario_data(str(source)), Path.cwd()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", str(p), "an existing TOML file or a scenario name") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", str(p), f"a readable UTF-8 TOML file ({exc.__class__.__name__})") from None
+    return parse_toml(text, str(p)), p.resolve().parent
+
+
+def is_network_source(source: str | Path | None) -> bool:
+    """True when ``source`` (a file or a scenario name) holds a network config ([[engines]])."""
+    if source is None:
+        return False
+    try:
+        data, _ = read_network_data(source)
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return False
+    return is_network_data(data)
+
+
+def load_network(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Network:
+    """Read, override (``--set``) and validate a network config."""
+    data, base_dir = read_network_data(source)
+    for item in overrides:
+        apply_override(data, item)
+    return parse_network(data, base_dir)

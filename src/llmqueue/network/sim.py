@@ -1,0 +1,334 @@
+"""The event loop of a network of engines and delay stations (PAPER.md §6, paper §5).
+
+Each engine is a single-engine :class:`~llmqueue.engine.Engine` used through its public API,
+with the same conventions as :func:`llmqueue.simulator.simulate`: batches run back to back,
+a request arriving during a batch waits for the next batch boundary, one arriving exactly at a
+boundary joins that batch's planning, an idle engine starts a batch at the next arrival.
+A delay station is an infinite server: each visit waits its own sampled time.
+
+The loop is a heap of plain tuples ``(time, seq, kind, payload)``; ``seq`` breaks ties in
+insertion order, so a run is deterministic.  All events at one time are handled before any idle
+engine starts a batch at that time.  Jobs are sampled whole up front
+(:meth:`~llmqueue.network.routes.Route.sample`), so every policy sees the same jobs.  A
+sub-request gets the next id of one counter when it is admitted to an engine, so ids follow
+the order of arrival at each engine (the FCFS order the schedulers use).
+
+Horizon: batches start only before ``horizon_s``; events up to it are handled (a batch
+running at the horizon still completes its tokens, as in the single-engine simulator).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time as _time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmqueue.engine import Engine
+from llmqueue.network.analysis import NetworkAnalysis, analyze_network
+from llmqueue.network.model import MAX_PRESSURE, PRIORITY, Network
+from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
+from llmqueue.network.routes import Segment
+from llmqueue.request import Request
+from llmqueue.schedulers import make_scheduler
+from llmqueue.simulator import BATCH_COLUMNS, Result
+
+ARRIVAL, BATCH_END, DELAY_END = 0, 1, 2
+Jobs = list[list[tuple[float, Segment, int]]]   # per class: (entry time, root segment, total tokens)
+
+
+class SubRequest(Request):
+    """A request for one hop of a job at one engine."""
+
+    __slots__ = ("buffer", "group", "hop", "job", "token")
+
+
+class Job:
+    __slots__ = ("cls", "entry_time", "exit_time", "index", "rejected", "total_tokens")
+
+    def __init__(self, index: int, cls: int, entry_time: float, total_tokens: int) -> None:
+        self.index = index
+        self.cls = cls
+        self.entry_time = entry_time
+        self.exit_time: float | None = None
+        self.total_tokens = total_tokens
+        self.rejected = False
+
+
+class _Token:
+    """Where one branch of a job is: its segment, the next visit, and the join it reports to."""
+
+    __slots__ = ("job", "join", "pos", "segment")
+
+    def __init__(self, job: Job, segment: Segment, join: _Join | None) -> None:
+        self.job, self.segment, self.pos, self.join = job, segment, 0, join
+
+
+class _Join:
+    __slots__ = ("parent", "remaining", "segment")
+
+    def __init__(self, remaining: int, segment: Segment, parent: _Join | None) -> None:
+        self.remaining, self.segment, self.parent = remaining, segment, parent
+
+
+def generate_jobs(net: Network, seed: int, horizon_s: float) -> Jobs:
+    """Every class's jobs arriving in (0, horizon_s], routes sampled (independent streams per class)."""
+    jobs: Jobs = []
+    for k, (cls, route) in enumerate(zip(net.classes, net.routes)):
+        seq = np.random.SeedSequence([int(seed), k])
+        arrival_seq, route_seq = seq.spawn(2)
+        process = type(cls.arrivals)(*(net.rates[k] if key == "rate" else getattr(cls.arrivals, key)
+                                       for key in cls.arrivals.keys), field=cls.field)
+        times = process.sample(np.random.default_rng(arrival_seq), horizon_s=horizon_s).tolist()
+        streams = route.streams(route_seq)
+        jobs.append([(t, *route.sample(streams)) for t in times])
+    return jobs
+
+
+def buffers_of(net: Network) -> dict[tuple[int, int], int]:
+    """Global buffer id of every (class, engine hop)."""
+    ids: dict[tuple[int, int], int] = {}
+    for k, cls in enumerate(net.classes):
+        for h in cls.hops:
+            if h.is_engine:
+                ids[(k, h.index)] = len(ids)
+    return ids
+
+
+def build_engines(net: Network, analysis: NetworkAnalysis, counts: list[int]) -> list[Engine]:
+    """One Engine per [[engines]] entry, its scheduler wrapped by the engine's policy."""
+    buffers = buffers_of(net)
+    engines = []
+    for j, spec in enumerate(net.engines):
+        scheduler = make_scheduler(spec.scheduler, **spec.options)
+        local = [(k, h) for (k, h) in buffers if net.classes[k].hops[h].engine == j]
+        if spec.policy == PRIORITY:
+            rank = {k: i for i, k in enumerate(spec.class_priority)}
+            n = len(spec.class_priority)
+            scheduler = ClassPriority(scheduler, {(k, h): rank.get(k, n) for k, h in local}, n + 1)
+        elif spec.policy == MAX_PRESSURE:
+            group_of = {kh: g for g, kh in enumerate(local)}
+            downstream, mean_tokens = [], []
+            for k, h in local:
+                load = analysis.classes[k]
+                downstream.append([(buffers[(k, t)], p) for t, p in load.succ.get(h, {}).items()])
+                visits = load.visits[h]
+                mean_tokens.append(load.tokens[h] / visits if visits > 0 else 1.0)
+            scheduler = MaxPressure(scheduler, group_of, [buffers[kh] for kh in local], downstream, mean_tokens,
+                                    counts)
+        engines.append(Engine(scheduler, spec.token_budget, spec.batch_time, spec.max_batch_requests))
+    return engines
+
+
+@dataclass
+class NetworkResult:
+    """What a network run recorded.  Sub-request arrays are indexed by sub-request id."""
+
+    network: Network
+    analysis: NetworkAnalysis
+    end_time: float
+    engines: list[Engine]
+    sub_engine: np.ndarray
+    sub_class: np.ndarray
+    sub_hop: np.ndarray
+    sub_job: np.ndarray
+    arrival_time: np.ndarray             # admission at the engine
+    num_prompt_tokens: np.ndarray
+    num_output_tokens: np.ndarray
+    first_token_time: np.ndarray
+    finish_time: np.ndarray
+    rejected: np.ndarray
+    batches: list[dict[str, np.ndarray]]  # per engine, BATCH_COLUMNS + duration
+    job_class: np.ndarray
+    job_entry_time: np.ndarray
+    job_exit_time: np.ndarray            # NaN: not yet (or rejected)
+    job_tokens: np.ndarray
+    job_rejected: np.ndarray
+    wall_s: float = 0.0
+
+    def engine_result(self, j: int) -> Result:
+        """Engine j's sub-requests and batches as a single-engine :class:`Result` (for its metrics)."""
+        m = self.sub_engine == j
+        b = self.batches[j]
+        engine = self.engines[j]
+        return Result(scheduler=engine.scheduler.name, token_budget=engine.token_budget, end_time=self.end_time,
+                      arrival_time=self.arrival_time[m], num_prompt_tokens=self.num_prompt_tokens[m],
+                      num_output_tokens=self.num_output_tokens[m], first_token_time=self.first_token_time[m],
+                      finish_time=self.finish_time[m], rejected=self.rejected[m], batch_end_time=b["end_time"],
+                      batch_tokens=b["num_prefill_tokens"] + b["num_decode_tokens"], violations=engine.violations,
+                      batches=b)
+
+    def total_result(self) -> Result:
+        """The whole network as one queue of jobs: backlog = unprocessed tokens of every job in it.
+
+        A job brings all its tokens (every hop's prompt and output, sampled at entry) when it
+        enters; every engine's batches take them away.  Rejected jobs count as never arrived
+        (the few tokens they were served before the rejection are not subtracted back).
+        """
+        ends = np.concatenate([b["end_time"] for b in self.batches])
+        tokens = np.concatenate([b["num_prefill_tokens"] + b["num_decode_tokens"] for b in self.batches])
+        by_end = np.argsort(ends, kind="stable")
+        n = len(self.job_entry_time)
+        return Result(scheduler="network", token_budget=0, end_time=self.end_time,
+                      arrival_time=self.job_entry_time, num_prompt_tokens=self.job_tokens,
+                      num_output_tokens=np.zeros(n, dtype=np.int64), first_token_time=np.full(n, np.nan),
+                      finish_time=self.job_exit_time, rejected=self.job_rejected, batch_end_time=ends[by_end],
+                      batch_tokens=tokens[by_end], violations=sum(e.violations for e in self.engines))
+
+
+class _Simulation:
+    def __init__(self, net: Network, analysis: NetworkAnalysis) -> None:
+        self.net = net
+        self.buffer = buffers_of(net)
+        self.counts = [0] * len(self.buffer)
+        self.engines = build_engines(net, analysis, self.counts)
+        self.grouped = [e.scheduler if isinstance(e.scheduler, GroupedScheduler) else None for e in self.engines]
+        self.busy = [False] * len(self.engines)
+        self.records: list[list[tuple]] = [[] for _ in self.engines]
+        self.subs: list[SubRequest] = []
+        self.jobs: list[Job] = []
+        self.heap: list[tuple] = []
+        self.seq = itertools.count()
+
+    def advance(self, token: _Token, now: float) -> None:
+        """Move a branch on from where it is: to its next visit, a fork, its join, or out."""
+        job = token.job
+        while not job.rejected:
+            seg = token.segment
+            if token.pos < len(seg.visits):
+                visit = seg.visits[token.pos]
+                token.pos += 1
+                hop = visit.hop
+                if hop.engine is None:
+                    heapq.heappush(self.heap, (now + visit.delay_duration, next(self.seq), DELAY_END, token))
+                    return
+                r = SubRequest(len(self.subs), now, visit.num_prompt_tokens, visit.num_output_tokens)
+                r.job, r.token, r.hop = job, token, hop
+                r.buffer = self.buffer[(job.cls, hop.index)]
+                self.subs.append(r)
+                grouped = self.grouped[hop.engine]
+                if grouped is not None:
+                    r.group = grouped.group_of[(job.cls, hop.index)]
+                if self.engines[hop.engine].admit(r):
+                    self.counts[r.buffer] += 1
+                    if grouped is not None:
+                        grouped.admitted(r)
+                else:
+                    job.rejected = True
+                return
+            if seg.branches:
+                join = _Join(len(seg.branches), seg.join, token.join)
+                for branch in seg.branches:
+                    self.advance(_Token(job, branch, join), now)
+                return
+            join = token.join
+            if join is None:
+                job.exit_time = now
+                return
+            join.remaining -= 1
+            if join.remaining:
+                return
+            token = _Token(job, join.segment, join.parent)
+
+    def start(self, j: int, now: float) -> None:
+        engine = self.engines[j]
+        s = engine.step(now)
+        if self.grouped[j] is not None:
+            self.grouped[j].applied(s.plan, s.finished)
+        plan = s.plan
+        self.records[j].append((s.start_time, s.end_time, plan.num_prefill_tokens, len(plan.decode),
+                                plan.num_requests, s.demand, s.bound))
+        self.busy[j] = True
+        heapq.heappush(self.heap, (s.end_time, next(self.seq), BATCH_END, (j, s.finished)))
+
+    def run(self, jobs: Jobs, horizon: float, progress: Callable[[float], None] | None) -> float:
+        heap = self.heap
+        for k, stream in enumerate(jobs):
+            if stream:
+                heapq.heappush(heap, (stream[0][0], next(self.seq), ARRIVAL, (k, 0)))
+        now = 0.0
+        steps, next_report = 0, 0
+        engines, busy = self.engines, self.busy
+        while heap and heap[0][0] <= horizon:
+            now = heap[0][0]
+            while heap and heap[0][0] == now:
+                _, _, kind, payload = heapq.heappop(heap)
+                if kind == ARRIVAL:
+                    k, i = payload
+                    entry, segment, total = jobs[k][i]
+                    job = Job(len(self.jobs), k, entry, total)
+                    self.jobs.append(job)
+                    self.advance(_Token(job, segment, None), now)
+                    if i + 1 < len(jobs[k]):
+                        heapq.heappush(heap, (jobs[k][i + 1][0], next(self.seq), ARRIVAL, (k, i + 1)))
+                elif kind == BATCH_END:
+                    j, finished = payload
+                    busy[j] = False
+                    for r in finished:
+                        self.counts[r.buffer] -= 1
+                        self.advance(r.token, now)
+                else:
+                    self.advance(payload, now)
+            if now < horizon:
+                for j, engine in enumerate(engines):
+                    if not busy[j] and engine.has_work:
+                        self.start(j, now)
+                        steps += 1
+            if progress is not None and steps >= next_report:
+                progress(now)
+                next_report = steps + 2000
+        return now
+
+
+def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float | None = None,
+                     drain: bool | None = None, jobs: Jobs | None = None,
+                     progress: Callable[[float], None] | None = None) -> NetworkResult:
+    """Run the network (config values unless given); ``jobs`` replaces the sampled jobs."""
+    started = _time.perf_counter()
+    seed = net.seed if seed is None else seed
+    horizon_s = net.horizon_s if horizon_s is None else horizon_s
+    drain = net.drain if drain is None else drain
+    analysis = analyze_network(net)
+    if jobs is None:
+        jobs = generate_jobs(net, seed, horizon_s)
+    sim = _Simulation(net, analysis)
+    last = sim.run(jobs, float("inf") if drain else horizon_s, progress)
+    end_time = max(last, horizon_s) if drain else horizon_s
+    result = _collect(sim, analysis, end_time)
+    result.wall_s = _time.perf_counter() - started
+    return result
+
+
+def _collect(sim: _Simulation, analysis: NetworkAnalysis, end_time: float) -> NetworkResult:
+    subs, jobs = sim.subs, sim.jobs
+    nan = float("nan")
+    batches = []
+    for rec in sim.records:
+        cols = np.array(rec, dtype=float).reshape(-1, len(BATCH_COLUMNS))
+        b = {name: cols[:, i] if i < 2 else cols[:, i].astype(np.int64) for i, name in enumerate(BATCH_COLUMNS)}
+        b["duration"] = b["end_time"] - b["start_time"]
+        batches.append(b)
+    rejected = np.zeros(len(subs), dtype=bool)
+    for engine in sim.engines:
+        rejected[[r.rid for r in engine.rejected]] = True
+    return NetworkResult(
+        network=sim.net, analysis=analysis, end_time=end_time, engines=sim.engines,
+        sub_engine=np.array([r.hop.engine for r in subs], dtype=np.int64),
+        sub_class=np.array([r.job.cls for r in subs], dtype=np.int64),
+        sub_hop=np.array([r.hop.index for r in subs], dtype=np.int64),
+        sub_job=np.array([r.job.index for r in subs], dtype=np.int64),
+        arrival_time=np.array([r.arrival_time for r in subs], dtype=float),
+        num_prompt_tokens=np.array([r.num_prompt_tokens for r in subs], dtype=np.int64),
+        num_output_tokens=np.array([r.num_output_tokens for r in subs], dtype=np.int64),
+        first_token_time=np.array([nan if r.first_token_time is None else r.first_token_time for r in subs]),
+        finish_time=np.array([nan if r.finish_time is None else r.finish_time for r in subs]),
+        rejected=rejected, batches=batches,
+        job_class=np.array([j.cls for j in jobs], dtype=np.int64),
+        job_entry_time=np.array([j.entry_time for j in jobs], dtype=float),
+        job_exit_time=np.array([nan if j.exit_time is None else j.exit_time for j in jobs]),
+        job_tokens=np.array([j.total_tokens for j in jobs], dtype=np.int64),
+        job_rejected=np.array([j.rejected for j in jobs], dtype=bool),
+    )

@@ -1,0 +1,187 @@
+"""Fitting batch-time models to measured batches (PAPER.md §1 and §7: calibration).
+
+Input: :class:`Samples`, one row per measured batch — prefill tokens P, decode tokens D,
+attention pairs (see :func:`llmqueue.batch_time.attention_pairs`) and seconds.  Fitted:
+
+* ``staircase``        t = c + a·⌈(P+D)/b0⌉, b0 the best divisor of the token budget;
+* ``piecewise_linear`` t = c + a·max(0, P+D−b0), b0 the best knee on the token grid;
+* ``table``            the median time at each measured token count, interpolated;
+* ``prefill_decode``   t = c + p·P + d·D (the mix-aware model), and with ``+ x·pairs``.
+
+Coefficients are non-negative least squares (the configs require them >= 0).  R² is over
+every sample, token-only models predicting from P + D alone.  numpy/scipy only.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import nnls
+
+from llmqueue.batch_time import (
+    BatchTime,
+    PiecewiseLinear,
+    PrefillDecode,
+    Staircase,
+    Table,
+)
+from llmqueue.errors import LlmqueueError
+
+SAMPLE_COLUMNS = ("prefill_tokens", "decode_tokens", "context_tokens", "attention_pairs", "seconds")
+#: a real run's batches.csv (``llmqueue engine run``) can be fitted too
+BATCHES_COLUMNS = ("num_prefill_tokens", "num_decode_tokens", "attention_pairs", "duration")
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Measured batches; ``context_tokens`` is the decode requests' context (for the record)."""
+
+    prefill_tokens: np.ndarray
+    decode_tokens: np.ndarray
+    context_tokens: np.ndarray
+    attention_pairs: np.ndarray
+    seconds: np.ndarray
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.prefill_tokens + self.decode_tokens
+
+    def __len__(self) -> int:
+        return len(self.seconds)
+
+    @classmethod
+    def from_rows(cls, rows) -> Samples:
+        arr = np.asarray(rows, dtype=float).reshape(-1, len(SAMPLE_COLUMNS))
+        return cls(*(arr[:, j] for j in range(len(SAMPLE_COLUMNS))))
+
+    def write_csv(self, path: str | Path) -> None:
+        with Path(path).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(SAMPLE_COLUMNS)
+            for row in zip(*(getattr(self, c) for c in SAMPLE_COLUMNS)):
+                w.writerow([int(x) if i < 4 else float(x) for i, x in enumerate(row)])
+
+    @classmethod
+    def read_csv(cls, path: str | Path) -> Samples:
+        with Path(path).open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and all(c in rows[0] for c in BATCHES_COLUMNS):   # a real run's batches.csv
+            rows = [{"prefill_tokens": r["num_prefill_tokens"], "decode_tokens": r["num_decode_tokens"],
+                     "context_tokens": 0, "attention_pairs": r["attention_pairs"], "seconds": r["duration"]}
+                    for r in rows]
+        missing = [c for c in SAMPLE_COLUMNS if rows and c not in rows[0]]
+        if not rows or missing:
+            raise LlmqueueError(f"{path}: a samples CSV needs the columns {', '.join(SAMPLE_COLUMNS)} "
+                                f"(or a real run's batches.csv: {', '.join(BATCHES_COLUMNS)})")
+        return cls.from_rows([[float(r[c]) for c in SAMPLE_COLUMNS] for r in rows])
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One fitted model: its batch time, R² over the samples, residuals (seconds, measured − fit)."""
+
+    name: str
+    batch_time: BatchTime
+    r2: float
+    residuals: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "r2": self.r2, "rmse_ms": float(np.sqrt(np.mean(self.residuals ** 2)) * 1e3),
+                "batch_time": self.batch_time.to_dict()}
+
+
+def r_squared(y: np.ndarray, predicted: np.ndarray) -> float:
+    total = float(np.sum((y - y.mean()) ** 2))
+    return 1.0 - float(np.sum((y - predicted) ** 2)) / total if total > 0 else 0.0
+
+
+def _nnls(columns: list[np.ndarray], y: np.ndarray) -> list[float]:
+    a = np.column_stack(columns).astype(float)
+    scale = np.where(a.max(axis=0) > 0, a.max(axis=0), 1.0)   # conditioning: columns of similar size
+    coef, _ = nnls(a / scale, y)
+    return [float(x) for x in coef / scale]   # plain floats: they go into TOML and JSON
+
+
+def _fit(name: str, model: BatchTime, y: np.ndarray, predicted: np.ndarray) -> Fit:
+    return Fit(name, model, r_squared(y, predicted), y - predicted)
+
+
+def fit_staircase(s: Samples, token_budget: int) -> Fit:
+    b, y = s.tokens, s.seconds
+    best = None
+    for b0 in (d for d in range(1, token_budget + 1) if token_budget % d == 0):
+        steps = np.ceil(b / b0)
+        c, a = _nnls([np.ones_like(b), steps], y)
+        if a <= 0:
+            continue
+        pred = c + a * steps
+        fit = _fit("staircase", Staircase(c, a, b0), y, pred)
+        if best is None or fit.r2 > best.r2:
+            best = fit
+    if best is None:
+        raise LlmqueueError("staircase fit: batch time does not grow with the token count in these samples")
+    return best
+
+
+def fit_piecewise_linear(s: Samples) -> Fit:
+    b, y = s.tokens, s.seconds
+    best = None
+    for b0 in np.unique(np.concatenate(([0.0], b[b < b.max()]))):
+        over = np.maximum(0.0, b - b0)
+        c, a = _nnls([np.ones_like(b), over], y)
+        if c <= 0:
+            continue
+        fit = _fit("piecewise_linear", PiecewiseLinear(c, a, int(b0)), y, c + a * over)
+        if best is None or fit.r2 > best.r2:
+            best = fit
+    if best is None:
+        raise LlmqueueError("piecewise-linear fit: no knee gives a positive intercept")
+    return best
+
+
+def fit_table(s: Samples) -> Fit:
+    b, y = s.tokens, s.seconds
+    points = np.unique(b)
+    if len(points) < 2:
+        raise LlmqueueError("table fit: the samples need at least 2 distinct token counts")
+    medians = np.array([np.median(y[b == p]) for p in points])
+    model = Table(points.astype(int), medians, "linear")
+    return _fit("table", model, y, model.seconds(b))
+
+
+def fit_prefill_decode(s: Samples, context: bool, prefill_fraction: float = 0.5, mean_context: float = 0.0) -> Fit:
+    y = s.seconds
+    cols = [np.ones_like(y), s.prefill_tokens, s.decode_tokens] + ([s.attention_pairs] if context else [])
+    coef = _nnls(cols, y)
+    x = coef[3] if context else 0.0
+    model = PrefillDecode(coef[0], coef[1], coef[2], x, prefill_fraction, mean_context)
+    pred = coef[0] + coef[1] * s.prefill_tokens + coef[2] * s.decode_tokens + x * s.attention_pairs
+    return _fit("prefill_decode+context" if context else "prefill_decode", model, y, pred)
+
+
+def fit_all(s: Samples, token_budget: int, prefill_fraction: float = 0.5, mean_context: float = 0.0) -> list[Fit]:
+    """Every model, in the order staircase, piecewise_linear, table, prefill_decode (±context)."""
+    if len(s) < 4:
+        raise LlmqueueError(f"calibration needs at least 4 measured batches, got {len(s)}")
+    return [fit_staircase(s, token_budget), fit_piecewise_linear(s), fit_table(s),
+            fit_prefill_decode(s, False, prefill_fraction, mean_context),
+            fit_prefill_decode(s, True, prefill_fraction, mean_context)]
+
+
+def workload_mix(mean_prompt_len: float, mean_output_len: float) -> tuple[float, float]:
+    """(prefill_fraction, mean attention pairs per token) of a workload in steady state, from the
+    means: prompts attend m_p(m_p+1)/2 pairs, decode tokens m_p + m_d/2 + 1 each (approximate)."""
+    total = mean_prompt_len + mean_output_len
+    pairs = mean_prompt_len * (mean_prompt_len + 1) / 2 + mean_output_len * (mean_prompt_len + mean_output_len / 2 + 1)
+    return mean_prompt_len / total, pairs / total
+
+
+def batch_time_toml(fit: Fit, header: list[str]) -> str:
+    """A config fragment ``[engine.batch_time]`` that ``simulate`` and ``engine run`` accept."""
+    from llmqueue.config import dumps
+
+    lines = [f"# {h}" for h in header] + [f"# {fit.name}: R² = {fit.r2:.4f}"]
+    return "\n".join(lines) + "\n" + dumps({"engine": {"batch_time": fit.batch_time.to_dict()}})

@@ -1,0 +1,123 @@
+"""Max-weight batch shapes: a scheduler for the 2-D region under a request cap (paper §6; beyond it).
+
+Under a cap k_max the stability region is 2-D (PAPER.md §5, Theorem 10, ``llmqueue.region``):
+its corners are batch *types*; for the paper's staircase and k_max = 100, vertex C is 29 prefill
++ 99 decode tokens in a 128-token batch (46.75 ms).  Sarathi with b_max = 1024 fills each batch
+to the budget, so next to 99 decoders it runs a whole 290-token prompt (389 tokens, 153 ms) and
+serves decodes three times slower than C; the paper leaves open which policy reaches the region.
+
+``maxweight`` is decode first, like Sarathi, but chooses each batch's *shape*: the token load
+b <= b_max, and, when decoders fill the cap, whether one decode slot goes to a prefill chunk,
+maximising the backlog-weighted token rate of the batch
+
+    score = (P·x + D·y) / t_b
+
+with P the engine's remaining prefill tokens, D the remaining decode tokens of its decoding
+requests, x and y the batch's prefill and decode tokens.  This is the max-weight rule
+(Tassiulas–Ephremides) over the region's batch types, per unit of time since types last
+different times: a large decode backlog picks short batches that keep k_max - 1 decoders
+moving (vertex C), a large prefill backlog picks full ones (the prefill corner), and whichever
+backlog grows gets the weight.  Requests are served FCFS within each queue.
+
+Search: for a given (y, slots) the score is linear in (b/t_b, 1/t_b), so over the loads that
+are fastest for their time (no larger load runs as fast) its maximum lies at a range end or at
+a break of the polyline these points form; every model of the project has t_b piecewise linear
+on those loads, so the search is exact and looks at a handful of loads per batch.
+
+Not work-conserving (Eq. 8): it leaves budget unused on purpose.  It needs the engine's
+batch-time model; :class:`~llmqueue.engine.Engine` passes it through :meth:`bind_batch_time`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from itertools import islice
+
+import numpy as np
+
+from llmqueue.batch import BatchBuilder, BatchPlan
+from llmqueue.errors import InternalError
+from llmqueue.schedulers.base import EngineState, Scheduler
+
+_TOLERANCE = 1e-9
+
+
+class MaxWeight(Scheduler):
+    name = "maxweight"
+    summary = "decode first; batch load chosen by max-weight over the cap's 2-D region (paper §6)"
+    work_conserving = False
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self._seconds: list[float] | None = None
+        self._budget = 0
+
+    def bind_batch_time(self, batch_time, token_budget: int) -> None:
+        """Learn t_b for b = 1..token_budget and the candidate loads (see the module doc)."""
+        t = np.asarray(batch_time.table(token_budget)[1:])
+        # A load is useful when every larger load takes strictly longer.
+        later = np.append(np.minimum.accumulate(t[::-1])[::-1][1:], np.inf)   # min of t over larger loads
+        useful = np.flatnonzero(t < later) + 1
+        q_u, q_s = useful / t[useful - 1], 1.0 / t[useful - 1]
+        breaks = np.ones(len(useful), dtype=bool)
+        if len(useful) > 2:
+            ax, ay = q_u[1:-1] - q_u[:-2], q_s[1:-1] - q_s[:-2]
+            bx, by = q_u[2:] - q_u[:-2], q_s[2:] - q_s[:-2]
+            breaks[1:-1] = np.abs(ax * by - ay * bx) > _TOLERANCE * np.hypot(ax, ay) * np.hypot(bx, by)
+        self._seconds = [0.0, *t.tolist()]
+        self._useful = useful.tolist()
+        self._breaks = useful[breaks].tolist()
+        self._budget = token_budget
+
+    def _loads(self, lo: int, hi: int) -> set[int]:
+        """Candidate loads in [lo, hi]: both ends, the useful loads next to them, the breaks."""
+        useful, breaks = self._useful, self._breaks
+        out = {lo, hi}
+        i = bisect_left(useful, lo)
+        if i < len(useful) and useful[i] <= hi:
+            out.add(useful[i])
+        j = bisect_right(useful, hi) - 1
+        if j >= 0 and useful[j] >= lo:
+            out.add(useful[j])
+        out.update(breaks[bisect_left(breaks, lo):bisect_right(breaks, hi)])
+        return out
+
+    def plan(self, state: EngineState) -> BatchPlan:
+        if self._seconds is None or self._budget != state.token_budget:
+            raise InternalError("maxweight needs the engine's batch-time model (Engine binds it at construction)")
+        seconds = self._seconds
+        budget = state.token_budget
+        k = state.max_batch_requests or budget   # no cap: a batch never holds more than b_max requests
+        decoding, prefilling = state.decoding, state.prefilling
+        prefill_left = state.total_prefill_left
+        # perf: D is only needed to weigh decodes against prefill.
+        decode_left = sum(r.decode_left for r in decoding) if prefill_left and decoding else 0
+        y_all = min(len(decoding), k, budget)
+        shapes = [y_all]
+        if prefill_left and y_all == k:   # the cap is full of decoders: one slot may go to a prefill chunk
+            shapes.append(k - 1)
+        best = (-1.0, 0, 0)
+        for y in shapes:
+            slots, room = k - y, budget - y
+            x_cap = 0
+            if prefill_left and slots and room:
+                if slots >= room:   # every prompt takes >= 1 token: the slots never bind
+                    x_cap = min(room, prefill_left)
+                else:
+                    for request in islice(prefilling, slots):
+                        x_cap += request.prefill_left
+                        if x_cap >= room:
+                            break
+                    x_cap = min(x_cap, room)
+            lo, hi = max(y, 1), y + x_cap
+            if hi < lo:
+                continue
+            for b in self._loads(lo, hi):
+                score = (prefill_left * (b - y) + decode_left * y) / seconds[b]
+                if score > best[0] or (score == best[0] and b > best[1]):
+                    best = (score, b, y)
+        _, load, y = best
+        batch = BatchBuilder(load, state.max_batch_requests)
+        batch.add_decodes(decoding, limit=y)
+        batch.add_prefills(prefilling, split=True)
+        return batch.build()

@@ -1,0 +1,123 @@
+"""Tidy tables from a store: one row per run, one column per config key or summary value.
+
+Config keys keep their dotted names (``engine.scheduler``, ``workload.rate``); summary values
+keep theirs, nested ones dotted (``ttft_s.p99``); lists are written as JSON text. ``--where``
+filters rows with ``COLUMN OP VALUE`` (OP one of ``= != < <= > >=``), numbers compared as
+numbers, anything else as text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from llmqueue.errors import ConfigError, LlmqueueError
+
+RUN_COLUMNS = ("config_hash", "seed", "status", "error", "version", "wall_s", "finished_at")
+_WHERE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(!=|<=|>=|=|<|>)\s*(.*?)\s*$")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
+
+
+def tidy(runs: Iterable[dict]) -> list[dict[str, Any]]:
+    """Store rows (``Store.runs()``) as flat dicts; ``run.seed`` is the ``seed`` column."""
+    rows = []
+    for run in runs:
+        config = flatten(run["config"])
+        config.pop("run.seed", None)
+        row = {k: run[k] for k in RUN_COLUMNS}
+        row.update(config)
+        row.update(flatten(run["summary"] or {}))
+        rows.append(row)
+    return rows
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """Every column in first-seen order (runs of different configs may differ)."""
+    return list(dict.fromkeys(k for row in rows for k in row))
+
+
+def varying(rows: list[dict], prefixes: tuple[str, ...] = ("engine.", "workload.", "run.")) -> list[str]:
+    """Config columns whose value differs between rows: the grid's axes."""
+    out = []
+    for col in columns(rows):
+        if col.startswith(prefixes) and len({json.dumps(r.get(col), default=str) for r in rows}) > 1:
+            out.append(col)
+    return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_where(item: str) -> tuple[str, str, str]:
+    m = _WHERE.match(item)
+    if not m:
+        raise ConfigError("--where", item, "COLUMN OP VALUE with OP one of = != < <= > >=, e.g. engine.scheduler=orca")
+    return m.group(1), m.group(2), m.group(3).strip("\"'")
+
+
+def _compare(value: Any, op: str, wanted: str) -> bool:
+    if value is None:
+        return op == "=" and wanted in ("", "null", "None") or op == "!=" and wanted not in ("", "null", "None")
+    a, b = (_number(str(value)) if not isinstance(value, bool) else None), _number(wanted)
+    if a is not None and b is not None:
+        left, right = a, b
+    else:
+        left, right = (str(value).lower() if isinstance(value, bool) else str(value)), wanted
+        if op not in ("=", "!="):
+            return False
+    return {"=": left == right, "!=": left != right, "<": left < right, "<=": left <= right,
+            ">": left > right, ">=": left >= right}[op]
+
+
+def where(rows: list[dict], conditions: Iterable[str]) -> list[dict]:
+    """Rows meeting every condition; an unknown column is an error listing the known ones."""
+    known = set(columns(rows))
+    for cond in conditions:
+        col, op, wanted = parse_where(cond)
+        if rows and col not in known:
+            raise ConfigError("--where", cond, f"a column of this store: {', '.join(sorted(known))}")
+        rows = [r for r in rows if _compare(r.get(col), op, wanted)]
+    return rows
+
+
+def write_csv(rows: list[dict], out: str) -> None:
+    """All columns; ``-`` writes to standard output."""
+    with contextlib.ExitStack() as stack:
+        f = sys.stdout if out == "-" else stack.enter_context(open(out, "w", newline=""))
+        w = csv.DictWriter(f, fieldnames=columns(rows), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_parquet(rows: list[dict], out: str) -> None:
+    """Needs pyarrow (not a dependency of llmqueue): a clear error when it is missing."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LlmqueueError("--parquet needs pyarrow, which is not installed (pip install pyarrow); "
+                            "--csv writes the same table") from None
+    cols = columns(rows)
+    pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows]), Path(out))

@@ -1,0 +1,199 @@
+"""The simulator's fast path (fastpath.py) against the reference loop: identical results.
+
+Every registered scheduler (with and without its options, a request cap, several batch-time
+models and horizons) runs the same random requests both ways; the batch sequence, every
+request's times, the violation count and the engine's final state must be equal exactly
+(floats compared bit for bit).  The built-in scenarios must give the same summaries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_engine
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmqueue import fastpath
+from llmqueue.batch_time import Constant
+from llmqueue.config import parse_config
+from llmqueue.engine import Engine
+from llmqueue.errors import ConfigError
+from llmqueue.runner import build_engine, build_workload, run_config
+from llmqueue.scenarios import SCENARIOS, scenario_data
+from llmqueue.schedulers import SCHEDULERS, make_scheduler
+from llmqueue.schedulers.sarathi import Sarathi
+from llmqueue.simulator import simulate
+from llmqueue.stream import request_chunks, simulate_stream
+from llmqueue.workload import Requests
+
+CONFIGS = (
+    [(name, {}) for name in SCHEDULERS]
+    + [(name, {"split_prompts": True}) for name, cls in SCHEDULERS.items() if "split_prompts" in cls.options]
+    + [("vllm-v1", {"max_num_seqs": 3, "long_prefill_token_threshold": 5}),
+       ("vllm-v1", {"long_prefill_token_threshold": 2})]
+)
+BATCH_TIMES = [
+    {"model": "constant", "duration_ms": 1000},
+    {"model": "staircase", "c_ms": 1.3, "a_ms": 0.7, "b0": 4},
+    {"model": "piecewise_linear", "c_ms": 0.1, "a_ms_per_token": 0.37, "b0": 3},
+]
+ARRAYS = ("first_token_time", "finish_time", "batch_end_time", "batch_tokens", "rejected")
+
+
+def assert_same(ref, fast) -> None:
+    for name in ARRAYS:
+        a, b = getattr(ref, name), getattr(fast, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True), name
+    assert ref.violations == fast.violations and ref.end_time == fast.end_time
+    if ref.batches is not None:
+        assert ref.batches.keys() == fast.batches.keys()
+        for key, column in ref.batches.items():
+            assert np.array_equal(column, fast.batches[key]), key
+
+
+def engine_state(engine: Engine) -> tuple:
+    s = engine.state
+    return ([(r.rid, r.prefill_left, r.decode_left) for r in s.prefilling],
+            [(r.rid, r.prefill_left, r.decode_left) for r in s.decoding],
+            s.total_prefill_left, engine.num_in_engine, engine.violations, [r.rid for r in engine.rejected])
+
+
+@st.composite
+def cases(draw):
+    name, options = draw(st.sampled_from(CONFIGS))
+    budget = draw(st.integers(1, 48))
+    cap = draw(st.none() | st.integers(1, 6))
+    n = draw(st.integers(1, 40))
+    gaps = draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0, 0.1, 7.3]), min_size=n, max_size=n))
+    prompts = draw(st.lists(st.integers(1, 80), min_size=n, max_size=n))
+    outputs = draw(st.lists(st.integers(0, 60) | st.integers(100, 400), min_size=n, max_size=n))
+    times = np.cumsum(gaps)
+    requests = Requests(times, np.array(prompts, np.int64), np.array(outputs, np.int64))
+    batch_time = draw(st.sampled_from(BATCH_TIMES))
+    run = draw(st.sampled_from([{"drain": True}, {}, {"horizon_s": float(times[-1]) / 2 + 0.3},
+                                {"horizon_s": 37.0}]))
+    stretch = draw(st.sampled_from([48, 2]))  # 2: every stretch of 3+ batches takes the numpy path
+    return name, options, budget, cap, requests, batch_time, run, stretch
+
+
+def check_case(case, record_batches: bool) -> None:
+    name, options, budget, cap, requests, batch_time, run, stretch = case
+    engines = [make_engine(name, budget, cap=cap, batch_time=batch_time, **options) for _ in range(2)]
+    ref = simulate(engines[0], requests, method="reference", record_batches=record_batches, **run)
+    old = fastpath._NUMPY_STRETCH
+    fastpath._NUMPY_STRETCH = stretch
+    try:
+        fast = simulate(engines[1], requests, method="fast", record_batches=record_batches, **run)
+    finally:
+        fastpath._NUMPY_STRETCH = old
+    assert ref.meta["method"] == "reference (selected)"
+    assert_same(ref, fast)
+    assert engine_state(engines[0]) == engine_state(engines[1])
+
+
+@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.booleans())
+def test_fast_path_equals_reference(case, record_batches):
+    check_case(case, record_batches)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.booleans())
+def test_fast_path_equals_reference_many(case, record_batches):
+    check_case(case, record_batches)
+
+
+def test_long_stretches_and_progress_match():
+    # Few arrivals, long outputs and a long prompt: stretches of thousands of batches.
+    requests = Requests(np.array([0.0, 0.05, 900.0, 900.0]), np.array([5000, 3, 7, 1], np.int64),
+                        np.array([9_000, 4_000, 1, 0], np.int64))
+    for name in ("sarathi", "orca", "vllm", "fastertransformer", "vllm-v1"):
+        bt = {"model": "staircase", "c_ms": 11.28, "a_ms": 35.47, "b0": 128}
+        ticks: dict[str, list[int]] = {}
+        runs = {}
+        for method in ("fast", "reference"):
+            seen = ticks[method] = []
+            runs[method] = simulate(make_engine(name, 512, batch_time=bt), requests, drain=True, method=method,
+                                    progress=lambda now, i, seen=seen: seen.append(i))
+        assert runs["fast"].meta["method"] == "fast"
+        assert_same(runs["reference"], runs["fast"])
+        assert runs["fast"].num_batches > 4_000  # vllm, fastertransformer reject the 5000-token prompt
+        assert ticks["fast"][-1] == ticks["reference"][-1] == 4
+
+
+def test_unsupported_engines_fall_back_to_the_reference():
+    class Subclass(Sarathi):
+        pass
+
+    class Mixed(Constant):
+        tokens_only = False
+
+    requests = Requests(np.array([0.0, 0.5]), np.array([3, 4], np.int64), np.array([2, 1], np.int64))
+    cases = {
+        "has no fast path": Engine(Subclass(), 8, Constant(1.0)),
+        "depends on more than the token load": Engine(make_scheduler("sarathi"), 8, Mixed(1.0)),
+    }
+    for reason, engine in cases.items():
+        result = simulate(engine, requests, drain=True)
+        assert reason in result.meta["method"] and result.meta["method"].startswith("reference")
+        assert result.finish_time.tolist() == [3.0, 3.0]
+    with pytest.raises(ConfigError, match="run.method"):
+        simulate(make_engine("sarathi", 8), requests, method="quick")
+
+
+def test_config_selects_the_method():
+    assert parse_config({}).run.method == "fast"
+    assert parse_config({"run": {"method": "reference"}}).run.method == "reference"
+    with pytest.raises(ConfigError, match=r"run\.method = 'quick' is not allowed: one of fast, reference"):
+        parse_config({"run": {"method": "quick"}})
+
+
+SINGLE_ENGINE = sorted(name for name in SCENARIOS if set(scenario_data(name)) <= {"engine", "workload", "run"})
+
+
+@pytest.mark.parametrize("scenario", SINGLE_ENGINE)
+def test_builtin_scenarios_give_the_same_summary(scenario):
+    data = scenario_data(scenario)
+    data["run"] = {**data.get("run", {}), "horizon_s": 150.0}
+    data["run"].pop("requests", None)
+    runs = {}
+    for method in ("reference", "fast"):
+        data["run"]["method"] = method
+        runs[method] = run_config(parse_config(data))
+    ref, fast = (dict(runs[m].summary, wall_s=None) for m in ("reference", "fast"))
+    assert ref == fast
+    assert_same(runs["reference"].result, runs["fast"].result)
+
+
+@pytest.mark.parametrize("run", [{"requests": 3000}, {"horizon_s": 150.0}, {"requests": 800, "drain": True}],
+                         ids=["requests", "horizon", "drain"])
+@pytest.mark.parametrize("name", ["sarathi", "vllm"])
+def test_stream_without_records_matches_the_full_summary(name, run):
+    data = {"engine": {"scheduler": name}, "workload": {"load": 0.95, "prompt": {"dist": "poisson", "mean": 300}},
+            "run": {**run, "seed": 4}}
+    cfg = parse_config(data)
+    full = run_config(cfg).summary
+    chunks = request_chunks(build_workload(cfg), 4, num_requests=run.get("requests"), horizon_s=run.get("horizon_s"),
+                            chunk=97)
+    stream = simulate_stream(build_engine(cfg), chunks, horizon_s=run.get("horizon_s"), drain=run.get("drain", False))
+    for key in ("horizon_s", "arrived", "completed", "rejected", "batches", "mean_batch_tokens", "token_throughput",
+                "throughput_rps", "final_in_system", "work_conserving_violations"):
+        assert stream[key] == full[key], key
+    for key in ("ttft_s", "tbt_s", "e2e_s"):
+        assert stream[key]["mean"] == pytest.approx(full[key]["mean"], rel=1e-12), key
+    assert stream["records"] is False and full["rejected"] == (0 if name == "sarathi" else full["rejected"])
+
+
+def test_stream_refuses_engines_without_a_fast_path():
+    class Subclass(Sarathi):
+        pass
+
+    chunks = [(np.array([0.0]), np.array([3]), np.array([1]))]
+    with pytest.raises(ConfigError, match="fast path"):
+        simulate_stream(Engine(Subclass(), 8, Constant(1.0)), chunks)
+    with pytest.raises(ConfigError, match="run.requests"):
+        simulate_stream(make_engine("sarathi", 8), [])
