@@ -1,11 +1,13 @@
 # Two commands set up and run everything on a fresh machine (see README):
 #   make compare   -- create .venv, install llmqueue, run the default comparison
 #   make test      -- create .venv, install llmqueue with test extras, run the test suite
+# The optional extras (Ray sweeps, the real CPU engine) have their own targets:
+#   make test-extras -- install the ray and cpu extras, run the slow and real-engine checks (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup compare test test-slow test-all bench clean
+.PHONY: setup setup-extras compare test test-slow test-extras test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,18 +15,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+$(VENV)/.extras: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,ray,cpu]'
+	touch $@
+
 setup: $(VENV)/.installed
+
+setup-extras: $(VENV)/.extras
 
 compare: setup
 	$(VENV)/bin/llmqueue compare
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not real"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-test-all: setup
+test-extras: setup-extras
+	$(PY) -m pytest -q -m "slow or real"
+
+test-all: setup-extras
 	$(PY) -m pytest -q
 
 bench: setup

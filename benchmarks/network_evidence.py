@@ -9,6 +9,7 @@
     python benchmarks/network_evidence.py                  # both, 3 seeds (about 10 minutes on 2 cores)
     python benchmarks/network_evidence.py --only rs --seeds 5
     python benchmarks/network_evidence.py --quick          # short horizons, 1 seed (a smoke run)
+    python benchmarks/network_evidence.py --only plot --plot docs/img/rybko_stolyar.png
 
 Every finished run is appended to OUT/network_evidence.jsonl at once, so an interrupted run
 keeps what it finished; the markdown tables are printed at the end.
@@ -22,7 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from llmqueue.network import load_network, run_network
+from llmqueue.network import (
+    load_network,
+    network_timeseries,
+    run_network,
+    simulate_network,
+)
 
 RS_POLICIES = {  # name -> (scenario, --set overrides for both engines)
     "priority to the leaving class": ("rybko-stolyar", []),
@@ -81,6 +87,19 @@ def run_all(args, out: Path, rows: list[dict]) -> None:
                                 "seed": seed, **one(scenario, sets)})
 
 
+def plot(args) -> None:
+    """The network backlog of Rybko–Stolyar at ρ = 0.9, seed 0, one line per policy."""
+    from llmqueue.plots import plot_network_backlog
+
+    series = {}
+    for label, (scenario, per_engine) in RS_POLICIES.items():
+        sets = [f"run.horizon_s={args.rs_horizon}"] + [f"engines.{e}.{x}" for e in ("S1", "S2") for x in per_engine]
+        series[label] = network_timeseries(simulate_network(load_network(scenario, sets)))
+    path = plot_network_backlog(series, args.plot, "Rybko–Stolyar, two Sarathi engines at ρ = 0.9 (seed 0): "
+                                "network backlog by per-engine policy", detail=next(iter(RS_POLICIES)))
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def _joined(rows: list[dict], key: str, spec: str) -> str:
     return " / ".join(format(r[key], spec) for r in rows)
 
@@ -129,7 +148,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rs-horizon", type=float, default=6000.0, help="Rybko–Stolyar horizon (batches of 1 s)")
     p.add_argument("--horizon", type=float, default=3600.0, help="topologies' horizon in seconds")
-    p.add_argument("--only", choices=("rs", "topologies"))
+    p.add_argument("--only", choices=("rs", "topologies", "plot"))
+    p.add_argument("--plot", help="also draw the Rybko–Stolyar backlogs to this PNG")
     p.add_argument("--quick", action="store_true", help="horizons of 1500 / 600 s and one seed")
     p.add_argument("--out", default="llmqueue_output/network_evidence")
     args = p.parse_args()
@@ -138,6 +158,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    if args.plot:
+        plot(args)
+    if args.only == "plot":
+        return 0
     try:
         run_all(args, out, rows)
     except KeyboardInterrupt:

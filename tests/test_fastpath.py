@@ -8,6 +8,9 @@ request's times, the violation count and the engine's final state must be equal 
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import make_engine
@@ -25,7 +28,7 @@ from llmqueue.schedulers import SCHEDULERS, make_scheduler
 from llmqueue.schedulers.sarathi import Sarathi
 from llmqueue.simulator import simulate
 from llmqueue.stream import request_chunks, simulate_stream
-from llmqueue.workload import Requests
+from llmqueue.workload import Requests, Workload, make_arrivals, make_length
 
 CONFIGS = (
     [(name, {}) for name in SCHEDULERS]
@@ -38,6 +41,7 @@ BATCH_TIMES = [
     {"model": "staircase", "c_ms": 1.3, "a_ms": 0.7, "b0": 4},
     {"model": "piecewise_linear", "c_ms": 0.1, "a_ms_per_token": 0.37, "b0": 3},
 ]
+ROOT = Path(__file__).resolve().parents[1]
 ARRAYS = ("first_token_time", "finish_time", "batch_end_time", "batch_tokens", "rejected")
 
 
@@ -73,7 +77,7 @@ def cases(draw):
     batch_time = draw(st.sampled_from(BATCH_TIMES))
     run = draw(st.sampled_from([{"drain": True}, {}, {"horizon_s": float(times[-1]) / 2 + 0.3},
                                 {"horizon_s": 37.0}]))
-    stretch = draw(st.sampled_from([48, 2]))  # 2: every stretch of 3+ batches takes the numpy path
+    stretch = draw(st.sampled_from([fastpath._NUMPY_STRETCH, 2]))  # 2: stretches of 3+ batches take numpy
     return name, options, budget, cap, requests, batch_time, run, stretch
 
 
@@ -179,7 +183,10 @@ def test_stream_without_records_matches_the_full_summary(name, run):
     full = run_config(cfg).summary
     chunks = request_chunks(build_workload(cfg), 4, num_requests=run.get("requests"), horizon_s=run.get("horizon_s"),
                             chunk=97)
-    stream = simulate_stream(build_engine(cfg), chunks, horizon_s=run.get("horizon_s"), drain=run.get("drain", False))
+    seen: list[int] = []
+    stream = simulate_stream(build_engine(cfg), chunks, horizon_s=run.get("horizon_s"), drain=run.get("drain", False),
+                             progress=lambda now, n: seen.append(n))
+    assert seen[-1] == full["arrived"] and seen == sorted(seen)
     for key in ("horizon_s", "arrived", "completed", "rejected", "batches", "mean_batch_tokens", "token_throughput",
                 "throughput_rps", "final_in_system", "work_conserving_violations"):
         assert stream[key] == full[key], key
@@ -197,3 +204,29 @@ def test_stream_refuses_engines_without_a_fast_path():
         simulate_stream(Engine(Subclass(), 8, Constant(1.0)), chunks)
     with pytest.raises(ConfigError, match="run.requests"):
         simulate_stream(make_engine("sarathi", 8), [])
+
+
+@pytest.mark.parametrize("arrival", [{"arrival": "poisson", "rate": 3.0}, {"arrival": "gamma", "rate": 3.0, "cv": 2.0},
+                                     {"arrival": "deterministic", "rate": 3.0}], ids=lambda a: a["arrival"])
+def test_request_chunks_are_the_generated_requests(arrival):
+    for dist in ({"dist": "poisson", "mean": 50}, {"dist": "geometric", "mean": 20}, {"dist": "fixed", "value": 5},
+                 {"dist": "lognormal", "mean": 50, "sigma": 0.8}, {"dist": "uniform", "low": 1, "high": 100}):
+        workload = Workload(make_arrivals(arrival), make_length(dist, field="p", minimum=1),
+                            make_length({"dist": "poisson", "mean": 30}, field="o", minimum=0))
+        for horizon in ({"num_requests": 3000}, {"horizon_s": 700.0}):
+            full = workload.generate(7, **horizon)
+            parts = list(request_chunks(workload, 7, chunk=97, **horizon))
+            for j, column in enumerate((full.arrival_time, full.num_prompt_tokens, full.num_output_tokens)):
+                assert np.array_equal(np.concatenate([p[j] for p in parts]), column), (dist, horizon, j)
+
+
+def test_benchmark_rows_count_the_same_events_every_way():
+    spec = importlib.util.spec_from_file_location("bench_simulate", ROOT / "benchmarks" / "bench_simulate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {m: bench.one("fig1", "sarathi", 1500, 0.9, 3, m) for m in ("fast", "reference", "stream")}
+    assert rows["fast"]["method"] == "fast" and rows["stream"]["method"] == "stream"
+    for key in ("events", "batches", "completed"):
+        assert rows["fast"][key] == rows["reference"][key] == rows["stream"][key], key
+    assert rows["fast"]["events"] > 2 * rows["fast"]["completed"]
+    assert bench.line(rows["reference"]).split()[2] == "reference"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import drive, make_engine, put_decoding
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmqueue.config import parse_config
 from llmqueue.errors import InternalError
@@ -90,3 +92,60 @@ def test_stable_inside_where_sarathi_1024_diverges(shape_):
     assert runs["maxweight"]["verdict"] in ("stable", "inconclusive"), runs["maxweight"]["verdict_reason"]
     assert runs["maxweight"]["final_in_system"] < 130 < runs["sarathi"]["final_in_system"]
     assert runs["maxweight"]["token_throughput"] == pytest.approx(runs["maxweight"]["offered_tokens_per_s"], rel=0.03)
+
+
+@st.composite
+def cases(draw):
+    budget = draw(st.integers(1, 48))
+    cap = draw(st.none() | st.integers(1, 12))
+    if draw(st.booleans()):
+        model = {"model": "staircase", "c_ms": draw(st.floats(0.0, 5.0)), "a_ms": draw(st.floats(0.5, 5.0)),
+                 "b0": draw(st.integers(1, 12))}
+    else:   # a measured table, possibly non-monotone
+        ms = draw(st.lists(st.floats(0.5, 20.0), min_size=2, max_size=6))
+        model = {"model": "table", "points_ms": [[1 + 9 * i, m] for i, m in enumerate(ms)], "extrapolate": "clamp"}
+    requests = draw(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 60), st.integers(0, 30)),
+                             min_size=1, max_size=12))
+    return budget, cap, model, sorted(requests, key=lambda r: r[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=cases())
+def test_each_batch_is_the_max_weight_shape(case):
+    """Every batch maximises (P·x + D·y)/t_b over the shapes the docstring names, checked by
+    trying every load b: the search over a few candidate loads is exact for every model."""
+    budget, cap, model, specs = case
+    engine = make_engine("maxweight", budget, cap=cap, batch_time=model)
+    seconds = engine.scheduler._seconds
+    k = cap or budget
+
+    def best_score(state):
+        p = state.total_prefill_left
+        d = sum(r.decode_left for r in state.decoding) if p else 0
+        y_all = min(len(state.decoding), k, budget)
+        best = -1.0
+        for y in [y_all] + ([k - 1] if p and y_all == k else []):
+            room = budget - y
+            x_cap = min(room, sum(r.prefill_left for r in list(state.prefilling)[:k - y])) if p else 0
+            for b in range(max(y, 1), y + x_cap + 1):
+                best = max(best, (p * (b - y) + d * y) / seconds[b])
+        return best, p, d
+
+    requests = [Request(rid, float(t), p, d) for rid, (t, p, d) in enumerate(specs)]
+    pending = list(reversed(requests))
+    now = 0.0
+    for _ in range(10_000):
+        while pending and pending[-1].arrival_time <= now:
+            engine.admit(pending.pop())
+        if not engine.has_work:
+            if not pending:
+                break
+            now = pending[-1].arrival_time
+            continue
+        best, p, d = best_score(engine.state)
+        plan = engine.scheduler.plan(engine.state)
+        score = (p * plan.num_prefill_tokens + d * plan.num_decode_tokens) / seconds[plan.num_tokens]
+        assert score == pytest.approx(best, rel=1e-12), (plan.describe(), best)
+        now = engine.step(now).end_time
+    assert not engine.has_work and not pending
+    assert all(r.prefill_left == 0 and r.decode_left == 0 for r in requests)

@@ -54,10 +54,10 @@ def _on_every_engine(scenario: str, scheduler: str) -> list[str]:
 @pytest.mark.parametrize("scenario", ["dag", "tandem"])
 def test_acyclic_networks_stable_below_and_unstable_above_capacity(scenario, scheduler):
     sets = _on_every_engine(scenario, scheduler)
-    below = network(scenario, *sets, "network.load=0.9", "run.horizon_s=3600")
+    below = network(scenario, *sets, "network.load=0.9", "run.horizon_s=3000")
     assert below["network"]["predicted"] == "stable" and below["network"]["verdict"] != "unstable"
     assert all(e["verdict"] == "stable" for e in below["engines"])
-    above = network(scenario, *sets, "network.load=1.1", "run.horizon_s=1800")
+    above = network(scenario, *sets, "network.load=1.1", "run.horizon_s=1200")
     assert above["network"]["verdict"] == "unstable"
     grows = {e["engine"] for e in above["engines"] if e["verdict"] == "unstable"}
     assert grows == {above["network"]["bottleneck"]}

@@ -12,17 +12,23 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llmqueue.batch_time import make_batch_time  # noqa: E402
-from llmqueue.cli import main  # noqa: E402
-from llmqueue.config import parse_config  # noqa: E402
-from llmqueue.engine import Engine  # noqa: E402
-from llmqueue.errors import ConfigError  # noqa: E402
-from llmqueue.real.kvcache import KVPool  # noqa: E402
-from llmqueue.real.model import Chunk, Transformer, model_config  # noqa: E402
-from llmqueue.real.serve import Executor, MeasuredBatchTime, RealEngine, real_settings, serve  # noqa: E402
-from llmqueue.schedulers import make_scheduler  # noqa: E402
-from llmqueue.simulator import simulate  # noqa: E402
-from llmqueue.workload import Requests  # noqa: E402
+from llmqueue.batch_time import make_batch_time
+from llmqueue.cli import main
+from llmqueue.config import parse_config
+from llmqueue.engine import Engine
+from llmqueue.errors import ConfigError
+from llmqueue.real.kvcache import KVPool
+from llmqueue.real.model import Chunk, Transformer, model_config
+from llmqueue.real.serve import (
+    Executor,
+    MeasuredBatchTime,
+    RealEngine,
+    real_settings,
+    serve,
+)
+from llmqueue.schedulers import make_scheduler
+from llmqueue.simulator import simulate
+from llmqueue.workload import Requests
 
 pytestmark = pytest.mark.real
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -187,7 +193,7 @@ rate = 50
 prompt = {dist = "poisson", mean = 20}
 output = {dist = "poisson", mean = 8}
 [run]
-horizon_s = 1.0
+horizon_s = 0.6
 seed = 1
 [real]
 model = {preset = "tiny"}
@@ -212,7 +218,14 @@ def test_real_engine_summary_and_cli(tmp_path, capsys):
                  "--json"]) == 0
     capsys.readouterr()
     assert main(["engine", "validate", str(cfg_path), "--out", str(tmp_path / "v")]) == 0
-    assert "throughput_rps" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "throughput_rps" in text and "sim (run_fit)" in text
+    rows = json.loads((tmp_path / "v" / "validation.json").read_text())["rows"]
+    assert rows[0]["relative_error"]["config"]["throughput_rps"] is not None
+    # A real run's batches.csv is a calibration input too.
+    assert main(["calibrate", "--samples", str(out / "sarathi_batches.csv"), "--out", str(tmp_path / "fromrun"),
+                 "--no-plot"]) == 0
+    assert "prefill_decode+context" in capsys.readouterr().out
     assert main(["calibrate", "--config", str(cfg_path), "--prefill", "0,8,32", "--decode", "0,1,4",
                  "--context", "8,32", "--repeats", "1", "--out", str(tmp_path / "cal"), "--no-plot"]) == 0
     cal = tmp_path / "cal" / "batch_time.toml"
@@ -233,3 +246,16 @@ def test_real_engine_run_keeps_its_promises(tiny):
     assert (b["num_prefill_tokens"] + b["num_decode_tokens"]).max() <= 32
     assert np.all(b["duration"] > 0) and np.all(np.diff(b["start_time"]) > 0)
     assert run.summary["completed"] == run.summary["arrived"]
+
+
+def test_wall_clock_runs_in_real_time(tiny):
+    cfg = parse_config({"engine": {"token_budget": 32}, "workload": {"rate": 40, "prompt": {"dist": "poisson", "mean": 8},
+                                                                   "output": {"dist": "poisson", "mean": 4}},
+                        "run": {"horizon_s": 0.3, "drain": True}})
+    settings = real_settings({"model": {"preset": "tiny"}, "kv_capacity_tokens": 512, "clock": "wall",
+                              "warmup_batches": 0})
+    run = RealEngine(settings, model=tiny).run(cfg)
+    r = run.result
+    done = np.isfinite(r.finish_time)
+    assert done.all() and np.all(r.finish_time[done] >= r.arrival_time[done])
+    assert run.summary["real"]["clock"] == "wall" and run.summary["real"]["timer"] == "wall"

@@ -177,24 +177,24 @@ def test_capacity_uses_the_region_under_a_cap(capsys):
     assert "basis" not in json.loads(capsys.readouterr().out)
 
 
-def _sarathi_128(mean_prompt, mean_output, rho, horizon, seed=0):
+def _sarathi_128(mean_prompt, mean_output, rho, horizon, seed=0, records=False):
     region = stability_region(None, 128, 100)
     rate = rho / region.gauge(mean_prompt, mean_output)
     return run_config(parse_config({
         "engine": {"scheduler": "sarathi", "token_budget": 128, "max_batch_requests": 100},
         "workload": {"arrival": "poisson", "rate": rate, "prompt": {"dist": "poisson", "mean": mean_prompt},
                      "output": {"dist": "poisson", "mean": mean_output}},
-        "run": {"horizon_s": horizon, "seed": seed, "record_batches": True}}))
+        "run": {"horizon_s": horizon, "seed": seed, "record_batches": records}}))
 
 
-@pytest.mark.parametrize("shape", [(290, 990), (2000, 100)])
+@pytest.mark.parametrize("shape", [(290, 990), pytest.param((2000, 100), marks=pytest.mark.slow)])
 def test_membership_agrees_with_simulation(shape):
     """Sarathi-128 (work-conserving, and the region's types at b_max = 128 are full batches)
     keeps up clearly inside the region and falls behind clearly outside, on a decode-heavy and
     a prefill-heavy ray."""
     inside = _sarathi_128(*shape, 0.8, 1200.0)
     assert inside.summary["verdict"] == "stable", inside.summary["verdict_reason"]
-    outside = _sarathi_128(*shape, 1.15, 1200.0)
+    outside = _sarathi_128(*shape, 1.15, 900.0, records=True)
     assert outside.summary["verdict"] == "unstable", outside.summary["verdict_reason"]
     # Above the boundary the served rates sit on it (within the noise of one run).
     region = stability_region(None, 128, 100)
@@ -202,7 +202,20 @@ def test_membership_agrees_with_simulation(shape):
 
 
 def test_served_rates_needs_batch_records():
-    run = _sarathi_128(290, 990, 0.5, 20.0)
+    run = _sarathi_128(290, 990, 0.5, 20.0, records=True)
     run.result.batches = None
     with pytest.raises(ConfigError, match="run.record_batches"):
         served_rates(run.result)
+
+
+def test_prefill_chunk_limit(capsys):
+    """Beyond Theorem 10: prompts of at most L tokens need ceil(x/L) slots for x prefill tokens."""
+    plain = stability_region(None, 1024, 100)
+    assert types(stability_region(None, 1024, 100, 2000)) == types(plain)   # L >= b_max: no effect
+    assert types(stability_region(None, 1024, 100, 600)) == [(0, 100), (29, 99), (541, 99), (926, 98), (1024, 0)]
+    assert main(["region", "fig1", "--set", "engine.max_batch_requests=64"]) == 0
+    assert "needs one request to give 449 prefill tokens" in capsys.readouterr().out
+    assert main(["region", "fig1", "--set", "engine.max_batch_requests=64", "--max-chunk", "129", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_prefill_chunk"] == 129
+    assert [v["batch"]["num_prefill_tokens"] for v in out["vertices"]] == [0, 65, 452, 512]

@@ -219,7 +219,7 @@ def test_ctrl_c_and_kill_9_then_resume_with_every_point_once(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     second = _stored(store)
     assert len(first) + 2 <= len(second) < 12 and all(second[k] == v for k, v in first.items())
-    done = subprocess.run(_sweep_cmd(store), env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_sweep_cmd(store), env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert f"{len(second)} already stored, {12 - len(second)} ran ok, 0 failed" in done.stdout
     final = _stored(store)
@@ -325,7 +325,7 @@ def test_max_rate_finds_a_bracket_and_reuses_the_store(capsys, tmp_path):
         searches, n_runs = s.max_rates(), len(s.runs())
     assert len(searches) == 1
     best, worst = searches[0]["max_rate_rps"], searches[0]["failed_rate_rps"]
-    assert 0.5 * 16.71 < best < worst <= 1.1 * 16.71 and worst - best <= 0.05 * best
+    assert 0.25 * 16.71 < best < worst <= 1.1 * 16.71 and worst - best <= 0.05 * best
     seen = []
     base = config_from("theorem2", ["engine.scheduler=sarathi", "run.horizon_s=120"])
     with Store(store) as s:
@@ -345,6 +345,44 @@ def test_max_rate_refuses_rate_grids_and_traces(capsys, tmp_path):
     cfg.write_text(f'[workload]\narrival = "trace"\ntrace = "{trace}"\n')
     assert main(["max-rate", str(cfg), "--store", str(tmp_path / "m.db")]) == 2
     assert "workload.arrival = 'trace' is not allowed" in capsys.readouterr().err
+
+
+def test_max_rate_stops_on_a_run_that_errors(tmp_path):
+    """An error is not evidence of instability: the search stops, naming the run."""
+    lengths = tmp_path / "n.csv"
+    lengths.write_text("n\n" + "".join(f"{90 + i}\n" for i in range(20)))
+    prompt = f'workload.prompt={{dist="empirical", trace="{lengths}", column="n"}}'
+    base = config_from("theorem2", ["run.horizon_s=60", prompt])
+    with Store(tmp_path / "m.db") as store:
+        original = LocalExecutor.run
+
+        def run_then_lose_the_file(self, tasks, fn=run_point):
+            lengths.unlink(missing_ok=True)  # vanishes after validation, before the runs
+            yield from original(self, tasks, fn)
+
+        LocalExecutor.run = run_then_lose_the_file
+        try:
+            with pytest.raises(LlmqueueError, match=r"max-rate: the run at rate 16.7\d* req/s, seed 0 failed .*n.csv"):
+                max_rate([((), base)], [0], store, LocalExecutor(1))
+        finally:
+            LocalExecutor.run = original
+        assert store.max_rates() == [] and store.runs()[0]["status"] == "failed"
+
+
+def test_progress_bar_shows_counts_and_eta(capsys):
+    from llmqueue.cli.sweep import Bar
+
+    bar = Bar(enabled=True)
+    bar.begin(4, 2)
+    bar.step(None, {"status": "ok"})
+    bar.step(None, {"status": "failed"})
+    bar.close()
+    err = capsys.readouterr().err
+    assert "2 points already stored: skipped" in err and "2/4" in err and "1 failed" in err and "ETA 0:0" in err
+    quiet = Bar(enabled=False)
+    quiet.begin(3, 0)
+    quiet.step(None, {"status": "ok"})
+    assert capsys.readouterr().err == ""
 
 
 def test_run_tasks_with_retry_failed_only_reruns_failures(tmp_path):
@@ -368,9 +406,9 @@ def test_max_rate_on_theorem2_matches_lambda_star_for_work_conserving_schedulers
 
     with Store(tmp_path / "m.db") as store:
         good = max_rate(bases(["sarathi", "orca"]), [0, 1, 2], store, LocalExecutor(2), rel_tol=0.01)
-        bad = max_rate(bases(["fastertransformer", "vllm"]), [0, 1, 2], store, LocalExecutor(2), rel_tol=0.2)
+        bad = max_rate(bases(["fastertransformer", "vllm"]), [0, 1, 2], store, LocalExecutor(2), rel_tol=0.05)
     for r in good:
         assert r.lambda_star_rps == pytest.approx(16.71, abs=0.01)
         assert abs(r.max_rate_rps / r.lambda_star_rps - 1) <= 0.03, (r.overrides, r.max_rate_rps)
     ft, vllm = (r.max_rate_rps / r.lambda_star_rps for r in bad)
-    assert ft < 0.2 and vllm < 0.7, (ft, vllm)
+    assert ft < 0.2 and vllm < 0.9, (ft, vllm)

@@ -1,5 +1,6 @@
 """Sweeps on Ray (the optional extra ``llmqueue[ray]``), against a local Ray instance that this
-module starts (2 CPUs, no dashboard) and stops. Skipped when Ray is not installed."""
+module starts (2 CPUs, no dashboard) and stops. Skipped when Ray is not installed; the tests
+that start Ray are marked slow (CI runs them)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,15 @@ def _summaries(store: Store) -> dict:
     return {(r["config_hash"], r["seed"]): (r["status"], r["summary"], r["error"]) for r in store.runs()}
 
 
+@pytest.mark.slow  # starting Ray takes 5-20 s on the 2-core machine
 def test_ray_and_local_store_identical_results_and_failures(ray_cluster, tmp_path):
     """The same grid through local processes and through Ray: identical stored summaries; a
     point whose input file vanished after validation is a failed point in both, with its error."""
     lengths = tmp_path / "lengths.csv"
     lengths.write_text("n\n" + "".join(f"{50 + 7 * i}\n" for i in range(40)))
     base = config_from("fig1", ["run.requests=400"])
-    axes = parse_grid(["engine.scheduler=orca,vllm", "workload.rate=5,13",
-                       f'workload.prompt=[{{dist="poisson", mean=129}}, {{dist="empirical", trace="{lengths}", '
-                       'column="n"}]'])
+    prompts = f'workload.prompt=[{{dist="poisson", mean=129}}, {{dist="empirical", trace="{lengths}", column="n"}}]'
+    axes = parse_grid(["engine.scheduler=orca,vllm", "workload.rate=5,13", prompts])
     points = expand(base, axes, seed_list(2, 0))  # validated while the file exists
     lengths.unlink()
     with Store(tmp_path / "local.db") as local, Store(tmp_path / "ray.db") as remote:
@@ -58,7 +59,7 @@ def test_cli_sweeps_on_a_ray_cluster_by_address(ray_cluster, tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "llmqueue", "sweep", "fig1", "--set", "run.requests=300", "--grid",
            "engine.scheduler=orca,sarathi", "--seeds", "2", "--ray", ray_cluster, "--store", str(store)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert "4 ran ok, 0 failed, in" in done.stdout and f"on Ray ({ray_cluster})" in done.stdout
     with Store(store, readonly=True) as s:
@@ -73,7 +74,7 @@ def test_bad_ray_address_is_one_clear_error(tmp_path, capsys, monkeypatch):
     code = main(["sweep", "fig1", "--set", "run.requests=300", "--ray", "1.2.3.4:1", "--store", str(tmp_path / "s.db")])
     err = capsys.readouterr().err
     assert code == 2 and "--ray 1.2.3.4:1: cannot start or reach a Ray cluster (ConnectionError" in err
-    assert err.count("\n") == 1
+    assert err.count("\n") == 1 and not (tmp_path / "s.db").exists()  # failed before creating the store
 
 
 FIG1_GRID = ["engine.scheduler=fastertransformer,vllm,orca,sarathi", "engine.token_budget=128,256,512,1024",

@@ -5,11 +5,12 @@ of :func:`~llmqueue.simulator.simulate`, bit for bit, at a cost set by *events* 
 prefill completions, request completions) rather than by tokens.  Three exact tricks:
 
 1. **Lazy decode counts.**  A batch gives one decode token to a prefix of the decoding list
-   (every built-in policy adds decoders FCFS).  When the prefix is the whole list (the common
-   case) a round counter ``G`` goes up by one instead of touching each decoder: a decoder
-   stores the round at which it finishes (``decode_left`` holds ``G + tokens left`` while the
-   fast path runs) and a heap of those rounds says who finishes next.  A partial prefix touches
-   only the smaller side (the prefix, or the rest, whose finishing round moves back by one).
+   (every built-in policy adds decoders FCFS).  The leading "head" decoders store the round at
+   which they finish (``decode_left`` holds ``rounds + tokens left`` while the fast path runs),
+   so a batch that decodes exactly them adds one to ``rounds`` instead of touching each; a
+   calendar (round -> requests, plus a heap of rounds) says who finishes next.  When the prefix
+   differs from the head only the decoders in between move (or the smaller of the prefix and
+   the rest has its rounds shifted by one), so a batch costs O(change), not O(decoders).
 2. **Plans as counts.**  A policy's batch is (how many leading decoders get a token, the
    prefill chunks of the leading prefilling requests), computed by the policy's own rules from
    the queues without building a decode list.  Only the exact scheduler classes in
@@ -53,9 +54,10 @@ FAST_POLICIES: dict[type, int] = {
     Sarathi: SARATHI, Orca: ORCA, VanillaVLLM: VLLM, FasterTransformer: FASTERTRANSFORMER, VLLMv1: VLLM_V1,
 }
 
-# perf: stretches longer than this take the numpy path; a Python loop of float adds costs
-# ~0.1 µs per batch, a cumsum call ~5 µs plus ~2 ns per batch.
-_NUMPY_STRETCH = 48
+# perf: stretches longer than this take the numpy path.  Measured (timeit, shared 2-core VM, noisy):
+# the Python loop of adds and appends ~0.1 µs per batch up to ~200 batches, ~0.5 µs at 10,000;
+# _stretch ~60 µs per call plus ~0.3 µs per batch (tolist, extend); equal near a few hundred.
+_NUMPY_STRETCH = 256
 _INF = float("inf")
 _NO_CAP = 1 << 62
 
@@ -162,8 +164,9 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
     violations = engine.violations
     # Lazy decode counts.  dec[:head] are "head" decoders: decode_left holds the round at which
     # each finishes (> rounds).  dec[head:] are "tail" decoders: decode_left holds -(tokens left).
-    # A batch that decodes dec[:n] first moves the boundary to n (converting only the decoders
-    # between the old and the new boundary), then advances ``rounds`` by one.
+    # A batch that decodes dec[:n] with n >= head first moves the boundary up to n, then advances
+    # ``rounds`` by one; with n < head either the n leading decoders move one round earlier or
+    # the other head decoders one round later, whichever are fewer.
     rounds = 0
     head = 0
     for r in dec:
@@ -237,7 +240,7 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
         demand = total_prefill + num_dec
         if num_tokens < 1 or num_tokens > budget:
             raise InternalError(f"{engine.scheduler!r} planned {num_tokens} tokens with demand {demand}")
-        cap_active = kmax is not None and in_engine > kmax
+        cap_active = in_engine > cap  # (cap is _NO_CAP without k_max)
         if cap_active:
             shares = heapq.nlargest(kmax, (r.prefill_left for r in pre))
             bound = min(budget, sum(shares) + min(kmax - len(shares), num_dec))
@@ -259,7 +262,11 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
             head = n
 
         # A quiet stretch: how many batches from this one on are identical and finish nothing.
-        if detail is None and (not cap_active or not pre):
+        # perf: first the cheap test that a second batch would start before the next arrival.
+        lim = arrivals[i] if i < n_arr else _INF
+        if horizon < lim:  # noqa: PLR1730
+            lim = horizon
+        if now + duration < lim and detail is None and (not cap_active or not pre):
             quiet = _NO_CAP
             for r, c in chunks:
                 q = (r.prefill_left - 1) // c
@@ -272,16 +279,13 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
                     for r in dec[n:head]:
                         r.decode_left = rounds - r.decode_left
                     head = n
-                while pending:  # the next round at which a head decoder finishes (skip stale ones)
-                    key = pending[0]
-                    if key > rounds and any(r.decode_left == key for r in calendar[key]):
-                        break
+                # The next round at which a head decoder may finish: a stale round only shortens
+                # the stretch (the batch there is then run singly and finishes nothing).
+                while pending[0] <= rounds:
                     calendar.pop(heappop(pending), None)
                 q = pending[0] - rounds - 1
                 quiet = min(quiet, q)
             if quiet >= 2:
-                lim = arrivals[i] if i < n_arr else _INF
-                lim = min(lim, horizon)
                 if quiet <= _NUMPY_STRETCH:
                     m, s = 0, now
                     while m < quiet and s < lim:
@@ -306,7 +310,10 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
                 if progress is not None and len(ends) >= next_report:
                     progress(now, base + i)
                     next_report = len(ends) + 2000
-                continue
+                if chunks or m < quiet or now >= lim:
+                    continue
+                # perf: a decode-only stretch that ended at a finishing round, before any arrival:
+                # the next batch is the same batch, so run it now (one loop turn less per finish).
 
         # One batch.
         if num_tokens != bound:
@@ -332,10 +339,17 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
                     else:
                         bucket.append(r)
             else:
-                if n < head:
-                    for r in dec[n:head]:
-                        r.decode_left = rounds - r.decode_left
-                    head = n
+                # perf: the rest of the head misses this round: its rounds move one later (they stay
+                # head, so a policy that shrinks n for one batch, like Orca, pays once, not twice).
+                for r in dec[n:head]:
+                    key = r.decode_left + 1
+                    r.decode_left = key
+                    bucket = calendar.get(key)
+                    if bucket is None:
+                        calendar[key] = [r]
+                        heappush(pending, key)
+                    else:
+                        bucket.append(r)
                 rounds += 1
                 finished = calendar.pop(rounds, ())
                 while pending and pending[0] <= rounds:
@@ -371,7 +385,7 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
                     else:
                         j = len(dec)
                         dec.append(r)
-                    if j < head:  # joins the head: it finishes `left` rounds from now
+                    if j <= head:  # joins the head: it finishes `left` rounds from now
                         head += 1
                         key = rounds + left
                         r.decode_left = key

@@ -186,9 +186,11 @@ def plot_max_rate_vs_budget(searches: Sequence[dict], rows: Sequence[dict], path
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
     budgets = sorted(star)
     ax.plot(budgets, [star[b] for b in budgets], "k--", linewidth=1.5, label="λ* (Theorem 2)")
-    for name, points in sorted(best.items()):
+    styles = [("-", "o", 7), ("--", "s", 6), ("-.", "^", 5), (":", "D", 4)]
+    for i, (name, points) in enumerate(sorted(best.items())):
         xs = sorted(points)
-        ax.plot(xs, [points[b] for b in xs], "-o", label=name)
+        line, marker, size = styles[i % len(styles)]  # equal curves (orca, sarathi) stay visible
+        ax.plot(xs, [points[b] for b in xs], linestyle=line, marker=marker, markersize=size, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("token budget b_max")
@@ -196,4 +198,34 @@ def plot_max_rate_vs_budget(searches: Sequence[dict], rows: Sequence[dict], path
     ax.set_title(f"Max stable rate vs token budget ({source})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, detail: str | None = None) -> Path:
+    """Network backlog (tokens) over time, one line per labelled run (docs/network.md, PAPER.md §6);
+    with ``detail`` (a label), a second panel shows that run's backlog engine by engine.
+
+    ``series`` maps a label to :func:`llmqueue.network.network_timeseries` output.
+    """
+    fig, axes = plt.subplots(1, 2 if detail else 1, figsize=(13 if detail else 9, 5), dpi=120, squeeze=False)
+    ax = axes[0, 0]
+    for i, (label, s) in enumerate(series.items()):
+        ax.plot(s["time_s"], s["total_backlog_tokens"], ["-", "--", "-.", ":"][i % 4], linewidth=1.4, label=label)
+    ax.set_yscale("symlog", linthresh=1e4)
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("network backlog (tokens)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if detail:
+        ax = axes[0, 1]
+        s = series[detail]
+        for name, values in s.items():
+            if name.endswith("_backlog_tokens") and name != "total_backlog_tokens":
+                ax.plot(s["time_s"], values, linewidth=1.2, label=name.removesuffix("_backlog_tokens"))
+        ax.set_xlabel("simulated time (s)")
+        ax.set_ylabel("backlog at the engine (tokens)")
+        ax.set_title(f"{detail}: engine by engine", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, path)

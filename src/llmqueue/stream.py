@@ -7,10 +7,11 @@ It returns counts, throughputs and latency means and maxima (no percentiles, no 
 verdict: those need the per-request and per-batch arrays that :func:`~llmqueue.simulator.simulate`
 keeps).
 
-The chunks give the same requests as :meth:`Workload.generate` wherever numpy draws each value
-from its stream in turn (exponential, gamma, Poisson, normal and log-normal laws: every arrival
-process and every length law except ``uniform`` and ``empirical``, whose bounded-integer draws are
-buffered); a replayed trace is sliced, so it is always the same.
+The chunks are the requests :meth:`Workload.generate` draws for the same seed: arrival times
+restart their cumulative sum from the last time (the same sequential additions), and numpy's
+samplers give the same values drawn in pieces as in one call (tests/test_fastpath.py checks every
+arrival process with Poisson, geometric, fixed, log-normal and uniform lengths); a replayed trace
+is sliced.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 import time as _time
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -73,13 +74,15 @@ def request_chunks(workload: Workload, seed: int, *, num_requests: int | None = 
 
 
 def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *, horizon_s: float | None = None,
-                    drain: bool = False) -> dict:
+                    drain: bool = False, progress: Callable[[float, int], None] | None = None) -> dict:
     """Run the request chunks through ``engine`` keeping running totals only; a summary dict.
 
     Horizons as :func:`~llmqueue.simulator.simulate`: ``horizon_s``, ``drain``, or (neither)
     the last arrival.  Counts (arrived, completed, rejected, batches, violations) and token
     throughput equal those of :func:`~llmqueue.metrics.summarize` on the same run; the latency
     means agree up to the order of floating-point summation.  Only engines with a fast path stream.
+    ``engine.rejected`` is emptied as it is counted.  ``progress`` is called once per chunk with
+    (the chunk's last arrival time, requests drawn so far).
     """
     reason = fallback_reason(engine)
     if reason is not None:
@@ -132,11 +135,11 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
             t["ttft_sum"] += float(ttft.sum())
             t["ttft_max"] = max(t["ttft_max"], float(ttft.max()))
         admitted[:] = still
-        k = len(ends) if final else bisect_right(ends, bound)
-        done = bisect_right(ends, bound)
+        k = len(ends) if final else bisect_right(ends, bound)  # batches folded now
+        by_t = bisect_right(ends, bound)                        # of which ended by T
         t["batches"] += k
         t["batch_tokens"] += sum(tokens[:k])
-        t["processed"] += sum(tokens[:done])
+        t["processed"] += sum(tokens[:by_t])
         del ends[:k], tokens[:k]
 
     def more():
@@ -149,6 +152,8 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
         # Anything finished by an arrival time is finished by T (T >= every arrival).
         fold(min(fixed, last_arrival), False)
         t["arrived"] += len(times)
+        if progress is not None:
+            progress(last_arrival, t["arrived"])
         horizon = fixed
         if not drain and horizon_s is None:  # T = the last arrival: known with the last chunk
             horizon = last_arrival if ahead is None else math.inf

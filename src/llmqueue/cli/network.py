@@ -1,4 +1,4 @@
-"""Network commands (PAPER.md §6): ``llmqueue network simulate|capacity CONFIG``.
+"""Network commands (PAPER.md §6): ``llmqueue network simulate|capacity|compare CONFIG``.
 
 ``llmqueue simulate`` and ``llmqueue capacity`` hand a network config (one with
 ``[[engines]]``) to these commands, so either spelling works.
@@ -22,6 +22,7 @@ from llmqueue.cli.common import (
 )
 from llmqueue.network import (
     analyze_network,
+    compare_policies,
     is_network_source,
     load_network,
     network_timeseries,
@@ -29,7 +30,7 @@ from llmqueue.network import (
     summarize_network,
 )
 
-__all__ = ["cmd_capacity", "cmd_simulate", "is_network_source", "register"]
+__all__ = ["cmd_capacity", "cmd_compare", "cmd_simulate", "is_network_source", "register"]
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -92,6 +93,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
     try:
         result = simulate_network(net, progress=lambda now: progress("network", min(now / net.horizon_s, 1.0)))
+    except KeyboardInterrupt:
+        print("interrupted before the run finished (nothing written)", file=sys.stderr)
+        return 130
     finally:
         progress.done()
     s = summarize_network(result)
@@ -126,8 +130,44 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    done: list[dict] = []
+    progress = Progress(sys.stderr.isatty() and not args.json)
+
+    def on_done(summary: dict) -> None:
+        progress.done()
+        done.append(summary)
+        if out:  # rewritten as each policy finishes: an interrupted comparison keeps what finished
+            write_json(out / "summary.json", {"runs": done})
+
+    try:
+        compare_policies(args.config, args.set, policies, on_done)
+    except KeyboardInterrupt:
+        progress.done()
+        print("interrupted: the table shows the policies that finished", file=sys.stderr)
+    if not done:
+        return 130
+    if args.json:
+        print(json.dumps({"runs": done}, default=float))
+        return 0
+    classes = [c["class"] for c in done[0]["classes"]]
+    head = ("policy", "verdict", "slope tok/s", "peak backlog", "jobs done",
+            *(f"{c} E2E p50/p99" for c in classes))
+    rows = [(s["policy"], s["network"]["verdict"], fmt(s["network"]["backlog_slope_tokens_per_s"], 1),
+             str(s["network"]["peak_backlog_tokens"]), str(s["network"]["jobs_completed"]),
+             *(f"{fmt(c['e2e_s']['p50'])} / {fmt(c['e2e_s']['p99'])}" for c in s["classes"])) for s in done]
+    print(f"horizon {done[0]['horizon_s']:g} s, seed {done[0]['seed']}, {done[0]['network']['jobs_arrived']} jobs "
+          "(the same for every policy)\n")
+    print(_table(head, rows))
+    return 0
+
+
 def register(sub) -> None:
-    p = sub.add_parser("network", help="networks of engines and delay stations (paper §5): simulate, capacity")
+    p = sub.add_parser("network", help="networks of engines and delay stations (paper §5): simulate, capacity, compare")
     nsub = p.add_subparsers(dest="network_command", required=True)
     s = nsub.add_parser("simulate", help="simulate a network config (or scenario: rybko-stolyar, fork-join, ...)")
     s.add_argument("config")
@@ -140,3 +180,11 @@ def register(sub) -> None:
     add_overrides(k)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_capacity)
+    c = nsub.add_parser("compare", help="the same jobs under each per-engine policy (every engine set to it)")
+    c.add_argument("config")
+    c.add_argument("--policies", default="config,fcfs,max-pressure",
+                   help="comma-separated: config (as configured), fcfs, priority, max-pressure")
+    add_overrides(c)
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--out", help="write summary.json here (updated as each policy finishes)")
+    c.set_defaults(func=cmd_compare)

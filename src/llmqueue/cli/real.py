@@ -138,30 +138,44 @@ def cmd_engine_validate(args: argparse.Namespace) -> int:
         print(f"recalibrated just before the runs: {fit.name}, R² {fit.r2:.4f}, "
               + ", ".join(f"{k} = {v:.4g}" for k, v in fit.batch_time.to_dict().items() if k != "model"))
     rows: list[dict] = []
+    keys = ("scheduler", "real", "sim", "relative_error", "batch_time")
 
     def on_done(row: dict) -> None:
         rows.append(row)
-        write_json(out / "validation.json", {"config": cfg.portable(), "rows": [
-            {k: row[k] for k in ("scheduler", "sim", "real", "relative_error")} for row in rows]})
+        write_json(out / "validation.json", {"config": cfg.portable(), "rows": [{k: r[k] for k in keys} for r in rows]})
 
-    validate(cfg, engine, names, on_done)
+    try:
+        validate(cfg, engine, names, refit=not args.no_refit, on_done=on_done)
+    except KeyboardInterrupt:
+        if not rows:
+            print("interrupted before any scheduler finished", file=sys.stderr)
+            return 130
+        print(f"interrupted: {out / 'validation.json'} and the table hold the schedulers that finished",
+              file=sys.stderr)
     if args.json:
         print(json.dumps([{k: r[k] for k in ("scheduler", "relative_error")} for r in rows], default=float))
         return 0
     print(_real_line(rows[0]["real"]))
-    print(analysis_line(rows[0]["sim_run"]))
-    head = ("scheduler", "quantity", "simulator", "real", "error")
+    print(analysis_line(rows[0]["sim_runs"]["config"]))
+    sims = list(rows[0]["sim"])
+    head = ("scheduler", "quantity", "real", *(f"sim ({k})" for k in sims), *(f"error ({k})" for k in sims))
     lines = [head]
     for r in rows:
         for label, get in QUANTITIES:
-            err = r["relative_error"][label]
-            lines.append((r["scheduler"], label, fmt(get(r["sim"]), 3), fmt(get(r["real"]), 3),
-                          "-" if err is None else f"{err * 100:+.1f}%"))
+            errs = [r["relative_error"][k][label] for k in sims]
+            lines.append((r["scheduler"], label, fmt(get(r["real"]), 3), *(fmt(get(r["sim"][k]), 3) for k in sims),
+                          *("-" if e is None else f"{e * 100:+.1f}%" for e in errs)))
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     for i, x in enumerate(lines):
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(x, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    for r in rows:
+        if "run_fit" in r["batch_time"]:
+            bt = r["batch_time"]["run_fit"]
+            print(f"{r['scheduler']}: run_fit = prefill_decode fitted to the real run's {r['real']['batches']} batches, "
+                  f"R² {bt['r2']:.3f}: c {bt['c_ms']:.3f} ms, prefill {bt['prefill_ms_per_token']:.4f}, decode "
+                  f"{bt['decode_ms_per_token']:.4f} ms/token, context {bt['context_ms_per_token']:.3g} ms/pair")
     print(f"\nwrote {out / 'validation.json'}")
     return 0
 
@@ -182,10 +196,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     header: list[str] = []
     cfg = None
     if args.config:
-        if args.vidur_model or args.samples:
+        if args.vidur_model or args.samples:   # numpy only: the [real] table is not needed
             from llmqueue.cli.common import config_from
+            from llmqueue.real import split_engine_config
 
-            cfg = config_from(args.config, args.set)
+            cfg = split_engine_config(args.config, args.set)[0] if Path(args.config).exists() \
+                else config_from(args.config, args.set)
         else:
             require_torch()
             from llmqueue.real.serve import load_engine_config
@@ -228,8 +244,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         context = context or list(DEFAULT_CONTEXT)
         points = grid_points(prefill, decode, context, budget)
         progress = Progress(sys.stderr.isatty() and not args.json)
-        samples = measure(model, points, TIMERS[settings.timer], repeats=args.repeats, seed=args.seed,
-                          progress=lambda done, total: progress("calibration", done / total))
+        try:
+            samples = measure(model, points, TIMERS[settings.timer], repeats=args.repeats, seed=args.seed,
+                              progress=lambda done, total: progress("calibration", done / total))
+        except KeyboardInterrupt:
+            progress.done()
+            print("interrupted: nothing fitted (measurements are kept only for a finished grid)", file=sys.stderr)
+            return 130
         progress.done()
         c = model.config
         header.append(f"measured by llmqueue calibrate on the real CPU engine: {c.num_params / 1e6:.1f} M params, "
@@ -293,6 +314,8 @@ def register(sub) -> None:
     v.add_argument("--calibrate", action="store_true",
                    help="first re-measure the batch-time model on this machine now (grid up to the budget) and "
                         "simulate with that fit instead of the config's")
+    v.add_argument("--no-refit", action="store_true",
+                   help="skip the second simulation with a model fitted to the real run's own batches")
     v.add_argument("--json", action="store_true")
     add_overrides(v)
     v.set_defaults(func=cmd_engine_validate)

@@ -50,14 +50,24 @@ def region_lines(region: Region, pos: Position, mean_prompt_len: float, mean_out
     ]
     if region.max_prefill_chunk is not None:
         lines.append(f"(types limited to {region.max_prefill_chunk} prefill tokens per request and batch)")
-    elif cap is not None:
-        chunk = max((v.batch.num_prefill_tokens for v in pos.edge
-                     if v.batch is not None and v.batch.num_decode_tokens == cap - 1), default=0)
-        if chunk > mean_prompt_len:
-            lines.append(f"note: that edge needs one request to give {chunk} prefill tokens to a batch, more than "
-                         f"the mean prompt ({mean_prompt_len:.0f}); with shorter prompts the reachable region is "
-                         f"smaller (see --max-chunk)")
     return lines
+
+
+def chunk_note(cfg, region: Region, pos: Position, mean_prompt_len: float, mean_output_len: float) -> str | None:
+    """When the crossed edge needs one request to give more prefill tokens than the mean prompt,
+    how much λ* drops if chunks were limited to the mean prompt (docs/region.md)."""
+    cap = region.max_batch_requests
+    if cap is None or region.max_prefill_chunk is not None:
+        return None
+    chunk = max((v.batch.num_prefill_tokens for v in pos.edge
+                 if v.batch is not None and v.batch.num_decode_tokens == cap - 1), default=0)
+    if chunk <= mean_prompt_len:
+        return None
+    limit = max(1, round(mean_prompt_len))
+    limited = region_of(cfg, limit).locate(pos.max_stable_rate_rps, mean_prompt_len, mean_output_len)
+    return (f"note: the crossed edge needs one request to give {chunk} prefill tokens to a batch, more than the "
+            f"mean prompt ({mean_prompt_len:.0f}); with chunks of at most {limit} tokens (`region --max-chunk {limit}`) "
+            f"λ* would be {limited.max_stable_rate_rps:.4f} requests/s")
 
 
 def capacity_report(cfg, analysis, as_json: bool) -> int:
@@ -80,6 +90,11 @@ def capacity_report(cfg, analysis, as_json: bool) -> int:
           f"ρ = {a.rho:.4f}")
     for line in region_lines(region, pos, a.mean_prompt_len, a.mean_output_len):
         print(line)
+    note = chunk_note(cfg, region, pos, a.mean_prompt_len, a.mean_output_len)
+    if note:
+        print(note)
+    for note in a.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -93,7 +108,6 @@ def cmd_region(args: argparse.Namespace) -> int:
     region = region_of(cfg, args.max_chunk)
     pos = region.locate(a.arrival_rate, a.mean_prompt_len, a.mean_output_len)
     achieved = []
-    names = []
     if simulate:
         names = [n.strip() for n in (args.schedulers or cfg.engine["scheduler"]).split(",") if n.strip()]
         for n in names:
@@ -113,6 +127,9 @@ def cmd_region(args: argparse.Namespace) -> int:
     else:
         for line in region_lines(region, pos, a.mean_prompt_len, a.mean_output_len):
             print(line)
+        note = chunk_note(cfg, region, pos, a.mean_prompt_len, a.mean_output_len)
+        if note:
+            print(note)
         for r in achieved:
             print(f"{r['scheduler']} served ({r['prefill_tokens_per_s']:.1f}, {r['decode_tokens_per_s']:.1f}) tokens/s "
                   f"over the second half of the run: {r['verdict']}")

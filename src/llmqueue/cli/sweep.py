@@ -14,7 +14,7 @@ from llmqueue.cli.common import add_overrides, config_from, fmt
 from llmqueue.errors import LlmqueueError
 from llmqueue.sweep import DEFAULT_STORE, Store, expand, make_executor, parse_grid, parse_slo, seed_list
 from llmqueue.sweep.driver import SweepStats, sweep
-from llmqueue.sweep.results import tidy, varying, where, write_csv, write_parquet
+from llmqueue.sweep.results import flatten, tidy, varying, where, write_csv, write_parquet
 
 EXIT_INTERRUPTED = 130
 PLOT_KINDS = ("stability-map", "latency-vs-load", "max-rate-vs-budget")
@@ -56,6 +56,7 @@ class Bar:
 
     def close(self) -> None:
         if self.enabled and self.total:
+            self.draw(force=True)  # the last state, e.g. where Ctrl-C stopped it
             sys.stderr.write("\n")
             sys.stderr.flush()
 
@@ -101,7 +102,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     executor = _executor(args)
     bar = Bar(sys.stderr.isatty())
     start = time.monotonic()
-    with Store(args.store) as store, _sigterm_as_interrupt():
+    executor.connect()  # a bad --ray address fails before the store is created
+    with contextlib.closing(executor), Store(args.store) as store, _sigterm_as_interrupt():
         try:
             stats = sweep(points, store, executor, retry_failed=args.retry_failed, on_start=bar.begin,
                           on_result=bar.step)
@@ -142,7 +144,8 @@ def cmd_max_rate(args: argparse.Namespace) -> int:
     bases = [(p.overrides, p.config) for p in expand(base, axes, [base.run.seed])]
     executor = _executor(args)
     bar = Bar(sys.stderr.isatty() and not args.json)
-    with Store(args.store) as store, _sigterm_as_interrupt():
+    executor.connect()
+    with contextlib.closing(executor), Store(args.store) as store, _sigterm_as_interrupt():
         try:
             results = max_rate(bases, seeds, store, executor, slos=slos, rel_tol=args.rel_tol,
                                on_start=bar.begin, on_result=bar.step)
@@ -166,17 +169,18 @@ def cmd_max_rate(args: argparse.Namespace) -> int:
 
 def _max_rate_table(results) -> str:
     keys = [k for k, _ in results[0].overrides] if results else []
-    head = (*keys, "max stable req/s", "fails at", "λ* (Thm 2)", "ratio", "probes")
+    head = (*keys, "max stable req/s", "fails at", "λ* (Thm 2)", "ratio", "probes", "why it fails there")
     rows = [head]
     for r in results:
         best = "none found" if r.max_rate_rps is None else f"{r.max_rate_rps:.3f}"
         failed = "none found" if r.failed_rate_rps is None else f"{r.failed_rate_rps:.3f}"
         ratio = "-" if r.max_rate_rps is None else f"{r.max_rate_rps / r.lambda_star_rps:.3f}"
+        why = next((p.reason.split("; ")[0] for p in r.probes if p.rate_rps == r.failed_rate_rps), "-")
         rows.append((*(str(v) for _, v in r.overrides), best, failed, f"{r.lambda_star_rps:.3f}", ratio,
-                     str(len(r.probes))))
+                     str(len(r.probes)), why))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i < len(keys) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = ["  ".join(c.ljust(w) if i < len(keys) or i == len(head) - 1 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -190,7 +194,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.max_rate:
         with Store(args.store, readonly=True) as store:
             rows = store.max_rates()
-        flat = [{**{f"{k}": v for k, v in _flat_config(r["config"]).items()}, "seeds": json.dumps(r["seeds"]),
+        flat = [{**_flat_config(r["config"]), "seeds": json.dumps(r["seeds"]),
                  "slos": json.dumps(r["slos"]), "rel_tol": r["rel_tol"], "max_rate_rps": r["max_rate_rps"],
                  "failed_rate_rps": r["failed_rate_rps"], "lambda_star_rps": r["lambda_star_rps"],
                  "version": r["version"], "finished_at": r["finished_at"]} for r in rows]
@@ -210,8 +214,6 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def _flat_config(config: dict) -> dict:
-    from llmqueue.sweep.results import flatten
-
     flat = flatten(config)
     flat.pop("run.seed", None)
     return flat
@@ -221,6 +223,7 @@ def _results_table(rows: list[dict], max_rate: bool) -> str:
     if not rows:
         return "no rows"
     keys = varying(rows)
+    rows = sorted(rows, key=lambda r: [_order(r.get(k)) for k in (*keys, "seed")])
     tail = (("max_rate_rps", "failed_rate_rps", "lambda_star_rps") if max_rate else
             ("seed", "status", "verdict", "rho", "throughput_rps", "ttft_s.p99", "e2e_s.p99"))
     cols = [*keys, *tail]
@@ -229,6 +232,13 @@ def _results_table(rows: list[dict], max_rate: bool) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + f"\n{len(rows)} rows"
+
+
+def _order(v) -> tuple:
+    """Numbers by value, then text: rows of a grid in grid order whatever the types."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, v, "")
+    return (1, 0, "" if v is None else str(v))
 
 
 def _cell(v) -> str:
@@ -248,6 +258,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.kind == "max-rate-vs-budget":
         with Store(args.store, readonly=True) as store:
             searches = store.max_rates()
+        if not searches and not rows:
+            raise LlmqueueError(f"store {args.store}: no max-rate searches and no successful runs to plot")
         path = plots.plot_max_rate_vs_budget(searches, rows, out)
     elif not rows:
         raise LlmqueueError(f"store {args.store}: no successful runs to plot" + (" (after --where)" if args.where else ""))

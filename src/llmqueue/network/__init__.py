@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from llmqueue.errors import ConfigError
 from llmqueue.network.analysis import NetworkAnalysis, analyze_network
 from llmqueue.network.metrics import network_timeseries, summarize_network
 from llmqueue.network.model import (
+    POLICIES,
     Network,
     is_network_data,
     is_network_source,
@@ -25,6 +29,29 @@ def run_network(net: Network, **kwargs) -> dict:
     return summarize_network(simulate_network(net, **kwargs))
 
 
-__all__ = ["Network", "NetworkAnalysis", "NetworkResult", "analyze_network", "is_network_data", "is_network_source",
+def compare_policies(source: str, overrides: list[str], policies: list[str],
+                     on_done: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run the config once per policy, every engine set to it (``config``: as configured).
+
+    Same seed, so the same jobs for every policy (common random numbers).  Each summary gets
+    a ``policy`` key; ``on_done`` is called as each finishes.
+    """
+    allowed = ("config", *POLICIES)
+    for policy in policies:
+        if policy not in allowed:
+            raise ConfigError("--policies", policy, f"a comma-separated list of {', '.join(allowed)}")
+    engines = [e.name for e in load_network(source, overrides).engines]
+    out = []
+    for policy in policies:
+        sets = [*overrides, *([] if policy == "config" else [f"engines.{e}.policy={policy}" for e in engines])]
+        summary = {"policy": policy, **run_network(load_network(source, sets))}
+        out.append(summary)
+        if on_done is not None:
+            on_done(summary)
+    return out
+
+
+__all__ = ["Network", "NetworkAnalysis", "NetworkResult", "analyze_network", "compare_policies", "is_network_data",
+           "is_network_source",
            "load_network", "network_timeseries", "parse_network", "run_network", "simulate_network",
            "summarize_network"]

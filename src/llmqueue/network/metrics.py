@@ -126,7 +126,7 @@ def summarize_network(result: NetworkResult) -> dict:
     second, last = b[q:2 * q].max(initial=0), b[3 * q:].max(initial=0)
     return {
         "horizon_s": T,
-        "seed": net.seed,
+        "seed": result.seed,
         "network": {
             "verdict": name, "verdict_reason": reason, "predicted": a.prediction(),
             "backlog_slope_tokens_per_s": trend.slope if trend else None,

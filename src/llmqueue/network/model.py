@@ -188,6 +188,7 @@ def _name(table: Mapping[str, Any], where: str, taken: dict[str, str]) -> str:
 
 def parse_network(data: Mapping[str, Any], base_dir: Path | None = None) -> Network:
     """Validate a network config mapping into a :class:`Network` (routes checked, rates scaled)."""
+    # routes and analysis build on this module's types, so they are imported here, not at the top
     from llmqueue.network.analysis import analyze_network
     from llmqueue.network.routes import Route
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmqueue.errors import ConfigError
+from llmqueue.errors import ConfigError, InternalError
 from llmqueue.network.model import EXIT, ClassSpec, Hop, Network
 
 MAX_STATES = 200_000
@@ -233,11 +233,15 @@ class Route:
                     todo.append(a)
         stuck = [s for s in range(len(states)) if s not in ok]
         if stuck:
-            h = states[stuck[0]][0]
-            raise ConfigError(self._hop_field(h, "next"), self.hops[h].id,
-                              "a route that can always still reach exit: from this hop the job can never leave "
-                              "(a cycle without an exit probability; give next a list with p, or a loop "
-                              "with rounds or continue_p < 1)")
+            # name the hop that closes the cycle: the source of a back edge between stuck states
+            back_edges = [a for a, b, _, _ in self.edges if a not in ok and b not in ok and b <= a]
+            hop = self.hops[states[(back_edges or stuck)[0]][0]]
+            names = [("exit" if t == EXIT else self.hops[t].id) for t in (hop.targets or hop.fork)]
+            key = "next" if hop.targets else "fork"
+            raise ConfigError(self._hop_field(hop.index, key), names[0] if len(names) == 1 else names,
+                              f"a way out: after hop '{hop.id}' the job can never leave (a cycle without an exit "
+                              "probability; give next a list with p that reaches exit, or a loop with rounds "
+                              "or continue_p < 1)")
 
     @property
     def states(self) -> list[tuple[int, Counters]]:
@@ -265,7 +269,7 @@ class Route:
         total = [0]
         seg, _, end = self._walk(0, (), 0, streams, total)
         if end != EXIT:
-            raise AssertionError("validated routes end at exit")  # pragma: no cover
+            raise InternalError(f"{self.field}: a sampled route ended at hop {end}, not at exit")
         return seg, total[0]
 
     def _choose(self, outcomes: list[Outcome], u: float) -> Outcome:

@@ -35,6 +35,7 @@ from llmqueue.network.routes import Segment
 from llmqueue.request import Request
 from llmqueue.schedulers import make_scheduler
 from llmqueue.simulator import BATCH_COLUMNS, Result
+from llmqueue.workload import make_arrivals
 
 ARRIVAL, BATCH_END, DELAY_END = 0, 1, 2
 Jobs = list[list[tuple[float, Segment, int]]]   # per class: (entry time, root segment, total tokens)
@@ -80,8 +81,7 @@ def generate_jobs(net: Network, seed: int, horizon_s: float) -> Jobs:
     for k, (cls, route) in enumerate(zip(net.classes, net.routes)):
         seq = np.random.SeedSequence([int(seed), k])
         arrival_seq, route_seq = seq.spawn(2)
-        process = type(cls.arrivals)(*(net.rates[k] if key == "rate" else getattr(cls.arrivals, key)
-                                       for key in cls.arrivals.keys), field=cls.field)
+        process = make_arrivals({**cls.arrivals.to_dict(), "rate": net.rates[k]}, field=cls.field)
         times = process.sample(np.random.default_rng(arrival_seq), horizon_s=horizon_s).tolist()
         streams = route.streams(route_seq)
         jobs.append([(t, *route.sample(streams)) for t in times])
@@ -147,6 +147,7 @@ class NetworkResult:
     job_exit_time: np.ndarray            # NaN: not yet (or rejected)
     job_tokens: np.ndarray
     job_rejected: np.ndarray
+    seed: int = 0
     wall_s: float = 0.0
 
     def engine_result(self, j: int) -> Result:
@@ -298,6 +299,7 @@ def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float 
     last = sim.run(jobs, float("inf") if drain else horizon_s, progress)
     end_time = max(last, horizon_s) if drain else horizon_s
     result = _collect(sim, analysis, end_time)
+    result.seed = seed
     result.wall_s = _time.perf_counter() - started
     return result
 

@@ -9,7 +9,11 @@ See docs/real_engine.md.
 
 from __future__ import annotations
 
-from llmqueue.errors import LlmqueueError
+from collections.abc import Sequence
+from pathlib import Path
+
+from llmqueue.config import Config, parse_config, parse_override, parse_toml, set_dotted
+from llmqueue.errors import ConfigError, LlmqueueError
 
 INSTALL_HINT = "install the cpu extra: pip install 'llmqueue[cpu]'"
 
@@ -21,3 +25,20 @@ def require_torch():
     except ImportError:
         raise LlmqueueError(INSTALL_HINT) from None
     return torch
+
+
+def split_engine_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, dict]:
+    """An engine config: the simulator's tables (validated) and the raw ``[real]`` table;
+    ``--set`` overrides reach both.  Needs no torch."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError("config", str(p), "an existing, readable UTF-8 TOML file") from None
+    data = parse_toml(text, str(p))
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    real = data.pop("real", {})
+    if not isinstance(real, dict):
+        raise ConfigError("real", real, "a table")
+    return parse_config(data, p.resolve().parent), real

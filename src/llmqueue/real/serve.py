@@ -29,10 +29,11 @@ import torch
 
 from llmqueue.batch_time import BatchTime
 from llmqueue.checks import integer
-from llmqueue.config import Config, parse_config, parse_override, parse_toml, set_dotted
+from llmqueue.config import Config
 from llmqueue.engine import Engine
 from llmqueue.errors import ConfigError, InternalError
 from llmqueue.metrics import summarize
+from llmqueue.real import split_engine_config
 from llmqueue.real.kvcache import KVPool
 from llmqueue.real.model import Chunk, ModelConfig, Transformer, model_config
 from llmqueue.request import Request
@@ -102,18 +103,8 @@ def real_settings(spec: Mapping | None, field: str = "real") -> RealSettings:
 
 def load_engine_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, RealSettings]:
     """An engine config: the simulator's tables plus ``[real]``; ``--set`` overrides reach both."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        raise ConfigError("config", str(p), "an existing, readable UTF-8 TOML file") from None
-    data = parse_toml(text, str(p))
-    for item in overrides:
-        set_dotted(data, *parse_override(item))
-    real = data.pop("real", {})
-    if not isinstance(real, dict):
-        raise ConfigError("real", real, "a table")
-    return parse_config(data, p.resolve().parent), real_settings(real)
+    config, real = split_engine_config(path, overrides)
+    return config, real_settings(real)
 
 
 def load_model(settings: RealSettings, base_dir=None) -> Transformer:

@@ -1,16 +1,22 @@
 """Simulator versus real engine on the same arrivals (docs/real_engine.md, Validation).
 
-The simulator runs the config's batch-time model (the calibrated one); the real engine runs
-the same generated requests with the same scheduler.  Errors are relative: (sim − real) / real.
+The real engine runs the config's generated requests with each scheduler; the simulator runs
+the same requests with the config's batch-time model (normally a grid calibration) and, with
+``refit``, also with a ``prefill_decode`` + context model fitted to the real run's own batches
+(which separates the queueing model's error from the calibration's drift on a noisy
+machine).  Errors are relative: (sim − real) / real.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
-from llmqueue.config import Config
+from llmqueue.config import Config, parse_config
+from llmqueue.real.fit import Fit, Samples, fit_prefill_decode, workload_mix
 from llmqueue.real.serve import RealEngine
-from llmqueue.runner import Run, build_engine, build_workload, execute, generate
+from llmqueue.runner import build_engine, build_workload, execute, generate
+from llmqueue.simulator import Result
 
 #: (label, getter on a summary) of the compared quantities
 QUANTITIES: tuple[tuple[str, Callable[[dict], float | None]], ...] = (
@@ -30,18 +36,42 @@ def relative_error(sim: float | None, real: float | None) -> float | None:
     return (sim - real) / real
 
 
-def validate(config: Config, engine: RealEngine, schedulers: Sequence[str],
+def batch_samples(result: Result) -> Samples:
+    """A real run's batches as calibration samples."""
+    b = result.batches
+    return Samples(b["num_prefill_tokens"].astype(float), b["num_decode_tokens"].astype(float),
+                   0.0 * b["duration"], b["attention_pairs"].astype(float), b["duration"])
+
+
+def refit_config(config: Config, result: Result) -> tuple[Config, Fit]:
+    """``config`` with its batch time replaced by a prefill_decode + context fit to ``result``'s batches."""
+    w = build_workload(config)
+    fit = fit_prefill_decode(batch_samples(result), True, *workload_mix(w.mean_prompt_len, w.mean_output_len))
+    data = copy.deepcopy(config.data)
+    data["engine"]["batch_time"] = fit.batch_time.to_dict()
+    return parse_config(data, config.base_dir), fit
+
+
+def validate(config: Config, engine: RealEngine, schedulers: Sequence[str], refit: bool = True,
              on_done: Callable[[dict], None] | None = None) -> list[dict]:
-    """For each scheduler: the simulated and the real run's summaries and the relative errors."""
+    """Per scheduler: the real run's summary, the simulations' summaries ("config", and "run_fit"
+    with ``refit``) and their relative errors."""
     workload = build_workload(config)
     requests = generate(config, workload)
     rows = []
     for name in schedulers:
-        sim: Run = execute(config, build_engine(config, name), workload, requests)
-        real: Run = engine.run(config, name, requests)
-        errors = {label: relative_error(get(sim.summary), get(real.summary)) for label, get in QUANTITIES}
-        row = {"scheduler": name, "sim": sim.summary, "real": real.summary, "relative_error": errors,
-               "sim_run": sim, "real_run": real}
+        real = engine.run(config, name, requests)
+        sims = {"config": execute(config, build_engine(config, name), workload, requests)}
+        fit = None
+        if refit:
+            fitted, fit = refit_config(config, real.result)
+            sims["run_fit"] = execute(fitted, build_engine(fitted, name), workload, requests)
+        row = {"scheduler": name, "real": real.summary, "sim": {k: r.summary for k, r in sims.items()},
+               "relative_error": {k: {label: relative_error(get(r.summary), get(real.summary))
+                                      for label, get in QUANTITIES} for k, r in sims.items()},
+               "batch_time": {"config": config.engine["batch_time"],
+                              **({"run_fit": {**fit.batch_time.to_dict(), "r2": fit.r2}} if fit else {})},
+               "real_run": real, "sim_runs": sims}
         rows.append(row)
         if on_done is not None:
             on_done(row)

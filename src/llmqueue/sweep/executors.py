@@ -132,6 +132,12 @@ class LocalExecutor:
     def describe(self) -> str:
         return f"{self.jobs} local process{'es' if self.jobs > 1 else ''}"
 
+    def connect(self) -> None:
+        """Nothing to join: workers start with each :meth:`run`."""
+
+    def close(self) -> None:
+        """Nothing to release: each :meth:`run` stops its workers."""
+
     def run(self, tasks: Iterable[Task], fn: TaskFn = run_point) -> Iterator[tuple[Task, Outcome]]:
         pending = deque(tasks)
         idle = [_Worker(self.ctx, fn) for _ in range(min(self.jobs, len(pending)))]
@@ -191,7 +197,8 @@ class RayExecutor:
     """Runs on a Ray cluster: ``auto`` (the cluster running on this machine, as Ray reads it),
     ``local`` (start a private instance with ``num_cpus`` CPUs), or an address
     (``HOST:PORT`` of the head node, or ``ray://HOST:10001``). If Ray is already initialised in
-    this process (e.g. by a test), that connection is used as is.
+    this process (e.g. by a test), that connection is used as is. The connection lasts until
+    :meth:`close`, so the rounds of a ``max-rate`` search share it.
     """
 
     def __init__(self, address: str, num_cpus: int | None = None) -> None:
@@ -199,13 +206,14 @@ class RayExecutor:
             raise LlmqueueError("--ray = '' is not allowed: auto, local, or a cluster address HOST:PORT")
         self.address = address
         self.num_cpus = num_cpus
+        self.started = False  # whether this executor initialised Ray (and so shuts it down)
 
     def describe(self) -> str:
         return f"Ray ({self.address})"
 
-    def run(self, tasks: Iterable[Task], fn: TaskFn = run_point) -> Iterator[tuple[Task, Outcome]]:
+    def connect(self) -> None:
+        """Join (or start) the cluster now: an unreachable address fails before any work."""
         ray = import_ray()
-        started = False
         if not ray.is_initialized():
             try:
                 if self.address == "local":
@@ -215,7 +223,16 @@ class RayExecutor:
             except Exception as exc:  # noqa: BLE001 -- Ray raises ConnectionError, ValueError, RuntimeError...
                 raise LlmqueueError(f"--ray {self.address}: cannot start or reach a Ray cluster "
                                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-            started = True
+            self.started = True
+
+    def close(self) -> None:
+        if self.started:
+            import_ray().shutdown()
+            self.started = False
+
+    def run(self, tasks: Iterable[Task], fn: TaskFn = run_point) -> Iterator[tuple[Task, Outcome]]:
+        ray = import_ray()
+        self.connect()
         remote = ray.remote(num_cpus=1, max_retries=1)(call)
         pending = deque(tasks)
         inflight: dict[Any, Task] = {}
@@ -238,8 +255,6 @@ class RayExecutor:
             for ref in inflight:
                 with contextlib.suppress(Exception):  # already finished, or the cluster is gone
                     ray.cancel(ref, force=True)
-            if started:
-                ray.shutdown()
 
 
 def make_executor(jobs: int | None = None, ray: str | None = None):

@@ -3,8 +3,10 @@
 Each probed rate λ runs the same ``n`` seeds. A rate **passes** when every seed's verdict
 is ``stable`` (the 95 % interval of the backlog's growth lies below the tolerance, a
 fraction of capacity; metrics.verdict) and, with SLOs, every seed meets them. An
-``unstable`` or ``inconclusive`` verdict, a missed SLO or a failed run makes the rate fail:
-inconclusive means "not shown stable", so the search is conservative.
+``unstable`` or ``inconclusive`` verdict or a missed SLO makes the rate fail: inconclusive
+means "not shown stable", so the search is conservative. A run that fails with an error
+stops the search (an error says nothing about stability); failed probes are retried by the
+next search, finished ones reused.
 
 Confidence: for a rate whose true backlog growth exceeds the tolerance, each seed calls it
 stable with probability at most 2.5 % (the upper end of a two-sided 95 % interval), so all
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmqueue.config import Config, parse_config, set_dotted
-from llmqueue.errors import ConfigError
+from llmqueue.errors import ConfigError, LlmqueueError
 from llmqueue.runner import analysis_of, build_workload
 from llmqueue.sweep.driver import run_tasks
 from llmqueue.sweep.executors import OK, Task
@@ -131,7 +133,7 @@ class MaxRate:
         n = len(self.seeds)
         slo = " and meets every SLO" if self.slos else ""
         return (f"a rate passes when each of {n} seeds is judged stable (95% interval of the backlog growth "
-                f"below {self.tolerance:.0%} of capacity){slo}; inconclusive or failed runs fail. A rate whose "
+                f"below {self.tolerance:.0%} of capacity){slo}; an inconclusive verdict fails. A rate whose "
                 f"growth exceeds that tolerance passes with probability <= 0.025^{n} = {PER_SEED_MISS ** n:.1e}; "
                 f"the bracket is narrowed to {self.rel_tol:.1%}")
 
@@ -214,10 +216,19 @@ def max_rate(bases: list[tuple[tuple[tuple[str, Any], ...], Config]], seeds: lis
         if not round_:
             break
         tasks = [t for _, _, ts in round_ for t in ts]
-        run_tasks(list({t.key: t for t in tasks}.values()), store, executor, on_start=on_start, on_result=on_result)
+        run_tasks(list({t.key: t for t in tasks}.values()), store, executor, retry_failed=True, on_start=on_start,
+                  on_result=on_result)
         for i, rate, ts in round_:
             _, bisect, result = searches[i]
-            passed, counts, reason = judge([store.get(t.config_hash, t.seed) for t in ts], slos)
+            runs = [store.get(t.config_hash, t.seed) for t in ts]
+            broken = [r for r in runs if r is None or r["status"] != OK]
+            if broken:  # an error says nothing about stability: stop rather than bisect on it
+                where = ", ".join(f"{k}={v}" for k, v in result.overrides)
+                raise LlmqueueError(f"max-rate{' ' + where if where else ''}: the run at rate {rate} req/s, seed "
+                                    f"{broken[0]['seed'] if broken[0] else '?'} failed "
+                                    f"({broken[0]['error'] if broken[0] else 'not stored'}); finished probes are "
+                                    "stored and the next search reuses them")
+            passed, counts, reason = judge(runs, slos)
             bisect.record(rate, passed)
             probe = Probe(rate, passed, counts, reason)
             result.probes.append(probe)

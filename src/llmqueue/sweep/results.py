@@ -120,4 +120,8 @@ def write_parquet(rows: list[dict], out: str) -> None:
         raise LlmqueueError("--parquet needs pyarrow, which is not installed (pip install pyarrow); "
                             "--csv writes the same table") from None
     cols = columns(rows)
-    pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows]), Path(out))
+    try:
+        table = pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # e.g. a grid that gave one key text and numbers
+        raise LlmqueueError(f"--parquet: a column mixes types ({exc}); --csv writes it as text") from None
+    pq.write_table(table, Path(out))
