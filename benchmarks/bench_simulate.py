@@ -6,8 +6,10 @@ scheduler, a number of arrivals and a simulator method.  Scenarios:
 * ``fig1``        the paper's Fig. 1 workload (Poisson arrivals, Poisson lengths with means 129
                   and 112, staircase batch time, budget 512) at ``--load`` of λ*;
 * ``fig1-out10``  the same with every output 10x longer (mean 1120) and the arrival rate scaled
-                  down to keep the load: the cost per request should barely move;
-* any other built-in single-engine scenario name (``theorem2``, ``bursty``, ``point-c``).
+                  down to keep the load (the fast path's cost per request grows 1.6-4x here,
+                  the reference's 4-11x: docs/performance.md);
+* any other built-in single-engine scenario name (``theorem2``, ``bursty``, ``point-c``), and
+  NAME-out10 for any of them.
 
 Columns: wall s (generate + simulate + summarise), cpu s (the same span in process CPU time:
 steadier than wall time on a shared machine), requests/s and events/s (arrivals + first tokens
@@ -31,7 +33,6 @@ import sys
 import time
 
 SCHEDULERS = "fastertransformer,vllm,orca,sarathi,vllm-v1"
-OUTPUT_SCALE = {"fig1-out10": 10}
 
 
 def config_for(scenario: str, scheduler: str, requests: int, load: float | None, seed: int, method: str):
@@ -39,7 +40,7 @@ def config_for(scenario: str, scheduler: str, requests: int, load: float | None,
     from llmqueue.scenarios import scenario_data
 
     data = scenario_data(scenario.removesuffix("-out10"))
-    scale = OUTPUT_SCALE.get(scenario, 1)
+    scale = 10 if scenario.endswith("-out10") else 1
     if scale != 1:
         out = data["workload"]["output"]
         key = "mean" if "mean" in out else "value"
@@ -80,14 +81,14 @@ def one(scenario: str, scheduler: str, requests: int, load: float | None, seed: 
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-HEADER = (f"{'scenario':<11} {'scheduler':<18} {'method':<9} {'requests':>9} {'wall s':>8} {'cpu s':>7} "
+HEADER = (f"{'scenario':<14} {'scheduler':<18} {'method':<9} {'requests':>9} {'wall s':>8} {'cpu s':>7} "
           f"{'req/s':>9} {'events/s':>9} {'batches':>9} {'peak MB':>8}  verdict")
 
 
 def line(row: dict) -> str:
     method = row["method"].removesuffix(" (selected)")
     method = method if method in ("fast", "reference", "stream") else "fallback"
-    return (f"{row['scenario']:<11} {row['scheduler']:<18} {method:<9} {row['requests']:>9} "
+    return (f"{row['scenario']:<14} {row['scheduler']:<18} {method:<9} {row['requests']:>9} "
             f"{row['wall_s']:>8.2f} {row['cpu_s']:>7.2f} {row['requests_per_s']:>9.0f} {row['events_per_s']:>9.0f} {row['batches']:>9} {row['peak_mb']:>8.0f}  "
             f"{row['verdict']}")
 
@@ -112,6 +113,18 @@ def main() -> None:
                              args.seed, method)))
         return
     n = 2_000 if args.smoke else args.requests
+    from llmqueue.scenarios import SCENARIOS, scenario_data
+    from llmqueue.schedulers import SCHEDULERS as REGISTERED
+
+    single = [name for name in SCENARIOS if set(scenario_data(name)) <= {"engine", "workload", "run"}]
+    allowed = {"--scenarios": (args.scenarios, [*single, *(f"{s}-out10" for s in single)]),
+               "--schedulers": (args.schedulers, list(REGISTERED)),
+               "--method": (args.method, ["fast", "reference", "stream"])}
+    for flag, (given, choices) in allowed.items():
+        for value in given.split(","):
+            if value not in choices:
+                print(f"{flag}: {value!r} is not allowed: one of {', '.join(choices)}", file=sys.stderr)
+                sys.exit(2)
     rows: list[dict] = []
     print(HEADER, flush=True)
     try:

@@ -30,7 +30,9 @@ from llmqueue.schedulers import make_scheduler
 from llmqueue.simulator import simulate
 from llmqueue.workload import Requests
 
-pytestmark = pytest.mark.real
+# The reference batch-time models here are arbitrary (the real engine measures); their
+# Assumption-1 warnings are beside the point.
+pytestmark = [pytest.mark.real, pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")]
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 

@@ -324,7 +324,7 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
         if n:
             if n < head and n <= head - n:
                 # perf: a short prefix gets its token by moving each one's round one earlier,
-                # instead of moving the long rest to the tail and back.
+                # instead of moving the longer rest of the head one round later.
                 finished = []
                 for r in dec[:n]:
                     key = r.decode_left - 1

@@ -13,10 +13,18 @@ from llmqueue.analysis import Analysis, analyze
 from llmqueue.batch_time import BatchTime, make_batch_time
 from llmqueue.config import Config
 from llmqueue.engine import Engine
-from llmqueue.metrics import summarize
+from llmqueue.metrics import UNSTABLE, summarize
+from llmqueue.region import stability_region
 from llmqueue.schedulers import make_scheduler
 from llmqueue.simulator import Result, simulate
-from llmqueue.workload import Requests, Trace, Workload, load_trace, make_arrivals, make_length
+from llmqueue.workload import (
+    Requests,
+    Trace,
+    Workload,
+    load_trace,
+    make_arrivals,
+    make_length,
+)
 
 Progress = Callable[[str, float], None]  # (scheduler, fraction done)
 
@@ -88,7 +96,24 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
         summary["trace"] = workload.arrivals.summary()
     if analysis.notes:
         summary["notes"] = list(analysis.notes)
+    _region_prediction(config, summary, analysis)
     return Run(result, summary, analysis)
+
+
+def _region_prediction(config: Config, summary: dict, analysis: Analysis) -> None:
+    """Under a request cap Theorem 2 does not apply: predict from the 2-D region (§6, Theorem 10).
+
+    Outside the region no scheduler is stable; inside it even a work-conserving one may
+    diverge (point C with Sarathi-1024), so nothing is predicted there.
+    """
+    cap = config.engine.get("max_batch_requests")
+    bt = batch_time_of(config)
+    if cap is None or not bt.tokens_only or cap > config.engine["token_budget"]:
+        return
+    pos = stability_region(bt, config.engine["token_budget"], cap).locate(
+        analysis.arrival_rate, analysis.mean_prompt_len, analysis.mean_output_len)
+    summary["region"] = {"rho": pos.rho, "status": pos.status, "max_stable_rate_rps": pos.max_stable_rate_rps}
+    summary["predicted"] = UNSTABLE if pos.status == "outside" else "not predicted (request cap, §6)"
 
 
 def run_config(config: Config, progress: Progress | None = None) -> Run:
@@ -111,4 +136,4 @@ def compare(config: Config, schedulers: Iterable[str], progress: Progress | None
     return runs
 
 
-__all__ = ["Run", "build_engine", "build_workload", "run_config", "compare", "execute"]
+__all__ = ["Run", "build_engine", "build_workload", "compare", "execute", "run_config"]

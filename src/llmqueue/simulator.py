@@ -7,6 +7,9 @@ itself draws no random numbers.
 
 Horizon: a run stops at the first batch boundary at or after ``horizon_s`` (requests still
 inside are counted as in system), or with ``drain`` once every request has finished.
+
+Two loops give identical results (docs/performance.md): the reference, one
+:meth:`Engine.step` per batch, and the default event-level fast path (:mod:`llmqueue.fastpath`).
 """
 
 from __future__ import annotations

@@ -76,7 +76,16 @@ def analysis_line(run) -> str:
     a = run.analysis
     return (f"capacity {a.capacity_tokens_per_s:.1f} tokens/s (b_max={a.token_budget}, t_b={a.batch_time_s * 1e3:.2f} ms); "
             f"offered {a.offered_tokens_per_s:.1f} tokens/s at λ={a.arrival_rate:.3f} req/s; ρ={a.rho:.3f}; "
-            f"λ*={a.max_stable_rate_rps:.3f} req/s")
+            f"λ*={a.max_stable_rate_rps:.3f} req/s" + _region_note(run.summary))
+
+
+def _region_note(summary: dict) -> str:
+    """Under a request cap the 2-D region, not Theorem 2's line, decides (§6)."""
+    r = summary.get("region")
+    if r is None:
+        return ""
+    return (f"\nrequest cap: Theorem 2's line is only an upper bound; the 2-D region (§6) gives "
+            f"ρ={r['rho']:.3f} ({r['status']}), λ* along the workload's ray {r['max_stable_rate_rps']:.3f} req/s")
 
 
 def write_json(path: Path, obj: object) -> None:
