@@ -161,8 +161,9 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
         return 0
     if args.action is not None:
         raise LlmqueueError(f"scenarios: unknown action {args.action!r}; allowed: show")
+    width = max(map(len, SCENARIOS))
     for name, (desc, _) in SCENARIOS.items():
-        print(f"{name:<10} {desc}")
+        print(f"{name:<{width}}  {desc}")
     return 0
 
 
