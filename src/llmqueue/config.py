@@ -174,7 +174,9 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], field: str) -> None
 def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
     """Validate a config mapping (merging defaults) into a :class:`Config`."""
     base_dir = base_dir or Path.cwd()
-    _check_keys(data, {"engine", "workload", "run"}, "config")
+    # [real] holds the real CPU engine's settings (docs/real_engine.md); `llmqueue engine` reads
+    # it, and the simulator ignores it, so one file drives both.
+    _check_keys(data, {"engine", "workload", "run", "real"}, "config")
     engine = {**DEFAULTS["engine"], **_table(data, "engine", "engine")}
     workload = _workload_table(_table(data, "workload", "workload"))
     given_run = _table(data, "run", "run")
