@@ -95,19 +95,24 @@ class Config:
 
 # ---- loading ---------------------------------------------------------------------------
 
+def read_toml(path: Path, missing: str = "an existing TOML file") -> dict[str, Any]:
+    """A TOML file's tables; unreadable or malformed files raise a ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", str(path), missing) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config", str(path), f"a readable UTF-8 TOML file ({exc.__class__.__name__})") from None
+    return parse_toml(text, str(path))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML file (None: the defaults), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = {}
     base_dir = Path.cwd()
     if path is not None:
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError("config", str(p), "an existing TOML file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("config", str(p), f"a readable UTF-8 TOML file ({exc.__class__.__name__})") from None
-        data = parse_toml(text, str(p))
+        data = read_toml(p)
         base_dir = p.resolve().parent
     for item in overrides or []:
         key, value = parse_override(item)

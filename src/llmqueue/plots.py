@@ -15,7 +15,8 @@ from llmqueue.metrics import in_system  # noqa: E402
 from llmqueue.runner import Run  # noqa: E402
 
 
-def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: int = 600) -> Path:
+def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: int = 600,
+                   xlabel: str = "simulated time (s)") -> Path:
     """Number of requests in the system over time, one line per run (log scale)."""
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     styles = ["-", "--", "-.", ":"]
@@ -27,7 +28,7 @@ def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: in
         ax.plot(t, in_system(r, t) + 1, styles[i % len(styles)], linewidth=1.6, zorder=len(runs) - i,
                 label=f"{r.scheduler} ({run.summary['verdict']})")
     ax.set_yscale("log")
-    ax.set_xlabel("simulated time (s)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("requests in system + 1 (log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

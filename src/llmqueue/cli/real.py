@@ -111,7 +111,8 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
         a = runs[0].analysis
         png = plot_in_system(runs, out / "number_in_system.png",
                              f"Real engine: requests in system, λ = {a.arrival_rate:.2f} req/s "
-                             f"(ρ = {a.rho:.2f} by the config's model), b_max = {a.token_budget}")
+                             f"(ρ = {a.rho:.2f} by the config's model), b_max = {a.token_budget}",
+                             xlabel="engine clock (s): measured service time or wall clock, as configured")
         if not args.json:
             print(f"\nwrote {png}, {out / 'summary.json'}, timeseries.csv, requests.csv, batches.csv")
     if interrupted:

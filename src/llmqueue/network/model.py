@@ -21,7 +21,7 @@ import numpy as np
 
 from llmqueue.batch_time import PAPER_STAIRCASE, BatchTime, make_batch_time
 from llmqueue.checks import boolean, integer, number
-from llmqueue.config import parse_override, parse_toml, set_dotted
+from llmqueue.config import parse_override, read_toml, set_dotted
 from llmqueue.errors import ConfigError
 from llmqueue.schedulers import SCHEDULERS
 from llmqueue.workload import ArrivalProcess, LengthDist, make_arrivals, make_length
@@ -426,13 +426,7 @@ def read_network_data(source: str | Path) -> tuple[dict[str, Any], Path]:
     p = Path(source)
     if not p.exists() and str(source) in SCENARIOS:
         return scenario_data(str(source)), Path.cwd()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("config", str(p), "an existing TOML file or a scenario name") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("config", str(p), f"a readable UTF-8 TOML file ({exc.__class__.__name__})") from None
-    return parse_toml(text, str(p)), p.resolve().parent
+    return read_toml(p, "an existing TOML file or a scenario name"), p.resolve().parent
 
 
 def is_network_source(source: str | Path | None) -> bool:
