@@ -6,7 +6,7 @@ scheduler, a number of arrivals and a simulator method.  Scenarios:
 * ``fig1``        the paper's Fig. 1 workload (Poisson arrivals, Poisson lengths with means 129
                   and 112, staircase batch time, budget 512) at ``--load`` of λ*;
 * ``fig1-out10``  the same with every output 10x longer (mean 1120) and the arrival rate scaled
-                  down to keep the load (the fast path's cost per request grows 1.6-4x here,
+                  down to keep the load (the fast path's cost per request grows 1.5-2.2x here,
                   the reference's 4-11x: docs/performance.md);
 * any other built-in single-engine scenario name (``theorem2``, ``bursty``, ``point-c``), and
   NAME-out10 for any of them.

@@ -9,8 +9,9 @@ prefill completions, request completions) rather than by tokens.  Three exact tr
    which they finish (``decode_left`` holds ``rounds + tokens left`` while the fast path runs),
    so a batch that decodes exactly them adds one to ``rounds`` instead of touching each; a
    calendar (round -> requests, plus a heap of rounds) says who finishes next.  When the prefix
-   differs from the head only the decoders in between move (or the smaller of the prefix and
-   the rest has its rounds shifted by one), so a batch costs O(change), not O(decoders).
+   differs from the head only the decoders in between move (or the rest of the head has its
+   round shifted one later, by one integer add each: calendar entries are lazy, re-filed at the
+   true round when their round comes up), so a batch costs O(change), not O(decoders).
 2. **Plans as counts.**  A policy's batch is (how many leading decoders get a token, the
    prefill chunks of the leading prefilling requests), computed by the policy's own rules from
    the queues without building a decode list.  Only the exact scheduler classes in
@@ -27,6 +28,7 @@ prefill completions, request completions) rather than by tokens.  Three exact tr
 
 from __future__ import annotations
 
+import gc
 import heapq
 from bisect import bisect_left
 from collections import deque
@@ -94,41 +96,62 @@ def _fcfs_prefills(pre: deque, room: int, slots: int, split: bool, chunks: list)
 
 def _vllm_v1(pre: deque, dec: list, budget: int, cap: int, max_chunk: int, limit: int,
              chunks: list) -> int:
-    """VLLMv1.plan as counts (see schedulers/vllm_v1.py): return the number of leading decoders."""
+    """VLLMv1.plan as counts (see schedulers/vllm_v1.py): return (leading decoders, prefill tokens)."""
+    num_dec = len(dec)
+    if not pre or (num_dec >= limit and pre[0].prefill_left == pre[0].num_prompt_tokens):
+        # perf: the usual batch with outputs long: no prompt started and none may start, decodes only
+        n = num_dec if num_dec < budget else budget  # noqa: FURB136
+        return (n if n < cap else cap), 0  # noqa: FURB136
     room, slots, n, prev = budget, cap, 0, 0
     started = 0
+    # perf: comparisons instead of min() calls throughout (this runs once per batch)
     for r in pre:
-        if r.prefill_left == r.num_prompt_tokens:
+        left = r.prefill_left
+        if left == r.num_prompt_tokens:
             break
         started += 1
         pos = bisect_left(dec, r.rid, lo=prev, key=_RID)
-        k = min(pos - prev, room, slots)
+        k = pos - prev
+        if k > room:  # noqa: PLR1730  perf
+            k = room
+        if k > slots:  # noqa: PLR1730  perf
+            k = slots
         if k > 0:
             n += k
             room -= k
             slots -= k
         if room and slots:
-            left = r.prefill_left
-            c = min(left, max_chunk, room)
+            c = left if left < max_chunk else max_chunk  # noqa: FURB136
+            if c > room:  # noqa: PLR1730  perf
+                c = room
             chunks.append((r, c))
             room -= c
             slots -= 1
         prev = pos
-    k = min(len(dec) - prev, room, slots)
+    k = num_dec - prev
+    if k > room:  # noqa: PLR1730  perf
+        k = room
+    if k > slots:  # noqa: PLR1730  perf
+        k = slots
     if k > 0:
         n += k
         room -= k
         slots -= k
-    running = started + len(dec)
-    for r in islice(pre, started, None):
-        if room == 0 or slots == 0 or running >= limit:
-            break
-        c = min(r.prefill_left, max_chunk, room)
-        chunks.append((r, c))
-        room -= c
-        slots -= 1
-        running += 1
-    return n
+    running = started + num_dec
+    if room and slots and running < limit:
+        for r in islice(pre, started, None):
+            if room == 0 or slots == 0 or running >= limit:
+                break
+            c = r.prefill_left
+            if c > max_chunk:  # noqa: PLR1730  perf
+                c = max_chunk
+            if c > room:  # noqa: PLR1730  perf
+                c = room
+            chunks.append((r, c))
+            room -= c
+            slots -= 1
+            running += 1
+    return n, budget - room - n
 
 
 def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs: list[int], horizon: float,
@@ -143,6 +166,21 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
     the horizon (which may become known only with the last chunk), or None; it may consume and
     clear ``admitted``, ``ends`` and ``tokens`` in place.
     """
+    # perf: the loop creates no reference cycles, but its allocations (requests, chunk tuples,
+    # calendar lists) would trigger the cyclic collector thousands of times (~10 % of the run).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_fast(engine, arrivals, prompts, outputs, horizon, admitted, ends, tokens, detail, progress, more)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs: list[int], horizon: float,
+              admitted: list[Request], ends, tokens, detail: list | None,
+              progress: Callable[[float, int], None] | None, more: Chunks | None = None) -> tuple[float, int]:
+    """The loop of :func:`run_fast` (with the cyclic garbage collector paused)."""
     policy = FAST_POLICIES[type(engine.scheduler)]
     settings = engine.scheduler.settings
     split = settings.get("split_prompts", True)
@@ -174,6 +212,7 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
     calendar: dict[int, list[Request]] = {}  # finishing round -> head decoders (stale ones skipped)
     pending: list[int] = []                  # heap of the calendar's rounds
     heappush, heappop = heapq.heappush, heapq.heappop
+    delayed = False  # whether some head decoder has missed a round (its calendar entry may be early)
     ends_append, tokens_append = ends.append, tokens.append
 
     n_arr = len(arrivals)
@@ -216,11 +255,32 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
         if policy == SARATHI:
             n = num_dec if num_dec < most else most  # noqa: FURB136  perf: no call per batch
             if pre:
-                prefill_tokens = budget - n - _fcfs_prefills(pre, budget - n, cap - n, True, chunks)
+                if len(pre) == 1 and n < budget and n < cap:
+                    # perf: the usual case, one prompt waiting: _fcfs_prefills inlined
+                    r = pre[0]
+                    c = r.prefill_left
+                    if c > budget - n:  # noqa: PLR1730  perf
+                        c = budget - n
+                    chunks.append((r, c))
+                    prefill_tokens = c
+                else:
+                    prefill_tokens = budget - n - _fcfs_prefills(pre, budget - n, cap - n, True, chunks)
         elif policy == ORCA:
-            room = _fcfs_prefills(pre, budget, cap, True, chunks) if pre else budget
+            if not pre:
+                room = budget
+            elif len(pre) == 1:  # perf: the usual case, one prompt waiting: _fcfs_prefills inlined
+                r = pre[0]
+                c = r.prefill_left
+                if c > budget:  # noqa: PLR1730  perf
+                    c = budget
+                chunks.append((r, c))
+                room = budget - c
+            else:
+                room = _fcfs_prefills(pre, budget, cap, True, chunks)
             prefill_tokens = budget - room
-            n = min(num_dec, room, cap - len(chunks))
+            n = num_dec if num_dec < room else room  # noqa: FURB136  perf
+            if n > cap - len(chunks):  # noqa: PLR1730  perf
+                n = cap - len(chunks)
         elif policy == VLLM:
             if pre:
                 n = 0
@@ -234,8 +294,7 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
                 n = 0
                 prefill_tokens = budget - _fcfs_prefills(pre, budget, cap, split, chunks)
         else:
-            n = _vllm_v1(pre, dec, budget, cap, max_chunk, limit, chunks)
-            prefill_tokens = sum(c for _, c in chunks)
+            n, prefill_tokens = _vllm_v1(pre, dec, budget, cap, max_chunk, limit, chunks)
         num_tokens = n + prefill_tokens
         demand = total_prefill + num_dec
         if num_tokens < 1 or num_tokens > budget:
@@ -279,11 +338,35 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
                     for r in dec[n:head]:
                         r.decode_left = rounds - r.decode_left
                     head = n
-                # The next round at which a head decoder may finish: a stale round only shortens
-                # the stretch (the batch there is then run singly and finishes nothing).
-                while pending[0] <= rounds:
-                    calendar.pop(heappop(pending), None)
-                q = pending[0] - rounds - 1
+                # The next round at which a head decoder finishes.  Calendar entries are lazy (a
+                # delayed decoder keeps its old, earlier entry): a round none of whose entries is
+                # due has its entries re-filed at their true rounds, so it does not cut the stretch.
+                while True:
+                    key = pending[0]
+                    if key <= rounds:
+                        calendar.pop(heappop(pending), None)
+                        continue
+                    if not delayed:
+                        break
+                    bucket = calendar[key]
+                    for r in bucket:
+                        if r.decode_left == key:
+                            break
+                    else:
+                        del calendar[key]
+                        heappop(pending)
+                        for r in bucket:
+                            late = r.decode_left
+                            if late > key:
+                                later = calendar.get(late)
+                                if later is None:
+                                    calendar[late] = [r]
+                                    heappush(pending, late)
+                                elif r not in later:
+                                    later.append(r)
+                        continue
+                    break
+                q = key - rounds - 1
                 quiet = min(quiet, q)
             if quiet >= 2:
                 if quiet <= _NUMPY_STRETCH:
@@ -322,7 +405,7 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
         if detail is not None:
             detail.append((now, end, prefill_tokens, n, len(chunks) + n, demand, bound))
         if n:
-            if n < head and n <= head - n:
+            if n < head and 4 * n <= head - n:
                 # perf: a short prefix gets its token by moving each one's round one earlier,
                 # instead of moving the longer rest of the head one round later.
                 finished = []
@@ -341,22 +424,27 @@ def run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs:
             else:
                 # perf: the rest of the head misses this round: its rounds move one later (they stay
                 # head, so a policy that shrinks n for one batch, like Orca, pays once, not twice).
-                for r in dec[n:head]:
-                    key = r.decode_left + 1
-                    r.decode_left = key
-                    bucket = calendar.get(key)
-                    if bucket is None:
-                        calendar[key] = [r]
-                        heappush(pending, key)
-                    else:
-                        bucket.append(r)
+                # Only decode_left moves; their calendar entries stay where they were (lazy: an
+                # entry is re-filed at the request's true round when its round comes up).
+                if n < head:
+                    delayed = True
+                    for r in dec[n:head]:
+                        r.decode_left += 1
                 rounds += 1
                 finished = calendar.pop(rounds, ())
                 while pending and pending[0] <= rounds:
                     calendar.pop(heappop(pending), None)
             for r in finished:
-                if r.decode_left != rounds:
-                    continue  # a stale calendar entry
+                key = r.decode_left
+                if key != rounds:
+                    if key > rounds:  # delayed since it was filed: re-file it at its true round
+                        later = calendar.get(key)
+                        if later is None:
+                            calendar[key] = [r]
+                            heappush(pending, key)
+                        elif r not in later:
+                            later.append(r)
+                    continue  # a stale calendar entry (finished or moved to the tail)
                 r.decode_left = 0
                 r.finish_time = end
                 j = bisect_left(dec, r.rid, hi=head, key=_RID)
