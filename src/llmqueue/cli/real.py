@@ -58,8 +58,8 @@ def _real_line(summary: dict) -> str:
             f"({r['kv_pool_bytes'] / 2**20:.0f} MiB)")
 
 
-def cmd_engine_run(args: argparse.Namespace) -> int:
-    require_torch()
+def _setup(args: argparse.Namespace):
+    """The config and [real] settings, the schedulers to run, the real engine and the out folder."""
     from llmqueue.real.serve import RealEngine, load_engine_config
 
     cfg, settings = load_engine_config(args.config, args.set)
@@ -67,6 +67,12 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
     engine = RealEngine(settings, cfg.base_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    return cfg, settings, names, engine, out
+
+
+def cmd_engine_run(args: argparse.Namespace) -> int:
+    require_torch()
+    cfg, settings, names, engine, out = _setup(args)
     (out / "config.toml").write_text(dumps({**cfg.portable(), "real": settings.to_table()}))
     progress = Progress(sys.stderr.isatty() and not args.json)
     from llmqueue.runner import build_workload, generate
@@ -123,14 +129,9 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
 
 def cmd_engine_validate(args: argparse.Namespace) -> int:
     require_torch()
-    from llmqueue.real.serve import RealEngine, load_engine_config
     from llmqueue.real.validate import QUANTITIES, validate
 
-    cfg, settings = load_engine_config(args.config, args.set)
-    names = _schedulers(args.schedulers, cfg.engine["scheduler"])
-    engine = RealEngine(settings, cfg.base_dir)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, settings, names, engine, out = _setup(args)
     if args.calibrate:
         from llmqueue.real.calibrate import calibrate_config
         from llmqueue.real.serve import TIMERS
