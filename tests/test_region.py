@@ -147,6 +147,8 @@ def test_cli_errors_are_one_line(capsys):
         assert main(["region", "point-c", "--set", override]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("llmqueue: error: engine.")
+    assert main(["region", "point-c", "--schedulers", "sarathi,nope"]) == 2  # checked even without --plot
+    assert "'nope' is not a scheduler" in capsys.readouterr().err
 
 
 def test_region_command_json_and_plot(capsys, tmp_path):

@@ -17,6 +17,7 @@ from llmqueue.config import (
     parse_override,
     set_dotted,
 )
+from llmqueue.errors import LlmqueueError
 from llmqueue.metrics import timeseries
 from llmqueue.scenarios import SCENARIOS, scenario_data
 
@@ -120,6 +121,17 @@ def timeseries_columns(runs) -> dict:
     return columns
 
 
+
+
+def scheduler_names(arg: str | None, default: list[str]) -> list[str]:
+    """A ``--schedulers a,b`` list (``default`` when not given), each checked against the registry."""
+    from llmqueue.schedulers import SCHEDULERS
+
+    names = [n.strip() for n in arg.split(",") if n.strip()] if arg else list(default)
+    for n in names:
+        if n not in SCHEDULERS:
+            raise LlmqueueError(f"--schedulers: {n!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
+    return names
 
 
 def add_overrides(sp) -> None:

@@ -17,6 +17,7 @@ from llmqueue.cli.common import (
     add_overrides,
     analysis_line,
     fmt,
+    scheduler_names,
     table,
     timeseries_columns,
     write_columns_csv,
@@ -26,17 +27,8 @@ from llmqueue.cli.common import (
 from llmqueue.config import dumps
 from llmqueue.errors import LlmqueueError
 from llmqueue.real import require_torch
-from llmqueue.schedulers import SCHEDULERS
 
 DEFAULT_VIDUR_ROOT = "../shared/data/vidur_profiles"
-
-
-def _schedulers(arg: str | None, default: str) -> list[str]:
-    names = [n.strip() for n in arg.split(",") if n.strip()] if arg else [default]
-    for n in names:
-        if n not in SCHEDULERS:
-            raise LlmqueueError(f"--schedulers: {n!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
-    return names
 
 
 def _ints(arg: str, flag: str) -> list[int]:
@@ -63,7 +55,7 @@ def _setup(args: argparse.Namespace):
     from llmqueue.real.serve import RealEngine, load_engine_config
 
     cfg, settings = load_engine_config(args.config, args.set)
-    names = _schedulers(args.schedulers, cfg.engine["scheduler"])
+    names = scheduler_names(args.schedulers, [cfg.engine["scheduler"]])
     engine = RealEngine(settings, cfg.base_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

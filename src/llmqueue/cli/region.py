@@ -9,10 +9,8 @@ import argparse
 import json
 import sys
 
-from llmqueue.cli.common import Progress, add_overrides, config_from
-from llmqueue.errors import LlmqueueError
+from llmqueue.cli.common import Progress, add_overrides, config_from, scheduler_names
 from llmqueue.region import Position, Region, served_rates, stability_region
-from llmqueue.schedulers import SCHEDULERS
 
 
 def region_of(cfg, max_prefill_chunk: int | None = None) -> Region:
@@ -103,16 +101,13 @@ def cmd_region(args: argparse.Namespace) -> int:
 
     simulate = bool(args.plot) and not args.no_simulate
     cfg = config_from(args.config, [*args.set, *(["run.record_batches=true"] if simulate else [])])
+    names = scheduler_names(args.schedulers, [cfg.engine["scheduler"]])  # checked even without --plot
     workload = build_workload(cfg)
     a = analysis_of(cfg, workload)
     region = region_of(cfg, args.max_chunk)
     pos = region.locate(a.arrival_rate, a.mean_prompt_len, a.mean_output_len)
     achieved = []
     if simulate:
-        names = [n.strip() for n in (args.schedulers or cfg.engine["scheduler"]).split(",") if n.strip()]
-        for n in names:
-            if n not in SCHEDULERS:
-                raise LlmqueueError(f"--schedulers: {n!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
         progress = Progress(sys.stderr.isatty() and not args.json)
         try:
             for run in compare(cfg, names, progress):

@@ -13,6 +13,7 @@ from llmqueue.cli.common import (
     add_overrides,
     analysis_line,
     config_from,
+    scheduler_names,
     table,
     timeseries_columns,
     write_columns_csv,
@@ -36,10 +37,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = config_from(args.config or DEFAULT_SCENARIO, overrides)
-    names = [n.strip() for n in args.schedulers.split(",") if n.strip()] if args.schedulers else list(SCHEDULERS)
-    for n in names:
-        if n not in SCHEDULERS:
-            raise LlmqueueError(f"--schedulers: {n!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
+    names = scheduler_names(args.schedulers, list(SCHEDULERS))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(sys.stderr.isatty() and not args.json)
