@@ -19,6 +19,7 @@ from llmqueue.real.fit import (
     fit_all,
     fit_prefill_decode,
     fit_staircase,
+    fit_table,
     workload_mix,
 )
 from llmqueue.request import Request
@@ -110,6 +111,22 @@ def test_staircase_fit_finds_the_step():
     s = Samples(b.astype(float), np.zeros(len(b)), np.zeros(len(b)), np.zeros(len(b)), t)
     fit = fit_staircase(s, 256)
     assert fit.batch_time.b0 == 64 and fit.r2 == pytest.approx(1.0)
+
+
+def test_table_fit_is_non_decreasing_and_valid_far_past_the_grid():
+    # The CI failure of 2026-11-29: noisy CPU medians that fall at the last points made linear
+    # extrapolation negative at 50 tokens.  The fit must give a table the simulator accepts.
+    pts = np.array([1, 4, 8, 9, 12, 32, 33, 36, 36], dtype=float)
+    t = np.array([0.65, 1.03, 0.74, 0.82, 1.14, 0.85, 1.33, 1.10, 1.12]) * 1e-3
+    z = np.zeros(len(pts))
+    fit = fit_table(Samples(pts, z, z, z, t))
+    secs = fit.batch_time.seconds(np.arange(1, 65537))
+    assert np.all(np.diff(fit.batch_time.secs) >= 0) and np.all(secs > 0)
+    make_batch_time(fit.batch_time.to_dict()).table(65536)
+    # a first point far from zero with a steep first segment gets a flat start, not a negative one
+    pts2 = np.array([64, 128, 256], dtype=float)
+    fit2 = fit_table(Samples(pts2, z[:3], z[:3], z[:3], np.array([1e-3, 10e-3, 11e-3])))
+    assert fit2.batch_time.seconds(np.array([1.0]))[0] == pytest.approx(1e-3)
 
 
 def test_fit_all_reports_every_model_and_writes_loadable_configs(tmp_path):

@@ -5,7 +5,8 @@ attention pairs (see :func:`llmqueue.batch_time.attention_pairs`) and seconds.  
 
 * ``staircase``        t = c + a·⌈(P+D)/b0⌉, b0 the best divisor of the token budget;
 * ``piecewise_linear`` t = c + a·max(0, P+D−b0), b0 the best knee on the token grid;
-* ``table``            the median time at each measured token count, interpolated;
+* ``table``            the median time at each measured token count, made non-decreasing
+                       (isotonic), interpolated;
 * ``prefill_decode``   t = c + p·P + d·D (the mix-aware model), and with ``+ x·pairs``.
 
 Coefficients are non-negative least squares (the configs require them >= 0).  R² is over
@@ -148,8 +149,28 @@ def fit_table(s: Samples) -> Fit:
     if len(points) < 2:
         raise LlmqueueError("table fit: the samples need at least 2 distinct token counts")
     medians = np.array([np.median(y[b == p]) for p in points])
-    model = Table(points.astype(int), medians, "linear")
+    counts = np.array([np.count_nonzero(b == p) for p in points], dtype=float)
+    # More tokens never take less time: noise on a shared CPU can make the medians dip, and
+    # linear extrapolation from a falling last segment goes negative at large budgets.
+    times = _isotonic(medians, counts)
+    if points[0] > 1 and times[1] > times[0]:
+        slope = (times[1] - times[0]) / (points[1] - points[0])
+        if times[0] - slope * (points[0] - 1) <= 0:   # the first segment would cross zero
+            points, times = np.concatenate([[1], points]), np.concatenate([[times[0]], times])
+    model = Table(points.astype(int), times, "linear")
     return _fit("table", model, y, model.seconds(b))
+
+
+def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []            # [mean, weight, length]
+    for yi, wi in zip(y, w):
+        blocks.append([float(yi), float(wi), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, n2 = blocks.pop()
+            m1, w1, n1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.concatenate([np.full(int(n), m) for m, _, n in blocks])
 
 
 def fit_prefill_decode(s: Samples, context: bool, prefill_fraction: float = 0.5, mean_context: float = 0.0) -> Fit:
