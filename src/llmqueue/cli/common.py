@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +54,65 @@ class Progress:
             sys.stderr.write("\r" + " " * 40 + "\r")
             sys.stderr.flush()
         self.last = -1
+
+
+class Bar:
+    """``[#######-------]  120/480  25%  2 failed  elapsed 0:12  ETA 0:36`` on a terminal's stderr."""
+
+    def __init__(self, enabled: bool, width: int = 28) -> None:
+        self.enabled, self.width = enabled, width
+        self.total = self.done = self.failed = 0
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+
+    def begin(self, todo: int, skipped: int) -> None:
+        self.total += todo
+        if self.enabled and skipped:
+            sys.stderr.write(f"  {skipped} point{'s' if skipped != 1 else ''} already stored: skipped\n")
+        self.draw(force=True)
+
+    def step(self, task, outcome) -> None:
+        self.done += 1
+        self.failed += outcome["status"] != "ok"
+        self.draw(force=self.done == self.total)
+
+    def draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or not self.total or (not force and now - self.last_draw < 0.2):
+            return
+        self.last_draw = now
+        frac = self.done / self.total
+        elapsed = now - self.start
+        eta = clock(elapsed / self.done * (self.total - self.done)) if self.done else "?"
+        filled = int(frac * self.width)
+        failed = f"  {self.failed} failed" if self.failed else ""
+        sys.stderr.write(f"\r  [{'#' * filled}{'-' * (self.width - filled)}] {self.done}/{self.total} "
+                         f"{frac:4.0%}{failed}  elapsed {clock(elapsed)}  ETA {eta}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.total:
+            self.draw(force=True)  # the last state, e.g. where Ctrl-C stopped it
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def clock(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """``kill PID`` stops a long run like Ctrl-C does: workers stopped, finished runs kept."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fmt(x: float | None, digits: int = 2) -> str:

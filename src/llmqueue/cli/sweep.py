@@ -5,78 +5,40 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import signal
 import sys
 import time
 from pathlib import Path
 
-from llmqueue.cli.common import add_overrides, config_from, fmt
+from llmqueue.cli.common import (
+    Bar,
+    add_overrides,
+    clock,
+    config_from,
+    fmt,
+    sigterm_as_interrupt,
+)
 from llmqueue.errors import LlmqueueError
-from llmqueue.sweep import DEFAULT_STORE, Store, expand, make_executor, parse_grid, parse_slo, seed_list
+from llmqueue.sweep import (
+    DEFAULT_STORE,
+    Store,
+    expand,
+    make_executor,
+    parse_grid,
+    parse_slo,
+    seed_list,
+)
 from llmqueue.sweep.driver import SweepStats, sweep
-from llmqueue.sweep.results import flatten, tidy, varying, where, write_csv, write_parquet
+from llmqueue.sweep.results import (
+    flatten,
+    tidy,
+    varying,
+    where,
+    write_csv,
+    write_parquet,
+)
 
 EXIT_INTERRUPTED = 130
 PLOT_KINDS = ("stability-map", "latency-vs-load", "max-rate-vs-budget")
-
-
-class Bar:
-    """``[#######-------]  120/480  25%  2 failed  elapsed 0:12  ETA 0:36`` on a terminal's stderr."""
-
-    def __init__(self, enabled: bool, width: int = 28) -> None:
-        self.enabled, self.width = enabled, width
-        self.total = self.done = self.failed = 0
-        self.start = time.monotonic()
-        self.last_draw = 0.0
-
-    def begin(self, todo: int, skipped: int) -> None:
-        self.total += todo
-        if self.enabled and skipped:
-            sys.stderr.write(f"  {skipped} point{'s' if skipped != 1 else ''} already stored: skipped\n")
-        self.draw(force=True)
-
-    def step(self, task, outcome) -> None:
-        self.done += 1
-        self.failed += outcome["status"] != "ok"
-        self.draw(force=self.done == self.total)
-
-    def draw(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or not self.total or (not force and now - self.last_draw < 0.2):
-            return
-        self.last_draw = now
-        frac = self.done / self.total
-        elapsed = now - self.start
-        eta = _clock(elapsed / self.done * (self.total - self.done)) if self.done else "?"
-        filled = int(frac * self.width)
-        failed = f"  {self.failed} failed" if self.failed else ""
-        sys.stderr.write(f"\r  [{'#' * filled}{'-' * (self.width - filled)}] {self.done}/{self.total} "
-                         f"{frac:4.0%}{failed}  elapsed {_clock(elapsed)}  ETA {eta}   ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.total:
-            self.draw(force=True)  # the last state, e.g. where Ctrl-C stopped it
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def _clock(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """``kill PID`` stops a sweep like Ctrl-C does: workers stopped, finished runs kept."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _executor(args):
@@ -103,7 +65,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     bar = Bar(sys.stderr.isatty())
     start = time.monotonic()
     executor.connect()  # a bad --ray address fails before the store is created
-    with contextlib.closing(executor), Store(args.store) as store, _sigterm_as_interrupt():
+    with contextlib.closing(executor), Store(args.store) as store, sigterm_as_interrupt():
         try:
             stats = sweep(points, store, executor, retry_failed=args.retry_failed, on_start=bar.begin,
                           on_result=bar.step)
@@ -126,7 +88,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _report(stats: SweepStats, configs: int, seeds: int, where: str, seconds: float, path: Path) -> str:
     ran = stats.ok + stats.failed
     return (f"sweep: {stats.points} runs ({configs} configs x {seeds} seeds): {stats.skipped} already stored, "
-            f"{stats.ok} ran ok, {stats.failed} failed, in {_clock(seconds)} on {where if ran else 'nothing'}; "
+            f"{stats.ok} ran ok, {stats.failed} failed, in {clock(seconds)} on {where if ran else 'nothing'}; "
             f"store {path}")
 
 
@@ -145,7 +107,7 @@ def cmd_max_rate(args: argparse.Namespace) -> int:
     executor = _executor(args)
     bar = Bar(sys.stderr.isatty() and not args.json)
     executor.connect()
-    with contextlib.closing(executor), Store(args.store) as store, _sigterm_as_interrupt():
+    with contextlib.closing(executor), Store(args.store) as store, sigterm_as_interrupt():
         try:
             results = max_rate(bases, seeds, store, executor, slos=slos, rel_tol=args.rel_tol,
                                on_start=bar.begin, on_result=bar.step)
