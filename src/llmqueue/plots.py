@@ -92,7 +92,7 @@ def _by_scheduler(rows: Sequence[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -128,7 +128,7 @@ def plot_stability_map(rows: Sequence[dict], path: str | Path) -> Path:
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("token budget b_max")
     axes[0][-1].legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_latency_vs_load(rows: Sequence[dict], path: str | Path,
@@ -152,7 +152,7 @@ def plot_latency_vs_load(rows: Sequence[dict], path: str | Path,
         ax.set_ylabel(f"{metric} (s, median over seeds)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_max_rate_vs_budget(searches: Sequence[dict], rows: Sequence[dict], path: str | Path) -> Path:
@@ -199,7 +199,7 @@ def plot_max_rate_vs_budget(searches: Sequence[dict], rows: Sequence[dict], path
     ax.set_title(f"Max stable rate vs token budget ({source})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, detail: str | None = None) -> Path:
@@ -229,4 +229,4 @@ def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, 
         ax.set_title(f"{detail}: engine by engine", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

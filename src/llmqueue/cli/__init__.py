@@ -1,6 +1,7 @@
 """Command line: thin wrappers that parse, load a config, call the library, write.
 
-One module per command group (``single``: compare, simulate, capacity, policies, scenarios);
+One module per command group (``single``: compare, simulate, capacity, policies, scenarios;
+``reproduce``: the paper's report);
 each has ``register(subparsers)``. User errors print one line ``llmqueue: error: ...`` and
 exit with status 2.
 """
@@ -14,11 +15,11 @@ import warnings
 from collections.abc import Sequence
 
 from llmqueue import __version__
-from llmqueue.cli import network, real, region, single, sweep
+from llmqueue.cli import network, real, region, reproduce, single, sweep
 from llmqueue.errors import LlmqueueError
 
 EXIT_USAGE = 2
-COMMAND_GROUPS = (single, region, sweep, real, network)
+COMMAND_GROUPS = (single, region, sweep, real, network, reproduce)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,185 @@
+"""The plots of ``llmqueue reproduce`` (matplotlib, headless), one function per figure.
+
+Inputs are the JSON-able results the sections hold (time series as lists), not live runs, so a
+report can be redrawn from stored results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llmqueue.plots import save_figure  # noqa: E402
+
+STYLES = ["-", "--", "-.", ":"]
+COLORS = ["tab:red", "tab:purple", "tab:blue", "tab:green", "tab:orange", "tab:brown", "tab:gray", "tab:olive",
+          "tab:cyan"]
+
+
+def fig8(numbers: dict, path: Path) -> Path:
+    """Each scheduler's batches as columns of token cells (decode blue, prefill orange)."""
+    from llmqueue.worked_example import parse_sequence
+    names = list(numbers)
+    fig, ax = plt.subplots(figsize=(10, 0.9 * len(names) + 1.2), dpi=110)
+    for row, name in enumerate(names):
+        y = len(names) - 1 - row
+        batches = parse_sequence(numbers[name]["batches"])
+        for col, batch in enumerate(batches):
+            for k, tok in enumerate(batch):
+                color = "#9ecae1" if tok[1] == "d" else "#fdae6b"
+                ax.add_patch(plt.Rectangle((col * 1.2 + k * 0.2, y - 0.35), 0.19, 0.7, color=color, ec="k", lw=0.5))
+                ax.text(col * 1.2 + k * 0.2 + 0.095, y, tok, ha="center", va="center", fontsize=7)
+        ax.text(-0.15, y, f"{name} (b_max {numbers[name]['token_budget']})", ha="right", va="center", fontsize=9)
+    ax.set_xlim(-2.6, 7.4)
+    ax.set_ylim(-0.7, len(names) - 0.3)
+    ax.set_xticks([i * 1.2 + 0.5 for i in range(6)], [f"batch {i + 1}" for i in range(6)])
+    ax.set_yticks([])
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    ax.set_title("Fig. 8 (simulated): decode tokens (blue, Xd) and prefill tokens (orange, Xp) per batch", fontsize=10)
+    return save_figure(fig, path)
+
+
+def fig1(series: dict, loads: Sequence[float], schedulers: Sequence[str], lam: float, path: Path) -> Path:
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110, sharey=True)
+    for ax, load in zip(axes.flat, loads):
+        for i, sched in enumerate(schedulers):
+            if (load, sched) in series:
+                s, verdict = series[(load, sched)]
+                ax.plot(s["time_s"], np.asarray(s["in_system"]) + 1, STYLES[i % 4], color=COLORS[i], lw=1.4,
+                        label=f"{sched} ({verdict})")
+        ax.set_yscale("log")
+        ax.set_title(f"load {load:g}·λ* = {load * lam:.2f} requests/s", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("simulated time (s)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("requests in system + 1")
+    fig.suptitle("Fig. 1 workload (b_max = 512): number in system, seed 0")
+    return save_figure(fig, path)
+
+
+def theorem2(points: dict, schedulers: Sequence[str], loads: Sequence[float], lam: float, cap: float, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    grid = np.linspace(min(loads), max(loads), 200)
+    ax.plot(grid, np.maximum(0, grid * cap - cap), "k-", lw=1.2, label="fluid: max(0, λ(m_p+m_d) − b/t_b)")
+    for i, sched in enumerate(schedulers):
+        xs, ys, es = [], [], []
+        for load in loads:
+            m, half = points.get((sched, load), (None, None))
+            if m is not None:
+                xs.append(load + (i - 0.5) * 0.01)
+                ys.append(m)
+                es.append(half or 0.0)
+        ax.errorbar(xs, ys, yerr=es, fmt="o", color=COLORS[2 + i], capsize=3, ms=4, label=f"{sched} (mean ± 95 %)")
+    ax.axvline(1.0, color="gray", ls=":", lw=1)
+    ax.set_xlabel(f"load λ/λ*  (λ* = {lam:.2f} requests/s)")
+    ax.set_ylabel("backlog growth (tokens/s)")
+    ax.set_title("Theorem 2: backlog growth against load, (v_p, v_d) = (100, 100), b_max = 512", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def max_rate(numbers: dict, schedulers: Sequence[str], lam: float, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    vals = [numbers[f"max_rate[{s}]"]["max_rate_rps"] or 0.0 for s in schedulers]
+    bars = ax.bar(schedulers, vals, color=[COLORS[i] for i in range(len(schedulers))])
+    for bar, v in zip(bars, vals):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v / lam:.2f}·λ*", ha="center", va="bottom", fontsize=8)
+    ax.axhline(lam, color="k", ls="--", lw=1, label=f"λ* = {lam:.2f} (Theorem 2)")
+    ax.set_ylabel("largest stable rate (requests/s)")
+    ax.set_title("Largest stable rate by simulation, Fig. 1 workload, b_max = 512", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def batch_time(stair, pwl, saturated: dict, path: Path) -> Path:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    b = np.arange(1, 2049)
+    a1.plot(b, stair.seconds(b) * 1e3, label="staircase (v3, the paper's fit)")
+    a1.plot(b, pwl.seconds(b) * 1e3, "--", label="piecewise linear (fitted to the staircase)")
+    a1.set_xlabel("tokens in the batch b")
+    a1.set_ylabel("batch time t_b (ms)")
+    a1.grid(True, alpha=0.3)
+    a1.legend(fontsize=8)
+    budgets = np.arange(16, 2049, 16)
+    a2.plot(budgets, budgets / stair.seconds(budgets), label="staircase: b/t_b")
+    a2.plot(budgets, budgets / pwl.seconds(budgets), "--", label="piecewise linear: b/t_b")
+    pts = [(k, v) for k, v in saturated.items() if v is not None]
+    if pts:
+        a2.plot([k for k, _ in pts], [v for _, v in pts], "ko", ms=5, label="Sarathi at 1.3·λ* (simulated)")
+    a2.set_xlabel("token budget b_max")
+    a2.set_ylabel("capacity (tokens/s)")
+    a2.grid(True, alpha=0.3)
+    a2.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def region(regions: dict, position, served: list, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=110)
+    for i, (b, reg) in enumerate(sorted(regions.items())):
+        u = np.array([0.0] + [v.prefill_rate for v in reg.vertices] + [0.0]) / 1e3
+        w = np.array([0.0] + [v.decode_rate for v in reg.vertices] + [0.0]) / 1e3
+        ax.fill(u, w, alpha=0.08, color=COLORS[2 + i])
+        ax.plot(u[1:-1], w[1:-1], "-o", ms=3, color=COLORS[2 + i], label=f"region, b_max = {b}")
+    p = np.array([position.prefill_rate, position.decode_rate]) / 1e3
+    ax.plot(*p, "k*", ms=14, label="point C (the workload)")
+    markers = ["s", "^", "D", "v", "P", "X", "<", ">", "h"]
+    for i, (label, _, (x, y), verdict) in enumerate(served):
+        ax.plot(x, y, markers[i % len(markers)], ms=7, alpha=0.8, label=f"{label} served ({verdict})")
+    ax.set_xlabel("prefill tokens/ms (λ·m_p)")
+    ax.set_ylabel("decode tokens/ms (λ·m_d)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title("§6: stability regions under k_max = 100, and the rates each run served (2nd half)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def in_system_lines(series: dict, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    for i, (label, (s, verdict)) in enumerate(series.items()):
+        ax.plot(s["time_s"], np.asarray(s["in_system"]) + 1, STYLES[i % 4], color=COLORS[i % len(COLORS)], lw=1.3,
+                label=f"{label} ({verdict})")
+    ax.set_yscale("log")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("requests in system + 1")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def latency(points: dict, schedulers: Sequence[str], budgets: Sequence[int], loads: Sequence[float], lam: float,
+            path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
+    panels = [("ttft", "p99", "TTFT p99 (s)"), ("tbt", "p50", "time between tokens p50 (ms)"), ("e2e", "p99", "E2E p99 (s)")]
+    for ax, (metric, q, ylabel) in zip(axes, panels):
+        for j, sched in enumerate(schedulers):
+            for i, b in enumerate(budgets):
+                xs, ys = [], []
+                for f in loads:
+                    d = points.get((sched, b, f))
+                    if d is not None and d[metric][q] is not None:
+                        xs.append(f * lam)
+                        ys.append(d[metric][q] * (1e3 if metric == "tbt" else 1))
+                if xs:
+                    ax.plot(xs, ys, STYLES[j % 4], marker="o", ms=3, color=COLORS[i % len(COLORS)],
+                            label=f"{sched}, b_max {b}")
+        ax.set_yscale("log")
+        ax.set_xlabel("arrival rate (requests/s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Latency against load and token budget (Fig. 1 workload, seed 0)", fontsize=11)
+    return save_figure(fig, path)
