@@ -1,13 +1,16 @@
 # Two commands set up and run everything on a fresh machine (see README):
 #   make compare   -- create .venv, install llmqueue, run the default comparison
 #   make test      -- create .venv, install llmqueue with test extras, run the test suite
+# Reproducing the paper (docs/reproduce.md):
+#   make reproduce        -- every result of the paper, report in llmqueue_output/reproduce/report.html
+#   make reproduce-quick  -- the same at a smaller scale (under 2 minutes on 2 cores)
 # The optional extras (Ray sweeps, the real CPU engine) have their own targets:
 #   make test-extras -- install the ray and cpu extras, run the slow and real-engine checks (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-extras compare test test-slow test-extras test-all bench clean
+.PHONY: setup setup-extras compare reproduce reproduce-quick test test-slow test-extras test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +29,12 @@ setup-extras: $(VENV)/.extras
 compare: setup
 	$(VENV)/bin/llmqueue compare
 
+reproduce: setup
+	$(VENV)/bin/llmqueue reproduce
+
+reproduce-quick: setup
+	$(VENV)/bin/llmqueue reproduce --quick
+
 test: setup
 	$(PY) -m pytest -q -m "not slow and not real"
 
@@ -42,4 +51,4 @@ bench: setup
 	$(PY) benchmarks/bench_simulate.py
 
 clean:
-	rm -rf $(VENV) llmqueue_output .pytest_cache .hypothesis
+	rm -rf $(VENV) llmqueue_output .pytest_cache .hypothesis test-artifacts
