@@ -8,7 +8,7 @@ arrive at 0.5 s, so they are admitted at the first batch boundary (t = 1).
 from __future__ import annotations
 
 import pytest
-from conftest import compositions, drive, make_engine, put_decoding
+from conftest import compositions, drive, make_engine
 
 from llmqueue.request import Request
 from llmqueue.worked_example import FIG8_PUBLISHED, parse_sequence, run_fig8

@@ -57,7 +57,7 @@ def test_every_section_is_written_with_its_plots(smoke, capsys):
 def test_report_is_self_contained(smoke):
     text = (smoke / "report.html").read_text()
     assert "<script" not in text.lower()
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", text, re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", text, re.IGNORECASE)
     images = re.findall(r'<img src="([^"]{0,30})', text)
     assert images and all(src.startswith("data:image/png;base64,") for src in images)
     assert len(images) == sum(len(s["plots"]) for s in _sections(smoke))

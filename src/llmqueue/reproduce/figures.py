@@ -12,10 +12,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from llmqueue.plots import save_figure  # noqa: E402
+from llmqueue.plots import save_figure
 
 STYLES = ["-", "--", "-.", ":"]
 COLORS = ["tab:red", "tab:purple", "tab:blue", "tab:green", "tab:orange", "tab:brown", "tab:gray", "tab:olive",

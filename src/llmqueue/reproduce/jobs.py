@@ -68,7 +68,12 @@ def _single(job: dict, seed: int) -> dict:
 
 
 def _network(job: dict, seed: int) -> dict:
-    from llmqueue.network import load_network, network_timeseries, simulate_network, summarize_network
+    from llmqueue.network import (
+        load_network,
+        network_timeseries,
+        simulate_network,
+        summarize_network,
+    )
 
     net = load_network(job["source"], [*job.get("sets", []), f"run.seed={seed}"])
     result = simulate_network(net)

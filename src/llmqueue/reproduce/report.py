@@ -89,6 +89,12 @@ def _table(caption: str, header: list[str], rows: list[list[str]]) -> str:
     return f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def _badge(verdict: str) -> str:
     return f'<span class="badge" style="background:{BADGE.get(verdict, "#57606a")}">{html.escape(verdict)}</span>'
 
@@ -115,7 +121,7 @@ def render(results: list[Result], meta: dict, costs: list[dict], plots: Path) ->
         parts.append(f"<div class='claim'><b>The paper's claim.</b> {e(r.claim)}</div>")
         if r.published:
             parts.append("<p class='published'><b>Published values (typed in from the paper, not computed):</b> "
-                         + "; ".join(f"{e(k)} = {e(json.dumps(v, ensure_ascii=False))}" for k, v in r.published.items())
+                         + "; ".join(f"{e(k)} = {e(_show(v))}" for k, v in r.published.items())
                          + "</p>")
         parts.append(f"<div class='verdict'>{_badge(r.verdict)} {e(r.verdict_text)}</div>")
         for t in r.tables:

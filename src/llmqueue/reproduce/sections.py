@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from llmqueue.scenarios import scenario_data, scenario_text
 REPRODUCED, DIFFERS, BEYOND, NOT_RUN = "reproduced", "differs", "beyond the paper", "not run"
 MAIN4 = ("fastertransformer", "vllm", "orca", "sarathi")
 FIG1_MEANS = (129, 112)
+FIG1_LOADS = (0.6, 0.75, 0.9, 0.95)   # the plotted loads (fractions of λ*); the full run adds more to its table
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Scale:
     """How much to run: ``full`` (the report), ``quick`` (< 2 min), ``smoke`` (tests only)."""
 
     name: str
+    fig1_loads: tuple[float, ...]
     fig1_seeds: int
     fig1_horizon: float
     thm2_loads: tuple[float, ...]
@@ -54,17 +56,17 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale("full", fig1_seeds=5, fig1_horizon=3600.0, thm2_loads=tuple(round(0.6 + 0.1 * i, 1) for i in range(9)),
+    "full": Scale("full", fig1_loads=(0.3, 0.6, 0.75, 0.85, 0.9, 0.95), fig1_seeds=5, fig1_horizon=3600.0, thm2_loads=tuple(round(0.6 + 0.1 * i, 1) for i in range(9)),
                   thm2_seeds=10, thm2_horizon=3600.0, maxrate_seeds=3, maxrate_rel_tol=0.01, maxrate_horizon=3600.0,
                   sat_budgets=(128, 256, 384, 512, 768, 1024, 1536, 2048), sat_horizon=1200.0, pointc_horizon=3600.0,
                   rs_seeds=5, rs_horizon=6000.0, topo_seeds=3, topo_horizon=3600.0,
                   lat_budgets=(128, 256, 512, 1024, 2048), lat_loads=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9), lat_horizon=1800.0),
-    "quick": Scale("quick", fig1_seeds=2, fig1_horizon=1200.0, thm2_loads=(0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4),
+    "quick": Scale("quick", fig1_loads=FIG1_LOADS, fig1_seeds=2, fig1_horizon=1200.0, thm2_loads=(0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4),
                    thm2_seeds=3, thm2_horizon=1200.0, maxrate_seeds=2, maxrate_rel_tol=0.02, maxrate_horizon=3600.0,
                    sat_budgets=(128, 512, 1024, 2048), sat_horizon=600.0, pointc_horizon=1800.0,
                    rs_seeds=1, rs_horizon=6000.0, topo_seeds=1, topo_horizon=3600.0,
                    lat_budgets=(128, 512, 2048), lat_loads=(0.3, 0.6, 0.8, 0.9), lat_horizon=1200.0),
-    "smoke": Scale("smoke", fig1_seeds=1, fig1_horizon=60.0, thm2_loads=(0.6, 1.0, 1.4), thm2_seeds=1, thm2_horizon=60.0,
+    "smoke": Scale("smoke", fig1_loads=FIG1_LOADS, fig1_seeds=1, fig1_horizon=60.0, thm2_loads=(0.6, 1.0, 1.4), thm2_seeds=1, thm2_horizon=60.0,
                    maxrate_seeds=1, maxrate_rel_tol=0.25, maxrate_horizon=60.0, sat_budgets=(128, 512), sat_horizon=30.0,
                    pointc_horizon=60.0, rs_seeds=1, rs_horizon=300.0, topo_seeds=1, topo_horizon=200.0,
                    lat_budgets=(128, 512), lat_loads=(0.5, 0.8), lat_horizon=60.0),
@@ -102,7 +104,7 @@ class Section:
     key = ""
     title = ""
     claim = ""
-    published: dict[str, Any] = {}
+    published: ClassVar[dict[str, Any]] = {}
 
     def jobs(self, s: Scale) -> list[tuple[str, dict, int]]:
         """(name, job, seed) for every run this section needs (see reproduce.jobs)."""
@@ -188,7 +190,13 @@ class Fig8(Section):
         self.published = {k: {"token_budget": b, "batches": t} for k, (b, t) in FIG8_PUBLISHED.items()}
 
     def assemble(self, s, got, searched, plots):
-        from llmqueue.worked_example import FIG8_NAMES, FIG8_PUBLISHED, compositions, parse_sequence, run_fig8
+        from llmqueue.worked_example import (
+            FIG8_NAMES,
+            FIG8_PUBLISHED,
+            compositions,
+            parse_sequence,
+            run_fig8,
+        )
         from llmqueue.worked_example import show_sequence as show
         rows, numbers = [], {}
         extra = {"vllm-v1": 4, "maxweight": 4}
@@ -226,25 +234,23 @@ class Fig8(Section):
 
 # ---- 2. Fig. 1 -------------------------------------------------------------------------
 
-FIG1_LOADS = (0.6, 0.75, 0.9, 0.95)
-
 
 class Fig1(Section):
     key, title = "fig1", "2. The four schedulers on the Fig. 1 workload"
     claim = ("On the Fig. 1 workload (prompt mean 129, output mean 112 tokens, the CodeLlama-34B staircase, "
              "b_max = 512, λ* = 13.87 requests/s) the non-work-conserving FasterTransformer and vanilla vLLM "
              "diverge at loads well below λ*, where Orca and Sarathi-Serve stay bounded (PAPER.md §4).")
-    published = {"lambda_star_rps (b_max = 512)": 13.87, "real A100 trace rate_rps": 14}
+    published: ClassVar[dict[str, Any]] = {"lambda_star_rps (b_max = 512)": 13.87, "real A100 trace rate_rps": 14}
 
     def jobs(self, s):
         return [(f"{sched}@{load}", single_job(scenario_config("fig1", scheduler=sched, load=load,
                                                                horizon=s.fig1_horizon), ("series",)), seed)
-                for load in FIG1_LOADS for sched in MAIN4 for seed in range(s.fig1_seeds)]
+                for load in s.fig1_loads for sched in MAIN4 for seed in range(s.fig1_seeds)]
 
     def assemble(self, s, got, searched, plots):
         lam = lambda_star(512, *FIG1_MEANS)
         rows, numbers, series = [], {}, {}
-        for load in FIG1_LOADS:
+        for load in s.fig1_loads:
             row = [f"{load:.2f}", num(load * lam)]
             for sched in MAIN4:
                 runs = [got(f"{sched}@{load}", seed) for seed in range(s.fig1_seeds)]
@@ -260,12 +266,12 @@ class Fig1(Section):
                     series[(load, sched)] = (runs[0]["series"], runs[0]["verdict"])
             rows.append(row)
         figures.fig1(series, FIG1_LOADS, MAIN4, lam, plots / "fig1_in_system.png")
-        high = [ld for ld in FIG1_LOADS if ld >= 0.9]
+        high = [ld for ld in s.fig1_loads if ld >= 0.9]
         runs_of = {(sched, ld): [got(f"{sched}@{ld}", seed) for seed in range(s.fig1_seeds)]
-                   for sched in MAIN4 for ld in FIG1_LOADS}
+                   for sched in MAIN4 for ld in s.fig1_loads}
         wc_bounded = all(none_are(runs_of[(sc, ld)], "unstable") for sc in ("orca", "sarathi") for ld in high)
         nwc_diverge = all(all_are(runs_of[(sc, ld)], "unstable") for sc in ("fastertransformer", "vllm") for ld in high)
-        first_div = {sc: next((ld for ld in FIG1_LOADS if all_are(runs_of[(sc, ld)], "unstable")), None) for sc in MAIN4}
+        first_div = {sc: next((ld for ld in s.fig1_loads if all_are(runs_of[(sc, ld)], "unstable")), None) for sc in MAIN4}
         numbers["lambda_star_rps"] = lam
         numbers["lowest_load_diverging"] = first_div
         verdict = REPRODUCED if wc_bounded and nwc_diverge else DIFFERS
@@ -273,9 +279,9 @@ class Fig1(Section):
                 f"Orca and Sarathi are {'never unstable' if wc_bounded else 'NOT always bounded'} and "
                 f"FasterTransformer and vanilla vLLM {'diverge in every seed' if nwc_diverge else 'do NOT always diverge'}. "
                 "Lowest load (of those run) at which every seed diverges: "
-                + ", ".join(f"{sc} {('%g·λ*' % first_div[sc]) if first_div[sc] else 'none'}" for sc in MAIN4) + ".")
+                + ", ".join(f"{sc} {f'{first_div[sc]:g}·λ*' if first_div[sc] else 'none'}" for sc in MAIN4) + ".")
         return self.result(
-            config=_config_block("fig1", [f"workload.load = {', '.join(map(str, FIG1_LOADS))}",
+            config=_config_block("fig1", [f"workload.load = {', '.join(map(str, s.fig1_loads))}",
                                           f"engine.scheduler = {', '.join(MAIN4)}",
                                           f"run.horizon_s = {s.fig1_horizon:g}", f"seeds 0..{s.fig1_seeds - 1}"]),
             verdict=verdict, verdict_text=text, numbers=numbers,
@@ -295,7 +301,7 @@ class Theorem2(Section):
              "stable when λ(m_p + m_d) < b_max/t_{b_max}; above it the unprocessed tokens grow at the fluid "
              "rate λ(m_p + m_d) − b_max/t_{b_max} (PAPER.md §4). Example: (v_p, v_d) = (100, 100), "
              "b_max = 512: λ* = 16.71 requests/s.")
-    published = {"lambda_star_rps (100 + 100 tokens, b_max = 512)": 16.71}
+    published: ClassVar[dict[str, Any]] = {"lambda_star_rps (100 + 100 tokens, b_max = 512)": 16.71}
 
     def jobs(self, s):
         return [(f"{sched}@{load}", single_job(scenario_config("theorem2", scheduler=sched, load=load,
@@ -384,7 +390,7 @@ class BatchTimeModels(Section):
     claim = ("The batch time depends only on the token load b: v3's staircase t_b = c + a·⌈b/b0⌉ (CodeLlama-34B on "
              "one A100-80GB: c = 11.28 ms, a = 35.47 ms, b0 = 128), v1/v2's piecewise-linear c + a·max(0, b − b0). "
              "Capacity is b_max/t_{b_max} tokens/s (PAPER.md §1, §4).")
-    published = {"t_128_ms": 46.75, "t_512_ms": 153.16, "t_1024_ms": 295.04}
+    published: ClassVar[dict[str, Any]] = {"t_128_ms": 46.75, "t_512_ms": 153.16, "t_1024_ms": 295.04}
 
     def jobs(self, s):
         out = []
@@ -464,7 +470,7 @@ class Region(Section):
              "(one request every 467.5 ms, 290 + 990 tokens) only Sarathi with b_max = 128 stays stable (≈ 99 in "
              "the system, 29 + 99 batches); Sarathi-1024, Orca-128, vanilla vLLM-128 and FasterTransformer-128 "
              "diverge (PAPER.md §5). Which policy reaches the whole region is open.")
-    published = {"vertex_C_batch": "29 prefill + 99 decode", "vertex_C_tokens_per_ms": [0.6203, 2.1176],
+    published: ClassVar[dict[str, Any]] = {"vertex_C_batch": "29 prefill + 99 decode", "vertex_C_tokens_per_ms": [0.6203, 2.1176],
                  "sarathi_128_in_system": 99}
 
     def jobs(self, s):
@@ -566,7 +572,7 @@ class Networks(Section):
              "optimal: stable whenever each engine's load is below its capacity. For cyclic routing it is not: in "
              "the Rybko–Stolyar network (two Sarathi engines, b_max = 768, t ≡ 1, ρ = 0.9 at both), strict "
              "priority to the class leaving each engine diverges, the reverse priority is stable (PAPER.md §6).")
-    published = {"rybko_stolyar_rho": 0.9, "rybko_stolyar_lambda_per_type": 1.1368}
+    published: ClassVar[dict[str, Any]] = {"rybko_stolyar_rho": 0.9, "rybko_stolyar_lambda_per_type": 1.1368}
 
     def jobs(self, s):
         out = []
