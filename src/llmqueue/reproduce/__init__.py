@@ -79,6 +79,7 @@ def reproduce(out: str | Path, *, mode: str = "full", jobs: int | None = None, f
             searched[section.key] = {name: r for (name, _), r in zip(specs, found)}
             search_seconds[section.key] = time.monotonic() - t0
 
+        say("assembling the sections: tables, plots, verdicts")
         results: list[Result] = []
         costs = []
         for section in SECTIONS:
