@@ -86,3 +86,12 @@ def test_budget_not_multiple_of_b0_is_flagged():
     a = analyze(make_batch_time(None), 600, 1.0, 100, 100)
     assert a.peak_batch_tokens == 512 and a.peak_tokens_per_s > a.capacity_tokens_per_s
     assert any("Assumption 1" in n for n in a.notes)
+
+
+@pytest.mark.parametrize("budget", [100, 255])
+def test_no_assumption_note_when_full_batches_are_fastest(budget):
+    """b0 need not divide b_max for Theorem 2's capacity to be exact: below one step (100 < 128)
+    every batch takes c + a, and at 255 tokens full batches beat 128-token ones (3.10 vs 2.74
+    tokens/ms); only a budget whose whole steps serve faster is flagged."""
+    a = analyze(make_batch_time(None), budget, 1.0, 100, 100)
+    assert a.peak_batch_tokens == budget and a.notes == ()

@@ -83,10 +83,12 @@ class Staircase(BatchTime):
         return {"model": self.name, "c_ms": self.c * 1e3, "a_ms": self.a * 1e3, "b0": self.b0}
 
     def assumption_warnings(self, token_budget: int) -> list[str]:
-        if token_budget % self.b0:
+        whole = token_budget // self.b0 * self.b0  # the largest multiple of b0 within the budget
+        if token_budget % self.b0 and whole and whole / float(self.seconds(whole)) > token_budget / float(
+                self.seconds(token_budget)):
             return [
                 f"batch_time.b0 = {self.b0} does not divide engine.token_budget = {token_budget} "
-                f"(paper Assumption 1): batches of {token_budget // self.b0 * self.b0} tokens serve "
+                f"(paper Assumption 1): batches of {whole} tokens serve "
                 f"more tokens per second than full batches, so Theorem 2's capacity is only a bound"
             ]
         return []
