@@ -454,6 +454,7 @@ POINT_C_RUNS = [  # (label, scheduler, budget, options)
     ("vllm-128 (split)", "vllm", 128, {"split_prompts": True}), ("vllm-128 (no split)", "vllm", 128, {}),
     ("fastertransformer-128 (split)", "fastertransformer", 128, {"split_prompts": True}),
     ("fastertransformer-128 (no split)", "fastertransformer", 128, {}),
+    ("vllm-v1-128", "vllm-v1", 128, {}), ("vllm-v1-1024", "vllm-v1", 1024, {}),
     ("maxweight-1024", "maxweight", 1024, {}), ("maxweight-128", "maxweight", 128, {}),
 ]
 PAPER_POINT_C = {"sarathi-128": "stable", "sarathi-1024": "unstable", "orca-128": "unstable",
@@ -524,16 +525,19 @@ class Region(Section):
         runs_ok = all(label in numbers and numbers[label]["verdict"] == want for label, want in PAPER_POINT_C.items())
         s128 = numbers.get("sarathi-128", {})
         shape_ok = bool(s128.get("steady_shapes")) and (s128["steady_shapes"][0]["prefill"], s128["steady_shapes"][0]["decode"]) == (29, 99)
-        mw = numbers.get("maxweight-1024", {}).get("verdict")
         verdict = REPRODUCED if c_ok and runs_ok and shape_ok else DIFFERS
         nosplit = [lab for lab in ("vllm-128 (no split)", "fastertransformer-128 (no split)") if lab in numbers]
-        text = (f"Vertex C = {numbers['region_128']['vertex_C']} tokens/ms (computed, all three budgets: "
+        vc = numbers["region_128"]["vertex_C"]
+        shown_c = "none" if vc is None else f"({vc[0]:.4f}, {vc[1]:.4f})"
+        text = (f"Vertex C = {shown_c} tokens/ms (computed, all three budgets: "
                 f"{'the same as' if c_ok else 'NOT the published'} (0.6203, 2.1176)). Point C lies "
                 f"{WHERE[pos[128].status]} the region (ρ along its ray {pos[128].rho:.4f}). "
                 + ("The paper's five runs end as it says" if runs_ok else "Some of the paper's five runs end differently")
                 + (f"; Sarathi-128 holds {s128.get('mean_in_system', float('nan')):.1f} requests on average with "
                    f"{'29+99' if shape_ok else 'OTHER'} batches in steady state" if s128 else "")
-                + f". Beyond the paper: the max-weight scheduler with b_max = 1024 is {mw}. "
+                + ". Beyond the paper: " + ", ".join(f"{lab} {numbers[lab]['verdict']}" for lab in
+                                                     ("maxweight-1024", "vllm-v1-128", "vllm-v1-1024") if lab in numbers)
+                + " (maxweight is this project's region-reaching scheduler; vLLM v1 batches like Sarathi here). "
                 + (f"Without prompt splitting ({', '.join(nosplit)}) no 290-token prompt fits a 128-token batch: "
                    "every request is rejected and nothing is served (PAPER.md §3's open point)." if nosplit else ""))
         return self.result(
