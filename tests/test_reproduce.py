@@ -145,3 +145,26 @@ def test_quick_reproduces_the_paper(tmp_path):
         assert verdict == (BEYOND if key == "latency" else REPRODUCED), (key, text)
     if find_chromium() is not None or os.environ.get("LLMQUEUE_REQUIRE_BROWSER") == "1":
         _browser_check(out, "reproduce_quick_report")
+
+
+def test_a_broken_section_is_reported_not_fatal(smoke, tmp_path, monkeypatch):
+    """One section failing to assemble gives it the verdict 'not run' with the error; the rest of
+    the report is written (here from the stored runs of the smoke fixture: nothing reruns)."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(smoke, out)
+    broken = SECTIONS[3]
+
+    def boom(*args, **kwargs):
+        raise ValueError("a plotting failure")
+
+    monkeypatch.setattr(broken, "assemble", boom)
+    starts = []
+    doc = reproduce(out, mode="smoke", jobs=1, on_start=lambda todo, stored: starts.append(todo))
+    assert starts[0] == 0
+    verdicts = doc["verdicts"]
+    assert verdicts[broken.key] == NOT_RUN
+    assert "ValueError: a plotting failure" in doc["sections"][3]["verdict_text"]
+    assert all(v != NOT_RUN for k, v in verdicts.items() if k != broken.key)
+    assert "a plotting failure" in (out / "report.html").read_text()
