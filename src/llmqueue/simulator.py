@@ -15,7 +15,7 @@ Two loops give identical results (docs/performance.md): the reference, one
 from __future__ import annotations
 
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,9 +139,8 @@ def _run_reference(engine: Engine, arrivals: list[float], prompts: list[int], ou
     return now, i
 
 
-def _collect(engine: Engine, requests: Requests, admitted: list[Request], end_time: float,
-             ends: list[float], tokens: list[int], detail: list[tuple] | None) -> Result:
-    n = len(requests)
+def request_times(admitted: Sequence[Request], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """First-token and finish times of ``n`` requests by id (NaN where not reached)."""
     first = np.full(n, np.nan)
     finish = np.full(n, np.nan)
     for r in admitted:
@@ -149,6 +148,13 @@ def _collect(engine: Engine, requests: Requests, admitted: list[Request], end_ti
             first[r.rid] = r.first_token_time
         if r.finish_time is not None:
             finish[r.rid] = r.finish_time
+    return first, finish
+
+
+def _collect(engine: Engine, requests: Requests, admitted: list[Request], end_time: float,
+             ends: list[float], tokens: list[int], detail: list[tuple] | None) -> Result:
+    n = len(requests)
+    first, finish = request_times(admitted, n)
     rejected = np.zeros(n, dtype=bool)
     rejected[[r.rid for r in engine.rejected]] = True
     batches = None

@@ -39,7 +39,7 @@ from llmqueue.real.model import Chunk, ModelConfig, Transformer, model_config
 from llmqueue.request import Request
 from llmqueue.runner import Run, analysis_of, batch_time_of, build_workload, generate
 from llmqueue.schedulers import make_scheduler
-from llmqueue.simulator import BATCH_COLUMNS, Result
+from llmqueue.simulator import BATCH_COLUMNS, Result, request_times
 from llmqueue.workload import Requests
 
 CLOCKS = ("measured", "wall")
@@ -277,12 +277,7 @@ def serve(engine: Engine, executor: Executor, requests: Requests, *, clock: str 
 def _result(engine: Engine, requests: Requests, admitted: Sequence[Request], rejected: Sequence[int],
             end_time: float, ends: list[float], tokens: list[int], detail: list[tuple]) -> Result:
     n = len(requests)
-    first, finish = np.full(n, np.nan), np.full(n, np.nan)
-    for r in admitted:
-        if r.first_token_time is not None:
-            first[r.rid] = r.first_token_time
-        if r.finish_time is not None:
-            finish[r.rid] = r.finish_time
+    first, finish = request_times(admitted, n)
     reject = np.zeros(n, dtype=bool)
     reject[[*rejected, *(r.rid for r in engine.rejected)]] = True
     names = (*BATCH_COLUMNS, *EXTRA_BATCH_COLUMNS)

@@ -250,10 +250,12 @@ class Fig1(Section):
     def assemble(self, s, got, searched, plots):
         lam = lambda_star(512, *FIG1_MEANS)
         rows, numbers, series = [], {}, {}
+        runs_of = {(sched, ld): [got(f"{sched}@{ld}", seed) for seed in range(s.fig1_seeds)]
+                   for sched in MAIN4 for ld in s.fig1_loads}
         for load in s.fig1_loads:
             row = [f"{load:.2f}", num(load * lam)]
             for sched in MAIN4:
-                runs = [got(f"{sched}@{load}", seed) for seed in range(s.fig1_seeds)]
+                runs = runs_of[(sched, load)]
                 ok = [r for r in runs if r]
                 counts = verdict_counts(runs)
                 numbers[f"{sched}@{load}"] = {
@@ -267,8 +269,6 @@ class Fig1(Section):
             rows.append(row)
         figures.fig1(series, FIG1_LOADS, MAIN4, lam, plots / "fig1_in_system.png")
         high = [ld for ld in s.fig1_loads if ld >= 0.9]
-        runs_of = {(sched, ld): [got(f"{sched}@{ld}", seed) for seed in range(s.fig1_seeds)]
-                   for sched in MAIN4 for ld in s.fig1_loads}
         wc_bounded = all(none_are(runs_of[(sc, ld)], "unstable") for sc in ("orca", "sarathi") for ld in high)
         nwc_diverge = all(all_are(runs_of[(sc, ld)], "unstable") for sc in ("fastertransformer", "vllm") for ld in high)
         first_div = {sc: next((ld for ld in s.fig1_loads if all_are(runs_of[(sc, ld)], "unstable")), None) for sc in MAIN4}
