@@ -1,6 +1,7 @@
-"""The simulator's fast path (fastpath.py) against the reference loop: identical results.
+"""The simulator's fast paths against the reference loop: identical results.
 
-Every registered scheduler (with and without its options, a request cap, several batch-time
+Both event-level loops, the compiled core (fastcore.py, _fastcore.c) and the pure-Python fast
+path (fastpath.py), are checked.  Every registered scheduler (with and without its options, a request cap, several batch-time
 models and horizons) runs the same random requests both ways; the batch sequence, every
 request's times, the violation count and the engine's final state must be equal exactly
 (floats compared bit for bit).  The built-in scenarios must give the same summaries.
@@ -9,6 +10,7 @@ request's times, the violation count and the engine's final state must be equal 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from conftest import make_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmqueue import fastpath
+from llmqueue import fastcore, fastpath
 from llmqueue.batch_time import Constant
 from llmqueue.config import parse_config
 from llmqueue.engine import Engine
@@ -78,22 +80,45 @@ def cases(draw):
     run = draw(st.sampled_from([{"drain": True}, {}, {"horizon_s": float(times[-1]) / 2 + 0.3},
                                 {"horizon_s": 37.0}]))
     stretch = draw(st.sampled_from([fastpath._NUMPY_STRETCH, 2]))  # 2: stretches of 3+ batches take numpy
-    return name, options, budget, cap, requests, batch_time, run, stretch
+    ring = draw(st.sampled_from([fastcore.RING, 16]))  # 16: outputs over 14 tokens use the calendar's heap
+    return name, options, budget, cap, requests, batch_time, run, (stretch, ring)
+
+
+COMPILED = fastcore.unavailable() is None
+needs_core = pytest.mark.skipif(not COMPILED, reason=f"{fastcore.unavailable()}")
+
+
+def test_the_compiled_core_is_built_where_required():
+    # CI builds the core (setup.py; .ci/run sets LLMQUEUE_REQUIRE_FASTCORE=1): a missing or stale
+    # build must fail there, not silently fall back to the slower Python loop.
+    if os.environ.get("LLMQUEUE_REQUIRE_FASTCORE") == "1":
+        assert fastcore.unavailable() is None
 
 
 def check_case(case, record_batches: bool) -> None:
-    name, options, budget, cap, requests, batch_time, run, stretch = case
-    engines = [make_engine(name, budget, cap=cap, batch_time=batch_time, **options) for _ in range(2)]
+    name, options, budget, cap, requests, batch_time, run, (stretch, ring) = case
+    engines = [make_engine(name, budget, cap=cap, batch_time=batch_time, **options) for _ in range(3)]
     ref = simulate(engines[0], requests, method="reference", record_batches=record_batches, **run)
     old = fastpath._NUMPY_STRETCH
     fastpath._NUMPY_STRETCH = stretch
     try:
-        fast = simulate(engines[1], requests, method="fast", record_batches=record_batches, **run)
+        python = simulate(engines[1], requests, method="fast-python", record_batches=record_batches, **run)
     finally:
         fastpath._NUMPY_STRETCH = old
     assert ref.meta["method"] == "reference (selected)"
-    assert_same(ref, fast)
+    fast = python.meta["method"] == "fast"  # else a policy the fast path does not cover (maxweight)
+    assert python.meta.get("core") == ("python (selected)" if fast else None)
+    assert_same(ref, python)
     assert engine_state(engines[0]) == engine_state(engines[1])
+    if COMPILED:
+        old, fastcore.RING = fastcore.RING, ring
+        try:
+            compiled = simulate(engines[2], requests, method="fast", record_batches=record_batches, **run)
+        finally:
+            fastcore.RING = old
+        assert compiled.meta == ({"method": "fast", "core": "compiled"} if fast else python.meta)
+        assert_same(ref, compiled)
+        assert engine_state(engines[0]) == engine_state(engines[2])
 
 
 @pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
@@ -119,14 +144,54 @@ def test_long_stretches_and_progress_match():
         bt = {"model": "staircase", "c_ms": 11.28, "a_ms": 35.47, "b0": 128}
         ticks: dict[str, list[int]] = {}
         runs = {}
-        for method in ("fast", "reference"):
+        for method in ("fast", "fast-python", "reference"):
             seen = ticks[method] = []
             runs[method] = simulate(make_engine(name, 512, batch_time=bt), requests, drain=True, method=method,
                                     progress=lambda now, i, seen=seen: seen.append(i))
-        assert runs["fast"].meta["method"] == "fast"
+        assert runs["fast"].meta["method"] == runs["fast-python"].meta["method"] == "fast"
         assert_same(runs["reference"], runs["fast"])
+        assert_same(runs["reference"], runs["fast-python"])
         assert runs["fast"].num_batches > 4_000  # vllm, fastertransformer reject the 5000-token prompt
-        assert ticks["fast"][-1] == ticks["reference"][-1] == 4
+        assert ticks["fast"][-1] == ticks["fast-python"][-1] == ticks["reference"][-1] == 4
+        assert len(ticks["fast"]) > 2  # progress is reported during the run, not only at its end
+
+
+@needs_core
+def test_compiled_core_stops_when_progress_raises():
+    # Ctrl-C arrives as KeyboardInterrupt from the progress hook (or PyErr_CheckSignals): the C
+    # loop stops at once and frees its buffers; the engine is left untouched.
+    requests = Requests(np.arange(3000) * 0.01, np.full(3000, 20, np.int64), np.full(3000, 50, np.int64))
+    calls = []
+
+    def interrupt(now, i):
+        calls.append(i)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    engine = make_engine("sarathi", 64)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(engine, requests, drain=True, progress=interrupt)
+    assert len(calls) == 2 and engine.num_in_engine == 0
+
+
+def test_a_missing_or_stale_core_falls_back_to_the_python_fast_path(monkeypatch):
+    requests = Requests(np.array([0.0, 0.5]), np.array([3, 4], np.int64), np.array([2, 1], np.int64))
+    why = "the compiled core is older than _fastcore.c (rebuild: pip install -e .)"
+    monkeypatch.setattr(fastcore, "_core", None)
+    monkeypatch.setattr(fastcore, "_why_not", why)
+    result = simulate(make_engine("sarathi", 8), requests, drain=True)
+    assert result.meta == {"method": "fast", "core": f"python ({why})"}
+    assert result.finish_time.tolist() == [3.0, 3.0]
+
+
+def test_stale_build_is_detected(tmp_path, monkeypatch):
+    if not COMPILED:
+        pytest.skip(fastcore.unavailable())
+    source = tmp_path / "_fastcore.c"
+    source.write_text(fastcore._SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(fastcore, "_SOURCE", source)
+    core, why = fastcore._load()
+    assert core is None and "older than _fastcore.c" in why
 
 
 def test_unsupported_engines_fall_back_to_the_reference():
@@ -152,7 +217,7 @@ def test_unsupported_engines_fall_back_to_the_reference():
 def test_config_selects_the_method():
     assert parse_config({}).run.method == "fast"
     assert parse_config({"run": {"method": "reference"}}).run.method == "reference"
-    with pytest.raises(ConfigError, match=r"run\.method = 'quick' is not allowed: one of fast, reference"):
+    with pytest.raises(ConfigError, match=r"run\.method = 'quick' is not allowed: one of fast, fast-python, reference"):
         parse_config({"run": {"method": "quick"}})
 
 
@@ -165,12 +230,13 @@ def test_builtin_scenarios_give_the_same_summary(scenario):
     data["run"] = {**data.get("run", {}), "horizon_s": 150.0}
     data["run"].pop("requests", None)
     runs = {}
-    for method in ("reference", "fast"):
+    for method in ("reference", "fast", "fast-python"):
         data["run"]["method"] = method
         runs[method] = run_config(parse_config(data))
-    ref, fast = (dict(runs[m].summary, wall_s=None) for m in ("reference", "fast"))
-    assert ref == fast
+    ref, fast, python = (dict(runs[m].summary, wall_s=None) for m in ("reference", "fast", "fast-python"))
+    assert ref == fast == python
     assert_same(runs["reference"].result, runs["fast"].result)
+    assert_same(runs["reference"].result, runs["fast-python"].result)
 
 
 @pytest.mark.parametrize("name", ["orca", "vllm-v1", "sarathi"])
@@ -184,12 +250,13 @@ def test_long_outputs_at_high_load_match(name):
     data["workload"]["load"] = 0.9
     data["engine"]["scheduler"] = name
     runs = {}
-    for method in ("reference", "fast"):
+    for method in ("reference", "fast", "fast-python"):
         data["run"] = {"requests": 1500, "seed": 3, "method": method}
         runs[method] = run_config(parse_config(data))
-    assert runs["fast"].result.meta["method"] == "fast"
-    assert_same(runs["reference"].result, runs["fast"].result)
-    assert dict(runs["reference"].summary, wall_s=None) == dict(runs["fast"].summary, wall_s=None)
+    for method in ("fast", "fast-python"):
+        assert runs[method].result.meta["method"] == "fast"
+        assert_same(runs["reference"].result, runs[method].result)
+        assert dict(runs["reference"].summary, wall_s=None) == dict(runs[method].summary, wall_s=None)
 
 
 @pytest.mark.parametrize("run", [{"requests": 3000}, {"horizon_s": 150.0}, {"requests": 800, "drain": True}],

@@ -224,7 +224,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
 
 def _method(value: Any) -> str:
     if value not in METHODS:
-        raise ConfigError("run.method", value, f"one of {', '.join(METHODS)} (both give identical results)")
+        raise ConfigError("run.method", value, f"one of {', '.join(METHODS)} (all give identical results)")
     return value
 
 

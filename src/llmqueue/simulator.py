@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmqueue import fastcore
 from llmqueue.engine import Engine
 from llmqueue.errors import ConfigError
 from llmqueue.fastpath import fallback_reason, run_fast
@@ -55,7 +56,7 @@ class Result:
         return len(self.batch_end_time)
 
 
-METHODS = ("fast", "reference")
+METHODS = ("fast", "fast-python", "reference")
 
 
 def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = None, drain: bool = False,
@@ -65,39 +66,51 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
 
     Without ``horizon_s`` and ``drain`` the run ends at the last arrival.  ``progress``
     is called now and then with (simulated time, requests admitted).  ``method`` picks the
-    loop: ``"fast"`` (the event-level fast path of :mod:`llmqueue.fastpath`, used when the
-    engine's scheduler and batch-time model support it, else the reference) or
-    ``"reference"`` (one :meth:`Engine.step` per batch); both give identical results.
-    ``Result.meta["method"]`` says which one ran.
+    loop, all three giving identical results: ``"fast"`` (the event-level fast path, on the
+    compiled core of :mod:`llmqueue.fastcore` where it is built, else in Python), ``"fast-python"``
+    (the event-level fast path of :mod:`llmqueue.fastpath`, in Python) or ``"reference"`` (one
+    :meth:`Engine.step` per batch).  A scheduler or batch-time model the fast path does not cover
+    takes the reference loop.  ``Result.meta["method"]`` says which loop ran ("fast" or
+    "reference (why)") and ``meta["core"]`` which fast path ("compiled", or "python" and why).
     """
     if method not in METHODS:
         raise ConfigError("run.method", method, f"one of {', '.join(METHODS)}")
     started = _time.perf_counter()
-    arrivals = requests.arrival_time.tolist()
-    prompts = requests.num_prompt_tokens.tolist()
-    outputs = requests.num_output_tokens.tolist()
-    n = len(arrivals)
+    n = len(requests)
+    last = float(requests.arrival_time[-1]) if n else 0.0
     if drain:
         horizon = float("inf")
     elif horizon_s is not None:
         horizon = float(horizon_s)
     else:
-        horizon = arrivals[-1] if n else 0.0
-
-    admitted: list[Request] = []
-    ends: list[float] = []
-    tokens: list[int] = []
-    detail: list[tuple] | None = [] if record_batches else None
-    reason = fallback_reason(engine) if method == "fast" else "selected"
-    if reason is None:
-        now, i = run_fast(engine, arrivals, prompts, outputs, horizon, admitted, ends, tokens, detail, progress)
+        horizon = last
+    reason = fallback_reason(engine) if method != "reference" else "selected"
+    core = None if reason is not None else "python (selected)" if method == "fast-python" else fastcore.unavailable()
+    if reason is None and core is None:
+        ran = fastcore.run(engine, requests, horizon, record_batches, progress)
+        now, i = ran.now, ran.admitted
+        result = _result(engine, requests, max(now, last) if drain else horizon, ran.first_token_time,
+                         ran.finish_time, ran.rejected, ran.batch_end_time, ran.batch_tokens, ran.detail)
     else:
-        now, i = _run_reference(engine, arrivals, prompts, outputs, horizon, admitted, ends, tokens, detail,
-                                progress)
-    end_time = max(now, arrivals[-1] if n else 0.0) if drain else horizon
-    result = _collect(engine, requests, admitted, end_time, ends, tokens, detail)
+        arrivals = requests.arrival_time.tolist()
+        prompts = requests.num_prompt_tokens.tolist()
+        outputs = requests.num_output_tokens.tolist()
+        admitted: list[Request] = []
+        ends: list[float] = []
+        tokens: list[int] = []
+        detail: list[tuple] | None = [] if record_batches else None
+        loop = run_fast if reason is None else _run_reference
+        now, i = loop(engine, arrivals, prompts, outputs, horizon, admitted, ends, tokens, detail, progress)
+        first, finish = request_times(admitted, n)
+        rejected = np.zeros(n, dtype=bool)
+        rejected[[r.rid for r in engine.rejected]] = True
+        result = _result(engine, requests, max(now, last) if drain else horizon, first, finish, rejected,
+                         np.asarray(ends, dtype=float), np.asarray(tokens, dtype=np.int64),
+                         None if detail is None else np.array(detail, dtype=float).reshape(-1, len(BATCH_COLUMNS)))
     result.wall_s = _time.perf_counter() - started
     result.meta["method"] = "fast" if reason is None else f"reference ({reason})"
+    if reason is None:
+        result.meta["core"] = "compiled" if core is None else core if core.startswith("python") else f"python ({core})"
     if progress is not None:
         progress(now, i)
     return result
@@ -151,16 +164,12 @@ def request_times(admitted: Sequence[Request], n: int) -> tuple[np.ndarray, np.n
     return first, finish
 
 
-def _collect(engine: Engine, requests: Requests, admitted: list[Request], end_time: float,
-             ends: list[float], tokens: list[int], detail: list[tuple] | None) -> Result:
-    n = len(requests)
-    first, finish = request_times(admitted, n)
-    rejected = np.zeros(n, dtype=bool)
-    rejected[[r.rid for r in engine.rejected]] = True
+def _result(engine: Engine, requests: Requests, end_time: float, first: np.ndarray, finish: np.ndarray,
+            rejected: np.ndarray, ends: np.ndarray, tokens: np.ndarray, detail: np.ndarray | None) -> Result:
+    """The :class:`Result` of a run (``detail``: one row per batch, :data:`BATCH_COLUMNS`)."""
     batches = None
     if detail is not None:
-        cols = np.array(detail, dtype=float).reshape(-1, len(BATCH_COLUMNS))
-        batches = {name: cols[:, j] if j < 2 else cols[:, j].astype(np.int64)
+        batches = {name: detail[:, j] if j < 2 else detail[:, j].astype(np.int64)
                    for j, name in enumerate(BATCH_COLUMNS)}
         batches["duration"] = batches["end_time"] - batches["start_time"]
     return Result(
@@ -173,8 +182,8 @@ def _collect(engine: Engine, requests: Requests, admitted: list[Request], end_ti
         first_token_time=first,
         finish_time=finish,
         rejected=rejected,
-        batch_end_time=np.asarray(ends, dtype=float),
-        batch_tokens=np.asarray(tokens, dtype=np.int64),
+        batch_end_time=ends,
+        batch_tokens=tokens,
         violations=engine.violations,
         batches=batches,
     )

@@ -1,0 +1,579 @@
+/* The simulator's compiled event loop (docs/performance.md; PAPER.md §1-3, paper §3.1).
+ *
+ * The same batches as Engine.step driven by the reference loop of simulator.simulate, bit for
+ * bit, for the scheduler classes of fastpath.FAST_POLICIES with a tokens-only batch-time model.
+ * It is a port of fastpath._run_fast (the pure-Python fast path, which stays the fallback) with
+ * one difference: it runs one loop turn per batch and does not merge quiet stretches, which a
+ * compiled loop does not need (a turn costs tens of nanoseconds).  Batch ends are added one at a
+ * time (end = now + t_b) as in the reference, so every float matches to the last bit.
+ *
+ * Requests are indices (rid = arrival order).  Plans are counts: a batch gives one decode token
+ * to the n leading decoders (every built-in policy decodes FCFS) plus prefill chunks of the
+ * leading prefilling requests.  Lazy decode counts: the leading "head" decoders store the round
+ * at which they finish (decode_left = round), so a batch that decodes exactly them adds one to
+ * `rounds`; a calendar of (round, rid) entries says who finishes at each round.  Entries are
+ * checked when their round comes (an entry whose request has moved is skipped or re-filed), so a
+ * decoder that misses a round costs one integer add.  Decoders behind the head keep -(tokens left).
+ * The calendar is a ring of W per-round lists (W > the longest output, up to `ring`) with a heap
+ * for entries further ahead: `rounds` advances one at a time, so each list is taken exactly at
+ * its round, in O(1).
+ *
+ * Python calls run() once per simulation (fastcore.py prepares the arrays and rebuilds the
+ * engine's state from what it returns).  Ctrl-C is honoured every 65,536 batches.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { SARATHI, ORCA, VLLM, FASTERTRANSFORMER, VLLM_V1 };
+
+#ifndef LLMQUEUE_FASTCORE_SHA256
+#define LLMQUEUE_FASTCORE_SHA256 "unknown"
+#endif
+
+#define NO_CAP ((int64_t)1 << 62)
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+typedef struct { int64_t key, rid; } Entry;
+
+/* ---- growable buffers and the round heap --------------------------------------------- */
+
+typedef struct { char *data; size_t size, cap; } Buf;
+
+static int buf_reserve(Buf *b, size_t more) {
+    if (b->size + more <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 1 << 16;
+    while (cap < b->size + more) cap *= 2;
+    char *p = realloc(b->data, cap);
+    if (!p) { PyErr_NoMemory(); return -1; }
+    b->data = p;
+    b->cap = cap;
+    return 0;
+}
+
+typedef struct { Entry *a; Py_ssize_t n, cap; } Heap;
+
+static int heap_push(Heap *h, int64_t key, int64_t rid) {
+    if (h->n == h->cap) {
+        Py_ssize_t cap = h->cap ? 2 * h->cap : 1024;
+        Entry *p = realloc(h->a, (size_t)cap * sizeof(Entry));
+        if (!p) { PyErr_NoMemory(); return -1; }
+        h->a = p;
+        h->cap = cap;
+    }
+    Py_ssize_t j = h->n++;
+    while (j > 0) {
+        Py_ssize_t up = (j - 1) / 2;
+        if (h->a[up].key <= key) break;
+        h->a[j] = h->a[up];
+        j = up;
+    }
+    h->a[j].key = key;
+    h->a[j].rid = rid;
+    return 0;
+}
+
+static Entry heap_pop(Heap *h) {
+    Entry top = h->a[0], last = h->a[--h->n];
+    Py_ssize_t j = 0, n = h->n;
+    for (;;) {
+        Py_ssize_t c = 2 * j + 1;
+        if (c >= n) break;
+        if (c + 1 < n && h->a[c + 1].key < h->a[c].key) c++;
+        if (last.key <= h->a[c].key) break;
+        h->a[j] = h->a[c];
+        j = c;
+    }
+    if (n) h->a[j] = last;
+    return top;
+}
+
+/* The calendar: slot[key & mask] lists the entries due at round `key` (nodes, -1 ends a list);
+ * entries mask + 1 or more rounds ahead wait in `far`. */
+typedef struct {
+    int64_t *slot, *node_rid, *node_next;
+    int64_t nodes, node_cap, free, mask;
+    Heap far;
+} Calendar;
+
+static int cal_init(Calendar *c, int64_t longest, int64_t ring) {
+    int64_t w = 16;
+    while (w < longest + 2 && w < ring) w *= 2;
+    c->mask = w - 1;
+    c->free = -1;
+    c->slot = malloc((size_t)w * sizeof(int64_t));
+    if (!c->slot) { PyErr_NoMemory(); return -1; }
+    memset(c->slot, 0xff, (size_t)w * sizeof(int64_t));  /* every slot -1: empty */
+    return 0;
+}
+
+static int cal_push(Calendar *c, int64_t rounds, int64_t key, int64_t rid) {
+    if (key - rounds > c->mask) return heap_push(&c->far, key, rid);
+    int64_t k = c->free;
+    if (k >= 0) {
+        c->free = c->node_next[k];
+    } else {
+        if (c->nodes == c->node_cap) {
+            int64_t cap = c->node_cap ? 2 * c->node_cap : 4096;
+            int64_t *r = realloc(c->node_rid, (size_t)cap * sizeof(int64_t));
+            if (!r) { PyErr_NoMemory(); return -1; }
+            c->node_rid = r;
+            int64_t *n = realloc(c->node_next, (size_t)cap * sizeof(int64_t));
+            if (!n) { PyErr_NoMemory(); return -1; }
+            c->node_next = n;
+            c->node_cap = cap;
+        }
+        k = c->nodes++;
+    }
+    int64_t *head = &c->slot[key & c->mask];
+    c->node_rid[k] = rid;
+    c->node_next[k] = *head;
+    *head = k;
+    return 0;
+}
+
+/* Move the entries due at round `rounds` to fin (a buffer of rids); return their count or -1. */
+static Py_ssize_t cal_take(Calendar *c, int64_t rounds, Buf *fin) {
+    Py_ssize_t count = 0;
+    int64_t *head = &c->slot[rounds & c->mask];
+    for (int64_t k = *head, next; k >= 0; k = next) {
+        if (buf_reserve(fin, (size_t)(count + 1) * sizeof(int64_t))) return -1;
+        ((int64_t *)fin->data)[count++] = c->node_rid[k];
+        next = c->node_next[k];
+        c->node_next[k] = c->free;
+        c->free = k;
+    }
+    *head = -1;
+    while (c->far.n && c->far.a[0].key <= rounds) {
+        if (buf_reserve(fin, (size_t)(count + 1) * sizeof(int64_t))) return -1;
+        ((int64_t *)fin->data)[count++] = heap_pop(&c->far).rid;
+    }
+    return count;
+}
+
+/* First index in sorted a[lo:hi] whose value is >= x (branch-free halving: the finished
+ * request's position is unpredictable, and mispredicted branches cost more than the loads). */
+static Py_ssize_t bisect_left(const int64_t *a, int64_t x, Py_ssize_t lo, Py_ssize_t hi) {
+    if (lo >= hi) return lo;
+    const int64_t *base = a + lo;
+    Py_ssize_t len = hi - lo;
+    while (len > 1) {
+        Py_ssize_t half = len >> 1;
+        base += base[half - 1] < x ? half : 0;
+        len -= half;
+    }
+    return (Py_ssize_t)(base - a) + (*base < x);
+}
+
+static int cmp_desc(const void *x, const void *y) {
+    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
+    return (a < b) - (a > b);
+}
+
+/* ---- the loop -------------------------------------------------------------------------- */
+
+typedef struct {
+    /* inputs */
+    const double *arrivals; const int64_t *prompts, *outputs; const double *durations;
+    Py_ssize_t n_arr;
+    int policy, split, splits_prompts, record;
+    int64_t budget, cap, max_chunk, limit;
+    double horizon;
+    PyObject *progress;
+    /* per-request state (indexed by rid) and queues, owned by the caller */
+    int64_t *pl, *dl;           /* prefill_left, decode_left (lazy for decoders) */
+    double *first, *finish;
+    int64_t *pq, *dq, *rej;     /* prefilling queue pq[ps:pe], decoding list dq[:nd], rejected */
+    /* scratch */
+    int64_t *chunk_rid, *chunk_len, *tmp;
+    Calendar cal;
+    Buf fin, ends, tokens, detail;
+} Loop;
+
+typedef struct {
+    double now;
+    Py_ssize_t i, ps, pe, nd, nrej;
+    int64_t in_engine, violations, total_prefill;
+} Out;
+
+/* BatchBuilder.add_prefills as counts: chunks of the leading prompts; returns the room left. */
+static int64_t fcfs_prefills(Loop *L, Py_ssize_t ps, Py_ssize_t pe, int64_t room, int64_t slots, int split,
+                             Py_ssize_t *nch) {
+    for (Py_ssize_t q = ps; q < pe; q++) {
+        if (room == 0 || slots == 0) break;
+        int64_t r = L->pq[q], left = L->pl[r];
+        int64_t c = MIN(left, room);
+        if (c < left && !split) break;
+        L->chunk_rid[*nch] = r;
+        L->chunk_len[(*nch)++] = c;
+        room -= c;
+        slots -= 1;
+        if (c < left) break;
+    }
+    return room;
+}
+
+/* VLLMv1.plan as counts (schedulers/vllm_v1.py; fastpath._vllm_v1): returns prefill tokens. */
+static int64_t vllm_v1(Loop *L, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int64_t *n_out, Py_ssize_t *nch) {
+    int64_t budget = L->budget, cap = L->cap;
+    if (ps == pe || ((int64_t)nd >= L->limit && L->pl[L->pq[ps]] == L->prompts[L->pq[ps]])) {
+        *n_out = MIN(MIN((int64_t)nd, budget), cap);
+        return 0;
+    }
+    int64_t room = budget, slots = cap, n = 0, k;
+    Py_ssize_t prev = 0, started = 0, q;
+    for (q = ps; q < pe; q++) {
+        int64_t r = L->pq[q], left = L->pl[r];
+        if (left == L->prompts[r]) break;
+        started++;
+        Py_ssize_t pos = bisect_left(L->dq, r, prev, nd);
+        k = MIN(MIN((int64_t)(pos - prev), room), slots);
+        if (k > 0) { n += k; room -= k; slots -= k; }
+        if (room && slots) {
+            int64_t c = MIN(MIN(left, L->max_chunk), room);
+            L->chunk_rid[*nch] = r;
+            L->chunk_len[(*nch)++] = c;
+            room -= c;
+            slots -= 1;
+        }
+        prev = pos;
+    }
+    k = MIN(MIN((int64_t)(nd - prev), room), slots);
+    if (k > 0) { n += k; room -= k; slots -= k; }
+    int64_t running = (int64_t)started + (int64_t)nd;
+    if (room && slots && running < L->limit) {
+        for (q = ps + started; q < pe; q++) {
+            if (room == 0 || slots == 0 || running >= L->limit) break;
+            int64_t r = L->pq[q];
+            int64_t c = MIN(MIN(L->pl[r], L->max_chunk), room);
+            L->chunk_rid[*nch] = r;
+            L->chunk_len[(*nch)++] = c;
+            room -= c;
+            slots -= 1;
+            running += 1;
+        }
+    }
+    *n_out = n;
+    return budget - room - n;
+}
+
+static int run_loop(Loop *L, Out *o) {
+    const int64_t budget = L->budget, cap = L->cap, most = MIN(budget, cap);
+    int64_t *pl = L->pl, *dl = L->dl, *pq = L->pq, *dq = L->dq;
+    int64_t in_engine = 0, violations = 0, total_prefill = 0, rounds = 0;
+    Py_ssize_t i = 0, ps = 0, pe = 0, nd = 0, head = 0, nrej = 0, n_arr = L->n_arr;
+    size_t batches = 0, next_report = 0;
+    double now = 0.0;
+    int status = 0;
+
+    for (;;) {
+        /* Admit every arrival up to this batch boundary (Engine.admit). */
+        while (i < n_arr && L->arrivals[i] <= now) {
+            int64_t p = L->prompts[i];
+            pl[i] = p;
+            dl[i] = L->outputs[i];
+            if (p > budget && !L->splits_prompts) {
+                L->rej[nrej++] = i++;
+                continue;
+            }
+            pq[pe++] = i++;
+            total_prefill += p;
+            in_engine++;
+        }
+        if (!in_engine) {
+            if (i >= n_arr || L->arrivals[i] > L->horizon) break;
+            now = L->arrivals[i];
+            continue;
+        }
+        if (now >= L->horizon) break;
+
+        /* The plan, as counts: the n leading decoders get a token, plus prefill chunks. */
+        Py_ssize_t nch = 0;
+        int64_t n = 0, prefill_tokens = 0, room;
+        switch (L->policy) {
+        case SARATHI:
+            n = MIN((int64_t)nd, most);
+            if (ps < pe)
+                prefill_tokens = budget - n - fcfs_prefills(L, ps, pe, budget - n, cap - n, 1, &nch);
+            break;
+        case ORCA:
+            room = ps < pe ? fcfs_prefills(L, ps, pe, budget, cap, 1, &nch) : budget;
+            prefill_tokens = budget - room;
+            n = MIN(MIN((int64_t)nd, room), cap - (int64_t)nch);
+            break;
+        case VLLM:
+            if (ps < pe)
+                prefill_tokens = budget - fcfs_prefills(L, ps, pe, budget, cap, L->split, &nch);
+            else
+                n = MIN((int64_t)nd, most);
+            break;
+        case FASTERTRANSFORMER:
+            if (nd)
+                n = MIN((int64_t)nd, most);
+            else
+                prefill_tokens = budget - fcfs_prefills(L, ps, pe, budget, cap, L->split, &nch);
+            break;
+        default:
+            prefill_tokens = vllm_v1(L, ps, pe, nd, &n, &nch);
+        }
+        int64_t num_tokens = n + prefill_tokens, demand = total_prefill + (int64_t)nd, bound;
+        if (num_tokens < 1 || num_tokens > budget) {
+            PyErr_Format(PyExc_RuntimeError, "planned %lld tokens with demand %lld",
+                         (long long)num_tokens, (long long)demand);
+            return -1;
+        }
+        if (in_engine > cap) {  /* Engine.bound under k_max: the cap largest prompts left */
+            Py_ssize_t count = pe - ps, q;
+            int64_t sum = 0;
+            if (count > cap) {
+                memcpy(L->tmp, pq + ps, (size_t)count * sizeof(int64_t));
+                for (q = 0; q < count; q++) L->tmp[q] = pl[L->tmp[q]];
+                qsort(L->tmp, (size_t)count, sizeof(int64_t), cmp_desc);
+                count = (Py_ssize_t)cap;
+                for (q = 0; q < count; q++) sum += L->tmp[q];
+            } else {
+                for (q = ps; q < pe; q++) sum += pl[pq[q]];
+            }
+            bound = MIN(budget, sum + MIN(cap - (int64_t)count, (int64_t)nd));
+        } else {
+            bound = MIN(budget, demand);
+        }
+        if (num_tokens != bound) violations++;
+        double end = now + L->durations[num_tokens];
+        if (L->record) {
+            if (buf_reserve(&L->detail, 7 * sizeof(double))) return -1;
+            double *d = (double *)(L->detail.data + L->detail.size);
+            d[0] = now; d[1] = end; d[2] = (double)prefill_tokens; d[3] = (double)n;
+            d[4] = (double)(nch + n); d[5] = (double)demand; d[6] = (double)bound;
+            L->detail.size += 7 * sizeof(double);
+        }
+
+        /* Decoders joining the head (dq[:n] must be head before a round). */
+        for (; head < n; head++) {
+            int64_t r = dq[head], key = rounds - dl[r];
+            dl[r] = key;
+            if (cal_push(&L->cal, rounds, key, r)) return -1;
+        }
+        /* The decode tokens: who finishes at this batch goes to `fin` (checked below). */
+        Py_ssize_t nfin = 0;
+        int64_t *fin;
+        if (n) {
+            if (n < head && 4 * n <= head - n) {
+                /* a short prefix moves one round earlier instead of the rest one round later */
+                if (buf_reserve(&L->fin, (size_t)n * sizeof(int64_t))) return -1;
+                fin = (int64_t *)L->fin.data;
+                for (Py_ssize_t j = 0; j < n; j++) {
+                    int64_t r = dq[j], key = dl[r] - 1;
+                    dl[r] = key;
+                    if (key == rounds) fin[nfin++] = r;
+                    else if (cal_push(&L->cal, rounds, key, r)) return -1;
+                }
+            } else {
+                /* the rest of the head misses this round: one later each (entries stay lazy) */
+                for (Py_ssize_t j = n; j < head; j++) dl[dq[j]] += 1;
+                rounds += 1;
+                nfin = cal_take(&L->cal, rounds, &L->fin);
+                if (nfin < 0) return -1;
+            }
+            fin = (int64_t *)L->fin.data;
+            for (Py_ssize_t f = 0; f < nfin; f++) {
+                int64_t r = fin[f], key = dl[r];
+                if (key != rounds) {
+                    if (key > rounds && cal_push(&L->cal, rounds, key, r)) return -1;  /* delayed: re-file */
+                    continue;  /* a stale entry (finished, or moved behind the head) */
+                }
+                dl[r] = 0;
+                L->finish[r] = end;
+                Py_ssize_t j = bisect_left(dq, r, 0, head);
+                if (j == head || dq[j] != r) {
+                    PyErr_Format(PyExc_RuntimeError, "finished request %lld was not decoding", (long long)r);
+                    return -1;
+                }
+                memmove(dq + j, dq + j + 1, (size_t)(nd - j - 1) * sizeof(int64_t));
+                nd--;
+                head--;
+                in_engine--;
+            }
+        }
+        /* The prefill chunks: a completed prompt starts decoding (dq stays sorted by rid). */
+        if (nch) {
+            total_prefill -= prefill_tokens;
+            Py_ssize_t done = 0;
+            for (Py_ssize_t c = 0; c < nch; c++) {
+                int64_t r = L->chunk_rid[c], left = pl[r] - L->chunk_len[c];
+                pl[r] = left;
+                if (left) continue;
+                done++;
+                L->first[r] = end;
+                left = dl[r];
+                if (left == 0) {
+                    L->finish[r] = end;
+                    in_engine--;
+                    continue;
+                }
+                Py_ssize_t j = nd;
+                if (nd && dq[nd - 1] > r) {
+                    j = bisect_left(dq, r, 0, nd);
+                    memmove(dq + j + 1, dq + j, (size_t)(nd - j) * sizeof(int64_t));
+                }
+                dq[j] = r;
+                nd++;
+                if (j <= head) {  /* joins the head: it finishes `left` rounds from now */
+                    head++;
+                    dl[r] = rounds + left;
+                    if (cal_push(&L->cal, rounds, rounds + left, r)) return -1;
+                } else {
+                    dl[r] = -left;
+                }
+            }
+            if (done) {
+                Py_ssize_t popped = 0;
+                while (ps < pe && pl[pq[ps]] == 0) { ps++; popped++; }
+                if (popped != done) {
+                    Py_ssize_t w = ps;
+                    for (Py_ssize_t q = ps; q < pe; q++)
+                        if (pl[pq[q]]) pq[w++] = pq[q];
+                    pe = w;
+                }
+            }
+        }
+        now = end;
+        if (buf_reserve(&L->ends, sizeof(double)) || buf_reserve(&L->tokens, sizeof(int64_t))) return -1;
+        ((double *)L->ends.data)[batches] = end;
+        ((int64_t *)L->tokens.data)[batches] = num_tokens;
+        L->ends.size += sizeof(double);
+        L->tokens.size += sizeof(int64_t);
+        batches++;
+        if (L->progress != Py_None && batches >= next_report) {
+            PyObject *res = PyObject_CallFunction(L->progress, "dn", now, i);
+            if (!res) return -1;
+            Py_DECREF(res);
+            next_report = batches + 2000;
+        }
+        if (!(batches & 0xffff) && PyErr_CheckSignals()) return -1;
+    }
+
+    /* Leave true decode counts, as reference stepping would. */
+    for (Py_ssize_t j = 0; j < nd; j++) {
+        int64_t r = dq[j];
+        dl[r] = j < head ? dl[r] - rounds : -dl[r];
+    }
+    o->now = now; o->i = i; o->ps = ps; o->pe = pe; o->nd = nd; o->nrej = nrej;
+    o->in_engine = in_engine; o->violations = violations; o->total_prefill = total_prefill;
+    return status;
+}
+
+/* ---- the Python entry point ------------------------------------------------------------ */
+
+static int check(Py_buffer *b, const char *name, Py_ssize_t items, Py_ssize_t itemsize) {
+    if (b->len != items * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, expected %zd", name, b->len, items * itemsize);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *bytes_of(Buf *b) {
+    return PyByteArray_FromStringAndSize(b->data ? b->data : "", (Py_ssize_t)b->size);
+}
+
+PyDoc_STRVAR(run_doc,
+"run(arrivals, prompts, outputs, durations, prefill_left, decode_left, first, finish, prefilling,\n"
+"    decoding, rejected, policy, budget, cap, split, max_chunk, limit, splits_prompts, horizon,\n"
+"    record, progress, ring)\n"
+"--\n\n"
+"One simulation on the compiled loop (see llmqueue.fastcore, which calls it).  Returns (now, i,\n"
+"pre_start, pre_end, num_decoding, num_rejected, in_engine, violations, total_prefill, ends,\n"
+"tokens, detail) where ends/tokens/detail are bytearrays of float64/int64/7xfloat64 per batch.\n"
+"ring caps the calendar's ring of per-round lists (entries further ahead go to a heap).");
+
+static PyObject *run(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer b[11];
+    int policy, split, splits_prompts, record;
+    long long budget, cap, max_chunk, limit;
+    double horizon;
+    PyObject *progress;
+    long long ring;
+    memset(b, 0, sizeof(b));
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*iLLiLLpdpOL:run",
+                          &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10],
+                          &policy, &budget, &cap, &split, &max_chunk, &limit, &splits_prompts, &horizon,
+                          &record, &progress, &ring))
+        return NULL;
+    PyObject *result = NULL;
+    Loop L;
+    Out o;
+    memset(&L, 0, sizeof(L));
+    memset(&o, 0, sizeof(o));
+    Py_ssize_t n = b[0].len / (Py_ssize_t)sizeof(double);
+    if (check(&b[0], "arrivals", n, 8) || check(&b[1], "prompts", n, 8) || check(&b[2], "outputs", n, 8)
+        || check(&b[3], "durations", (Py_ssize_t)budget + 1, 8) || check(&b[4], "prefill_left", n, 8)
+        || check(&b[5], "decode_left", n, 8) || check(&b[6], "first", n, 8) || check(&b[7], "finish", n, 8)
+        || check(&b[8], "prefilling", n, 8) || check(&b[9], "decoding", n, 8) || check(&b[10], "rejected", n, 8))
+        goto done;
+    if (policy < SARATHI || policy > VLLM_V1 || budget < 1 || cap < 1 || max_chunk < 1 || limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "bad policy parameters");
+        goto done;
+    }
+    if (progress != Py_None && !PyCallable_Check(progress)) {
+        PyErr_SetString(PyExc_TypeError, "progress must be callable or None");
+        goto done;
+    }
+    L.arrivals = b[0].buf; L.prompts = b[1].buf; L.outputs = b[2].buf; L.durations = b[3].buf;
+    L.pl = b[4].buf; L.dl = b[5].buf; L.first = b[6].buf; L.finish = b[7].buf;
+    L.pq = b[8].buf; L.dq = b[9].buf; L.rej = b[10].buf;
+    L.n_arr = n; L.policy = policy; L.split = split; L.splits_prompts = splits_prompts; L.record = record;
+    L.budget = budget; L.cap = cap; L.max_chunk = max_chunk; L.limit = limit; L.horizon = horizon;
+    L.progress = progress;
+    size_t scratch = (size_t)(budget < n ? budget : n) + 1;  /* chunks: at most one per token and request */
+    L.chunk_rid = malloc(scratch * sizeof(int64_t));
+    L.chunk_len = malloc(scratch * sizeof(int64_t));
+    L.tmp = malloc(((size_t)n + 1) * sizeof(int64_t));
+    if (!L.chunk_rid || !L.chunk_len || !L.tmp) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t longest = 0;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (L.outputs[k] > longest) longest = L.outputs[k];
+    if (cal_init(&L.cal, longest, ring)) goto done;
+    if (run_loop(&L, &o) == 0) {
+        PyObject *ends = bytes_of(&L.ends), *tokens = bytes_of(&L.tokens);
+        PyObject *detail = record ? bytes_of(&L.detail) : (Py_INCREF(Py_None), Py_None);
+        if (ends && tokens && detail)
+            result = Py_BuildValue("dnnnnnLLLOOO", o.now, o.i, o.ps, o.pe, o.nd, o.nrej,
+                                   (long long)o.in_engine, (long long)o.violations,
+                                   (long long)o.total_prefill, ends, tokens, detail);
+        Py_XDECREF(ends);
+        Py_XDECREF(tokens);
+        Py_XDECREF(detail);
+    }
+done:
+    free(L.chunk_rid); free(L.chunk_len); free(L.tmp); free(L.cal.slot); free(L.cal.node_rid); free(L.cal.node_next); free(L.cal.far.a);
+    free(L.fin.data); free(L.ends.data); free(L.tokens.data); free(L.detail.data);
+    for (int k = 0; k < 11; k++)
+        if (b[k].obj) PyBuffer_Release(&b[k]);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"run", run, METH_VARARGS, run_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastcore", "The simulator's compiled event loop (llmqueue.fastcore).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastcore(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddStringConstant(m, "SOURCE_SHA256", LLMQUEUE_FASTCORE_SHA256) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
