@@ -185,7 +185,7 @@ typedef struct {
     /* per-request state (indexed by rid) and queues, owned by the caller */
     int64_t *pl, *dl;           /* prefill_left, decode_left (lazy for decoders) */
     double *first, *finish;
-    int64_t *pq, *dq, *rej;     /* prefilling queue pq[ps:pe], decoding list dq[:nd], rejected */
+    int64_t *pq, *dq, *rej;     /* prefilling queue pq[ps:pe], decoding list buffer, rejected */
     /* scratch */
     int64_t *chunk_rid, *chunk_len, *tmp;
     Calendar cal;
@@ -194,7 +194,7 @@ typedef struct {
 
 typedef struct {
     double now;
-    Py_ssize_t i, ps, pe, nd, nrej;
+    Py_ssize_t i, ps, pe, ds, nd, nrej;
     int64_t in_engine, violations, total_prefill;
 } Out;
 
@@ -216,7 +216,8 @@ static int64_t fcfs_prefills(Loop *L, Py_ssize_t ps, Py_ssize_t pe, int64_t room
 }
 
 /* VLLMv1.plan as counts (schedulers/vllm_v1.py; fastpath._vllm_v1): returns prefill tokens. */
-static int64_t vllm_v1(Loop *L, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int64_t *n_out, Py_ssize_t *nch) {
+static int64_t vllm_v1(Loop *L, Py_ssize_t ps, Py_ssize_t pe, const int64_t *dq, Py_ssize_t nd, int64_t *n_out,
+                       Py_ssize_t *nch) {
     int64_t budget = L->budget, cap = L->cap;
     if (ps == pe || ((int64_t)nd >= L->limit && L->pl[L->pq[ps]] == L->prompts[L->pq[ps]])) {
         *n_out = MIN(MIN((int64_t)nd, budget), cap);
@@ -228,7 +229,7 @@ static int64_t vllm_v1(Loop *L, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int
         int64_t r = L->pq[q], left = L->pl[r];
         if (left == L->prompts[r]) break;
         started++;
-        Py_ssize_t pos = bisect_left(L->dq, r, prev, nd);
+        Py_ssize_t pos = bisect_left(dq, r, prev, nd);
         k = MIN(MIN((int64_t)(pos - prev), room), slots);
         if (k > 0) { n += k; room -= k; slots -= k; }
         if (room && slots) {
@@ -261,7 +262,10 @@ static int64_t vllm_v1(Loop *L, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int
 
 static int run_loop(Loop *L, Out *o) {
     const int64_t budget = L->budget, cap = L->cap, most = MIN(budget, cap);
-    int64_t *pl = L->pl, *dl = L->dl, *pq = L->pq, *dq = L->dq;
+    /* The decoding list is dq[:nd], inside a buffer of 2 n_arr + 2 that it may slide along: a
+     * removal or insertion moves the shorter side (vLLM v0 piles up thousands of decoders and
+     * finishes them at the front).  At most n_arr slides left and n_arr appends: it fits. */
+    int64_t *pl = L->pl, *dl = L->dl, *pq = L->pq, *dq = L->dq + L->n_arr + 1;
     int64_t in_engine = 0, violations = 0, total_prefill = 0, rounds = 0;
     Py_ssize_t i = 0, ps = 0, pe = 0, nd = 0, head = 0, nrej = 0, n_arr = L->n_arr;
     size_t batches = 0, next_report = 0;
@@ -316,7 +320,7 @@ static int run_loop(Loop *L, Out *o) {
                 prefill_tokens = budget - fcfs_prefills(L, ps, pe, budget, cap, L->split, &nch);
             break;
         default:
-            prefill_tokens = vllm_v1(L, ps, pe, nd, &n, &nch);
+            prefill_tokens = vllm_v1(L, ps, pe, dq, nd, &n, &nch);
         }
         int64_t num_tokens = n + prefill_tokens, demand = total_prefill + (int64_t)nd, bound;
         if (num_tokens < 1 || num_tokens > budget) {
@@ -360,6 +364,12 @@ static int run_loop(Loop *L, Out *o) {
         Py_ssize_t nfin = 0;
         int64_t *fin;
         if (n) {
+            if (n < head && n == most) {
+                /* No batch can decode more than `most`: the rest of the head goes behind it (once,
+                 * instead of paying for it every batch while decoders pile up, as under vLLM v0). */
+                for (Py_ssize_t j = n; j < head; j++) dl[dq[j]] = rounds - dl[dq[j]];
+                head = n;
+            }
             if (n < head && 4 * n <= head - n) {
                 /* a short prefix moves one round earlier instead of the rest one round later */
                 if (buf_reserve(&L->fin, (size_t)n * sizeof(int64_t))) return -1;
@@ -391,7 +401,12 @@ static int run_loop(Loop *L, Out *o) {
                     PyErr_Format(PyExc_RuntimeError, "finished request %lld was not decoding", (long long)r);
                     return -1;
                 }
-                memmove(dq + j, dq + j + 1, (size_t)(nd - j - 1) * sizeof(int64_t));
+                if (j < nd - j - 1) {
+                    memmove(dq + 1, dq, (size_t)j * sizeof(int64_t));
+                    dq++;
+                } else {
+                    memmove(dq + j, dq + j + 1, (size_t)(nd - j - 1) * sizeof(int64_t));
+                }
                 nd--;
                 head--;
                 in_engine--;
@@ -416,7 +431,12 @@ static int run_loop(Loop *L, Out *o) {
                 Py_ssize_t j = nd;
                 if (nd && dq[nd - 1] > r) {
                     j = bisect_left(dq, r, 0, nd);
-                    memmove(dq + j + 1, dq + j, (size_t)(nd - j) * sizeof(int64_t));
+                    if (j < nd - j) {
+                        dq--;
+                        memmove(dq, dq + 1, (size_t)j * sizeof(int64_t));
+                    } else {
+                        memmove(dq + j + 1, dq + j, (size_t)(nd - j) * sizeof(int64_t));
+                    }
                 }
                 dq[j] = r;
                 nd++;
@@ -460,7 +480,7 @@ static int run_loop(Loop *L, Out *o) {
         int64_t r = dq[j];
         dl[r] = j < head ? dl[r] - rounds : -dl[r];
     }
-    o->now = now; o->i = i; o->ps = ps; o->pe = pe; o->nd = nd; o->nrej = nrej;
+    o->now = now; o->i = i; o->ps = ps; o->pe = pe; o->ds = dq - L->dq; o->nd = nd; o->nrej = nrej;
     o->in_engine = in_engine; o->violations = violations; o->total_prefill = total_prefill;
     return status;
 }
@@ -485,8 +505,8 @@ PyDoc_STRVAR(run_doc,
 "    record, progress, ring)\n"
 "--\n\n"
 "One simulation on the compiled loop (see llmqueue.fastcore, which calls it).  Returns (now, i,\n"
-"pre_start, pre_end, num_decoding, num_rejected, in_engine, violations, total_prefill, ends,\n"
-"tokens, detail) where ends/tokens/detail are bytearrays of float64/int64/7xfloat64 per batch.\n"
+"pre_start, pre_end, dec_start, num_decoding, num_rejected, in_engine, violations, total_prefill,\n"
+"ends, tokens, detail) where ends/tokens/detail are bytearrays of float64/int64/7xfloat64 per batch.\n"
 "ring caps the calendar's ring of per-round lists (entries further ahead go to a heap).");
 
 static PyObject *run(PyObject *self, PyObject *args) {
@@ -512,7 +532,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     if (check(&b[0], "arrivals", n, 8) || check(&b[1], "prompts", n, 8) || check(&b[2], "outputs", n, 8)
         || check(&b[3], "durations", (Py_ssize_t)budget + 1, 8) || check(&b[4], "prefill_left", n, 8)
         || check(&b[5], "decode_left", n, 8) || check(&b[6], "first", n, 8) || check(&b[7], "finish", n, 8)
-        || check(&b[8], "prefilling", n, 8) || check(&b[9], "decoding", n, 8) || check(&b[10], "rejected", n, 8))
+        || check(&b[8], "prefilling", n, 8) || check(&b[9], "decoding", 2 * n + 2, 8) || check(&b[10], "rejected", n, 8))
         goto done;
     if (policy < SARATHI || policy > VLLM_V1 || budget < 1 || cap < 1 || max_chunk < 1 || limit < 1) {
         PyErr_SetString(PyExc_ValueError, "bad policy parameters");
@@ -544,7 +564,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
         PyObject *ends = bytes_of(&L.ends), *tokens = bytes_of(&L.tokens);
         PyObject *detail = record ? bytes_of(&L.detail) : (Py_INCREF(Py_None), Py_None);
         if (ends && tokens && detail)
-            result = Py_BuildValue("dnnnnnLLLOOO", o.now, o.i, o.ps, o.pe, o.nd, o.nrej,
+            result = Py_BuildValue("dnnnnnnLLLOOO", o.now, o.i, o.ps, o.pe, o.ds, o.nd, o.nrej,
                                    (long long)o.in_engine, (long long)o.violations,
                                    (long long)o.total_prefill, ends, tokens, detail);
         Py_XDECREF(ends);

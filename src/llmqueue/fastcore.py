@@ -89,9 +89,10 @@ def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool
     n = len(arrivals)
     prefill_left, decode_left = np.empty(n, np.int64), np.empty(n, np.int64)
     first, finish = np.full(n, np.nan), np.full(n, np.nan)
-    prefilling, decoding, rejected = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    prefilling, rejected = np.empty(n, np.int64), np.empty(n, np.int64)
+    decoding = np.empty(2 * n + 2, np.int64)  # the decoding list slides inside it (_fastcore.c)
     try:
-        (now, admitted, ps, pe, nd, nrej, in_engine, violations, total_prefill, ends, tokens,
+        (now, admitted, ps, pe, ds, nd, nrej, in_engine, violations, total_prefill, ends, tokens,
          detail) = _core.run(
             arrivals, prompts, outputs, durations, prefill_left, decode_left, first, finish,
             prefilling, decoding, rejected, FAST_POLICIES[type(scheduler)], budget,
@@ -102,22 +103,26 @@ def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool
     except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
         raise InternalError(f"{scheduler!r} {exc}") from exc
 
-    def request(rid: int) -> Request:
-        r = Request(rid, float(arrivals[rid]), int(prompts[rid]), int(outputs[rid]))
-        r.prefill_left = int(prefill_left[rid])
-        r.decode_left = int(decode_left[rid])
-        if first[rid] == first[rid]:  # not NaN
-            r.first_token_time = float(first[rid])
-        return r
+    def requests_of(rids: np.ndarray) -> list[Request]:
+        out = []
+        columns = (arrivals[rids], prompts[rids], outputs[rids], prefill_left[rids], decode_left[rids], first[rids])
+        for rid, t, p, o, pl, dl, f in zip(rids.tolist(), *(c.tolist() for c in columns), strict=True):
+            r = Request(rid, t, p, o)
+            r.prefill_left = pl
+            r.decode_left = dl
+            if f == f:  # noqa: PLR0124  not NaN: its prefill is done
+                r.first_token_time = f
+            out.append(r)
+        return out
 
     # Leave the engine as reference stepping would: the same queues, counters and rejections.
     state = engine.state
-    state.prefilling = deque(request(rid) for rid in prefilling[ps:pe].tolist())
-    state.decoding = [request(rid) for rid in decoding[:nd].tolist()]
+    state.prefilling = deque(requests_of(prefilling[ps:pe]))
+    state.decoding = requests_of(decoding[ds:ds + nd])
     state.total_prefill_left = total_prefill
     engine.num_in_engine = in_engine
     engine.violations += violations
-    engine.rejected.extend(request(rid) for rid in rejected[:nrej].tolist())
+    engine.rejected.extend(requests_of(rejected[:nrej]))
     mask = np.zeros(n, dtype=bool)
     mask[rejected[:nrej]] = True
     return Ran(now=now, admitted=admitted, first_token_time=first, finish_time=finish, rejected=mask,
