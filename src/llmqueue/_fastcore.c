@@ -260,6 +260,25 @@ static int64_t vllm_v1(Loop *L, Py_ssize_t ps, Py_ssize_t pe, const int64_t *dq,
     return budget - room - n;
 }
 
+/* Record one batch (its end and tokens); report progress every 2,000 batches, and let Ctrl-C
+ * through every 65,536. */
+static inline int emit(Loop *L, size_t *batches, size_t *next_report, double end, int64_t tokens, Py_ssize_t i) {
+    if (buf_reserve(&L->ends, sizeof(double)) || buf_reserve(&L->tokens, sizeof(int64_t))) return -1;
+    ((double *)L->ends.data)[*batches] = end;
+    ((int64_t *)L->tokens.data)[*batches] = tokens;
+    L->ends.size += sizeof(double);
+    L->tokens.size += sizeof(int64_t);
+    ++*batches;
+    if (L->progress != Py_None && *batches >= *next_report) {
+        PyObject *res = PyObject_CallFunction(L->progress, "dn", end, i);
+        if (!res) return -1;
+        Py_DECREF(res);
+        *next_report = *batches + 2000;
+    }
+    if (!(*batches & 0xffff) && PyErr_CheckSignals()) return -1;
+    return 0;
+}
+
 static int run_loop(Loop *L, Out *o) {
     const int64_t budget = L->budget, cap = L->cap, most = MIN(budget, cap);
     /* The decoding list is dq[:nd], inside a buffer of 2 n_arr + 2 that it may slide along: a
@@ -361,8 +380,9 @@ static int run_loop(Loop *L, Out *o) {
             if (cal_push(&L->cal, rounds, key, r)) return -1;
         }
         /* The decode tokens: who finishes at this batch goes to `fin` (checked below). */
-        Py_ssize_t nfin = 0;
+        Py_ssize_t nfin = 0, gone = 0;
         int64_t *fin;
+        const int whole_head = n == head;  /* this batch decodes exactly the head */
         if (n) {
             if (n < head && n == most) {
                 /* No batch can decode more than `most`: the rest of the head goes behind it (once,
@@ -396,6 +416,7 @@ static int run_loop(Loop *L, Out *o) {
                 }
                 dl[r] = 0;
                 L->finish[r] = end;
+                gone++;
                 Py_ssize_t j = bisect_left(dq, r, 0, head);
                 if (j == head || dq[j] != r) {
                     PyErr_Format(PyExc_RuntimeError, "finished request %lld was not decoding", (long long)r);
@@ -460,19 +481,22 @@ static int run_loop(Loop *L, Out *o) {
             }
         }
         now = end;
-        if (buf_reserve(&L->ends, sizeof(double)) || buf_reserve(&L->tokens, sizeof(int64_t))) return -1;
-        ((double *)L->ends.data)[batches] = end;
-        ((int64_t *)L->tokens.data)[batches] = num_tokens;
-        L->ends.size += sizeof(double);
-        L->tokens.size += sizeof(int64_t);
-        batches++;
-        if (L->progress != Py_None && batches >= next_report) {
-            PyObject *res = PyObject_CallFunction(L->progress, "dn", now, i);
-            if (!res) return -1;
-            Py_DECREF(res);
-            next_report = batches + 2000;
+        if (emit(L, &batches, &next_report, end, num_tokens, i)) return -1;
+        if (n && whole_head && !nch && !gone && !L->record) {
+            /* A quiet stretch: nothing changed (no prefill, no finish), so until an arrival, a
+             * calendar entry or the horizon, the next batch is this batch again.  Run it here,
+             * skipping the plan; its end is still now + t_b, added one batch at a time. */
+            const double duration = L->durations[num_tokens];
+            const int missed = num_tokens != bound;
+            const int64_t mask = L->cal.mask, *slot = L->cal.slot;
+            while (now < L->horizon && !(i < n_arr && L->arrivals[i] <= now)
+                   && slot[(rounds + 1) & mask] < 0 && !(L->cal.far.n && L->cal.far.a[0].key <= rounds + 1)) {
+                rounds++;
+                violations += missed;
+                now += duration;
+                if (emit(L, &batches, &next_report, now, num_tokens, i)) return -1;
+            }
         }
-        if (!(batches & 0xffff) && PyErr_CheckSignals()) return -1;
     }
 
     /* Leave true decode counts, as reference stepping would. */
