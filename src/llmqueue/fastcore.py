@@ -104,15 +104,16 @@ def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool
         raise InternalError(f"{scheduler!r} {exc}") from exc
 
     def requests_of(rids: np.ndarray) -> list[Request]:
-        out = []
-        columns = (arrivals[rids], prompts[rids], outputs[rids], prefill_left[rids], decode_left[rids], first[rids])
-        for rid, t, p, o, pl, dl, f in zip(rids.tolist(), *(c.tolist() for c in columns), strict=True):
-            r = Request(rid, t, p, o)
-            r.prefill_left = pl
-            r.decode_left = dl
-            if f == f:  # noqa: PLR0124  not NaN: its prefill is done
-                r.first_token_time = f
-            out.append(r)
+        # perf: an unstable run can end with most requests still queued; build them with map()
+        # and set state only on those that moved (started prefill or decode).
+        p, o = prompts[rids], outputs[rids]
+        out = list(map(Request, rids.tolist(), arrivals[rids].tolist(), p.tolist(), o.tolist()))
+        pl, dl, f = prefill_left[rids], decode_left[rids], first[rids]
+        for k in np.flatnonzero((pl != p) | (dl != o)).tolist():
+            out[k].prefill_left = int(pl[k])
+            out[k].decode_left = int(dl[k])
+        for k in np.flatnonzero(~np.isnan(f)).tolist():  # prefill done: it has its first token
+            out[k].first_token_time = float(f[k])
         return out
 
     # Leave the engine as reference stepping would: the same queues, counters and rejections.
