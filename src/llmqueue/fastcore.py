@@ -15,6 +15,7 @@ engine ends as reference stepping would leave it.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ def _load() -> tuple[object | None, str | None]:
 
 
 _core, _why_not = _load()
+if _why_not is not None and "older" in _why_not:  # a developer edited the C source: say so once
+    warnings.warn(f"llmqueue: {_why_not}; using the slower Python fast path", RuntimeWarning, stacklevel=2)
 
 
 def unavailable() -> str | None:
