@@ -196,6 +196,7 @@ typedef struct {
     double now;
     Py_ssize_t i, ps, pe, ds, nd, nrej;
     int64_t in_engine, violations, total_prefill;
+    size_t turns;  /* planned batches (the rest ran as decode-only rounds) */
 } Out;
 
 /* BatchBuilder.add_prefills as counts: chunks of the leading prompts; returns the room left. */
@@ -260,6 +261,41 @@ static int64_t vllm_v1(Loop *L, Py_ssize_t ps, Py_ssize_t pe, const int64_t *dq,
     return budget - room - n;
 }
 
+/* Settle fin[0:nfin], the calendar's candidates at round `rounds`: finish those due (they leave
+ * the decoding list dq[:nd], whose head they are in), re-file delayed ones at their true round,
+ * skip stale ones.  Returns how many finished, or -1. */
+static inline Py_ssize_t settle(Loop *L, Py_ssize_t nfin, int64_t rounds, double end, int64_t **dqp,
+                                Py_ssize_t *nd, Py_ssize_t *head) {
+    int64_t *dl = L->dl, *dq = *dqp;
+    const int64_t *fin = (const int64_t *)L->fin.data;
+    Py_ssize_t gone = 0;
+    for (Py_ssize_t f = 0; f < nfin; f++) {
+        int64_t r = fin[f], key = dl[r];
+        if (key != rounds) {
+            if (key > rounds && cal_push(&L->cal, rounds, key, r)) return -1;  /* delayed: re-file */
+            continue;  /* a stale entry (finished, or moved behind the head) */
+        }
+        dl[r] = 0;
+        L->finish[r] = end;
+        gone++;
+        Py_ssize_t j = bisect_left(dq, r, 0, *head);
+        if (j == *head || dq[j] != r) {
+            PyErr_Format(PyExc_RuntimeError, "finished request %lld was not decoding", (long long)r);
+            return -1;
+        }
+        if (j < *nd - j - 1) {
+            memmove(dq + 1, dq, (size_t)j * sizeof(int64_t));
+            dq++;
+        } else {
+            memmove(dq + j, dq + j + 1, (size_t)(*nd - j - 1) * sizeof(int64_t));
+        }
+        --*nd;
+        --*head;
+    }
+    *dqp = dq;
+    return gone;
+}
+
 /* Record one batch (its end and tokens); report progress every 2,000 batches, and let Ctrl-C
  * through every 65,536. */
 static inline int emit(Loop *L, size_t *batches, size_t *next_report, double end, int64_t tokens, Py_ssize_t i) {
@@ -287,11 +323,12 @@ static int run_loop(Loop *L, Out *o) {
     int64_t *pl = L->pl, *dl = L->dl, *pq = L->pq, *dq = L->dq + L->n_arr + 1;
     int64_t in_engine = 0, violations = 0, total_prefill = 0, rounds = 0;
     Py_ssize_t i = 0, ps = 0, pe = 0, nd = 0, head = 0, nrej = 0, n_arr = L->n_arr;
-    size_t batches = 0, next_report = 0;
+    size_t batches = 0, next_report = 0, turns = 0;
     double now = 0.0;
     int status = 0;
 
     for (;;) {
+        turns++;
         /* Admit every arrival up to this batch boundary (Engine.admit). */
         while (i < n_arr && L->arrivals[i] <= now) {
             int64_t p = L->prompts[i];
@@ -380,9 +417,8 @@ static int run_loop(Loop *L, Out *o) {
             if (cal_push(&L->cal, rounds, key, r)) return -1;
         }
         /* The decode tokens: who finishes at this batch goes to `fin` (checked below). */
-        Py_ssize_t nfin = 0, gone = 0;
+        Py_ssize_t nfin = 0;
         int64_t *fin;
-        const int whole_head = n == head;  /* this batch decodes exactly the head */
         if (n) {
             if (n < head && n == most) {
                 /* No batch can decode more than `most`: the rest of the head goes behind it (once,
@@ -407,31 +443,9 @@ static int run_loop(Loop *L, Out *o) {
                 nfin = cal_take(&L->cal, rounds, &L->fin);
                 if (nfin < 0) return -1;
             }
-            fin = (int64_t *)L->fin.data;
-            for (Py_ssize_t f = 0; f < nfin; f++) {
-                int64_t r = fin[f], key = dl[r];
-                if (key != rounds) {
-                    if (key > rounds && cal_push(&L->cal, rounds, key, r)) return -1;  /* delayed: re-file */
-                    continue;  /* a stale entry (finished, or moved behind the head) */
-                }
-                dl[r] = 0;
-                L->finish[r] = end;
-                gone++;
-                Py_ssize_t j = bisect_left(dq, r, 0, head);
-                if (j == head || dq[j] != r) {
-                    PyErr_Format(PyExc_RuntimeError, "finished request %lld was not decoding", (long long)r);
-                    return -1;
-                }
-                if (j < nd - j - 1) {
-                    memmove(dq + 1, dq, (size_t)j * sizeof(int64_t));
-                    dq++;
-                } else {
-                    memmove(dq + j, dq + j + 1, (size_t)(nd - j - 1) * sizeof(int64_t));
-                }
-                nd--;
-                head--;
-                in_engine--;
-            }
+            Py_ssize_t gone = settle(L, nfin, rounds, end, &dq, &nd, &head);
+            if (gone < 0) return -1;
+            in_engine -= gone;
         }
         /* The prefill chunks: a completed prompt starts decoding (dq stays sorted by rid). */
         if (nch) {
@@ -482,20 +496,45 @@ static int run_loop(Loop *L, Out *o) {
         }
         now = end;
         if (emit(L, &batches, &next_report, end, num_tokens, i)) return -1;
-        if (n && whole_head && !nch && !gone && !L->record) {
-            /* A quiet stretch: nothing changed (no prefill, no finish), so until an arrival, a
-             * calendar entry or the horizon, the next batch is this batch again.  Run it here,
-             * skipping the plan; its end is still now + t_b, added one batch at a time. */
-            const double duration = L->durations[num_tokens];
-            const int missed = num_tokens != bound;
-            const int64_t mask = L->cal.mask, *slot = L->cal.slot;
-            while (now < L->horizon && !(i < n_arr && L->arrivals[i] <= now)
-                   && slot[(rounds + 1) & mask] < 0 && !(L->cal.far.n && L->cal.far.a[0].key <= rounds + 1)) {
-                rounds++;
-                violations += missed;
-                now += duration;
-                if (emit(L, &batches, &next_report, now, num_tokens, i)) return -1;
+        /* Decode-only batches that decode the whole head, run without replanning: a policy's
+         * plan is then "the min(decoders, most) leading decoders" (every policy with no prompt
+         * waiting; FasterTransformer whenever a request decodes; Sarathi with no room left; vLLM
+         * v1 at max_num_seqs with the next prompt not started).  Until an arrival, the horizon,
+         * or a batch that needs more (a prompt, a delay, the cap's bound), each batch is one
+         * round: its end is now + t_b, and the calendar says who finishes. */
+        while (now < L->horizon && !(i < n_arr && L->arrivals[i] <= now) && in_engine <= cap) {
+            if (ps == pe || L->policy == FASTERTRANSFORMER || (L->policy == SARATHI && (int64_t)nd >= most)
+                || (L->policy == VLLM_V1 && (int64_t)nd >= L->limit && pl[pq[ps]] == L->prompts[pq[ps]]))
+                n = MIN((int64_t)nd, most);
+            else
+                break;
+            if (n == 0 || n < head) break;
+            for (; head < n; head++) {
+                int64_t r = dq[head], key = rounds - dl[r];
+                dl[r] = key;
+                if (cal_push(&L->cal, rounds, key, r)) return -1;
             }
+            demand = total_prefill + (int64_t)nd;
+            bound = MIN(budget, demand);
+            if (n != bound) violations++;
+            end = now + L->durations[n];
+            if (L->record) {
+                if (buf_reserve(&L->detail, 7 * sizeof(double))) return -1;
+                double *d = (double *)(L->detail.data + L->detail.size);
+                d[0] = now; d[1] = end; d[2] = 0.0; d[3] = (double)n; d[4] = (double)n;
+                d[5] = (double)demand; d[6] = (double)bound;
+                L->detail.size += 7 * sizeof(double);
+            }
+            rounds++;
+            nfin = cal_take(&L->cal, rounds, &L->fin);
+            if (nfin < 0) return -1;
+            if (nfin) {
+                Py_ssize_t gone = settle(L, nfin, rounds, end, &dq, &nd, &head);
+                if (gone < 0) return -1;
+                in_engine -= gone;
+            }
+            now = end;
+            if (emit(L, &batches, &next_report, end, n, i)) return -1;
         }
     }
 
@@ -505,7 +544,7 @@ static int run_loop(Loop *L, Out *o) {
         dl[r] = j < head ? dl[r] - rounds : -dl[r];
     }
     o->now = now; o->i = i; o->ps = ps; o->pe = pe; o->ds = dq - L->dq; o->nd = nd; o->nrej = nrej;
-    o->in_engine = in_engine; o->violations = violations; o->total_prefill = total_prefill;
+    o->in_engine = in_engine; o->violations = violations; o->total_prefill = total_prefill; o->turns = turns;
     return status;
 }
 
@@ -530,7 +569,8 @@ PyDoc_STRVAR(run_doc,
 "--\n\n"
 "One simulation on the compiled loop (see llmqueue.fastcore, which calls it).  Returns (now, i,\n"
 "pre_start, pre_end, dec_start, num_decoding, num_rejected, in_engine, violations, total_prefill,\n"
-"ends, tokens, detail) where ends/tokens/detail are bytearrays of float64/int64/7xfloat64 per batch.\n"
+"ends, tokens, detail, planned) where ends/tokens/detail are bytearrays of float64/int64/7xfloat64\n"
+"per batch and planned counts the batches planned in full (the rest ran as decode-only rounds).\n"
 "ring caps the calendar's ring of per-round lists (entries further ahead go to a heap).");
 
 static PyObject *run(PyObject *self, PyObject *args) {
@@ -588,9 +628,9 @@ static PyObject *run(PyObject *self, PyObject *args) {
         PyObject *ends = bytes_of(&L.ends), *tokens = bytes_of(&L.tokens);
         PyObject *detail = record ? bytes_of(&L.detail) : (Py_INCREF(Py_None), Py_None);
         if (ends && tokens && detail)
-            result = Py_BuildValue("dnnnnnnLLLOOO", o.now, o.i, o.ps, o.pe, o.ds, o.nd, o.nrej,
+            result = Py_BuildValue("dnnnnnnLLLOOOn", o.now, o.i, o.ps, o.pe, o.ds, o.nd, o.nrej,
                                    (long long)o.in_engine, (long long)o.violations,
-                                   (long long)o.total_prefill, ends, tokens, detail);
+                                   (long long)o.total_prefill, ends, tokens, detail, (Py_ssize_t)o.turns);
         Py_XDECREF(ends);
         Py_XDECREF(tokens);
         Py_XDECREF(detail);

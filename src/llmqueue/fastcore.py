@@ -70,6 +70,7 @@ class Ran:
     batch_end_time: np.ndarray
     batch_tokens: np.ndarray
     detail: np.ndarray | None     # (batches, 7) float64 in simulator.BATCH_COLUMNS order
+    planned: int                  # batches planned in full; the rest ran as decode-only rounds
 
 
 def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool,
@@ -96,7 +97,7 @@ def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool
     decoding = np.empty(2 * n + 2, np.int64)  # the decoding list slides inside it (_fastcore.c)
     try:
         (now, admitted, ps, pe, ds, nd, nrej, in_engine, violations, total_prefill, ends, tokens,
-         detail) = _core.run(
+         detail, planned) = _core.run(
             arrivals, prompts, outputs, durations, prefill_left, decode_left, first, finish,
             prefilling, decoding, rejected, FAST_POLICIES[type(scheduler)], budget,
             kmax if kmax is not None else _NO_CAP, int(bool(settings.get("split_prompts", True))),
@@ -132,4 +133,5 @@ def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool
     return Ran(now=now, admitted=admitted, first_token_time=first, finish_time=finish, rejected=mask,
                batch_end_time=np.frombuffer(ends, dtype=np.float64),
                batch_tokens=np.frombuffer(tokens, dtype=np.int64),
-               detail=None if detail is None else np.frombuffer(detail, dtype=np.float64).reshape(-1, 7))
+               detail=None if detail is None else np.frombuffer(detail, dtype=np.float64).reshape(-1, 7),
+               planned=planned)
