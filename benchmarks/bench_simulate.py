@@ -22,6 +22,7 @@ Python fast path without per-request records, llmqueue.stream).
     python benchmarks/bench_simulate.py                       # fig1, 100,000 requests, every scheduler
     python benchmarks/bench_simulate.py --requests 1000000 --schedulers sarathi
     python benchmarks/bench_simulate.py --scenarios fig1,fig1-out10 --method fast,reference
+    python benchmarks/bench_simulate.py --ratio --requests 1000000 --schedulers sarathi,orca --repeat 5
     python benchmarks/bench_simulate.py --smoke               # tiny, for CI (no timing claims)
     python benchmarks/bench_simulate.py --json rows.json      # also write the rows
 """
@@ -111,6 +112,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per row; the table shows the fastest")
     p.add_argument("--json", default=None, help="write every run's row here as JSON")
     p.add_argument("--smoke", action="store_true", help="2,000 requests, for CI (no timing claims)")
+    p.add_argument("--ratio", action="store_true",
+                   help="issue 5's target 2: per scheduler, alternate SCENARIO and SCENARIO-out10 runs --repeat "
+                        "times and print wall time per request, x10 over x1 (best of each, and the median "
+                        "of the paired runs' ratios; alternating keeps the machine's drift out of the ratio)")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -131,6 +136,9 @@ def main() -> None:
             if value not in choices:
                 print(f"{flag}: {value!r} is not allowed: one of {', '.join(choices)}", file=sys.stderr)
                 sys.exit(2)
+    if args.ratio:
+        ratios(args, n)
+        return
     rows: list[dict] = []
     print(HEADER, flush=True)
     try:
@@ -140,16 +148,50 @@ def main() -> None:
                 for method in args.method.split(","):
                     best = None
                     for _ in range(args.repeat):
-                        out = subprocess.run([sys.executable, __file__, "--child", scenario, name, method,
-                                              "-" if load is None else str(load), "--requests", str(n),
-                                              "--seed", str(args.seed)], check=False, capture_output=True,
-                                             text=True)
-                        if out.returncode:
-                            sys.exit(f"{scenario}/{name}/{method} failed:\n{out.stderr.strip()}")
-                        row = json.loads(out.stdout.strip().splitlines()[-1])
+                        row = child(scenario, name, method, load, n, args.seed)
                         rows.append(row)
                         best = row if best is None or row["wall_s"] < best["wall_s"] else best
                     print(line(best), flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: keeping the rows finished so far", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def child(scenario: str, name: str, method: str, load: float | None, n: int, seed: int) -> dict:
+    """One row, run in a fresh process (so that its peak memory is its own)."""
+    out = subprocess.run([sys.executable, __file__, "--child", scenario, name, method,
+                          "-" if load is None else str(load), "--requests", str(n), "--seed", str(seed)],
+                         check=False, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{scenario}/{name}/{method} failed:\n{out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratios(args: argparse.Namespace, n: int) -> None:
+    """Wall time per request with outputs x10 over x1, runs alternating (target 2 of issue 5)."""
+    import statistics
+
+    rows = []
+    print(f"{'scenario':<14} {'scheduler':<18} {'method':<9} {'requests':>9} {'x1 s':>7} {'x10 s':>7} "
+          f"{'ratio':>6} {'paired':>7}", flush=True)
+    try:
+        for scenario in args.scenarios.split(","):
+            scenario = scenario.removesuffix("-out10")
+            load = args.load if args.load is not None else (0.9 if scenario.startswith("fig1") else None)
+            for name in args.schedulers.split(","):
+                for method in args.method.split(","):
+                    pairs = []
+                    for _ in range(args.repeat):
+                        one_x = child(scenario, name, method, load, n, args.seed)
+                        ten_x = child(f"{scenario}-out10", name, method, load, n, args.seed)
+                        rows += [one_x, ten_x]
+                        pairs.append((one_x["wall_s"], ten_x["wall_s"]))
+                    best1, best10 = min(p[0] for p in pairs), min(p[1] for p in pairs)
+                    paired = statistics.median(b / a for a, b in pairs)
+                    print(f"{scenario:<14} {name:<18} {line(one_x).split()[2]:<9} {n:>9} {best1:>7.2f} {best10:>7.2f} "
+                          f"{best10 / best1:>6.2f} {paired:>7.2f}", flush=True)
     except KeyboardInterrupt:
         print("interrupted: keeping the rows finished so far", file=sys.stderr)
     if args.json:

@@ -317,3 +317,20 @@ def test_benchmark_rows_count_the_same_events_every_way():
         assert rows["fast"][key] == rows["fast-python"][key] == rows["reference"][key] == rows["stream"][key], key
     assert rows["fast"]["events"] > 2 * rows["fast"]["completed"]
     assert bench.line(rows["reference"]).split()[2] == "reference"
+
+
+def test_benchmark_ratio_mode_alternates_and_reports(tmp_path):
+    # The runner behind issue 5's target 2 (outputs x10 over x1, paired runs): a tiny size, no timing claim.
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_simulate.py"), "--ratio", "--requests", "300",
+                          "--schedulers", "sarathi", "--repeat", "2", "--json", str(tmp_path / "rows.json")],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    header, row = out.stdout.strip().splitlines()
+    assert header.split()[-3:] == ["x10", "s", "ratio", "paired"][-3:] and row.split()[:2] == ["fig1", "sarathi"]
+    assert float(row.split()[-2]) > 0 and float(row.split()[-1]) > 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["scenario"] for r in rows] == ["fig1", "fig1-out10"] * 2
