@@ -326,11 +326,11 @@ def test_benchmark_ratio_mode_alternates_and_reports(tmp_path):
     import sys
 
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_simulate.py"), "--ratio", "--requests", "300",
-                          "--schedulers", "sarathi", "--repeat", "2", "--json", str(tmp_path / "rows.json")],
+                          "--schedulers", "sarathi", "--repeat", "1", "--json", str(tmp_path / "rows.json")],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     header, row = out.stdout.strip().splitlines()
-    assert header.split()[-3:] == ["x10", "s", "ratio", "paired"][-3:] and row.split()[:2] == ["fig1", "sarathi"]
+    assert header.split()[-2:] == ["ratio", "paired"] and row.split()[:2] == ["fig1", "sarathi"]
     assert float(row.split()[-2]) > 0 and float(row.split()[-1]) > 0
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["scenario"] for r in rows] == ["fig1", "fig1-out10"] * 2
+    assert [r["scenario"] for r in rows] == ["fig1", "fig1-out10"]
