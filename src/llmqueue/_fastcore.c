@@ -296,8 +296,20 @@ static inline Py_ssize_t settle(Loop *L, Py_ssize_t nfin, int64_t rounds, double
     return gone;
 }
 
-/* Record one batch (its end and tokens); report progress every 2,000 batches, and let Ctrl-C
- * through every 65,536. */
+/* After batches `before`..`batches`: report progress every 2,000 batches, let Ctrl-C through
+ * every 65,536. */
+static inline int report(Loop *L, size_t before, size_t batches, size_t *next_report, double now, Py_ssize_t i) {
+    if (L->progress != Py_None && batches >= *next_report) {
+        PyObject *res = PyObject_CallFunction(L->progress, "dn", now, i);
+        if (!res) return -1;
+        Py_DECREF(res);
+        *next_report = batches + 2000;
+    }
+    if ((before >> 16) != (batches >> 16) && PyErr_CheckSignals()) return -1;
+    return 0;
+}
+
+/* Record one batch (its end and tokens). */
 static inline int emit(Loop *L, size_t *batches, size_t *next_report, double end, int64_t tokens, Py_ssize_t i) {
     if (buf_reserve(&L->ends, sizeof(double)) || buf_reserve(&L->tokens, sizeof(int64_t))) return -1;
     ((double *)L->ends.data)[*batches] = end;
@@ -305,14 +317,7 @@ static inline int emit(Loop *L, size_t *batches, size_t *next_report, double end
     L->ends.size += sizeof(double);
     L->tokens.size += sizeof(int64_t);
     ++*batches;
-    if (L->progress != Py_None && *batches >= *next_report) {
-        PyObject *res = PyObject_CallFunction(L->progress, "dn", end, i);
-        if (!res) return -1;
-        Py_DECREF(res);
-        *next_report = *batches + 2000;
-    }
-    if (!(*batches & 0xffff) && PyErr_CheckSignals()) return -1;
-    return 0;
+    return report(L, *batches - 1, *batches, next_report, end, i);
 }
 
 static int run_loop(Loop *L, Out *o) {
@@ -516,6 +521,34 @@ static int run_loop(Loop *L, Out *o) {
             }
             demand = total_prefill + (int64_t)nd;
             bound = MIN(budget, demand);
+            if (!L->record) {
+                /* Rounds that finish nobody, before the next arrival and the horizon, in a tight
+                 * loop (up to 4,096 at a time): same batch, end = now + t_b each. */
+                double lim = L->horizon;
+                if (i < n_arr && L->arrivals[i] < lim) lim = L->arrivals[i];
+                const int64_t far = L->cal.far.n ? L->cal.far.a[0].key : INT64_MAX, mask = L->cal.mask;
+                const int64_t *slot = L->cal.slot;
+                const double duration = L->durations[n];
+                if (buf_reserve(&L->ends, 4096 * sizeof(double)) || buf_reserve(&L->tokens, 4096 * sizeof(int64_t)))
+                    return -1;
+                double *ends = (double *)L->ends.data + batches;
+                int64_t *toks = (int64_t *)L->tokens.data + batches;
+                size_t m = 0;
+                while (m < 4096 && now < lim && slot[(rounds + 1) & mask] < 0 && rounds + 1 < far) {
+                    rounds++;
+                    now += duration;
+                    ends[m] = now;
+                    toks[m++] = n;
+                }
+                if (m) {
+                    violations += (int64_t)m * (n != bound);
+                    L->ends.size += m * sizeof(double);
+                    L->tokens.size += m * sizeof(int64_t);
+                    batches += m;
+                    if (report(L, batches - m, batches, &next_report, now, i)) return -1;
+                    continue;
+                }
+            }
             if (n != bound) violations++;
             end = now + L->durations[n];
             if (L->record) {

@@ -84,9 +84,9 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
         horizon = float(horizon_s)
     else:
         horizon = last
-    reason = fallback_reason(engine) if method != "reference" else "selected"
-    core = None if reason is not None else "python (selected)" if method == "fast-python" else fastcore.unavailable()
-    if reason is None and core is None:
+    reason = fallback_reason(engine) if method != "reference" else "selected"  # None: a fast path
+    in_python = None if reason is not None else "selected" if method == "fast-python" else fastcore.unavailable()
+    if reason is None and in_python is None:
         ran = fastcore.run(engine, requests, horizon, record_batches, progress)
         now, i = ran.now, ran.admitted
         result = _result(engine, requests, max(now, last) if drain else horizon, ran.first_token_time,
@@ -110,7 +110,7 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
     result.wall_s = _time.perf_counter() - started
     result.meta["method"] = "fast" if reason is None else f"reference ({reason})"
     if reason is None:
-        result.meta["core"] = "compiled" if core is None else core if core.startswith("python") else f"python ({core})"
+        result.meta["core"] = "compiled" if in_python is None else f"python ({in_python})"
     if progress is not None:
         progress(now, i)
     return result
