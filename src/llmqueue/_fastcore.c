@@ -40,17 +40,41 @@ typedef struct { int64_t key, rid; } Entry;
 
 /* ---- growable buffers and the round heap --------------------------------------------- */
 
-typedef struct { char *data; size_t size, cap; } Buf;
+/* A growable buffer: malloc'd, or (python set) a bytearray handed to Python at the end, so the
+ * per-batch arrays come back without a copy. */
+typedef struct { char *data; size_t size, cap; int python; PyObject *array; } Buf;
 
 static int buf_reserve(Buf *b, size_t more) {
     if (b->size + more <= b->cap) return 0;
     size_t cap = b->cap ? b->cap : 1 << 16;
     while (cap < b->size + more) cap *= 2;
-    char *p = realloc(b->data, cap);
-    if (!p) { PyErr_NoMemory(); return -1; }
-    b->data = p;
+    if (b->python) {
+        if (!b->array) {
+            b->array = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)cap);
+            if (!b->array) return -1;
+        } else if (PyByteArray_Resize(b->array, (Py_ssize_t)cap) < 0) {
+            return -1;
+        }
+        b->data = PyByteArray_AS_STRING(b->array);
+    } else {
+        char *p = realloc(b->data, cap);
+        if (!p) { PyErr_NoMemory(); return -1; }
+        b->data = p;
+    }
     b->cap = cap;
     return 0;
+}
+
+/* The bytearray of a python buffer, cut to its size (a new reference; the buffer lets go). */
+static PyObject *buf_take(Buf *b) {
+    PyObject *array = b->array ? b->array : PyByteArray_FromStringAndSize(NULL, 0);
+    b->array = NULL;
+    if (array && PyByteArray_Resize(array, (Py_ssize_t)b->size) < 0) Py_CLEAR(array);
+    return array;
+}
+
+static void buf_free(Buf *b) {
+    if (b->python) Py_XDECREF(b->array); else free(b->data);
 }
 
 typedef struct { Entry *a; Py_ssize_t n, cap; } Heap;
@@ -591,10 +615,6 @@ static int check(Py_buffer *b, const char *name, Py_ssize_t items, Py_ssize_t it
     return 0;
 }
 
-static PyObject *bytes_of(Buf *b) {
-    return PyByteArray_FromStringAndSize(b->data ? b->data : "", (Py_ssize_t)b->size);
-}
-
 PyDoc_STRVAR(run_doc,
 "run(arrivals, prompts, outputs, durations, prefill_left, decode_left, first, finish, prefilling,\n"
 "    decoding, rejected, policy, budget, cap, split, max_chunk, limit, splits_prompts, horizon,\n"
@@ -645,6 +665,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     L.n_arr = n; L.policy = policy; L.split = split; L.splits_prompts = splits_prompts; L.record = record;
     L.budget = budget; L.cap = cap; L.max_chunk = max_chunk; L.limit = limit; L.horizon = horizon;
     L.progress = progress;
+    L.ends.python = L.tokens.python = L.detail.python = 1;
     size_t scratch = (size_t)(budget < n ? budget : n) + 1;  /* chunks: at most one per token and request */
     L.chunk_rid = malloc(scratch * sizeof(int64_t));
     L.chunk_len = malloc(scratch * sizeof(int64_t));
@@ -658,8 +679,8 @@ static PyObject *run(PyObject *self, PyObject *args) {
         if (L.outputs[k] > longest) longest = L.outputs[k];
     if (cal_init(&L.cal, longest, ring)) goto done;
     if (run_loop(&L, &o) == 0) {
-        PyObject *ends = bytes_of(&L.ends), *tokens = bytes_of(&L.tokens);
-        PyObject *detail = record ? bytes_of(&L.detail) : (Py_INCREF(Py_None), Py_None);
+        PyObject *ends = buf_take(&L.ends), *tokens = buf_take(&L.tokens);
+        PyObject *detail = record ? buf_take(&L.detail) : (Py_INCREF(Py_None), Py_None);
         if (ends && tokens && detail)
             result = Py_BuildValue("dnnnnnnLLLOOOn", o.now, o.i, o.ps, o.pe, o.ds, o.nd, o.nrej,
                                    (long long)o.in_engine, (long long)o.violations,
@@ -670,7 +691,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     }
 done:
     free(L.chunk_rid); free(L.chunk_len); free(L.tmp); free(L.cal.slot); free(L.cal.node_rid); free(L.cal.node_next); free(L.cal.far.a);
-    free(L.fin.data); free(L.ends.data); free(L.tokens.data); free(L.detail.data);
+    buf_free(&L.fin); buf_free(&L.ends); buf_free(&L.tokens); buf_free(&L.detail);
     for (int k = 0; k < 11; k++)
         if (b[k].obj) PyBuffer_Release(&b[k]);
     return result;
