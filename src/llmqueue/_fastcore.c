@@ -191,6 +191,12 @@ static Py_ssize_t bisect_left(const int64_t *a, int64_t x, Py_ssize_t lo, Py_ssi
     return (Py_ssize_t)(base - a) + (*base < x);
 }
 
+/* One round later for the decoders at dq[lo:hi] (restrict: the two arrays never overlap, so the
+ * loads of dq need not wait for the stores to dl). */
+static inline void delay(int64_t *restrict dl, const int64_t *restrict dq, Py_ssize_t lo, Py_ssize_t hi) {
+    for (Py_ssize_t j = lo; j < hi; j++) dl[dq[j]] += 1;
+}
+
 static int cmp_desc(const void *x, const void *y) {
     int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
     return (a < b) - (a > b);
@@ -467,7 +473,7 @@ static int run_loop(Loop *L, Out *o) {
                 }
             } else {
                 /* the rest of the head misses this round: one later each (entries stay lazy) */
-                for (Py_ssize_t j = n; j < head; j++) dl[dq[j]] += 1;
+                delay(dl, dq, n, head);
                 rounds += 1;
                 nfin = cal_take(&L->cal, rounds, &L->fin);
                 if (nfin < 0) return -1;
@@ -545,53 +551,49 @@ static int run_loop(Loop *L, Out *o) {
             }
             demand = total_prefill + (int64_t)nd;
             bound = MIN(budget, demand);
-            if (!L->record) {
-                /* Rounds that finish nobody, before the next arrival and the horizon, in a tight
-                 * loop (up to 4,096 at a time): same batch, end = now + t_b each. */
-                double lim = L->horizon;
-                if (i < n_arr && L->arrivals[i] < lim) lim = L->arrivals[i];
-                const int64_t far = L->cal.far.n ? L->cal.far.a[0].key : INT64_MAX, mask = L->cal.mask;
-                const int64_t *slot = L->cal.slot;
-                const double duration = L->durations[n];
-                if (buf_reserve(&L->ends, 4096 * sizeof(double)) || buf_reserve(&L->tokens, 4096 * sizeof(int64_t)))
-                    return -1;
-                double *ends = (double *)L->ends.data + batches;
-                int64_t *toks = (int64_t *)L->tokens.data + batches;
-                size_t m = 0;
-                while (m < 4096 && now < lim && slot[(rounds + 1) & mask] < 0 && rounds + 1 < far) {
-                    rounds++;
-                    now += duration;
-                    ends[m] = now;
-                    toks[m++] = n;
+            /* The same batch round after round (up to 4,096 at a time), before the next arrival
+             * and the horizon: end = now + t_b each.  A round with calendar entries settles them
+             * here; if nobody finished (only delayed entries re-filed) the batch stays the same. */
+            double lim = L->horizon;
+            if (i < n_arr && L->arrivals[i] < lim) lim = L->arrivals[i];
+            const int64_t mask = L->cal.mask, *slot = L->cal.slot;
+            int64_t far = L->cal.far.n ? L->cal.far.a[0].key : INT64_MAX;
+            const double duration = L->durations[n];
+            if (buf_reserve(&L->ends, 4096 * sizeof(double)) || buf_reserve(&L->tokens, 4096 * sizeof(int64_t))
+                || (L->record && buf_reserve(&L->detail, 4096 * 7 * sizeof(double))))
+                return -1;
+            double *ends = (double *)L->ends.data + batches;
+            int64_t *toks = (int64_t *)L->tokens.data + batches;
+            double *d = L->record ? (double *)(L->detail.data + L->detail.size) : NULL;
+            size_t m = 0;
+            while (m < 4096 && now < lim) {
+                if (d) {
+                    d[0] = now; d[1] = now + duration; d[2] = 0.0; d[3] = (double)n; d[4] = (double)n;
+                    d[5] = (double)demand; d[6] = (double)bound;
+                    d += 7;
                 }
-                if (m) {
-                    violations += (int64_t)m * (n != bound);
-                    L->ends.size += m * sizeof(double);
-                    L->tokens.size += m * sizeof(int64_t);
-                    batches += m;
-                    if (report(L, batches - m, batches, &next_report, now, i)) return -1;
-                    continue;
+                rounds++;
+                now += duration;
+                ends[m] = now;
+                toks[m++] = n;
+                if (slot[rounds & mask] >= 0 || rounds >= far) {
+                    nfin = cal_take(&L->cal, rounds, &L->fin);
+                    if (nfin < 0) return -1;
+                    Py_ssize_t gone = settle(L, nfin, rounds, now, &dq, &nd, &head);
+                    if (gone < 0) return -1;
+                    if (gone) {
+                        in_engine -= gone;
+                        break;  /* fewer decoders: a new plan */
+                    }
+                    far = L->cal.far.n ? L->cal.far.a[0].key : INT64_MAX;
                 }
             }
-            if (n != bound) violations++;
-            end = now + L->durations[n];
-            if (L->record) {
-                if (buf_reserve(&L->detail, 7 * sizeof(double))) return -1;
-                double *d = (double *)(L->detail.data + L->detail.size);
-                d[0] = now; d[1] = end; d[2] = 0.0; d[3] = (double)n; d[4] = (double)n;
-                d[5] = (double)demand; d[6] = (double)bound;
-                L->detail.size += 7 * sizeof(double);
-            }
-            rounds++;
-            nfin = cal_take(&L->cal, rounds, &L->fin);
-            if (nfin < 0) return -1;
-            if (nfin) {
-                Py_ssize_t gone = settle(L, nfin, rounds, end, &dq, &nd, &head);
-                if (gone < 0) return -1;
-                in_engine -= gone;
-            }
-            now = end;
-            if (emit(L, &batches, &next_report, end, n, i)) return -1;
+            violations += (int64_t)m * (n != bound);
+            L->ends.size += m * sizeof(double);
+            L->tokens.size += m * sizeof(int64_t);
+            if (d) L->detail.size += m * 7 * sizeof(double);
+            batches += m;
+            if (report(L, batches - m, batches, &next_report, now, i)) return -1;
         }
     }
 
