@@ -360,10 +360,8 @@ static int run_loop(Loop *L, Out *o) {
     Py_ssize_t i = 0, ps = 0, pe = 0, nd = 0, head = 0, nrej = 0, n_arr = L->n_arr;
     size_t batches = 0, next_report = 0, turns = 0;
     double now = 0.0;
-    int status = 0;
 
     for (;;) {
-        turns++;
         /* Admit every arrival up to this batch boundary (Engine.admit). */
         while (i < n_arr && L->arrivals[i] <= now) {
             int64_t p = L->prompts[i];
@@ -385,6 +383,7 @@ static int run_loop(Loop *L, Out *o) {
         if (now >= L->horizon) break;
 
         /* The plan, as counts: the n leading decoders get a token, plus prefill chunks. */
+        turns++;
         Py_ssize_t nch = 0;
         int64_t n = 0, prefill_tokens = 0, room;
         switch (L->policy) {
@@ -604,7 +603,7 @@ static int run_loop(Loop *L, Out *o) {
     }
     o->now = now; o->i = i; o->ps = ps; o->pe = pe; o->ds = dq - L->dq; o->nd = nd; o->nrej = nrej;
     o->in_engine = in_engine; o->violations = violations; o->total_prefill = total_prefill; o->turns = turns;
-    return status;
+    return 0;
 }
 
 /* ---- the Python entry point ------------------------------------------------------------ */
