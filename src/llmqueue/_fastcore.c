@@ -210,8 +210,12 @@ typedef struct {
     Py_ssize_t n_arr;
     int policy, split, splits_prompts, record;
     int64_t budget, cap, max_chunk, limit;
-    double horizon;
+    double horizon, start_now;
     PyObject *progress;
+    /* a resumed run (streaming): requests [0, carried) are already in the engine, their queues
+     * given in prefilling[0:n_pre] and decoding[0:n_dec]; stop: return once every arrival is in */
+    Py_ssize_t carried, n_pre, n_dec;
+    int stop;
     /* per-request state (indexed by rid) and queues, owned by the caller */
     int64_t *pl, *dl;           /* prefill_left, decode_left (lazy for decoders) */
     double *first, *finish;
@@ -357,9 +361,14 @@ static int run_loop(Loop *L, Out *o) {
      * finishes them at the front).  At most n_arr slides left and n_arr appends: it fits. */
     int64_t *pl = L->pl, *dl = L->dl, *pq = L->pq, *dq = L->dq + L->n_arr + 1;
     int64_t in_engine = 0, violations = 0, total_prefill = 0, rounds = 0;
-    Py_ssize_t i = 0, ps = 0, pe = 0, nd = 0, head = 0, nrej = 0, n_arr = L->n_arr;
+    Py_ssize_t i = L->carried, ps = 0, pe = L->n_pre, nd = L->n_dec, head = 0, nrej = 0, n_arr = L->n_arr;
     size_t batches = 0, next_report = 0, turns = 0;
-    double now = 0.0;
+    double now = L->start_now;
+    /* Requests carried in: the decoders (true counts) go behind an empty head; the prompts queue. */
+    memcpy(dq, L->dq, (size_t)nd * sizeof(int64_t));
+    for (Py_ssize_t j = 0; j < nd; j++) dl[dq[j]] = -dl[dq[j]];
+    for (Py_ssize_t q = 0; q < pe; q++) total_prefill += pl[pq[q]];
+    in_engine = (int64_t)(pe + nd);
 
     for (;;) {
         /* Admit every arrival up to this batch boundary (Engine.admit). */
@@ -375,6 +384,7 @@ static int run_loop(Loop *L, Out *o) {
             total_prefill += p;
             in_engine++;
         }
+        if (L->stop && i >= n_arr) break;  /* streaming: the caller brings the next arrivals */
         if (!in_engine) {
             if (i >= n_arr || L->arrivals[i] > L->horizon) break;
             now = L->arrivals[i];
@@ -619,27 +629,32 @@ static int check(Py_buffer *b, const char *name, Py_ssize_t items, Py_ssize_t it
 PyDoc_STRVAR(run_doc,
 "run(arrivals, prompts, outputs, durations, prefill_left, decode_left, first, finish, prefilling,\n"
 "    decoding, rejected, policy, budget, cap, split, max_chunk, limit, splits_prompts, horizon,\n"
-"    record, progress, ring)\n"
+"    record, progress, ring, start_now, carried, n_pre, n_dec, stop)\n"
 "--\n\n"
 "One simulation on the compiled loop (see llmqueue.fastcore, which calls it).  Returns (now, i,\n"
 "pre_start, pre_end, dec_start, num_decoding, num_rejected, in_engine, violations, total_prefill,\n"
 "ends, tokens, detail, planned) where ends/tokens/detail are bytearrays of float64/int64/7xfloat64\n"
 "per batch and planned counts the batches planned in full (the rest ran as decode-only rounds).\n"
-"ring caps the calendar's ring of per-round lists (entries further ahead go to a heap).");
+"ring caps the calendar's ring of per-round lists (entries further ahead go to a heap).  A resumed\n"
+"run starts at start_now with requests [0, carried) in the engine (prefill_left/decode_left/first\n"
+"set; their queues in prefilling[:n_pre] and decoding[:n_dec]); stop returns once every arrival\n"
+"is admitted, at the boundary where the next ones would be.");
 
 static PyObject *run(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer b[11];
     int policy, split, splits_prompts, record;
     long long budget, cap, max_chunk, limit;
-    double horizon;
+    double horizon, start_now;
     PyObject *progress;
     long long ring;
+    Py_ssize_t carried, n_pre, n_dec;
+    int stop;
     memset(b, 0, sizeof(b));
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*iLLiLLpdpOL:run",
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*iLLiLLpdpOLdnnnp:run",
                           &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10],
                           &policy, &budget, &cap, &split, &max_chunk, &limit, &splits_prompts, &horizon,
-                          &record, &progress, &ring))
+                          &record, &progress, &ring, &start_now, &carried, &n_pre, &n_dec, &stop))
         return NULL;
     PyObject *result = NULL;
     Loop L;
@@ -656,6 +671,10 @@ static PyObject *run(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "bad policy parameters");
         goto done;
     }
+    if (carried < 0 || carried > n || n_pre < 0 || n_dec < 0 || n_pre + n_dec > carried) {
+        PyErr_SetString(PyExc_ValueError, "bad carried requests");
+        goto done;
+    }
     if (progress != Py_None && !PyCallable_Check(progress)) {
         PyErr_SetString(PyExc_TypeError, "progress must be callable or None");
         goto done;
@@ -665,6 +684,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     L.pq = b[8].buf; L.dq = b[9].buf; L.rej = b[10].buf;
     L.n_arr = n; L.policy = policy; L.split = split; L.splits_prompts = splits_prompts; L.record = record;
     L.budget = budget; L.cap = cap; L.max_chunk = max_chunk; L.limit = limit; L.horizon = horizon;
+    L.start_now = start_now; L.carried = carried; L.n_pre = n_pre; L.n_dec = n_dec; L.stop = stop;
     L.progress = progress;
     L.ends.python = L.tokens.python = L.detail.python = 1;
     size_t scratch = (size_t)(budget < n ? budget : n) + 1;  /* chunks: at most one per token and request */

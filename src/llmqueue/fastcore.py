@@ -73,6 +73,123 @@ class Ran:
     planned: int                  # batches planned in full; the rest ran as decode-only rounds
 
 
+@dataclass
+class Call:
+    """One call of the compiled loop.  Per-request arrays are indexed locally (0..n-1); ``rid``
+    maps them to request ids.  ``pre`` and ``dec`` are the queues left (local indices, in order)."""
+
+    now: float
+    admitted: int                 # local index of the first arrival not admitted
+    rid: np.ndarray
+    arrival_time: np.ndarray
+    num_prompt_tokens: np.ndarray
+    num_output_tokens: np.ndarray
+    prefill_left: np.ndarray
+    decode_left: np.ndarray
+    first_token_time: np.ndarray
+    finish_time: np.ndarray
+    pre: np.ndarray
+    dec: np.ndarray
+    rejected: np.ndarray          # local indices, in admission order
+    in_engine: int
+    total_prefill: int
+    violations: int
+    batch_end_time: np.ndarray
+    batch_tokens: np.ndarray
+    detail: np.ndarray | None
+    planned: int
+
+    def carried(self) -> Call:
+        """The requests still in the engine, re-indexed 0..k-1 in arrival order (the loop keeps
+        its queues in index order): what the next call of a streaming run starts with."""
+        keep = np.sort(np.concatenate((self.pre, self.dec)))
+        return Call(self.now, 0, self.rid[keep], self.arrival_time[keep], self.num_prompt_tokens[keep],
+                    self.num_output_tokens[keep], self.prefill_left[keep], self.decode_left[keep],
+                    self.first_token_time[keep], self.finish_time[keep], np.searchsorted(keep, self.pre),
+                    np.searchsorted(keep, self.dec), self.rejected[:0], self.in_engine, self.total_prefill,
+                    0, self.batch_end_time[:0], self.batch_tokens[:0], None, 0)
+
+
+def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray, horizon: float,
+         record_batches: bool = False, progress: Callable[[float, int], None] | None = None, *,
+         rids: np.ndarray | None = None, carried: Call | None = None, stop: bool = False) -> Call:
+    """Run the compiled loop on these arrivals (after ``carried``'s requests, already in the
+    engine at time ``carried.now``); with ``stop``, return once every arrival is admitted."""
+    if _core is None:
+        raise InternalError(f"compiled core requested but {_why_not}")
+    scheduler = engine.scheduler
+    settings = scheduler.settings
+    budget = engine.token_budget
+    kmax = engine.max_batch_requests
+    k = 0 if carried is None else len(carried.rid)
+    if carried is not None:  # the carried requests first, in the local order carried() gave them
+        arrivals, prompts, outputs, rids = (np.concatenate((a, b)) for a, b in (
+            (carried.arrival_time, arrivals), (carried.num_prompt_tokens, prompts),
+            (carried.num_output_tokens, outputs), (carried.rid, rids)))
+    arrivals = np.ascontiguousarray(arrivals, dtype=np.float64)
+    prompts = np.ascontiguousarray(prompts, dtype=np.int64)
+    outputs = np.ascontiguousarray(outputs, dtype=np.int64)
+    n = len(arrivals)
+    rids = np.arange(n) if rids is None else rids
+    prefill_left, decode_left = np.empty(n, np.int64), np.empty(n, np.int64)
+    first, finish = np.full(n, np.nan), np.full(n, np.nan)
+    prefilling, rejected = np.empty(n, np.int64), np.empty(n, np.int64)
+    decoding = np.empty(2 * n + 2, np.int64)  # the decoding list slides inside it (_fastcore.c)
+    n_pre = n_dec = 0
+    if carried is not None:
+        prefill_left[:k], decode_left[:k], first[:k] = (carried.prefill_left, carried.decode_left,
+                                                       carried.first_token_time)
+        n_pre, n_dec = len(carried.pre), len(carried.dec)
+        prefilling[:n_pre], decoding[:n_dec] = carried.pre, carried.dec
+    try:
+        (now, admitted, ps, pe, ds, nd, nrej, in_engine, violations, total_prefill, ends, tokens,
+         detail, planned) = _core.run(
+            arrivals, prompts, outputs, np.asarray(engine.batch_time.table(budget), dtype=np.float64),
+            prefill_left, decode_left, first, finish, prefilling, decoding, rejected,
+            FAST_POLICIES[type(scheduler)], budget, kmax if kmax is not None else _NO_CAP,
+            int(bool(settings.get("split_prompts", True))),
+            settings.get("long_prefill_token_threshold", 0) or _NO_CAP,
+            settings.get("max_num_seqs", _NO_CAP), bool(scheduler.splits_prompts), float(horizon),
+            bool(record_batches), progress, RING, 0.0 if carried is None else carried.now, k, n_pre, n_dec, stop)
+    except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
+        raise InternalError(f"{scheduler!r} {exc}") from exc
+    return Call(now, admitted, rids, arrivals, prompts, outputs, prefill_left, decode_left, first, finish,
+                prefilling[ps:pe], decoding[ds:ds + nd], rejected[:nrej], in_engine, total_prefill, violations,
+                np.frombuffer(ends, dtype=np.float64), np.frombuffer(tokens, dtype=np.int64),
+                None if detail is None else np.frombuffer(detail, dtype=np.float64).reshape(-1, 7), planned)
+
+
+def _requests(c: Call, local: np.ndarray) -> list[Request]:
+    """``Request`` objects for these requests of a call, in their state at its end."""
+    # perf: an unstable run can end with most requests still queued; build them with map()
+    # and set state only on those that moved (started prefill or decode).
+    p, o = c.num_prompt_tokens[local], c.num_output_tokens[local]
+    out = list(map(Request, c.rid[local].tolist(), c.arrival_time[local].tolist(), p.tolist(), o.tolist()))
+    pl, dl, f = c.prefill_left[local], c.decode_left[local], c.first_token_time[local]
+    for j in np.flatnonzero((pl != p) | (dl != o)).tolist():
+        out[j].prefill_left = int(pl[j])
+        out[j].decode_left = int(dl[j])
+    for j in np.flatnonzero(~np.isnan(f)).tolist():  # prefill done: it has its first token
+        out[j].first_token_time = float(f[j])
+    return out
+
+
+def leave_state(engine: Engine, c: Call) -> None:
+    """Leave ``engine`` as reference stepping would after ``c``: the same queues and counters
+    (its violations and rejected requests are added by each call, see :func:`count`)."""
+    state = engine.state
+    state.prefilling = deque(_requests(c, c.pre))
+    state.decoding = _requests(c, c.dec)
+    state.total_prefill_left = c.total_prefill
+    engine.num_in_engine = c.in_engine
+
+
+def count(engine: Engine, c: Call) -> None:
+    """Add a call's violations and rejected requests to the engine's counters."""
+    engine.violations += c.violations
+    engine.rejected.extend(_requests(c, c.rejected))
+
+
 def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool,
         progress: Callable[[float, int], None] | None) -> Ran:
     """The reference loop of :func:`~llmqueue.simulator.simulate` on the compiled core.
@@ -80,58 +197,12 @@ def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool
     ``engine`` must be able to take the fast path (:func:`llmqueue.fastpath.fallback_reason`
     is None) and this installation must have the core (:func:`unavailable` is None).
     """
-    if _core is None:
-        raise InternalError(f"compiled core requested but {_why_not}")
-    scheduler = engine.scheduler
-    settings = scheduler.settings
-    budget = engine.token_budget
-    kmax = engine.max_batch_requests
-    arrivals = np.ascontiguousarray(requests.arrival_time, dtype=np.float64)
-    prompts = np.ascontiguousarray(requests.num_prompt_tokens, dtype=np.int64)
-    outputs = np.ascontiguousarray(requests.num_output_tokens, dtype=np.int64)
-    durations = np.asarray(engine.batch_time.table(budget), dtype=np.float64)
-    n = len(arrivals)
-    prefill_left, decode_left = np.empty(n, np.int64), np.empty(n, np.int64)
-    first, finish = np.full(n, np.nan), np.full(n, np.nan)
-    prefilling, rejected = np.empty(n, np.int64), np.empty(n, np.int64)
-    decoding = np.empty(2 * n + 2, np.int64)  # the decoding list slides inside it (_fastcore.c)
-    try:
-        (now, admitted, ps, pe, ds, nd, nrej, in_engine, violations, total_prefill, ends, tokens,
-         detail, planned) = _core.run(
-            arrivals, prompts, outputs, durations, prefill_left, decode_left, first, finish,
-            prefilling, decoding, rejected, FAST_POLICIES[type(scheduler)], budget,
-            kmax if kmax is not None else _NO_CAP, int(bool(settings.get("split_prompts", True))),
-            settings.get("long_prefill_token_threshold", 0) or _NO_CAP,
-            settings.get("max_num_seqs", _NO_CAP), bool(scheduler.splits_prompts), float(horizon),
-            bool(record_batches), progress, RING)
-    except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
-        raise InternalError(f"{scheduler!r} {exc}") from exc
-
-    def requests_of(rids: np.ndarray) -> list[Request]:
-        # perf: an unstable run can end with most requests still queued; build them with map()
-        # and set state only on those that moved (started prefill or decode).
-        p, o = prompts[rids], outputs[rids]
-        out = list(map(Request, rids.tolist(), arrivals[rids].tolist(), p.tolist(), o.tolist()))
-        pl, dl, f = prefill_left[rids], decode_left[rids], first[rids]
-        for k in np.flatnonzero((pl != p) | (dl != o)).tolist():
-            out[k].prefill_left = int(pl[k])
-            out[k].decode_left = int(dl[k])
-        for k in np.flatnonzero(~np.isnan(f)).tolist():  # prefill done: it has its first token
-            out[k].first_token_time = float(f[k])
-        return out
-
-    # Leave the engine as reference stepping would: the same queues, counters and rejections.
-    state = engine.state
-    state.prefilling = deque(requests_of(prefilling[ps:pe]))
-    state.decoding = requests_of(decoding[ds:ds + nd])
-    state.total_prefill_left = total_prefill
-    engine.num_in_engine = in_engine
-    engine.violations += violations
-    engine.rejected.extend(requests_of(rejected[:nrej]))
-    mask = np.zeros(n, dtype=bool)
-    mask[rejected[:nrej]] = True
-    return Ran(now=now, admitted=admitted, first_token_time=first, finish_time=finish, rejected=mask,
-               batch_end_time=np.frombuffer(ends, dtype=np.float64),
-               batch_tokens=np.frombuffer(tokens, dtype=np.int64),
-               detail=None if detail is None else np.frombuffer(detail, dtype=np.float64).reshape(-1, 7),
-               planned=planned)
+    c = call(engine, requests.arrival_time, requests.num_prompt_tokens, requests.num_output_tokens, horizon,
+             record_batches, progress)
+    leave_state(engine, c)
+    count(engine, c)
+    mask = np.zeros(len(c.rid), dtype=bool)
+    mask[c.rejected] = True
+    return Ran(now=c.now, admitted=c.admitted, first_token_time=c.first_token_time, finish_time=c.finish_time,
+               rejected=mask, batch_end_time=c.batch_end_time, batch_tokens=c.batch_tokens, detail=c.detail,
+               planned=c.planned)

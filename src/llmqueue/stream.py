@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from llmqueue import fastcore
 from llmqueue.engine import Engine
 from llmqueue.errors import ConfigError
 from llmqueue.fastpath import fallback_reason, run_fast
@@ -74,7 +75,8 @@ def request_chunks(workload: Workload, seed: int, *, num_requests: int | None = 
 
 
 def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *, horizon_s: float | None = None,
-                    drain: bool = False, progress: Callable[[float, int], None] | None = None) -> dict:
+                    drain: bool = False, progress: Callable[[float, int], None] | None = None,
+                    compiled: bool = True) -> dict:
     """Run the request chunks through ``engine`` keeping running totals only; a summary dict.
 
     Horizons as :func:`~llmqueue.simulator.simulate`: ``horizon_s``, ``drain``, or (neither)
@@ -82,7 +84,8 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
     throughput equal those of :func:`~llmqueue.metrics.summarize` on the same run; the latency
     means agree up to the order of floating-point summation.  Only engines with a fast path stream.
     ``engine.rejected`` is emptied as it is counted.  ``progress`` is called once per chunk with
-    (the chunk's last arrival time, requests drawn so far).
+    (the chunk's last arrival time, requests drawn so far).  The chunks run on the compiled core
+    where it is built (``compiled=False``: the Python fast path); both give the same totals.
     """
     reason = fallback_reason(engine)
     if reason is not None:
@@ -100,6 +103,9 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
     ahead = next(source, None)
     if ahead is None:
         raise ConfigError("run.requests", 0, "at least one request")
+    if fastcore.unavailable() is None and compiled:
+        T = _stream_compiled(engine, ahead, source, t, fixed, drain, horizon_s, progress)
+        return _summary(engine, t, T, started)
     last_arrival = 0.0
 
     def fold(bound: float, final: bool) -> None:
@@ -117,23 +123,9 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
         else:
             still = [r for r in admitted if (r.finish_time is None or r.finish_time > bound) and id(r) not in rejected]
             begun = done
-        if done:
-            arrival = np.array([r.arrival_time for r in done])
-            finish = np.array([r.finish_time for r in done])
-            first = np.array([r.first_token_time for r in done])
-            outputs = np.array([r.num_output_tokens for r in done])
-            e2e = finish - arrival
-            t["completed"] += len(done)
-            t["e2e_sum"] += float(e2e.sum())
-            t["e2e_max"] = max(t["e2e_max"], float(e2e.max()))
-            some = outputs > 0
-            t["tbt_sum"] += float(((finish[some] - first[some]) / outputs[some]).sum())
-            t["tbt_count"] += int(some.sum())
-        if begun:
-            ttft = np.array([r.first_token_time - r.arrival_time for r in begun])
-            t["started"] += len(begun)
-            t["ttft_sum"] += float(ttft.sum())
-            t["ttft_max"] = max(t["ttft_max"], float(ttft.max()))
+        _fold_done(t, np.array([r.arrival_time for r in done]), np.array([r.first_token_time for r in done]),
+                   np.array([r.finish_time for r in done]), np.array([r.num_output_tokens for r in done]))
+        _fold_begun(t, np.array([r.arrival_time for r in begun]), np.array([r.first_token_time for r in begun]))
         admitted[:] = still
         k = len(ends) if final else bisect_right(ends, bound)  # batches folded now
         by_t = bisect_right(ends, bound)                        # of which ended by T
@@ -162,7 +154,91 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
     now, _ = run_fast(engine, [], [], [], math.inf, admitted, ends, tokens, None, None, more)
     end_time = max(now, last_arrival) if drain else (fixed if horizon_s is not None else last_arrival)
     fold(end_time, True)
-    T = end_time
+    return _summary(engine, t, end_time, started)
+
+
+def _fold_done(t: dict, arrival: np.ndarray, first: np.ndarray, finish: np.ndarray, outputs: np.ndarray) -> None:
+    """Add finished requests (by T) to the running totals."""
+    if not len(arrival):
+        return
+    e2e = finish - arrival
+    t["completed"] += len(arrival)
+    t["e2e_sum"] += float(e2e.sum())
+    t["e2e_max"] = max(t["e2e_max"], float(e2e.max()))
+    some = outputs > 0
+    t["tbt_sum"] += float(((finish[some] - first[some]) / outputs[some]).sum())
+    t["tbt_count"] += int(some.sum())
+
+
+def _fold_begun(t: dict, arrival: np.ndarray, first: np.ndarray) -> None:
+    """Add requests whose first token came (by T) to the running totals."""
+    if not len(arrival):
+        return
+    ttft = first - arrival
+    t["started"] += len(arrival)
+    t["ttft_sum"] += float(ttft.sum())
+    t["ttft_max"] = max(t["ttft_max"], float(ttft.max()))
+
+
+def _stream_compiled(engine: Engine, ahead: tuple, source: Iterator, t: dict, fixed: float, drain: bool,
+                     horizon_s: float | None, progress: Callable[[float, int], None] | None) -> float:
+    """The chunks through the compiled core (llmqueue.fastcore), one call per chunk: each call
+    starts with the requests still in the engine and stops where the next arrivals are needed,
+    exactly where the Python fast path asks for them.  Folds as the Python path does; returns T."""
+    empty = np.empty(0)
+    pending = (empty, empty, empty, np.empty(0, np.int64))  # finished, not yet folded: arrival, first, finish, out
+    pend_ends, pend_tokens = empty, np.empty(0, np.int64)
+    carried, last_arrival, base = None, 0.0, 0
+    while True:
+        times, prompts, outputs = ahead
+        ahead = next(source, None)
+        last_arrival = float(times[-1])
+        bound = min(fixed, last_arrival)  # anything finished by an arrival time is finished by T
+        now_done = pending[2] <= bound
+        _fold_done(t, *(a[now_done] for a in pending))
+        _fold_begun(t, pending[0][now_done], pending[1][now_done])
+        pending = tuple(a[~now_done] for a in pending)
+        k = int(np.searchsorted(pend_ends, bound, side="right"))
+        t["batches"] += k
+        t["batch_tokens"] += int(pend_tokens[:k].sum())
+        t["processed"] += int(pend_tokens[:k].sum())
+        pend_ends, pend_tokens = pend_ends[k:], pend_tokens[k:]
+        t["arrived"] += len(times)
+        if progress is not None:
+            progress(last_arrival, t["arrived"])
+        horizon = fixed
+        if not drain and horizon_s is None:  # T = the last arrival: known with the last chunk
+            horizon = last_arrival if ahead is None else math.inf
+        c = fastcore.call(engine, times, prompts, outputs, horizon, rids=np.arange(base, base + len(times)),
+                          carried=carried, stop=ahead is not None)
+        base += len(times)
+        engine.violations += c.violations
+        t["rejected"] += len(c.rejected)
+        done = np.flatnonzero(~np.isnan(c.finish_time))
+        pending = tuple(np.concatenate((p, a[done])) for p, a in zip(
+            pending, (c.arrival_time, c.first_token_time, c.finish_time, c.num_output_tokens), strict=True))
+        pend_ends = np.concatenate((pend_ends, c.batch_end_time))
+        pend_tokens = np.concatenate((pend_tokens, c.batch_tokens))
+        if ahead is None or c.admitted < len(c.rid):  # the last chunk, or the horizon came first
+            break
+        carried = c.carried()
+    T = max(c.now, last_arrival) if drain else (fixed if horizon_s is not None else last_arrival)
+    now_done = pending[2] <= T
+    _fold_done(t, *(a[now_done] for a in pending))
+    inside = np.concatenate((c.pre, c.dec))
+    begun_arrival = np.concatenate((pending[0], c.arrival_time[inside]))
+    begun_first = np.concatenate((pending[1], c.first_token_time[inside]))
+    by_t = begun_first <= T  # NaN (not yet) compares False
+    _fold_begun(t, begun_arrival[by_t], begun_first[by_t])
+    t["batches"] += len(pend_ends)
+    t["batch_tokens"] += int(pend_tokens.sum())
+    t["processed"] += int(pend_tokens[:int(np.searchsorted(pend_ends, T, side="right"))].sum())
+    fastcore.leave_state(engine, c)
+    return T
+
+
+def _summary(engine: Engine, t: dict, T: float, started: float) -> dict:
+    """The summary dict of a streamed run from its running totals (horizon T)."""
     served = t["arrived"] - t["rejected"]
 
     def mean(total: float, count: int) -> float | None:
