@@ -16,8 +16,8 @@ Columns: wall s (generate + simulate + summarise), cpu s (the same span in proce
 steadier than wall time on a shared machine), requests/s and events/s (arrivals + first tokens
 + completions) per wall second, batches, peak MB (the child's maximum resident set).
 Methods: ``fast`` (the default: the compiled core, shown ``fast-c``, or the Python fast path,
-``fast-py``, where the core is not built), ``fast-python``, ``reference``, and ``stream`` (the
-Python fast path without per-request records, llmqueue.stream).
+``fast-py``, where the core is not built), ``fast-python``, ``reference``, and ``stream`` (no
+per-request records, llmqueue.stream: the compiled core where built).
 
     python benchmarks/bench_simulate.py                       # fig1, 100,000 requests, every scheduler
     python benchmarks/bench_simulate.py --requests 1000000 --schedulers sarathi
@@ -104,8 +104,8 @@ def main() -> None:
     p.add_argument("--scenarios", default="fig1", help="comma-separated (default fig1)")
     p.add_argument("--schedulers", default=SCHEDULERS)
     p.add_argument("--method", default="fast",
-                   help="fast (the compiled core where built), fast-python, reference or stream (Python fast path, "
-                        "no per-request records), comma-separated")
+                   help="fast (the compiled core where built), fast-python, reference or stream (no per-request "
+                        "records), comma-separated")
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--load", type=float, default=None, help="fraction of λ* (default: 0.9, or the scenario's own)")
     p.add_argument("--seed", type=int, default=0)

@@ -18,7 +18,8 @@
  * for entries further ahead: `rounds` advances one at a time, so each list is taken exactly at
  * its round, in O(1).
  *
- * Python calls run() once per simulation (fastcore.py prepares the arrays and rebuilds the
+ * Python calls run() once per simulation, or once per chunk of a streamed run, which resumes
+ * with the requests still in the engine (fastcore.py prepares the arrays and rebuilds the
  * engine's state from what it returns).  Ctrl-C is honoured every 65,536 batches.
  */
 #define PY_SSIZE_T_CLEAN

@@ -1,7 +1,7 @@
 """Runs without per-request records: memory that stays flat however many requests (issue 5).
 
-:func:`simulate_stream` draws the requests in chunks, runs them through the fast path
-(:mod:`llmqueue.fastpath`) and folds each finished request and each batch into running totals
+:func:`simulate_stream` draws the requests in chunks, runs them through the fast path (the
+compiled core of :mod:`llmqueue.fastcore`, one call per chunk, or :mod:`llmqueue.fastpath`) and folds each finished request and each batch into running totals
 as it goes, so memory holds only one chunk of arrivals and the requests still in the system.
 It returns counts, throughputs and latency means and maxima (no percentiles, no backlog
 verdict: those need the per-request and per-batch arrays that :func:`~llmqueue.simulator.simulate`
