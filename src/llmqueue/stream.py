@@ -157,14 +157,17 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
     return _summary(engine, t, end_time, started)
 
 
+def _add(t: dict, key: str, values: np.ndarray, count: str) -> None:
+    """Add latencies to the running count ``count`` and to ``key``'s sum and maximum."""
+    if len(values):
+        t[count] += len(values)
+        t[f"{key}_sum"] += float(values.sum())
+        t[f"{key}_max"] = max(t[f"{key}_max"], float(values.max()))
+
+
 def _fold_done(t: dict, arrival: np.ndarray, first: np.ndarray, finish: np.ndarray, outputs: np.ndarray) -> None:
     """Add finished requests (by T) to the running totals."""
-    if not len(arrival):
-        return
-    e2e = finish - arrival
-    t["completed"] += len(arrival)
-    t["e2e_sum"] += float(e2e.sum())
-    t["e2e_max"] = max(t["e2e_max"], float(e2e.max()))
+    _add(t, "e2e", finish - arrival, "completed")
     some = outputs > 0
     t["tbt_sum"] += float(((finish[some] - first[some]) / outputs[some]).sum())
     t["tbt_count"] += int(some.sum())
@@ -172,12 +175,7 @@ def _fold_done(t: dict, arrival: np.ndarray, first: np.ndarray, finish: np.ndarr
 
 def _fold_begun(t: dict, arrival: np.ndarray, first: np.ndarray) -> None:
     """Add requests whose first token came (by T) to the running totals."""
-    if not len(arrival):
-        return
-    ttft = first - arrival
-    t["started"] += len(arrival)
-    t["ttft_sum"] += float(ttft.sum())
-    t["ttft_max"] = max(t["ttft_max"], float(ttft.max()))
+    _add(t, "ttft", first - arrival, "started")
 
 
 def _stream_compiled(engine: Engine, ahead: tuple, source: Iterator, t: dict, fixed: float, drain: bool,
