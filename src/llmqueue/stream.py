@@ -143,18 +143,24 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
         last_arrival = float(times[-1])
         # Anything finished by an arrival time is finished by T (T >= every arrival).
         fold(min(fixed, last_arrival), False)
-        t["arrived"] += len(times)
-        if progress is not None:
-            progress(last_arrival, t["arrived"])
-        horizon = fixed
-        if not drain and horizon_s is None:  # T = the last arrival: known with the last chunk
-            horizon = last_arrival if ahead is None else math.inf
+        horizon = _admit_chunk(t, times, ahead is None, fixed, drain, horizon_s, progress)
         return times.tolist(), prompts.tolist(), outputs.tolist(), horizon
 
     now, _ = run_fast(engine, [], [], [], math.inf, admitted, ends, tokens, None, None, more)
     end_time = max(now, last_arrival) if drain else (fixed if horizon_s is not None else last_arrival)
     fold(end_time, True)
     return _summary(engine, t, end_time, started)
+
+
+def _admit_chunk(t: dict, times: np.ndarray, last: bool, fixed: float, drain: bool, horizon_s: float | None,
+                 progress: Callable[[float, int], None] | None) -> float:
+    """Count a chunk's arrivals, report progress; the horizon for the run from here on."""
+    t["arrived"] += len(times)
+    if progress is not None:
+        progress(float(times[-1]), t["arrived"])
+    if not drain and horizon_s is None:  # T = the last arrival: known with the last chunk
+        return float(times[-1]) if last else math.inf
+    return fixed
 
 
 def _add(t: dict, key: str, values: np.ndarray, count: str) -> None:
@@ -201,12 +207,7 @@ def _stream_compiled(engine: Engine, ahead: tuple, source: Iterator, t: dict, fi
         t["batch_tokens"] += int(pend_tokens[:k].sum())
         t["processed"] += int(pend_tokens[:k].sum())
         pend_ends, pend_tokens = pend_ends[k:], pend_tokens[k:]
-        t["arrived"] += len(times)
-        if progress is not None:
-            progress(last_arrival, t["arrived"])
-        horizon = fixed
-        if not drain and horizon_s is None:  # T = the last arrival: known with the last chunk
-            horizon = last_arrival if ahead is None else math.inf
+        horizon = _admit_chunk(t, times, ahead is None, fixed, drain, horizon_s, progress)
         c = fastcore.call(engine, times, prompts, outputs, horizon, rids=np.arange(base, base + len(times)),
                           carried=carried, stop=ahead is not None)
         base += len(times)
