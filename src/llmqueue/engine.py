@@ -52,7 +52,7 @@ class Engine:
         self.max_batch_requests = max_batch_requests
         self.batch_time = batch_time
         self.state = EngineState(token_budget, max_batch_requests)
-        self._durations = batch_time.table(token_budget)
+        self.durations = batch_time.table(token_budget)  # t_b for 0..budget tokens (index 0 unused)
         self._tokens_only = batch_time.tokens_only
         bind = getattr(scheduler, "bind_batch_time", None)
         if bind is not None:  # a policy that plans by batch time (schedulers/maxweight.py, paper §6)
@@ -102,7 +102,7 @@ class Engine:
             raise InternalError(f"{self.scheduler!r} planned {tokens} tokens with demand {demand}")
         if tokens != bound:
             self.violations += 1
-        end = now + (self._durations[tokens] if self._tokens_only else self.batch_time.plan_seconds(plan))
+        end = now + (self.durations[tokens] if self._tokens_only else self.batch_time.plan_seconds(plan))
         finished = apply_batch(plan.prefill, plan.decode, end)
         state.total_prefill_left -= plan.num_prefill_tokens
         self._requeue(plan, finished)

@@ -59,21 +59,6 @@ def unavailable() -> str | None:
 
 
 @dataclass
-class Ran:
-    """What one compiled run produced (per-request arrays indexed by rid, per-batch arrays)."""
-
-    now: float
-    admitted: int
-    first_token_time: np.ndarray
-    finish_time: np.ndarray
-    rejected: np.ndarray          # bool mask
-    batch_end_time: np.ndarray
-    batch_tokens: np.ndarray
-    detail: np.ndarray | None     # (batches, 7) float64 in simulator.BATCH_COLUMNS order
-    planned: int                  # batches planned in full; the rest ran as decode-only rounds
-
-
-@dataclass
 class Call:
     """One call of the compiled loop.  Per-request arrays are indexed locally (0..n-1); ``rid``
     maps them to request ids.  ``pre`` and ``dec`` are the queues left (local indices, in order)."""
@@ -112,9 +97,11 @@ class Call:
 
 def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray, horizon: float,
          record_batches: bool = False, progress: Callable[[float, int], None] | None = None, *,
-         rids: np.ndarray | None = None, carried: Call | None = None, stop: bool = False) -> Call:
+         rids: np.ndarray | None = None, carried: Call | None = None, stop: bool = False,
+         durations: np.ndarray | None = None) -> Call:
     """Run the compiled loop on these arrivals (after ``carried``'s requests, already in the
-    engine at time ``carried.now``); with ``stop``, return once every arrival is admitted."""
+    engine at time ``carried.now``); with ``stop``, return once every arrival is admitted.
+    ``durations``: ``engine.durations`` as a float64 array, when the caller calls repeatedly."""
     if _core is None:
         raise InternalError(f"compiled core requested but {_why_not}")
     scheduler = engine.scheduler
@@ -144,7 +131,8 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
     try:
         (now, admitted, ps, pe, ds, nd, nrej, in_engine, violations, total_prefill, ends, tokens,
          detail, planned) = _core.run(
-            arrivals, prompts, outputs, np.asarray(engine.batch_time.table(budget), dtype=np.float64),
+            arrivals, prompts, outputs,
+            np.asarray(engine.durations, dtype=np.float64) if durations is None else durations,
             prefill_left, decode_left, first, finish, prefilling, decoding, rejected,
             FAST_POLICIES[type(scheduler)], budget, kmax if kmax is not None else _NO_CAP,
             int(bool(settings.get("split_prompts", True))),
@@ -191,8 +179,9 @@ def count(engine: Engine, c: Call) -> None:
 
 
 def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool,
-        progress: Callable[[float, int], None] | None) -> Ran:
-    """The reference loop of :func:`~llmqueue.simulator.simulate` on the compiled core.
+        progress: Callable[[float, int], None] | None) -> Call:
+    """The reference loop of :func:`~llmqueue.simulator.simulate` on the compiled core; the
+    engine is left as reference stepping leaves it.
 
     ``engine`` must be able to take the fast path (:func:`llmqueue.fastpath.fallback_reason`
     is None) and this installation must have the core (:func:`unavailable` is None).
@@ -201,8 +190,4 @@ def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool
              record_batches, progress)
     leave_state(engine, c)
     count(engine, c)
-    mask = np.zeros(len(c.rid), dtype=bool)
-    mask[c.rejected] = True
-    return Ran(now=c.now, admitted=c.admitted, first_token_time=c.first_token_time, finish_time=c.finish_time,
-               rejected=mask, batch_end_time=c.batch_end_time, batch_tokens=c.batch_tokens, detail=c.detail,
-               planned=c.planned)
+    return c

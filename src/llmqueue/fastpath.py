@@ -190,7 +190,7 @@ def _run_fast(engine: Engine, arrivals: list[float], prompts: list[int], outputs
     kmax = engine.max_batch_requests
     cap = kmax if kmax is not None else _NO_CAP
     most = min(budget, cap)  # decode tokens a decode-first batch can hold
-    durations = engine.batch_time.table(budget)
+    durations = engine.durations
     splits_prompts = engine.scheduler.splits_prompts
     rejected = engine.rejected
 

@@ -89,8 +89,10 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
     if reason is None and in_python is None:
         ran = fastcore.run(engine, requests, horizon, record_batches, progress)
         now, i = ran.now, ran.admitted
+        rejected = np.zeros(n, dtype=bool)
+        rejected[ran.rejected] = True
         result = _result(engine, requests, max(now, last) if drain else horizon, ran.first_token_time,
-                         ran.finish_time, ran.rejected, ran.batch_end_time, ran.batch_tokens, ran.detail)
+                         ran.finish_time, rejected, ran.batch_end_time, ran.batch_tokens, ran.detail)
     else:
         arrivals = requests.arrival_time.tolist()
         prompts = requests.num_prompt_tokens.tolist()

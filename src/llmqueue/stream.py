@@ -193,6 +193,7 @@ def _stream_compiled(engine: Engine, ahead: tuple, source: Iterator, t: dict, fi
     pending = (empty, empty, empty, np.empty(0, np.int64))  # finished, not yet folded: arrival, first, finish, out
     pend_ends, pend_tokens = empty, np.empty(0, np.int64)
     carried, last_arrival, base = None, 0.0, 0
+    durations = np.asarray(engine.durations, dtype=np.float64)  # once, not once per chunk
     while True:
         times, prompts, outputs = ahead
         ahead = next(source, None)
@@ -209,7 +210,7 @@ def _stream_compiled(engine: Engine, ahead: tuple, source: Iterator, t: dict, fi
         pend_ends, pend_tokens = pend_ends[k:], pend_tokens[k:]
         horizon = _admit_chunk(t, times, ahead is None, fixed, drain, horizon_s, progress)
         c = fastcore.call(engine, times, prompts, outputs, horizon, rids=np.arange(base, base + len(times)),
-                          carried=carried, stop=ahead is not None)
+                          carried=carried, stop=ahead is not None, durations=durations)
         base += len(times)
         engine.violations += c.violations
         t["rejected"] += len(c.rejected)
