@@ -7,17 +7,16 @@ scheduler, a number of arrivals and a simulator method.  Scenarios:
                   and 112, staircase batch time, budget 512) at ``--load`` of λ*;
 * ``fig1-out10``  the same with every output 10x longer (mean 1120) and the arrival rate scaled
                   down to keep the load (docs/performance.md: the compiled core's wall time per
-                  request grows about 1.2-1.4x here, the Python fast path's 1.7-2.9x, the
-                  reference's 4-11x);
+                  request grows about 1.2-1.4x here, the reference's 4-11x);
 * any other built-in single-engine scenario name (``theorem2``, ``bursty``, ``point-c``), and
   NAME-out10 for any of them.
 
 Columns: wall s (generate + simulate + summarise), cpu s (the same span in process CPU time:
 steadier than wall time on a shared machine), requests/s and events/s (arrivals + first tokens
 + completions) per wall second, batches, peak MB (the child's maximum resident set).
-Methods: ``fast`` (the default: the compiled core, shown ``fast-c``, or the Python fast path,
-``fast-py``, where the core is not built), ``fast-python``, ``reference``, and ``stream`` (no
-per-request records, llmqueue.stream: the compiled core where built).
+Methods: ``fast`` (the default: the compiled core, shown ``fast-c``, or the reference loop,
+shown ``fallback``, where the core cannot run), ``reference``, and ``stream`` (no per-request
+records, llmqueue.stream: the compiled core where it can run).
 
     python benchmarks/bench_simulate.py                       # fig1, 100,000 requests, every scheduler
     python benchmarks/bench_simulate.py --requests 1000000 --schedulers sarathi
@@ -36,7 +35,7 @@ import subprocess
 import sys
 import time
 
-SCHEDULERS = "fastertransformer,vllm,orca,sarathi,vllm-v1"
+SCHEDULERS = "fastertransformer,vllm,orca,sarathi,vllm-v1,maxweight"
 
 
 def config_for(scenario: str, scheduler: str, requests: int, load: float | None, seed: int, method: str):
@@ -64,7 +63,7 @@ def one(scenario: str, scheduler: str, requests: int, load: float | None, seed: 
     from llmqueue.runner import build_engine, build_workload, run_config
     from llmqueue.stream import request_chunks, simulate_stream
 
-    cfg = config_for(scenario, scheduler, requests, load, seed, "fast-python" if method == "stream" else method)
+    cfg = config_for(scenario, scheduler, requests, load, seed, "fast" if method == "stream" else method)
     t0, c0 = time.perf_counter(), time.process_time()
     if method == "stream":
         s = simulate_stream(build_engine(cfg), request_chunks(build_workload(cfg), seed, num_requests=requests))
@@ -78,8 +77,8 @@ def one(scenario: str, scheduler: str, requests: int, load: float | None, seed: 
         events = (s["arrived"] + int(np.count_nonzero(r.first_token_time <= r.end_time))
                   + int(np.count_nonzero(r.finish_time <= r.end_time)))
         ran = r.meta.get("method", method)
-        if ran == "fast":  # which event-level loop: the compiled core or the Python fast path
-            ran = "fast-c" if r.meta["core"] == "compiled" else "fast-py"
+        if ran == "fast":  # the compiled core ran (else "reference (why)")
+            ran = "fast-c"
     return {"scenario": scenario, "scheduler": scheduler, "method": ran,
             "requests": requests, "load": cfg.workload.get("load"), "wall_s": wall, "cpu_s": cpu, "simulate_s": s["wall_s"],
             "requests_per_s": requests / wall, "events": events, "events_per_s": events / wall,
@@ -93,7 +92,7 @@ HEADER = (f"{'scenario':<14} {'scheduler':<18} {'method':<9} {'requests':>9} {'w
 
 def line(row: dict) -> str:
     method = row["method"].removesuffix(" (selected)")
-    method = method if method in ("fast-c", "fast-py", "reference", "stream") else "fallback"
+    method = method if method in ("fast-c", "reference", "stream") else "fallback"
     return (f"{row['scenario']:<14} {row['scheduler']:<18} {method:<9} {row['requests']:>9} "
             f"{row['wall_s']:>8.2f} {row['cpu_s']:>7.2f} {row['requests_per_s']:>9.0f} {row['events_per_s']:>9.0f} {row['batches']:>9} {row['peak_mb']:>8.0f}  "
             f"{row['verdict']}")
@@ -104,7 +103,7 @@ def main() -> None:
     p.add_argument("--scenarios", default="fig1", help="comma-separated (default fig1)")
     p.add_argument("--schedulers", default=SCHEDULERS)
     p.add_argument("--method", default="fast",
-                   help="fast (the compiled core where built), fast-python, reference or stream (no per-request "
+                   help="fast (the compiled core where it can run), reference or stream (no per-request "
                         "records), comma-separated")
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--load", type=float, default=None, help="fraction of λ* (default: 0.9, or the scenario's own)")
@@ -130,7 +129,7 @@ def main() -> None:
     single = [name for name in SCENARIOS if set(scenario_data(name)) <= {"engine", "workload", "run"}]
     allowed = {"--scenarios": (args.scenarios, [*single, *(f"{s}-out10" for s in single)]),
                "--schedulers": (args.schedulers, list(REGISTERED)),
-               "--method": (args.method, ["fast", "fast-python", "reference", "stream"])}
+               "--method": (args.method, ["fast", "reference", "stream"])}
     for flag, (given, choices) in allowed.items():
         for value in given.split(","):
             if value not in choices:

@@ -116,7 +116,7 @@ def test_each_batch_is_the_max_weight_shape(case):
     trying every load b: the search over a few candidate loads is exact for every model."""
     budget, cap, model, specs = case
     engine = make_engine("maxweight", budget, cap=cap, batch_time=model)
-    seconds = engine.scheduler._seconds
+    seconds = engine.scheduler.load.seconds
     k = cap or budget
 
     def best_score(state):

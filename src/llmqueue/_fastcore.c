@@ -1,14 +1,14 @@
-/* The simulator's compiled event loop (docs/performance.md; PAPER.md §1-3, paper §3.1).
+/* The simulator's compiled event loop (docs/architecture.md, docs/performance.md; paper §3.1).
  *
  * The same batches as Engine.step driven by the reference loop of simulator.simulate, bit for
- * bit, for the scheduler classes of fastpath.FAST_POLICIES with a tokens-only batch-time model.
- * It is a port of fastpath._run_fast (the pure-Python fast path, which stays the fallback) with
- * one difference: it runs one loop turn per batch and does not merge quiet stretches, which a
- * compiled loop does not need (a turn costs tens of nanoseconds).  Batch ends are added one at a
+ * bit, for every scheduler defined as a plan (llmqueue.schedulers.plan) with a tokens-only
+ * batch-time model.  The policy is not written here: run() receives the plan's encoding and
+ * plan_batch() interprets its steps (Decodes, Prefills, Running, Waiting, and the max-weight
+ * load rule) exactly as plan.interpret does on Request objects.  Batch ends are added one at a
  * time (end = now + t_b) as in the reference, so every float matches to the last bit.
  *
  * Requests are indices (rid = arrival order).  Plans are counts: a batch gives one decode token
- * to the n leading decoders (every built-in policy decodes FCFS) plus prefill chunks of the
+ * to the n leading decoders (every plan step serves a prefix of them) plus prefill chunks of the
  * leading prefilling requests.  Lazy decode counts: the leading "head" decoders store the round
  * at which they finish (decode_left = round), so a batch that decodes exactly them adds one to
  * `rounds`; a calendar of (round, rid) entries says who finishes at each round.  Entries are
@@ -28,7 +28,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { SARATHI, ORCA, VLLM, FASTERTRANSFORMER, VLLM_V1 };
+/* Plan steps and load rules: the codes of llmqueue.schedulers.plan (Plan.encode). */
+enum { DECODES = 1, PREFILLS = 2, RUNNING = 3, WAITING = 4 };
+enum { NO_LOAD_RULE = 0, MAX_WEIGHT_LOAD = 1 };
+#define MAX_STEPS 8
+
+typedef struct { int64_t code, exclusive, split, max_chunk, max_running; } PlanStep;
 
 #ifndef LLMQUEUE_FASTCORE_SHA256
 #define LLMQUEUE_FASTCORE_SHA256 "unknown"
@@ -209,8 +214,13 @@ typedef struct {
     /* inputs */
     const double *arrivals; const int64_t *prompts, *outputs; const double *durations;
     Py_ssize_t n_arr;
-    int policy, split, splits_prompts, record;
-    int64_t budget, cap, max_chunk, limit;
+    int splits_prompts, record;
+    int64_t budget, cap;
+    /* the policy: its plan steps and load rule (max-weight: candidate loads, see maxweight.py) */
+    PlanStep steps[MAX_STEPS];
+    int nsteps, load_rule;
+    const int64_t *useful, *breaks;   /* useful == NULL: every load is useful */
+    Py_ssize_t n_useful, n_breaks;
     double horizon, start_now;
     PyObject *progress;
     /* a resumed run (streaming): requests [0, carried) are already in the engine, their queues
@@ -234,66 +244,149 @@ typedef struct {
     size_t turns;  /* planned batches (the rest ran as decode-only rounds) */
 } Out;
 
-/* BatchBuilder.add_prefills as counts: chunks of the leading prompts; returns the room left. */
-static int64_t fcfs_prefills(Loop *L, Py_ssize_t ps, Py_ssize_t pe, int64_t room, int64_t slots, int split,
-                             Py_ssize_t *nch) {
-    for (Py_ssize_t q = ps; q < pe; q++) {
-        if (room == 0 || slots == 0) break;
-        int64_t r = L->pq[q], left = L->pl[r];
-        int64_t c = MIN(left, room);
-        if (c < left && !split) break;
-        L->chunk_rid[*nch] = r;
-        L->chunk_len[(*nch)++] = c;
-        room -= c;
-        slots -= 1;
-        if (c < left) break;
+/* The room and request slots left while a batch is planned, and its pieces so far. */
+typedef struct { int64_t room, slots, n; Py_ssize_t nch; } Build;
+
+/* Prefill chunks of pq[from:pe] in order (plan.Prefills; BatchBuilder.add_prefill): each the whole
+ * prompt left, at most max_chunk, cut to the room when split (else it and those behind it wait). */
+static void prefills(Loop *L, Build *b, Py_ssize_t from, Py_ssize_t pe, int split, int64_t max_chunk) {
+    for (Py_ssize_t q = from; q < pe; q++) {
+        if (b->room == 0 || b->slots == 0) break;
+        int64_t r = L->pq[q], want = MIN(L->pl[r], max_chunk), c = MIN(want, b->room);
+        if (c < want && !split) break;
+        L->chunk_rid[b->nch] = r;
+        L->chunk_len[b->nch++] = c;
+        b->room -= c;
+        b->slots -= 1;
     }
-    return room;
 }
 
-/* VLLMv1.plan as counts (schedulers/vllm_v1.py; fastpath._vllm_v1): returns prefill tokens. */
-static int64_t vllm_v1(Loop *L, Py_ssize_t ps, Py_ssize_t pe, const int64_t *dq, Py_ssize_t nd, int64_t *n_out,
-                       Py_ssize_t *nch) {
-    int64_t budget = L->budget, cap = L->cap;
-    if (ps == pe || ((int64_t)nd >= L->limit && L->pl[L->pq[ps]] == L->prompts[L->pq[ps]])) {
-        *n_out = MIN(MIN((int64_t)nd, budget), cap);
-        return 0;
-    }
-    int64_t room = budget, slots = cap, n = 0, k;
-    Py_ssize_t prev = 0, started = 0, q;
-    for (q = ps; q < pe; q++) {
-        int64_t r = L->pq[q], left = L->pl[r];
-        if (left == L->prompts[r]) break;
-        started++;
+/* The next k leading decoders get a token (BatchBuilder.add_decodes). */
+static inline void decodes(Build *b, int64_t k) {
+    k = MIN(MIN(k, b->room), b->slots);
+    if (k > 0) { b->n += k; b->room -= k; b->slots -= k; }
+}
+
+/* How many prompts at the front of pq[ps:pe] are partly prefilled (vLLM v1's running prompts). */
+static Py_ssize_t started(Loop *L, Py_ssize_t ps, Py_ssize_t pe) {
+    Py_ssize_t q = ps;
+    while (q < pe && L->pl[L->pq[q]] != L->prompts[L->pq[q]]) q++;
+    return q - ps;
+}
+
+/* plan.Running: decoders and started prompts interleaved in admission order (rid). */
+static void running(Loop *L, Build *b, Py_ssize_t ps, Py_ssize_t pe, const int64_t *dq, Py_ssize_t nd,
+                    int64_t max_chunk) {
+    Py_ssize_t prev = 0, count = started(L, ps, pe);
+    for (Py_ssize_t q = ps; q < ps + count; q++) {
+        int64_t r = L->pq[q];
         Py_ssize_t pos = bisect_left(dq, r, prev, nd);
-        k = MIN(MIN((int64_t)(pos - prev), room), slots);
-        if (k > 0) { n += k; room -= k; slots -= k; }
-        if (room && slots) {
-            int64_t c = MIN(MIN(left, L->max_chunk), room);
-            L->chunk_rid[*nch] = r;
-            L->chunk_len[(*nch)++] = c;
-            room -= c;
-            slots -= 1;
+        decodes(b, (int64_t)(pos - prev));
+        if (b->room && b->slots) {
+            int64_t c = MIN(MIN(L->pl[r], max_chunk), b->room);
+            L->chunk_rid[b->nch] = r;
+            L->chunk_len[b->nch++] = c;
+            b->room -= c;
+            b->slots -= 1;
         }
         prev = pos;
     }
-    k = MIN(MIN((int64_t)(nd - prev), room), slots);
-    if (k > 0) { n += k; room -= k; slots -= k; }
-    int64_t running = (int64_t)started + (int64_t)nd;
-    if (room && slots && running < L->limit) {
-        for (q = ps + started; q < pe; q++) {
-            if (room == 0 || slots == 0 || running >= L->limit) break;
-            int64_t r = L->pq[q];
-            int64_t c = MIN(MIN(L->pl[r], L->max_chunk), room);
-            L->chunk_rid[*nch] = r;
-            L->chunk_len[(*nch)++] = c;
-            room -= c;
-            slots -= 1;
-            running += 1;
+    decodes(b, (int64_t)(nd - prev));
+}
+
+/* plan.Waiting: new prompts FCFS while fewer than max_running requests run. */
+static void waiting(Loop *L, Build *b, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int64_t max_chunk,
+                    int64_t max_running) {
+    Py_ssize_t count = started(L, ps, pe);
+    int64_t run = (int64_t)count + (int64_t)nd;
+    for (Py_ssize_t q = ps + count; q < pe; q++) {
+        if (b->room == 0 || b->slots == 0 || run >= max_running) break;
+        int64_t r = L->pq[q], c = MIN(MIN(L->pl[r], max_chunk), b->room);
+        L->chunk_rid[b->nch] = r;
+        L->chunk_len[b->nch++] = c;
+        b->room -= c;
+        b->slots -= 1;
+        run++;
+    }
+}
+
+static inline void consider(Loop *L, int64_t b, int64_t y, int64_t P, int64_t D, double *best, int64_t *load,
+                            int64_t *dec) {
+    double score = (double)(P * (b - y) + D * y) / L->durations[b];
+    if (score > *best || (score == *best && b > *load)) { *best = score; *load = b; *dec = y; }
+}
+
+/* MaxWeightLoad.choose (schedulers/maxweight.py): the load and decode count maximising
+ * (P x + D y) / t_b over the candidate loads of each shape.  P: prefill tokens left, D: decode
+ * tokens left of the decoders. */
+static void max_weight(Loop *L, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int64_t P, int64_t D, int64_t *load,
+                       int64_t *dec) {
+    int64_t budget = L->budget, k = L->cap < NO_CAP ? L->cap : budget;
+    if (!P || !nd) D = 0;
+    int64_t y_all = MIN(MIN((int64_t)nd, k), budget), shapes[2] = {y_all, k - 1};
+    int nshapes = (P && y_all == k) ? 2 : 1;
+    double best = -1.0;
+    *load = 0;
+    *dec = 0;
+    for (int s = 0; s < nshapes; s++) {
+        int64_t y = shapes[s], slots = k - y, room = budget - y, x_cap = 0;
+        if (P && slots && room) {
+            if (slots >= room) {
+                x_cap = MIN(room, P);
+            } else {
+                for (Py_ssize_t q = ps; q < pe && q < ps + slots; q++) {
+                    x_cap += L->pl[L->pq[q]];
+                    if (x_cap >= room) break;
+                }
+                x_cap = MIN(x_cap, room);
+            }
+        }
+        int64_t lo = y > 1 ? y : 1, hi = y + x_cap;
+        if (hi < lo) continue;
+        consider(L, lo, y, P, D, &best, load, dec);
+        consider(L, hi, y, P, D, &best, load, dec);
+        for (Py_ssize_t j = bisect_left(L->breaks, lo, 0, L->n_breaks); j < L->n_breaks && L->breaks[j] <= hi; j++)
+            consider(L, L->breaks[j], y, P, D, &best, load, dec);
+        if (L->useful) {
+            Py_ssize_t j = bisect_left(L->useful, lo, 0, L->n_useful);
+            if (j < L->n_useful && L->useful[j] <= hi) consider(L, L->useful[j], y, P, D, &best, load, dec);
+            j = bisect_left(L->useful, hi + 1, 0, L->n_useful) - 1;
+            if (j >= 0 && L->useful[j] >= lo) consider(L, L->useful[j], y, P, D, &best, load, dec);
         }
     }
-    *n_out = n;
-    return budget - room - n;
+}
+
+/* plan.interpret as counts: the n leading decoders get a token (every step serves a prefix of the
+ * decoding list), plus the chunks in chunk_rid/chunk_len.  Returns the prefill tokens. */
+static int64_t plan_batch(Loop *L, Py_ssize_t ps, Py_ssize_t pe, const int64_t *dq, Py_ssize_t nd, int64_t P,
+                          int64_t D, int64_t *n_out, Py_ssize_t *nch) {
+    Build b = {L->budget, L->cap, 0, 0};
+    int64_t most_decodes = NO_CAP;
+    if (L->load_rule == MAX_WEIGHT_LOAD) max_weight(L, ps, pe, nd, P, D, &b.room, &most_decodes);
+    int64_t load = b.room;
+    for (int k = 0; k < L->nsteps && b.room && b.slots; k++) {
+        const PlanStep *s = &L->steps[k];
+        int stop = 0;
+        switch (s->code) {
+        case DECODES:
+            stop = s->exclusive && nd;
+            decodes(&b, stop ? (int64_t)nd : MIN((int64_t)nd, most_decodes));
+            break;
+        case PREFILLS:
+            stop = s->exclusive && ps < pe;
+            prefills(L, &b, ps, pe, (int)s->split, s->max_chunk);
+            break;
+        case RUNNING:
+            running(L, &b, ps, pe, dq, nd, s->max_chunk);
+            break;
+        default:
+            waiting(L, &b, ps, pe, nd, s->max_chunk, s->max_running);
+        }
+        if (stop) break;
+    }
+    *n_out = b.n;
+    *nch = b.nch;
+    return load - b.room - b.n;
 }
 
 /* Settle fin[0:nfin], the calendar's candidates at round `rounds`: finish those due (they leave
@@ -361,13 +454,17 @@ static int run_loop(Loop *L, Out *o) {
      * removal or insertion moves the shorter side (vLLM v0 piles up thousands of decoders and
      * finishes them at the front).  At most n_arr slides left and n_arr appends: it fits. */
     int64_t *pl = L->pl, *dl = L->dl, *pq = L->pq, *dq = L->dq + L->n_arr + 1;
-    int64_t in_engine = 0, violations = 0, total_prefill = 0, rounds = 0;
+    /* total_decode: decode tokens left of the decoders (the max-weight rule's D) */
+    int64_t in_engine = 0, violations = 0, total_prefill = 0, total_decode = 0, rounds = 0;
     Py_ssize_t i = L->carried, ps = 0, pe = L->n_pre, nd = L->n_dec, head = 0, nrej = 0, n_arr = L->n_arr;
     size_t batches = 0, next_report = 0, turns = 0;
     double now = L->start_now;
     /* Requests carried in: the decoders (true counts) go behind an empty head; the prompts queue. */
     memcpy(dq, L->dq, (size_t)nd * sizeof(int64_t));
-    for (Py_ssize_t j = 0; j < nd; j++) dl[dq[j]] = -dl[dq[j]];
+    for (Py_ssize_t j = 0; j < nd; j++) {
+        total_decode += dl[dq[j]];
+        dl[dq[j]] = -dl[dq[j]];
+    }
     for (Py_ssize_t q = 0; q < pe; q++) total_prefill += pl[pq[q]];
     in_engine = (int64_t)(pe + nd);
 
@@ -396,33 +493,7 @@ static int run_loop(Loop *L, Out *o) {
         /* The plan, as counts: the n leading decoders get a token, plus prefill chunks. */
         turns++;
         Py_ssize_t nch = 0;
-        int64_t n = 0, prefill_tokens = 0, room;
-        switch (L->policy) {
-        case SARATHI:
-            n = MIN((int64_t)nd, most);
-            if (ps < pe)
-                prefill_tokens = budget - n - fcfs_prefills(L, ps, pe, budget - n, cap - n, 1, &nch);
-            break;
-        case ORCA:
-            room = ps < pe ? fcfs_prefills(L, ps, pe, budget, cap, 1, &nch) : budget;
-            prefill_tokens = budget - room;
-            n = MIN(MIN((int64_t)nd, room), cap - (int64_t)nch);
-            break;
-        case VLLM:
-            if (ps < pe)
-                prefill_tokens = budget - fcfs_prefills(L, ps, pe, budget, cap, L->split, &nch);
-            else
-                n = MIN((int64_t)nd, most);
-            break;
-        case FASTERTRANSFORMER:
-            if (nd)
-                n = MIN((int64_t)nd, most);
-            else
-                prefill_tokens = budget - fcfs_prefills(L, ps, pe, budget, cap, L->split, &nch);
-            break;
-        default:
-            prefill_tokens = vllm_v1(L, ps, pe, dq, nd, &n, &nch);
-        }
+        int64_t n = 0, prefill_tokens = plan_batch(L, ps, pe, dq, nd, total_prefill, total_decode, &n, &nch);
         int64_t num_tokens = n + prefill_tokens, demand = total_prefill + (int64_t)nd, bound;
         if (num_tokens < 1 || num_tokens > budget) {
             PyErr_Format(PyExc_RuntimeError, "planned %lld tokens with demand %lld",
@@ -491,6 +562,7 @@ static int run_loop(Loop *L, Out *o) {
             Py_ssize_t gone = settle(L, nfin, rounds, end, &dq, &nd, &head);
             if (gone < 0) return -1;
             in_engine -= gone;
+            total_decode -= n;
         }
         /* The prefill chunks: a completed prompt starts decoding (dq stays sorted by rid). */
         if (nch) {
@@ -520,6 +592,7 @@ static int run_loop(Loop *L, Out *o) {
                 }
                 dq[j] = r;
                 nd++;
+                total_decode += left;
                 if (j <= head) {  /* joins the head: it finishes `left` rounds from now */
                     head++;
                     dl[r] = rounds + left;
@@ -541,18 +614,21 @@ static int run_loop(Loop *L, Out *o) {
         }
         now = end;
         if (emit(L, &batches, &next_report, end, num_tokens, i)) return -1;
-        /* Decode-only batches that decode the whole head, run without replanning: a policy's
-         * plan is then "the min(decoders, most) leading decoders" (every policy with no prompt
-         * waiting; FasterTransformer whenever a request decodes; Sarathi with no room left; vLLM
-         * v1 at max_num_seqs with the next prompt not started).  Until an arrival, the horizon,
-         * or a batch that needs more (a prompt, a delay, the cap's bound), each batch is one
-         * round: its end is now + t_b, and the calendar says who finishes. */
-        while (now < L->horizon && !(i < n_arr && L->arrivals[i] <= now) && in_engine <= cap) {
-            if (ps == pe || L->policy == FASTERTRANSFORMER || (L->policy == SARATHI && (int64_t)nd >= most)
-                || (L->policy == VLLM_V1 && (int64_t)nd >= L->limit && pl[pq[ps]] == L->prompts[pq[ps]]))
+        /* Decode-only rounds.  While the plan is "the n leading decoders" (n >= head) it stays the
+         * same batch until an arrival, the horizon, a finish or the cap's bound (no plan depends
+         * on decode counts, except the max-weight rule's D while prompts wait), so the batches run
+         * as rounds without replanning: each ends at now + t_b and the calendar says who finishes.
+         * With no prompt waiting every plan decodes the min(decoders, most) leading decoders. */
+        int repeat = ps == pe || (nch == 0 && L->load_rule == NO_LOAD_RULE);
+        while (repeat && now < L->horizon && !(i < n_arr && L->arrivals[i] <= now) && in_engine <= cap) {
+            if (ps == pe) {
                 n = MIN((int64_t)nd, most);
-            else
-                break;
+            } else {
+                Py_ssize_t k = 0;
+                if (L->load_rule != NO_LOAD_RULE || plan_batch(L, ps, pe, dq, nd, total_prefill, total_decode, &n, &k)
+                    || k)
+                    break;
+            }
             if (n == 0 || n < head) break;
             for (; head < n; head++) {
                 int64_t r = dq[head], key = rounds - dl[r];
@@ -599,6 +675,7 @@ static int run_loop(Loop *L, Out *o) {
                 }
             }
             violations += (int64_t)m * (n != bound);
+            total_decode -= (int64_t)m * n;
             L->ends.size += m * sizeof(double);
             L->tokens.size += m * sizeof(int64_t);
             if (d) L->detail.size += m * 7 * sizeof(double);
@@ -629,10 +706,12 @@ static int check(Py_buffer *b, const char *name, Py_ssize_t items, Py_ssize_t it
 
 PyDoc_STRVAR(run_doc,
 "run(arrivals, prompts, outputs, durations, prefill_left, decode_left, first, finish, prefilling,\n"
-"    decoding, rejected, policy, budget, cap, split, max_chunk, limit, splits_prompts, horizon,\n"
+"    decoding, rejected, plan, useful, breaks, budget, cap, has_useful, splits_prompts, horizon,\n"
 "    record, progress, ring, start_now, carried, n_pre, n_dec, stop)\n"
 "--\n\n"
-"One simulation on the compiled loop (see llmqueue.fastcore, which calls it).  Returns (now, i,\n"
+"One simulation on the compiled loop (see llmqueue.fastcore, which calls it).  plan is the policy's\n"
+"Plan.encode() as int64 (llmqueue.schedulers.plan); useful and breaks are the max-weight load\n"
+"rule's candidate loads (int64; has_useful false: every load is useful).  Returns (now, i,\n"
 "pre_start, pre_end, dec_start, num_decoding, num_rejected, in_engine, violations, total_prefill,\n"
 "ends, tokens, detail, planned) where ends/tokens/detail are bytearrays of float64/int64/7xfloat64\n"
 "per batch and planned counts the batches planned in full (the rest ran as decode-only rounds).\n"
@@ -643,18 +722,18 @@ PyDoc_STRVAR(run_doc,
 
 static PyObject *run(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer b[11];
-    int policy, split, splits_prompts, record;
-    long long budget, cap, max_chunk, limit;
+    Py_buffer b[14];
+    int has_useful, splits_prompts, record;
+    long long budget, cap;
     double horizon, start_now;
     PyObject *progress;
     long long ring;
     Py_ssize_t carried, n_pre, n_dec;
     int stop;
     memset(b, 0, sizeof(b));
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*iLLiLLpdpOLdnnnp:run",
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*y*y*y*LLppdpOLdnnnp:run",
                           &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10],
-                          &policy, &budget, &cap, &split, &max_chunk, &limit, &splits_prompts, &horizon,
+                          &b[11], &b[12], &b[13], &budget, &cap, &has_useful, &splits_prompts, &horizon,
                           &record, &progress, &ring, &start_now, &carried, &n_pre, &n_dec, &stop))
         return NULL;
     PyObject *result = NULL;
@@ -668,9 +747,33 @@ static PyObject *run(PyObject *self, PyObject *args) {
         || check(&b[5], "decode_left", n, 8) || check(&b[6], "first", n, 8) || check(&b[7], "finish", n, 8)
         || check(&b[8], "prefilling", n, 8) || check(&b[9], "decoding", 2 * n + 2, 8) || check(&b[10], "rejected", n, 8))
         goto done;
-    if (policy < SARATHI || policy > VLLM_V1 || budget < 1 || cap < 1 || max_chunk < 1 || limit < 1) {
-        PyErr_SetString(PyExc_ValueError, "bad policy parameters");
+    if (budget < 1 || cap < 1 || b[11].len % 8 || b[12].len % 8 || b[13].len % 8) {
+        PyErr_SetString(PyExc_ValueError, "bad engine parameters");
         goto done;
+    }
+    {   /* the plan: load rule, step count, then 5 ints a step (Plan.encode) */
+        const int64_t *plan = b[11].buf;
+        Py_ssize_t words = b[11].len / 8;
+        if (words < 2 || plan[0] < NO_LOAD_RULE || plan[0] > MAX_WEIGHT_LOAD || plan[1] < 1 || plan[1] > MAX_STEPS
+            || words != 2 + 5 * plan[1]) {
+            PyErr_SetString(PyExc_ValueError, "bad plan encoding");
+            goto done;
+        }
+        L.load_rule = (int)plan[0];
+        L.nsteps = (int)plan[1];
+        for (int k = 0; k < L.nsteps; k++) {
+            const int64_t *w = plan + 2 + 5 * k;
+            PlanStep st = {w[0], w[1], w[2], w[3], w[4]};
+            if (st.code < DECODES || st.code > WAITING || st.max_chunk < 1 || st.max_running < 1) {
+                PyErr_SetString(PyExc_ValueError, "bad plan step");
+                goto done;
+            }
+            L.steps[k] = st;
+        }
+        L.useful = has_useful ? b[12].buf : NULL;
+        L.n_useful = b[12].len / 8;
+        L.breaks = b[13].buf;
+        L.n_breaks = b[13].len / 8;
     }
     if (carried < 0 || carried > n || n_pre < 0 || n_dec < 0 || n_pre + n_dec > carried) {
         PyErr_SetString(PyExc_ValueError, "bad carried requests");
@@ -683,8 +786,8 @@ static PyObject *run(PyObject *self, PyObject *args) {
     L.arrivals = b[0].buf; L.prompts = b[1].buf; L.outputs = b[2].buf; L.durations = b[3].buf;
     L.pl = b[4].buf; L.dl = b[5].buf; L.first = b[6].buf; L.finish = b[7].buf;
     L.pq = b[8].buf; L.dq = b[9].buf; L.rej = b[10].buf;
-    L.n_arr = n; L.policy = policy; L.split = split; L.splits_prompts = splits_prompts; L.record = record;
-    L.budget = budget; L.cap = cap; L.max_chunk = max_chunk; L.limit = limit; L.horizon = horizon;
+    L.n_arr = n; L.splits_prompts = splits_prompts; L.record = record;
+    L.budget = budget; L.cap = cap; L.horizon = horizon;
     L.start_now = start_now; L.carried = carried; L.n_pre = n_pre; L.n_dec = n_dec; L.stop = stop;
     L.progress = progress;
     L.ends.python = L.tokens.python = L.detail.python = 1;
@@ -714,7 +817,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
 done:
     free(L.chunk_rid); free(L.chunk_len); free(L.tmp); free(L.cal.slot); free(L.cal.node_rid); free(L.cal.node_next); free(L.cal.far.a);
     buf_free(&L.fin); buf_free(&L.ends); buf_free(&L.tokens); buf_free(&L.detail);
-    for (int k = 0; k < 11; k++)
+    for (int k = 0; k < 14; k++)
         if (b[k].obj) PyBuffer_Release(&b[k]);
     return result;
 }

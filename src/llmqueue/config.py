@@ -8,7 +8,7 @@ A config has three tables (all keys optional, defaults are the paper's Fig. 1 se
   load (a fraction of Theorem 2's λ*), cv (gamma), trace options, and the
   ``[workload.prompt]`` / ``[workload.output]`` length distributions;
 * ``[run]``     horizon_s or requests, seed, drain, record_batches, verdict_tolerance, method
-  (``fast``: the event-level fast path, or ``reference``: one engine step per batch).
+  (``fast``: the compiled core where it can run, or ``reference``: one engine step per batch).
 
 Every error names the dotted field, the value and what is allowed.
 """

@@ -1,11 +1,10 @@
 """The simulator's compiled event loop: the Python side (docs/performance.md; paper §3.1).
 
-``_fastcore.c`` is a C port of the pure-Python fast path (:mod:`llmqueue.fastpath`): the same
-batches as the reference loop, bit for bit, for the scheduler classes of
-:data:`~llmqueue.fastpath.FAST_POLICIES` with a tokens-only batch-time model, at tens of
-nanoseconds per batch.  It is built at install time when a C compiler is present (setup.py);
+``_fastcore.c`` runs the same batches as the reference loop, bit for bit, for every scheduler
+defined as a plan (:mod:`llmqueue.schedulers.plan`: it interprets the plan's encoding) with a
+tokens-only batch-time model, at tens of nanoseconds per batch.  It is built at install time when a C compiler is present (setup.py);
 without it, or when the build is older than the source, :func:`unavailable` says why and the
-simulator takes the pure-Python fast path instead (identical results, slower).
+simulator runs the reference loop instead (:mod:`llmqueue.loop`: identical results, slower).
 
 This module turns a :class:`~llmqueue.workload.Requests` into the arrays the loop works on and
 rebuilds the engine's state (queues, counters, rejected requests) from what it returns, so the
@@ -25,11 +24,11 @@ import numpy as np
 
 from llmqueue.engine import Engine
 from llmqueue.errors import InternalError
-from llmqueue.fastpath import FAST_POLICIES
+from llmqueue.schedulers import Scheduler
+from llmqueue.schedulers.plan import NO_LIMIT
 from llmqueue.request import Request
 from llmqueue.workload import Requests
 
-_NO_CAP = 1 << 62
 #: The calendar ring's largest size (rounds ahead kept in O(1) lists; further ones go to a heap):
 #: 8 MB at most.  Tests shrink it to exercise the heap.
 RING = 1 << 20
@@ -50,11 +49,32 @@ def _load() -> tuple[object | None, str | None]:
 
 _core, _why_not = _load()
 if _why_not is not None and "older" in _why_not:  # a developer edited the C source: say so once
-    warnings.warn(f"llmqueue: {_why_not}; using the slower Python fast path", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"llmqueue: {_why_not}; using the slower reference loop", RuntimeWarning, stacklevel=2)
 
 
 def unavailable() -> str | None:
     """Why the compiled loop cannot be used in this installation (None: it can)."""
+    return _why_not
+
+
+_said: set[str] = set()
+
+
+def reason(engine: Engine) -> str | None:
+    """Why ``engine`` cannot run on the compiled core (None: it can).  A scheduler that plans in
+    Python (it overrides ``plan()`` instead of composing a plan) is said once per scheduler name."""
+    scheduler = engine.scheduler
+    if scheduler.program is None or type(scheduler).plan is not Scheduler.plan:
+        why = f"scheduler {scheduler.name!r} plans in Python (plan() instead of a composed Plan)"
+        if scheduler.name not in _said and not getattr(scheduler, "quiet", False):
+            _said.add(scheduler.name)
+            warnings.warn(f"llmqueue: {why}: it runs on the reference interpreter, not the compiled core",
+                          RuntimeWarning, stacklevel=3)
+        return why
+    if not engine.batch_time.tokens_only:
+        return f"batch time {engine.batch_time.name!r} depends on more than the token load"
+    if engine.num_in_engine or engine.rejected or engine.violations:
+        return "the engine already holds requests"
     return _why_not
 
 
@@ -105,7 +125,10 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
     if _core is None:
         raise InternalError(f"compiled core requested but {_why_not}")
     scheduler = engine.scheduler
-    settings = scheduler.settings
+    plan = np.asarray(scheduler.program.encode(), dtype=np.int64)
+    load = scheduler.load
+    useful = np.asarray(getattr(load, "useful", None) or [], dtype=np.int64)
+    breaks = np.asarray(getattr(load, "breaks", None) or [], dtype=np.int64)
     budget = engine.token_budget
     kmax = engine.max_batch_requests
     k = 0 if carried is None else len(carried.rid)
@@ -134,10 +157,8 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
             arrivals, prompts, outputs,
             np.asarray(engine.durations, dtype=np.float64) if durations is None else durations,
             prefill_left, decode_left, first, finish, prefilling, decoding, rejected,
-            FAST_POLICIES[type(scheduler)], budget, kmax if kmax is not None else _NO_CAP,
-            int(bool(settings.get("split_prompts", True))),
-            settings.get("long_prefill_token_threshold", 0) or _NO_CAP,
-            settings.get("max_num_seqs", _NO_CAP), bool(scheduler.splits_prompts), float(horizon),
+            plan, useful, breaks, budget, kmax if kmax is not None else NO_LIMIT,
+            getattr(load, "useful", None) is not None, bool(scheduler.splits_prompts), float(horizon),
             bool(record_batches), progress, RING, 0.0 if carried is None else carried.now, k, n_pre, n_dec, stop)
     except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
         raise InternalError(f"{scheduler!r} {exc}") from exc
@@ -183,8 +204,7 @@ def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool
     """The reference loop of :func:`~llmqueue.simulator.simulate` on the compiled core; the
     engine is left as reference stepping leaves it.
 
-    ``engine`` must be able to take the fast path (:func:`llmqueue.fastpath.fallback_reason`
-    is None) and this installation must have the core (:func:`unavailable` is None).
+    ``engine`` must be able to run on the core (:func:`reason` is None).
     """
     c = call(engine, requests.arrival_time, requests.num_prompt_tokens, requests.num_output_tokens, horizon,
              record_batches, progress)

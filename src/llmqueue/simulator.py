@@ -8,8 +8,9 @@ itself draws no random numbers.
 Horizon: a run stops at the first batch boundary at or after ``horizon_s`` (requests still
 inside are counted as in system), or with ``drain`` once every request has finished.
 
-Two loops give identical results (docs/performance.md): the reference, one
-:meth:`Engine.step` per batch, and the default event-level fast path (:mod:`llmqueue.fastpath`).
+Two loops give identical results (docs/architecture.md): the compiled core (:mod:`llmqueue.fastcore`,
+the default) and the reference loop (:mod:`llmqueue.loop`, one :meth:`Engine.step` per batch),
+which runs where the core cannot.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from llmqueue import fastcore
 from llmqueue.engine import Engine
 from llmqueue.errors import ConfigError
-from llmqueue.fastpath import fallback_reason, run_fast
+from llmqueue.loop import run_reference
 from llmqueue.request import Request
 from llmqueue.workload import Requests
 
@@ -56,7 +57,7 @@ class Result:
         return len(self.batch_end_time)
 
 
-METHODS = ("fast", "fast-python", "reference")
+METHODS = ("fast", "reference")
 
 
 def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = None, drain: bool = False,
@@ -66,12 +67,11 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
 
     Without ``horizon_s`` and ``drain`` the run ends at the last arrival.  ``progress``
     is called now and then with (simulated time, requests admitted).  ``method`` picks the
-    loop, all three giving identical results: ``"fast"`` (the event-level fast path, on the
-    compiled core of :mod:`llmqueue.fastcore` where it is built, else in Python), ``"fast-python"``
-    (the event-level fast path of :mod:`llmqueue.fastpath`, in Python) or ``"reference"`` (one
-    :meth:`Engine.step` per batch).  A scheduler or batch-time model the fast path does not cover
-    takes the reference loop.  ``Result.meta["method"]`` says which loop ran ("fast" or
-    "reference (why)") and ``meta["core"]`` which fast path ("compiled", or "python" and why).
+    loop, both giving identical results: ``"fast"`` (the compiled core of :mod:`llmqueue.fastcore`
+    where it can run: it is built, the scheduler is a composed plan and the batch time depends on
+    the token load only; else the reference loop) or ``"reference"`` (one :meth:`Engine.step` per
+    batch, :mod:`llmqueue.loop`).  ``Result.meta["method"]`` says which loop ran ("fast" or
+    "reference (why)") and ``meta["core"]`` which interpreter ("compiled" or "reference").
     """
     if method not in METHODS:
         raise ConfigError("run.method", method, f"one of {', '.join(METHODS)}")
@@ -84,9 +84,8 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
         horizon = float(horizon_s)
     else:
         horizon = last
-    reason = fallback_reason(engine) if method != "reference" else "selected"  # None: a fast path
-    in_python = None if reason is not None else "selected" if method == "fast-python" else fastcore.unavailable()
-    if reason is None and in_python is None:
+    reason = fastcore.reason(engine) if method != "reference" else "selected"  # None: the compiled core
+    if reason is None:
         ran = fastcore.run(engine, requests, horizon, record_batches, progress)
         now, i = ran.now, ran.admitted
         rejected = np.zeros(n, dtype=bool)
@@ -94,15 +93,12 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
         result = _result(engine, requests, max(now, last) if drain else horizon, ran.first_token_time,
                          ran.finish_time, rejected, ran.batch_end_time, ran.batch_tokens, ran.detail)
     else:
-        arrivals = requests.arrival_time.tolist()
-        prompts = requests.num_prompt_tokens.tolist()
-        outputs = requests.num_output_tokens.tolist()
         admitted: list[Request] = []
         ends: list[float] = []
         tokens: list[int] = []
         detail: list[tuple] | None = [] if record_batches else None
-        loop = run_fast if reason is None else _run_reference
-        now, i = loop(engine, arrivals, prompts, outputs, horizon, admitted, ends, tokens, detail, progress)
+        now, i = run_reference(engine, requests.arrival_time.tolist(), requests.num_prompt_tokens.tolist(),
+                               requests.num_output_tokens.tolist(), horizon, admitted, ends, tokens, detail, progress)
         first, finish = request_times(admitted, n)
         rejected = np.zeros(n, dtype=bool)
         rejected[[r.rid for r in engine.rejected]] = True
@@ -111,47 +107,10 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
                          None if detail is None else np.array(detail, dtype=float).reshape(-1, len(BATCH_COLUMNS)))
     result.wall_s = _time.perf_counter() - started
     result.meta["method"] = "fast" if reason is None else f"reference ({reason})"
-    if reason is None:
-        result.meta["core"] = "compiled" if in_python is None else f"python ({in_python})"
+    result.meta["core"] = "compiled" if reason is None else "reference"
     if progress is not None:
         progress(now, i)
     return result
-
-
-def _run_reference(engine: Engine, arrivals: list[float], prompts: list[int], outputs: list[int], horizon: float,
-                   admitted: list[Request], ends: list[float], tokens: list[int], detail: list | None,
-                   progress: Callable[[float, int], None] | None) -> tuple[float, int]:
-    """The straightforward loop: one :meth:`Engine.step` per batch (the reference for the fast path)."""
-    n = len(arrivals)
-    now, i = 0.0, 0
-    step = engine.step
-    next_report = 0
-    while True:
-        # Admit every arrival up to this batch boundary.
-        while i < n and arrivals[i] <= now:
-            request = Request(i, arrivals[i], prompts[i], outputs[i])
-            admitted.append(request)
-            engine.admit(request)
-            i += 1
-        if not engine.has_work:
-            if i >= n or arrivals[i] > horizon:
-                break
-            now = arrivals[i]
-            continue
-        if now >= horizon:
-            break
-        s = step(now)
-        now = s.end_time
-        ends.append(now)
-        tokens.append(s.plan.num_tokens)
-        if detail is not None:
-            plan = s.plan
-            detail.append((s.start_time, now, plan.num_prefill_tokens, len(plan.decode),
-                           plan.num_requests, s.demand, s.bound))
-        if progress is not None and len(ends) >= next_report:
-            progress(now, i)
-            next_report = len(ends) + 2000
-    return now, i
 
 
 def request_times(admitted: Sequence[Request], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 """Runs without per-request records: memory that stays flat however many requests (issue 5).
 
-:func:`simulate_stream` draws the requests in chunks, runs them through the fast path (the
-compiled core of :mod:`llmqueue.fastcore`, one call per chunk, or :mod:`llmqueue.fastpath`) and folds each finished request and each batch into running totals
+:func:`simulate_stream` draws the requests in chunks, runs them through the engine (the
+compiled core of :mod:`llmqueue.fastcore`, one call per chunk, or the reference loop of
+:mod:`llmqueue.loop`) and folds each finished request and each batch into running totals
 as it goes, so memory holds only one chunk of arrivals and the requests still in the system.
 It returns counts, throughputs and latency means and maxima (no percentiles, no backlog
 verdict: those need the per-request and per-batch arrays that :func:`~llmqueue.simulator.simulate`
@@ -9,7 +10,7 @@ keeps).
 
 The chunks are the requests :meth:`Workload.generate` draws for the same seed: arrival times
 restart their cumulative sum from the last time (the same sequential additions), and numpy's
-samplers give the same values drawn in pieces as in one call (tests/test_fastpath.py checks every
+samplers give the same values drawn in pieces as in one call (tests/test_core.py checks every
 arrival process with Poisson, geometric, fixed, log-normal and uniform lengths); a replayed trace
 is sliced.
 """
@@ -26,7 +27,7 @@ import numpy as np
 from llmqueue import fastcore
 from llmqueue.engine import Engine
 from llmqueue.errors import ConfigError
-from llmqueue.fastpath import fallback_reason, run_fast
+from llmqueue.loop import run_reference
 from llmqueue.request import Request
 from llmqueue.workload import DeterministicArrivals, Trace, Workload
 
@@ -82,15 +83,14 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
     Horizons as :func:`~llmqueue.simulator.simulate`: ``horizon_s``, ``drain``, or (neither)
     the last arrival.  Counts (arrived, completed, rejected, batches, violations) and token
     throughput equal those of :func:`~llmqueue.metrics.summarize` on the same run; the latency
-    means agree up to the order of floating-point summation.  Only engines with a fast path stream.
+    means agree up to the order of floating-point summation.
     ``engine.rejected`` is emptied as it is counted.  ``progress`` is called once per chunk with
     (the chunk's last arrival time, requests drawn so far).  The chunks run on the compiled core
-    where it is built (``compiled=False``: the Python fast path); both give the same totals.
+    where it can run (:func:`llmqueue.fastcore.reason`; ``compiled=False``: the reference loop);
+    both give the same totals.
     """
-    reason = fallback_reason(engine)
-    if reason is not None:
-        raise ConfigError("engine.scheduler", engine.scheduler.name,
-                          f"a scheduler and batch time with a fast path for a run without records ({reason})")
+    if engine.num_in_engine or engine.rejected or engine.violations:
+        raise ConfigError("engine", "an engine that already holds requests", "a fresh engine for a streamed run")
     started = _time.perf_counter()
     t = {"arrived": 0, "completed": 0, "rejected": 0, "batches": 0, "batch_tokens": 0, "processed": 0,
          "started": 0, "ttft_sum": 0.0, "ttft_max": 0.0, "e2e_sum": 0.0, "e2e_max": 0.0, "tbt_sum": 0.0,
@@ -103,7 +103,7 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
     ahead = next(source, None)
     if ahead is None:
         raise ConfigError("run.requests", 0, "at least one request")
-    if fastcore.unavailable() is None and compiled:
+    if compiled and fastcore.reason(engine) is None:
         T = _stream_compiled(engine, ahead, source, t, fixed, drain, horizon_s, progress)
         return _summary(engine, t, T, started)
     last_arrival = 0.0
@@ -146,7 +146,7 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
         horizon = _admit_chunk(t, times, ahead is None, fixed, drain, horizon_s, progress)
         return times.tolist(), prompts.tolist(), outputs.tolist(), horizon
 
-    now, _ = run_fast(engine, [], [], [], math.inf, admitted, ends, tokens, None, None, more)
+    now, _ = run_reference(engine, [], [], [], math.inf, admitted, ends, tokens, None, None, more)
     end_time = max(now, last_arrival) if drain else (fixed if horizon_s is not None else last_arrival)
     fold(end_time, True)
     return _summary(engine, t, end_time, started)
@@ -188,7 +188,7 @@ def _stream_compiled(engine: Engine, ahead: tuple, source: Iterator, t: dict, fi
                      horizon_s: float | None, progress: Callable[[float, int], None] | None) -> float:
     """The chunks through the compiled core (llmqueue.fastcore), one call per chunk: each call
     starts with the requests still in the engine and stops where the next arrivals are needed,
-    exactly where the Python fast path asks for them.  Folds as the Python path does; returns T."""
+    exactly where the reference loop asks for them.  Folds as the reference path does; returns T."""
     empty = np.empty(0)
     pending = (empty, empty, empty, np.empty(0, np.int64))  # finished, not yet folded: arrival, first, finish, out
     pend_ends, pend_tokens = empty, np.empty(0, np.int64)

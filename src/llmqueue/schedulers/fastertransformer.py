@@ -5,8 +5,8 @@ request, FCFS, up to the budget) and prefills wait; otherwise a prefill-only bat
 Not work-conserving.
 """
 
-from llmqueue.batch import BatchPlan
-from llmqueue.schedulers.base import SPLIT_OPTION, EngineState, Scheduler
+from llmqueue.schedulers.base import SPLIT_OPTION, Scheduler
+from llmqueue.schedulers.plan import Decodes, Plan, Prefills
 
 
 class FasterTransformer(Scheduler):
@@ -15,10 +15,5 @@ class FasterTransformer(Scheduler):
     work_conserving = False
     options = {"split_prompts": SPLIT_OPTION}
 
-    def plan(self, state: EngineState) -> BatchPlan:
-        batch = state.builder()
-        if state.decoding:
-            batch.add_decodes(state.decoding)
-        else:
-            batch.add_prefills(state.prefilling, self.settings["split_prompts"])
-        return batch.build()
+    def compose(self) -> Plan:
+        return Plan((Decodes(exclusive=True), Prefills(split=self.settings["split_prompts"])))

@@ -27,8 +27,10 @@ the plateau ends next to them or at a break of that polyline; a t_b that decreas
 linear in b, so the search is exact (a property test checks it against every load) and looks
 at a handful of loads per batch.
 
-Not work-conserving (Eq. 8): it leaves budget unused on purpose.  It needs the engine's
-batch-time model; :class:`~llmqueue.engine.Engine` passes it through :meth:`bind_batch_time`.
+As a plan: the load rule :class:`MaxWeightLoad` chooses the batch's load b and its number of
+decodes y, then the steps (decodes FCFS, at most y; prefill chunks FCFS, split) fill it.
+Not work-conserving (Eq. 8): it leaves budget unused on purpose.  The load rule needs the
+engine's batch-time model; :class:`~llmqueue.engine.Engine` binds it at construction.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from operator import attrgetter
 
 import numpy as np
 
-from llmqueue.batch import BatchBuilder, BatchPlan
 from llmqueue.errors import InternalError
 from llmqueue.schedulers.base import EngineState, Scheduler
+from llmqueue.schedulers.plan import MAX_WEIGHT_LOAD, Decodes, LoadRule, Plan, Prefills
 
 _TOLERANCE = 1e-9
 _DECODE_LEFT = attrgetter("decode_left")
@@ -56,17 +58,12 @@ def _breaks(u: np.ndarray, s: np.ndarray) -> np.ndarray:
     return keep
 
 
-class MaxWeight(Scheduler):
-    name = "maxweight"
-    summary = "decode first; batch load chosen by max-weight over the cap's 2-D region (paper §6)"
-    work_conserving = False
+class MaxWeightLoad(LoadRule):
+    """The max-weight load rule, bound to an engine's batch time (see the module doc)."""
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self._seconds: list[float] | None = None
-        self._budget = 0
+    code = MAX_WEIGHT_LOAD
 
-    def bind_batch_time(self, batch_time, token_budget: int) -> None:
+    def __init__(self, batch_time, token_budget: int) -> None:
         """Learn t_b for b = 1..token_budget and the candidate loads (see the module doc)."""
         t = np.asarray(batch_time.table(token_budget)[1:])
         b = np.arange(1, token_budget + 1)
@@ -78,14 +75,14 @@ class MaxWeight(Scheduler):
             # t decreases somewhere (a measured table): which larger load is as fast depends on the
             # range, so keep every load; t is still piecewise linear, so the breaks stay few.
             useful = b
-        self._seconds = [0.0, *t.tolist()]
-        self._useful = useful.tolist() if len(useful) < len(b) else None
-        self._breaks = useful[_breaks(useful / t[useful - 1], 1.0 / t[useful - 1])].tolist()
-        self._budget = token_budget
+        self.seconds = [0.0, *t.tolist()]
+        self.useful = useful.tolist() if len(useful) < len(b) else None   # None: every load is useful
+        self.breaks = useful[_breaks(useful / t[useful - 1], 1.0 / t[useful - 1])].tolist()
+        self.budget = token_budget
 
     def _loads(self, lo: int, hi: int) -> set[int]:
         """Candidate loads in [lo, hi]: both ends, the useful loads next to them, the breaks."""
-        useful, breaks = self._useful, self._breaks
+        useful, breaks = self.useful, self.breaks
         out = {lo, hi}
         out.update(breaks[bisect_left(breaks, lo):bisect_right(breaks, hi)])
         if useful is None:   # every load is useful
@@ -98,10 +95,11 @@ class MaxWeight(Scheduler):
             out.add(useful[j])
         return out
 
-    def plan(self, state: EngineState) -> BatchPlan:
-        if self._seconds is None or self._budget != state.token_budget:
-            raise InternalError("maxweight needs the engine's batch-time model (Engine binds it at construction)")
-        seconds = self._seconds
+    def choose(self, state: EngineState) -> tuple[int, int]:
+        """(token load, decode tokens) of the max-weight batch shape for ``state``."""
+        if self.budget != state.token_budget:
+            raise InternalError("maxweight's load rule is bound to another token budget")
+        seconds = self.seconds
         budget = state.token_budget
         k = state.max_batch_requests or budget   # no cap: a batch never holds more than b_max requests
         decoding, prefilling = state.decoding, state.prefilling
@@ -134,7 +132,13 @@ class MaxWeight(Scheduler):
                 if score > best[0] or (score == best[0] and b > best[1]):
                     best = (score, b, y)
         _, load, y = best
-        batch = BatchBuilder(load, state.max_batch_requests)
-        batch.add_decodes(decoding, limit=y)
-        batch.add_prefills(prefilling, split=True)
-        return batch.build()
+        return load, y
+
+
+class MaxWeight(Scheduler):
+    name = "maxweight"
+    summary = "decode first; batch load chosen by max-weight over the cap's 2-D region (paper §6)"
+    work_conserving = False
+
+    def compose(self) -> Plan:
+        return Plan((Decodes(), Prefills(split=True)), load=MaxWeightLoad)

@@ -5,8 +5,8 @@ full), then give one decode token per decoding request in the room left (FCFS).
 Work-conserving: the chunking is what makes every batch hold min(b_max, demand) tokens.
 """
 
-from llmqueue.batch import BatchPlan
-from llmqueue.schedulers.base import EngineState, Scheduler
+from llmqueue.schedulers.base import Scheduler
+from llmqueue.schedulers.plan import Decodes, Plan, Prefills
 
 
 class Orca(Scheduler):
@@ -14,8 +14,5 @@ class Orca(Scheduler):
     summary = "prefill first, mixed batches"
     work_conserving = True
 
-    def plan(self, state: EngineState) -> BatchPlan:
-        batch = state.builder()
-        batch.add_prefills(state.prefilling, split=True)
-        batch.add_decodes(state.decoding)
-        return batch.build()
+    def compose(self) -> Plan:
+        return Plan((Prefills(split=True), Decodes()))

@@ -4,8 +4,8 @@ One decode token for every decoding request (FCFS), then fill the room left with
 chunks, oldest request first, as few requests as possible.  Work-conserving and K-FCFS.
 """
 
-from llmqueue.batch import BatchPlan
-from llmqueue.schedulers.base import EngineState, Scheduler
+from llmqueue.schedulers.base import Scheduler
+from llmqueue.schedulers.plan import Decodes, Plan, Prefills
 
 
 class Sarathi(Scheduler):
@@ -13,8 +13,5 @@ class Sarathi(Scheduler):
     summary = "decode first, mixed batches, chunked prefill"
     work_conserving = True
 
-    def plan(self, state: EngineState) -> BatchPlan:
-        batch = state.builder()
-        batch.add_decodes(state.decoding)
-        batch.add_prefills(state.prefilling, split=True)
-        return batch.build()
+    def compose(self) -> Plan:
+        return Plan((Decodes(), Prefills(split=True)))

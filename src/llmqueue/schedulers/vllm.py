@@ -5,8 +5,8 @@ as fit) and decodes wait; otherwise a decode-only batch, one token per decoding 
 Not work-conserving.
 """
 
-from llmqueue.batch import BatchPlan
-from llmqueue.schedulers.base import SPLIT_OPTION, EngineState, Scheduler
+from llmqueue.schedulers.base import SPLIT_OPTION, Scheduler
+from llmqueue.schedulers.plan import Decodes, Plan, Prefills
 
 
 class VanillaVLLM(Scheduler):
@@ -15,10 +15,5 @@ class VanillaVLLM(Scheduler):
     work_conserving = False
     options = {"split_prompts": SPLIT_OPTION}
 
-    def plan(self, state: EngineState) -> BatchPlan:
-        batch = state.builder()
-        if state.prefilling:
-            batch.add_prefills(state.prefilling, self.settings["split_prompts"])
-        else:
-            batch.add_decodes(state.decoding)
-        return batch.build()
+    def compose(self) -> Plan:
+        return Plan((Prefills(split=self.settings["split_prompts"], exclusive=True), Decodes()))

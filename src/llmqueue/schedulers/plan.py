@@ -1,0 +1,250 @@
+"""The plan vocabulary: every policy is defined once, as data (paper §4, Table 1; docs/architecture.md).
+
+A scheduling policy is a :class:`Plan`: an ordered tuple of *steps* over the engine's two
+queues (requests with prefill left, oldest first; requests decoding, oldest first), each with
+its rules, and optionally a *load rule* that chooses the batch's token load first.  One batch is
+planned by running the steps in order on one :class:`~llmqueue.batch.BatchBuilder`, which keeps
+all budget (6d) and request-cap (§6) arithmetic:
+
+* :class:`Decodes` -- one decode token for each decoding request, oldest first, while room and
+  request slots last (6c).
+* :class:`Prefills` -- prefill chunks, oldest prompt first: the whole remaining prompt while it
+  fits; the first that does not fit is cut to the room left (``split``) or waits, and everyone
+  behind it too.  ``max_chunk`` caps any one chunk.
+* :class:`Running` / :class:`Waiting` -- vLLM v1's loop: the *running* requests (prompts already
+  started and decoders) in admission order, each its next decode token or prefill chunk; then
+  *waiting* prompts FCFS while fewer than ``max_running`` requests run.
+
+``exclusive`` on a step: when its queue is not empty, the batch holds only that step (the
+non-mixed policies: FasterTransformer's decodes, vanilla vLLM's prefills).  Prefill before
+decode (6a) holds because a request is in one queue only; every step serves a *prefix* of the
+decoding list, which is what lets the compiled core count decode tokens lazily.
+
+Two interpreters execute the same plan: :func:`interpret` here (the reference: readable, on
+:class:`~llmqueue.request.Request` objects) and the compiled core (``_fastcore.c``), which reads
+:meth:`Plan.encode`.  tests/test_core.py checks them batch for batch on generated workloads.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import TYPE_CHECKING, ClassVar
+
+from llmqueue.batch import BatchBuilder, BatchPlan
+from llmqueue.errors import ConfigError
+
+if TYPE_CHECKING:
+    from llmqueue.schedulers.base import EngineState
+
+#: Step codes of the compiled core (``_fastcore.c`` has the same enum).
+DECODES, PREFILLS, RUNNING, WAITING = 1, 2, 3, 4
+#: Load-rule codes of the compiled core.
+NO_LOAD_RULE, MAX_WEIGHT_LOAD = 0, 1
+_RID = attrgetter("rid")
+NO_LIMIT = 1 << 62  # "no limit" in the encoding: a large int keeps the core's checks plain comparisons
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a plan (subclasses below)."""
+
+    code: ClassVar[int]
+
+    def encode(self) -> tuple[int, int, int, int, int]:
+        """(code, exclusive, split, max_chunk, max_running) for the compiled core."""
+        return (self.code, int(getattr(self, "exclusive", False)), int(getattr(self, "split", True)),
+                _limit(getattr(self, "max_chunk", None)), _limit(getattr(self, "max_running", None)))
+
+
+@dataclass(frozen=True, slots=True)
+class Decodes(Step):
+    """One decode token for each decoding request, oldest first, while room and slots last."""
+
+    exclusive: bool = False
+    code: ClassVar[int] = DECODES
+
+
+@dataclass(frozen=True, slots=True)
+class Prefills(Step):
+    """Prefill chunks, oldest prompt first (FCFS), until the room, the slots or a prompt that
+    does not fit (``split=False``) stop it."""
+
+    split: bool = True
+    exclusive: bool = False
+    max_chunk: int | None = None
+    code: ClassVar[int] = PREFILLS
+
+
+@dataclass(frozen=True, slots=True)
+class Running(Step):
+    """vLLM v1's running requests (started prompts and decoders) in admission order."""
+
+    max_chunk: int | None = None
+    code: ClassVar[int] = RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting(Step):
+    """vLLM v1's waiting prompts, FCFS, while fewer than ``max_running`` requests run."""
+
+    max_chunk: int | None = None
+    max_running: int | None = None
+    code: ClassVar[int] = WAITING
+
+
+class LoadRule:
+    """Chooses each batch's token load and most decode tokens before the steps run (a policy
+    that plans by batch time: :class:`~llmqueue.schedulers.maxweight.MaxWeightLoad`)."""
+
+    code: ClassVar[int] = NO_LOAD_RULE
+
+    def choose(self, state: EngineState) -> tuple[int, int]:
+        """(token load, most decode tokens) of the next batch."""
+        raise NotImplementedError
+
+
+def _limit(value: int | None) -> int:
+    return NO_LIMIT if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A policy: steps in order, and optionally a load rule (see the module docstring)."""
+
+    steps: tuple[Step, ...]
+    load: type[LoadRule] | None = None   # a LoadRule class; the engine binds it to its batch time
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def splits_prompts(self) -> bool:
+        """Whether a prompt larger than the whole budget can ever run (else it is rejected)."""
+        return all(getattr(s, "split", True) for s in self.steps)
+
+    def encode(self) -> tuple[int, ...]:
+        """The flat integer form the compiled core reads: load code, step count, 5 ints a step."""
+        code = 0 if self.load is None else self.load.code
+        return (code, len(self.steps), *(x for s in self.steps for x in s.encode()))
+
+    def describe(self) -> str:
+        return ", ".join(repr(s) for s in self.steps) + (f"; load {self.load.__name__}" if self.load else "")
+
+
+def validate(plan: Plan) -> None:
+    """Raise ConfigError naming what is wrong with a plan and what is allowed."""
+    steps = plan.steps
+    if not isinstance(steps, tuple) or not steps:
+        raise ConfigError("plan.steps", steps, "a non-empty tuple of Decodes, Prefills, Running, Waiting steps")
+    for s in steps:
+        if not isinstance(s, Step) or type(s) is Step:
+            raise ConfigError("plan.steps", s, "a Decodes, Prefills, Running or Waiting step")
+        for key in ("max_chunk", "max_running"):
+            value = getattr(s, key, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"plan.{type(s).__name__}.{key}", value, "an integer >= 1, or None for no limit")
+        if isinstance(s, Prefills) and s.max_chunk is not None and not s.split:
+            raise ConfigError("plan.Prefills.max_chunk", s.max_chunk,
+                              "None when split=False (a prompt that is not split runs whole)")
+    kinds = [type(s) for s in steps]
+    for kind in (Decodes, Prefills, Running, Waiting):
+        if kinds.count(kind) > 1:
+            raise ConfigError("plan.steps", plan.describe(), f"at most one {kind.__name__} step (each queue is served once)")
+    if Running in kinds and (Decodes in kinds or Prefills in kinds):
+        raise ConfigError("plan.steps", plan.describe(),
+                          "Running (started prompts and decoders) without Decodes or Prefills steps")
+    if Waiting in kinds and Prefills in kinds:
+        raise ConfigError("plan.steps", plan.describe(), "Waiting or Prefills, not both (both serve new prompts)")
+    if Waiting in kinds and Running in kinds and kinds.index(Waiting) < kinds.index(Running):
+        raise ConfigError("plan.steps", plan.describe(), "Waiting after Running (vLLM v1 serves running requests first)")
+    if plan.load is not None:
+        if not (isinstance(plan.load, type) and issubclass(plan.load, LoadRule)) or plan.load is LoadRule:
+            raise ConfigError("plan.load", plan.load, "a LoadRule class (e.g. MaxWeightLoad) or None")
+        if steps != (Decodes(), Prefills()):
+            raise ConfigError("plan.steps", plan.describe(),
+                              "(Decodes(), Prefills()) with a load rule (it chooses decodes first, then chunks)")
+
+
+def interpret(plan: Plan, state: EngineState, load: LoadRule | None = None) -> BatchPlan:
+    """The reference interpreter: the batch ``plan`` makes from ``state`` (``load``: the plan's
+    load rule, bound to the engine's batch time)."""
+    prefilling, decoding = state.prefilling, state.decoding
+    most_decodes = None
+    if load is not None:
+        budget, most_decodes = load.choose(state)
+    else:
+        budget = state.token_budget
+    batch = BatchBuilder(budget, state.max_batch_requests)
+    for step in plan.steps:
+        if batch.full:
+            break
+        kind = type(step)
+        if kind is Decodes:
+            if step.exclusive and decoding:
+                batch.add_decodes(decoding)
+                break
+            batch.add_decodes(decoding, limit=most_decodes)
+        elif kind is Prefills:
+            if step.exclusive and prefilling:
+                _prefills(batch, prefilling, step.split, step.max_chunk)
+                break
+            _prefills(batch, prefilling, step.split, step.max_chunk)
+        elif kind is Running:
+            _running(batch, state, step.max_chunk)
+        else:
+            _waiting(batch, state, step.max_chunk, step.max_running)
+    return batch.build()
+
+
+def _prefills(batch: BatchBuilder, prefilling, split: bool, max_chunk: int | None) -> None:
+    if max_chunk is None:
+        batch.add_prefills(prefilling, split)
+        return
+    for request in prefilling:  # split is True here (validate): every chunk is taken
+        if batch.full:
+            return
+        batch.add_prefill(request, True, max_chunk)
+
+
+def _started(state: EngineState) -> int:
+    """How many prompts at the front of the prefilling queue are partly prefilled."""
+    n = 0
+    for request in state.prefilling:  # partly prefilled requests sit at the front
+        if request.prefill_left == request.num_prompt_tokens:
+            break
+        n += 1
+    return n
+
+
+def _running(batch: BatchBuilder, state: EngineState, max_chunk: int | None) -> None:
+    """Decoders and started prompts interleaved in admission order (ids)."""
+    decoding = state.decoding  # sorted by rid, i.e. admission order
+    prev = 0
+    prefilling = state.prefilling
+    for j in range(_started(state)):
+        request = prefilling[j]
+        # perf: bisect + slices instead of a Python-level merge over every decoder
+        # (the merge made vllm-v1 ~3.5x slower than sarathi on the Fig. 1 workload).
+        pos = bisect_left(decoding, request.rid, lo=prev, key=_RID)
+        batch.add_decodes(decoding[prev:pos])
+        batch.add_prefill(request, split=True, max_chunk=max_chunk)
+        prev = pos
+    batch.add_decodes(decoding[prev:] if prev else decoding)
+
+
+def _waiting(batch: BatchBuilder, state: EngineState, max_chunk: int | None, max_running: int | None) -> None:
+    started = _started(state)
+    running = started + len(state.decoding)
+    limit = NO_LIMIT if max_running is None else max_running
+    prefilling = state.prefilling
+    for i in range(started, len(prefilling)):
+        if batch.full or running >= limit:
+            break
+        batch.add_prefill(prefilling[i], split=True, max_chunk=max_chunk)
+        running += 1
+
+
+__all__ = ["DECODES", "MAX_WEIGHT_LOAD", "NO_LIMIT", "PREFILLS", "RUNNING", "WAITING", "Decodes", "LoadRule", "Plan",
+           "Prefills", "Running", "Step", "Waiting", "interpret", "validate"]
