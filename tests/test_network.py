@@ -266,7 +266,8 @@ def test_strict_class_priority_serves_the_high_class_first(scheduler):
 def test_class_policies_keep_work_conservation_and_mirror_engine_queues(policy, scheduler):
     sets = [f"engines.{e}.{k}={v}" for e in ("S1", "S2") for k, v in (("policy", policy), ("scheduler", scheduler))]
     net = load_network("rybko-stolyar", [*sets, "run.horizon_s=400"])
-    r = simulate_network(net)
+    r = simulate_network(net, method="reference")  # the reference's bookkeeping: groups mirror the engine
+    assert r.meta["method"] == "reference (selected)"
     for engine in r.engines:
         assert engine.violations == 0
         assert len(engine.state.prefilling) + len(engine.state.decoding) > 0

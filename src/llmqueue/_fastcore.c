@@ -1,26 +1,27 @@
-/* The simulator's compiled event loop (docs/architecture.md, docs/performance.md; paper §3.1).
+/* The simulator's compiled core (docs/architecture.md, docs/performance.md; paper §3.1, §5).
  *
- * The same batches as Engine.step driven by the reference loop of simulator.simulate, bit for
- * bit, for every scheduler defined as a plan (llmqueue.schedulers.plan) with a tokens-only
- * batch-time model.  The policy is not written here: run() receives the plan's encoding and
- * plan_batch() interprets its steps (Decodes, Prefills, Running, Waiting, and the max-weight
- * load rule) exactly as plan.interpret does on Request objects.  Batch ends are added one at a
- * time (end = now + t_b) as in the reference, so every float matches to the last bit.
+ * One engine core, two drivers.  An Engine (below) holds one engine's queues and runs its
+ * batches: it plans each batch by interpreting the policy's plan (llmqueue.schedulers.plan:
+ * plan_batch() executes the steps Decodes, Prefills, Running, Waiting and the max-weight load
+ * rule exactly as plan.interpret does on Request objects, group by group for the class-aware
+ * network policies), applies it, and runs decode-only rounds without replanning.  The policy is
+ * not written here: run() and run_network() receive each engine's Plan.encode().
+ *   run()          one engine fed by an array of arrivals (simulator.simulate, streaming);
+ *   run_network()  engines, delay stations and the jobs' routes (forks, joins, loops) of a
+ *                  network (network/sim.py): the event loop of network/sim.py in C.
+ * Both give the same batches as the reference loops (loop.py, network/sim.py over Engine.step)
+ * bit for bit: batch ends are added one at a time (end = now + t_b) as there.
  *
- * Requests are indices (rid = arrival order).  Plans are counts: a batch gives one decode token
- * to the n leading decoders (every plan step serves a prefix of them) plus prefill chunks of the
- * leading prefilling requests.  Lazy decode counts: the leading "head" decoders store the round
- * at which they finish (decode_left = round), so a batch that decodes exactly them adds one to
- * `rounds`; a calendar of (round, rid) entries says who finishes at each round.  Entries are
- * checked when their round comes (an entry whose request has moved is skipped or re-filed), so a
- * decoder that misses a round costs one integer add.  Decoders behind the head keep -(tokens left).
- * The calendar is a ring of W per-round lists (W > the longest output, up to `ring`) with a heap
- * for entries further ahead: `rounds` advances one at a time, so each list is taken exactly at
- * its round, in O(1).
- *
- * Python calls run() once per simulation, or once per chunk of a streamed run, which resumes
- * with the requests still in the engine (fastcore.py prepares the arrays and rebuilds the
- * engine's state from what it returns).  Ctrl-C is honoured every 65,536 batches.
+ * Requests are indices (rid = order of admission).  Plans are counts: a batch gives one decode
+ * token to the leading decoders of each queue (every plan step serves a prefix of them) plus
+ * prefill chunks.  Lazy decode counts: a queue's leading "head" decoders store the round at
+ * which they finish (decode_left = round), so a batch that decodes exactly them adds one to the
+ * queue's `rounds`; a calendar of (round, rid) entries says who finishes at each round.  Entries
+ * are checked when their round comes (an entry whose request has moved is skipped or re-filed),
+ * so a decoder that misses a round costs one integer add.  Decoders behind the head keep
+ * -(tokens left).  The calendar is a ring of W per-round lists (W > the longest output, up to
+ * `ring`) with a heap for entries further ahead: `rounds` advances one at a time, so each list is
+ * taken exactly at its round, in O(1).  Ctrl-C is honoured every 65,536 batches.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,6 +32,8 @@
 /* Plan steps and load rules: the codes of llmqueue.schedulers.plan (Plan.encode). */
 enum { DECODES = 1, PREFILLS = 2, RUNNING = 3, WAITING = 4 };
 enum { NO_LOAD_RULE = 0, MAX_WEIGHT_LOAD = 1 };
+/* Group orders of the class-aware network policies (network/policies.py). */
+enum { ORDER_STATIC = 0, ORDER_PRESSURE = 1 };
 #define MAX_STEPS 8
 
 typedef struct { int64_t code, exclusive, split, max_chunk, max_running; } PlanStep;
@@ -208,57 +211,128 @@ static int cmp_desc(const void *x, const void *y) {
     return (a < b) - (a > b);
 }
 
-/* ---- the loop -------------------------------------------------------------------------- */
 
+/* ---- queues --------------------------------------------------------------------------- */
+
+/* A queue of rids: items a[lo:hi] inside a buffer of cap, with room on both sides, so that an
+ * insertion or removal moves the shorter side (vLLM v0 piles up thousands of decoders and
+ * finishes them at the front). */
+typedef struct { int64_t *a; Py_ssize_t lo, hi, cap; } Deq;
+
+#define DEQ_N(d) ((d)->hi - (d)->lo)
+#define DEQ_AT(d) ((d)->a + (d)->lo)
+
+/* Make room for `more` items on each side (recentring, or a larger buffer). */
+static int deq_room(Deq *d, Py_ssize_t more) {
+    Py_ssize_t n = DEQ_N(d), cap = d->cap;
+    if (d->lo >= more && d->cap - d->hi >= more) return 0;
+    if (n + 2 * more + 16 > cap) cap = 2 * (n + 2 * more) + 64;
+    Py_ssize_t lo = (cap - n) / 2;
+    if (cap != d->cap) {
+        int64_t *p = malloc((size_t)cap * sizeof(int64_t));
+        if (!p) { PyErr_NoMemory(); return -1; }
+        if (n) memcpy(p + lo, d->a + d->lo, (size_t)n * sizeof(int64_t));
+        free(d->a);
+        d->a = p;
+        d->cap = cap;
+    } else {
+        memmove(d->a + lo, d->a + d->lo, (size_t)n * sizeof(int64_t));
+    }
+    d->lo = lo;
+    d->hi = lo + n;
+    return 0;
+}
+
+static inline int deq_push(Deq *d, int64_t x) {
+    if (d->hi == d->cap && deq_room(d, 1)) return -1;
+    d->a[d->hi++] = x;
+    return 0;
+}
+
+/* Insert x before item j (0 <= j <= n), moving the shorter side. */
+static int deq_insert(Deq *d, Py_ssize_t j, int64_t x) {
+    Py_ssize_t n = DEQ_N(d);
+    if ((d->lo == 0 || d->hi == d->cap) && deq_room(d, 1)) return -1;
+    if (j < n - j) {
+        d->lo--;
+        memmove(d->a + d->lo, d->a + d->lo + 1, (size_t)j * sizeof(int64_t));
+    } else {
+        memmove(d->a + d->lo + j + 1, d->a + d->lo + j, (size_t)(n - j) * sizeof(int64_t));
+        d->hi++;
+    }
+    d->a[d->lo + j] = x;
+    return 0;
+}
+
+/* Remove item j, moving the shorter side. */
+static inline void deq_remove(Deq *d, Py_ssize_t j) {
+    Py_ssize_t n = DEQ_N(d);
+    if (j < n - j - 1) {
+        memmove(d->a + d->lo + 1, d->a + d->lo, (size_t)j * sizeof(int64_t));
+        d->lo++;
+    } else {
+        memmove(d->a + d->lo + j, d->a + d->lo + j + 1, (size_t)(n - j - 1) * sizeof(int64_t));
+        d->hi--;
+    }
+}
+
+/* ---- one engine ----------------------------------------------------------------------- */
+
+/* Per-request state, indexed by rid, shared by the engines of a run (owned by the caller). */
 typedef struct {
-    /* inputs */
-    const double *arrivals; const int64_t *prompts, *outputs; const double *durations;
-    Py_ssize_t n_arr;
-    int splits_prompts, record;
-    int64_t budget, cap;
-    /* the policy: its plan steps and load rule (max-weight: candidate loads, see maxweight.py) */
-    PlanStep steps[MAX_STEPS];
-    int nsteps, load_rule;
-    const int64_t *useful, *breaks;   /* useful == NULL: every load is useful */
-    Py_ssize_t n_useful, n_breaks;
-    double horizon, start_now;
-    PyObject *progress;
-    /* a resumed run (streaming): requests [0, carried) are already in the engine, their queues
-     * given in prefilling[0:n_pre] and decoding[0:n_dec]; stop: return once every arrival is in */
-    Py_ssize_t carried, n_pre, n_dec;
-    int stop;
-    /* per-request state (indexed by rid) and queues, owned by the caller */
-    int64_t *pl, *dl;           /* prefill_left, decode_left (lazy for decoders) */
+    int64_t *pl, *dl;              /* prefill_left, decode_left (lazy for head decoders) */
+    const int64_t *prompts, *outputs, *group;   /* group: the request's queue at its engine (NULL: 0) */
     double *first, *finish;
-    int64_t *pq, *dq, *rej;     /* prefilling queue pq[ps:pe], decoding list buffer, rejected */
-    /* scratch */
-    int64_t *chunk_rid, *chunk_len, *tmp;
+} Req;
+
+/* One queue group of an engine (a class or a (class, hop) buffer under a class-aware policy; the
+ * whole engine otherwise): prompts with prefill left, FCFS, and decoders sorted by rid. */
+typedef struct {
+    Deq pq, dq;
+    Py_ssize_t head;     /* dq[:head] are head decoders: decode_left = their finishing round */
+    int64_t rounds;
     Calendar cal;
-    Buf fin, ends, tokens, detail;
-} Loop;
+} Queue;
 
 typedef struct {
-    double now;
-    Py_ssize_t i, ps, pe, ds, nd, nrej;
-    int64_t in_engine, violations, total_prefill;
-    size_t turns;  /* planned batches (the rest ran as decode-only rounds) */
-} Out;
+    /* the policy */
+    int64_t budget, cap, most;
+    int splits_prompts, nsteps, load_rule, G, order_kind;
+    PlanStep steps[MAX_STEPS];
+    const int64_t *useful, *breaks;   /* max-weight candidate loads; useful == NULL: every load */
+    Py_ssize_t n_useful, n_breaks;
+    const double *durations;          /* t_b for 0..budget tokens */
+    /* max-pressure (network/policies.py MaxPressure): per group its buffer, its downstream buffers
+     * ds_buf[ds_start[g]:ds_start[g+1]] with multiplicities ds_p, and 1 / mean tokens */
+    const int64_t *buffer, *ds_start, *ds_buf, *counts;
+    const double *ds_p, *inv_tokens;
+    /* state */
+    Req *R;
+    Queue *q;
+    int64_t in_engine, total_prefill, total_decode, nd, violations;
+    /* the batch being applied */
+    int64_t *chunk_rid, *chunk_len, *n_of, *done_of, *tmp;
+    Py_ssize_t tmp_cap, last_nch;
+    int *order, norder;
+    double *key;
+    int collect;          /* keep the finished rids of each batch, in Engine.step's order */
+    Buf fin, pfin, dfin;  /* calendar candidates; finished at prefill, at decode */
+    Buf rej;              /* rejected rids, in order */
+    /* records */
+    int record;
+    Buf ends, tokens, detail;
+    size_t batches, turns;
+    struct Reporter *rep;
+} Engine;
 
 /* The room and request slots left while a batch is planned, and its pieces so far. */
 typedef struct { int64_t room, slots, n; Py_ssize_t nch; } Build;
 
-/* Prefill chunks of pq[from:pe] in order (plan.Prefills; BatchBuilder.add_prefill): each the whole
- * prompt left, at most max_chunk, cut to the room when split (else it and those behind it wait). */
-static void prefills(Loop *L, Build *b, Py_ssize_t from, Py_ssize_t pe, int split, int64_t max_chunk) {
-    for (Py_ssize_t q = from; q < pe; q++) {
-        if (b->room == 0 || b->slots == 0) break;
-        int64_t r = L->pq[q], want = MIN(L->pl[r], max_chunk), c = MIN(want, b->room);
-        if (c < want && !split) break;
-        L->chunk_rid[b->nch] = r;
-        L->chunk_len[b->nch++] = c;
-        b->room -= c;
-        b->slots -= 1;
-    }
+static inline void add_chunk(Engine *E, Build *b, int64_t r, int64_t c) {
+    E->chunk_rid[b->nch] = r;
+    E->chunk_len[b->nch++] = c;
+    b->room -= c;
+    b->slots -= 1;
 }
 
 /* The next k leading decoders get a token (BatchBuilder.add_decodes). */
@@ -267,61 +341,63 @@ static inline void decodes(Build *b, int64_t k) {
     if (k > 0) { b->n += k; b->room -= k; b->slots -= k; }
 }
 
-/* How many prompts at the front of pq[ps:pe] are partly prefilled (vLLM v1's running prompts). */
-static Py_ssize_t started(Loop *L, Py_ssize_t ps, Py_ssize_t pe) {
-    Py_ssize_t q = ps;
-    while (q < pe && L->pl[L->pq[q]] != L->prompts[L->pq[q]]) q++;
-    return q - ps;
+/* plan.Prefills: chunks of the prompts in order, each the whole prompt left, at most max_chunk,
+ * cut to the room when split (else it and those behind it wait). */
+static void prefills(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, int split, int64_t max_chunk) {
+    for (Py_ssize_t q = 0; q < npq; q++) {
+        if (b->room == 0 || b->slots == 0) break;
+        int64_t r = pq[q], want = MIN(E->R->pl[r], max_chunk), c = MIN(want, b->room);
+        if (c < want && !split) break;
+        add_chunk(E, b, r, c);
+    }
+}
+
+/* How many prompts at the front are partly prefilled (vLLM v1's running prompts). */
+static Py_ssize_t started(const Req *R, const int64_t *pq, Py_ssize_t npq) {
+    Py_ssize_t q = 0;
+    while (q < npq && R->pl[pq[q]] != R->prompts[pq[q]]) q++;
+    return q;
 }
 
 /* plan.Running: decoders and started prompts interleaved in admission order (rid). */
-static void running(Loop *L, Build *b, Py_ssize_t ps, Py_ssize_t pe, const int64_t *dq, Py_ssize_t nd,
+static void running(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, const int64_t *dq, Py_ssize_t nd,
                     int64_t max_chunk) {
-    Py_ssize_t prev = 0, count = started(L, ps, pe);
-    for (Py_ssize_t q = ps; q < ps + count; q++) {
-        int64_t r = L->pq[q];
+    Py_ssize_t prev = 0, count = started(E->R, pq, npq);
+    for (Py_ssize_t q = 0; q < count; q++) {
+        int64_t r = pq[q];
         Py_ssize_t pos = bisect_left(dq, r, prev, nd);
         decodes(b, (int64_t)(pos - prev));
-        if (b->room && b->slots) {
-            int64_t c = MIN(MIN(L->pl[r], max_chunk), b->room);
-            L->chunk_rid[b->nch] = r;
-            L->chunk_len[b->nch++] = c;
-            b->room -= c;
-            b->slots -= 1;
-        }
+        if (b->room && b->slots) add_chunk(E, b, r, MIN(MIN(E->R->pl[r], max_chunk), b->room));
         prev = pos;
     }
     decodes(b, (int64_t)(nd - prev));
 }
 
 /* plan.Waiting: new prompts FCFS while fewer than max_running requests run. */
-static void waiting(Loop *L, Build *b, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int64_t max_chunk,
+static void waiting(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, Py_ssize_t nd, int64_t max_chunk,
                     int64_t max_running) {
-    Py_ssize_t count = started(L, ps, pe);
+    Py_ssize_t count = started(E->R, pq, npq);
     int64_t run = (int64_t)count + (int64_t)nd;
-    for (Py_ssize_t q = ps + count; q < pe; q++) {
+    for (Py_ssize_t q = count; q < npq; q++) {
         if (b->room == 0 || b->slots == 0 || run >= max_running) break;
-        int64_t r = L->pq[q], c = MIN(MIN(L->pl[r], max_chunk), b->room);
-        L->chunk_rid[b->nch] = r;
-        L->chunk_len[b->nch++] = c;
-        b->room -= c;
-        b->slots -= 1;
+        add_chunk(E, b, pq[q], MIN(MIN(E->R->pl[pq[q]], max_chunk), b->room));
         run++;
     }
 }
 
-static inline void consider(Loop *L, int64_t b, int64_t y, int64_t P, int64_t D, double *best, int64_t *load,
-                            int64_t *dec) {
-    double score = (double)(P * (b - y) + D * y) / L->durations[b];
+static inline void consider(const Engine *E, int64_t b, int64_t y, int64_t P, int64_t D, double *best,
+                            int64_t *load, int64_t *dec) {
+    double score = (double)(P * (b - y) + D * y) / E->durations[b];
     if (score > *best || (score == *best && b > *load)) { *best = score; *load = b; *dec = y; }
 }
 
 /* MaxWeightLoad.choose (schedulers/maxweight.py): the load and decode count maximising
  * (P x + D y) / t_b over the candidate loads of each shape.  P: prefill tokens left, D: decode
- * tokens left of the decoders. */
-static void max_weight(Loop *L, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int64_t P, int64_t D, int64_t *load,
-                       int64_t *dec) {
-    int64_t budget = L->budget, k = L->cap < NO_CAP ? L->cap : budget;
+ * tokens left of the decoders (one queue: the rule is not combined with groups). */
+static void max_weight(const Engine *E, const Queue *Q, int64_t *load, int64_t *dec) {
+    int64_t budget = E->budget, k = E->cap < NO_CAP ? E->cap : budget, P = E->total_prefill, D = E->total_decode;
+    const int64_t *pq = DEQ_AT(&Q->pq);
+    Py_ssize_t npq = DEQ_N(&Q->pq), nd = DEQ_N(&Q->dq);
     if (!P || !nd) D = 0;
     int64_t y_all = MIN(MIN((int64_t)nd, k), budget), shapes[2] = {y_all, k - 1};
     int nshapes = (P && y_all == k) ? 2 : 1;
@@ -334,8 +410,8 @@ static void max_weight(Loop *L, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int
             if (slots >= room) {
                 x_cap = MIN(room, P);
             } else {
-                for (Py_ssize_t q = ps; q < pe && q < ps + slots; q++) {
-                    x_cap += L->pl[L->pq[q]];
+                for (Py_ssize_t q = 0; q < npq && q < slots; q++) {
+                    x_cap += E->R->pl[pq[q]];
                     if (x_cap >= room) break;
                 }
                 x_cap = MIN(x_cap, room);
@@ -343,365 +419,540 @@ static void max_weight(Loop *L, Py_ssize_t ps, Py_ssize_t pe, Py_ssize_t nd, int
         }
         int64_t lo = y > 1 ? y : 1, hi = y + x_cap;
         if (hi < lo) continue;
-        consider(L, lo, y, P, D, &best, load, dec);
-        consider(L, hi, y, P, D, &best, load, dec);
-        for (Py_ssize_t j = bisect_left(L->breaks, lo, 0, L->n_breaks); j < L->n_breaks && L->breaks[j] <= hi; j++)
-            consider(L, L->breaks[j], y, P, D, &best, load, dec);
-        if (L->useful) {
-            Py_ssize_t j = bisect_left(L->useful, lo, 0, L->n_useful);
-            if (j < L->n_useful && L->useful[j] <= hi) consider(L, L->useful[j], y, P, D, &best, load, dec);
-            j = bisect_left(L->useful, hi + 1, 0, L->n_useful) - 1;
-            if (j >= 0 && L->useful[j] >= lo) consider(L, L->useful[j], y, P, D, &best, load, dec);
+        consider(E, lo, y, P, D, &best, load, dec);
+        consider(E, hi, y, P, D, &best, load, dec);
+        for (Py_ssize_t j = bisect_left(E->breaks, lo, 0, E->n_breaks); j < E->n_breaks && E->breaks[j] <= hi; j++)
+            consider(E, E->breaks[j], y, P, D, &best, load, dec);
+        if (E->useful) {
+            Py_ssize_t j = bisect_left(E->useful, lo, 0, E->n_useful);
+            if (j < E->n_useful && E->useful[j] <= hi) consider(E, E->useful[j], y, P, D, &best, load, dec);
+            j = bisect_left(E->useful, hi + 1, 0, E->n_useful) - 1;
+            if (j >= 0 && E->useful[j] >= lo) consider(E, E->useful[j], y, P, D, &best, load, dec);
         }
     }
 }
 
-/* plan.interpret as counts: the n leading decoders get a token (every step serves a prefix of the
- * decoding list), plus the chunks in chunk_rid/chunk_len.  Returns the prefill tokens. */
-static int64_t plan_batch(Loop *L, Py_ssize_t ps, Py_ssize_t pe, const int64_t *dq, Py_ssize_t nd, int64_t P,
-                          int64_t D, int64_t *n_out, Py_ssize_t *nch) {
-    Build b = {L->budget, L->cap, 0, 0};
-    int64_t most_decodes = NO_CAP;
-    if (L->load_rule == MAX_WEIGHT_LOAD) max_weight(L, ps, pe, nd, P, D, &b.room, &most_decodes);
-    int64_t load = b.room;
-    for (int k = 0; k < L->nsteps && b.room && b.slots; k++) {
-        const PlanStep *s = &L->steps[k];
+/* The plan's steps on one queue (plan.interpret; GroupedScheduler.plan gives each group the
+ * room the earlier groups left, and `exclusive` ends only that group's steps). */
+static void plan_queue(Engine *E, const Queue *Q, Build *b, int64_t most_decodes) {
+    const int64_t *pq = DEQ_AT(&Q->pq), *dq = DEQ_AT(&Q->dq);
+    Py_ssize_t npq = DEQ_N(&Q->pq), nd = DEQ_N(&Q->dq);
+    for (int k = 0; k < E->nsteps && b->room && b->slots; k++) {
+        const PlanStep *s = &E->steps[k];
         int stop = 0;
         switch (s->code) {
         case DECODES:
             stop = s->exclusive && nd;
-            decodes(&b, stop ? (int64_t)nd : MIN((int64_t)nd, most_decodes));
+            decodes(b, stop ? (int64_t)nd : MIN((int64_t)nd, most_decodes));
             break;
         case PREFILLS:
-            stop = s->exclusive && ps < pe;
-            prefills(L, &b, ps, pe, (int)s->split, s->max_chunk);
+            stop = s->exclusive && npq;
+            prefills(E, b, pq, npq, (int)s->split, s->max_chunk);
             break;
         case RUNNING:
-            running(L, &b, ps, pe, dq, nd, s->max_chunk);
+            running(E, b, pq, npq, dq, nd, s->max_chunk);
             break;
         default:
-            waiting(L, &b, ps, pe, nd, s->max_chunk, s->max_running);
+            waiting(E, b, pq, npq, nd, s->max_chunk, s->max_running);
         }
         if (stop) break;
     }
-    *n_out = b.n;
-    *nch = b.nch;
-    return load - b.room - b.n;
 }
 
-/* Settle fin[0:nfin], the calendar's candidates at round `rounds`: finish those due (they leave
- * the decoding list dq[:nd], whose head they are in), re-file delayed ones at their true round,
+/* MaxPressure.pressure: (Z_b - sum_l P_bl Z_l) / m_b, summed left to right as the reference. */
+static double pressure(const Engine *E, int g) {
+    double acc = 0.0;
+    for (int64_t j = E->ds_start[g]; j < E->ds_start[g + 1]; j++) acc += E->ds_p[j] * (double)E->counts[E->ds_buf[j]];
+    return ((double)E->counts[E->buffer[g]] - acc) * E->inv_tokens[g];
+}
+
+/* The groups with work in the order this batch serves them: index order (class priority), or by
+ * decreasing pressure, then the oldest request first (MaxPressure.order). */
+static void order_groups(Engine *E) {
+    int m = 0;
+    for (int g = 0; g < E->G; g++) {
+        const Queue *Q = &E->q[g];
+        if (!DEQ_N(&Q->pq) && !DEQ_N(&Q->dq)) continue;
+        if (E->order_kind == ORDER_PRESSURE) {
+            int64_t head = DEQ_N(&Q->dq) ? DEQ_AT(&Q->dq)[0] : INT64_MAX;
+            if (DEQ_N(&Q->pq) && DEQ_AT(&Q->pq)[0] < head) head = DEQ_AT(&Q->pq)[0];
+            double key = -pressure(E, g);
+            /* insertion sort by (key, head, g): a handful of groups */
+            int j = m;
+            while (j > 0) {
+                int h = E->order[j - 1];
+                double hk = E->key[h];
+                const Queue *H = &E->q[h];
+                int64_t hh = DEQ_N(&H->dq) ? DEQ_AT(&H->dq)[0] : INT64_MAX;
+                if (DEQ_N(&H->pq) && DEQ_AT(&H->pq)[0] < hh) hh = DEQ_AT(&H->pq)[0];
+                if (hk < key || (hk == key && hh < head)) break;
+                E->order[j] = h;
+                j--;
+            }
+            E->key[g] = key;
+            E->order[j] = g;
+        } else {
+            E->order[m] = g;
+        }
+        m++;
+    }
+    E->norder = m;
+}
+
+/* The next batch (plan.interpret as counts): n_of[g] leading decoders of each queue g, and the
+ * chunks.  Returns the prefill tokens; *n_out the decode tokens. */
+static int64_t plan_batch(Engine *E, int64_t *n_out, Py_ssize_t *nch) {
+    Build b = {E->budget, E->cap, 0, 0};
+    int64_t most_decodes = NO_CAP, total = 0;
+    if (E->load_rule == MAX_WEIGHT_LOAD) max_weight(E, &E->q[0], &b.room, &most_decodes);
+    int64_t load = b.room;
+    if (E->G == 1) {
+        E->order[0] = 0;
+        E->norder = 1;
+        plan_queue(E, &E->q[0], &b, most_decodes);
+        E->n_of[0] = total = b.n;
+    } else {
+        order_groups(E);
+        for (int g = 0; g < E->G; g++) E->n_of[g] = 0;
+        for (int o = 0; o < E->norder && b.room && b.slots; o++) {
+            b.n = 0;
+            plan_queue(E, &E->q[E->order[o]], &b, most_decodes);
+            E->n_of[E->order[o]] = b.n;
+            total += b.n;
+        }
+    }
+    *n_out = total;
+    *nch = b.nch;
+    return load - b.room - total;
+}
+
+/* Engine.bound: the tokens a work-conserving batch holds now (cap-aware under k_max). */
+static int64_t work_bound(Engine *E, int64_t demand) {
+    if (E->in_engine <= E->cap) return MIN(E->budget, demand);
+    Py_ssize_t count = 0;
+    for (int g = 0; g < E->G; g++) count += DEQ_N(&E->q[g].pq);
+    int64_t sum = 0, cap = E->cap;
+    if (count > cap) {
+        if (count > E->tmp_cap) {
+            int64_t *p = realloc(E->tmp, (size_t)count * sizeof(int64_t));
+            if (!p) { PyErr_NoMemory(); return -1; }
+            E->tmp = p;
+            E->tmp_cap = count;
+        }
+        Py_ssize_t k = 0;
+        for (int g = 0; g < E->G; g++) {
+            const Deq *d = &E->q[g].pq;
+            for (Py_ssize_t q = 0; q < DEQ_N(d); q++) E->tmp[k++] = E->R->pl[DEQ_AT(d)[q]];
+        }
+        qsort(E->tmp, (size_t)count, sizeof(int64_t), cmp_desc);
+        count = (Py_ssize_t)cap;
+        for (Py_ssize_t q = 0; q < count; q++) sum += E->tmp[q];
+    } else {
+        for (int g = 0; g < E->G; g++) {
+            const Deq *d = &E->q[g].pq;
+            for (Py_ssize_t q = 0; q < DEQ_N(d); q++) sum += E->R->pl[DEQ_AT(d)[q]];
+        }
+    }
+    return MIN(E->budget, sum + MIN(cap - (int64_t)count, E->nd));
+}
+
+static inline int push_rid(Buf *b, int64_t r) {
+    if (buf_reserve(b, sizeof(int64_t))) return -1;
+    ((int64_t *)b->data)[b->size / sizeof(int64_t)] = r;
+    b->size += sizeof(int64_t);
+    return 0;
+}
+
+static int cmp_asc(const void *x, const void *y) {
+    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
+    return (a > b) - (a < b);
+}
+
+/* Settle fin[0:nfin], queue Q's calendar candidates at its current round: finish those due (they
+ * leave Q's decoding list, whose head they are in), re-file delayed ones at their true round,
  * skip stale ones.  Returns how many finished, or -1. */
-static inline Py_ssize_t settle(Loop *L, Py_ssize_t nfin, int64_t rounds, double end, int64_t **dqp,
-                                Py_ssize_t *nd, Py_ssize_t *head) {
-    int64_t *dl = L->dl, *dq = *dqp;
-    const int64_t *fin = (const int64_t *)L->fin.data;
+static Py_ssize_t settle(Engine *E, Queue *Q, Py_ssize_t nfin, double end) {
+    int64_t *dl = E->R->dl, rounds = Q->rounds;
+    const int64_t *fin = (const int64_t *)E->fin.data;
+    size_t before = E->dfin.size;
     Py_ssize_t gone = 0;
     for (Py_ssize_t f = 0; f < nfin; f++) {
         int64_t r = fin[f], key = dl[r];
         if (key != rounds) {
-            if (key > rounds && cal_push(&L->cal, rounds, key, r)) return -1;  /* delayed: re-file */
+            if (key > rounds && cal_push(&Q->cal, rounds, key, r)) return -1;  /* delayed: re-file */
             continue;  /* a stale entry (finished, or moved behind the head) */
         }
         dl[r] = 0;
-        L->finish[r] = end;
+        E->R->finish[r] = end;
         gone++;
-        Py_ssize_t j = bisect_left(dq, r, 0, *head);
-        if (j == *head || dq[j] != r) {
+        Py_ssize_t j = bisect_left(DEQ_AT(&Q->dq), r, 0, Q->head);
+        if (j == Q->head || DEQ_AT(&Q->dq)[j] != r) {
             PyErr_Format(PyExc_RuntimeError, "finished request %lld was not decoding", (long long)r);
             return -1;
         }
-        if (j < *nd - j - 1) {
-            memmove(dq + 1, dq, (size_t)j * sizeof(int64_t));
-            dq++;
-        } else {
-            memmove(dq + j, dq + j + 1, (size_t)(*nd - j - 1) * sizeof(int64_t));
-        }
-        --*nd;
-        --*head;
+        deq_remove(&Q->dq, j);
+        Q->head--;
+        if (E->collect && push_rid(&E->dfin, r)) return -1;
     }
-    *dqp = dq;
+    if (E->collect && gone > 1)  /* Engine.step lists a batch's decoders in order */
+        qsort(E->dfin.data + before, (size_t)gone, sizeof(int64_t), cmp_asc);
+    E->in_engine -= gone;
+    E->nd -= gone;
     return gone;
 }
 
-/* After batches `before`..`batches`: report progress every 2,000 batches, let Ctrl-C through
- * every 65,536. */
-static inline int report(Loop *L, size_t before, size_t batches, size_t *next_report, double now, Py_ssize_t i) {
-    if (L->progress != Py_None && batches >= *next_report) {
-        PyObject *res = PyObject_CallFunction(L->progress, "dn", now, i);
-        if (!res) return -1;
-        Py_DECREF(res);
-        *next_report = batches + 2000;
+/* Give one decode token to Q's n leading decoders, ending at `end`. */
+static int apply_decodes(Engine *E, Queue *Q, int64_t n, double end) {
+    int64_t *dl = E->R->dl;
+    int64_t *dq = DEQ_AT(&Q->dq);
+    /* Decoders joining the head (dq[:n] must be head before a round). */
+    for (; Q->head < n; Q->head++) {
+        int64_t r = dq[Q->head], key = Q->rounds - dl[r];
+        dl[r] = key;
+        if (cal_push(&Q->cal, Q->rounds, key, r)) return -1;
     }
-    if ((before >> 16) != (batches >> 16) && PyErr_CheckSignals()) return -1;
-    return 0;
-}
-
-/* Record one batch (its end and tokens). */
-static inline int emit(Loop *L, size_t *batches, size_t *next_report, double end, int64_t tokens, Py_ssize_t i) {
-    if (buf_reserve(&L->ends, sizeof(double)) || buf_reserve(&L->tokens, sizeof(int64_t))) return -1;
-    ((double *)L->ends.data)[*batches] = end;
-    ((int64_t *)L->tokens.data)[*batches] = tokens;
-    L->ends.size += sizeof(double);
-    L->tokens.size += sizeof(int64_t);
-    ++*batches;
-    return report(L, *batches - 1, *batches, next_report, end, i);
-}
-
-static int run_loop(Loop *L, Out *o) {
-    const int64_t budget = L->budget, cap = L->cap, most = MIN(budget, cap);
-    /* The decoding list is dq[:nd], inside a buffer of 2 n_arr + 2 that it may slide along: a
-     * removal or insertion moves the shorter side (vLLM v0 piles up thousands of decoders and
-     * finishes them at the front).  At most n_arr slides left and n_arr appends: it fits. */
-    int64_t *pl = L->pl, *dl = L->dl, *pq = L->pq, *dq = L->dq + L->n_arr + 1;
-    /* total_decode: decode tokens left of the decoders (the max-weight rule's D) */
-    int64_t in_engine = 0, violations = 0, total_prefill = 0, total_decode = 0, rounds = 0;
-    Py_ssize_t i = L->carried, ps = 0, pe = L->n_pre, nd = L->n_dec, head = 0, nrej = 0, n_arr = L->n_arr;
-    size_t batches = 0, next_report = 0, turns = 0;
-    double now = L->start_now;
-    /* Requests carried in: the decoders (true counts) go behind an empty head; the prompts queue. */
-    memcpy(dq, L->dq, (size_t)nd * sizeof(int64_t));
-    for (Py_ssize_t j = 0; j < nd; j++) {
-        total_decode += dl[dq[j]];
-        dl[dq[j]] = -dl[dq[j]];
+    if (n < Q->head && n == E->most) {
+        /* No batch can decode more than `most`: the rest of the head goes behind it (once,
+         * instead of paying for it every batch while decoders pile up, as under vLLM v0). */
+        for (Py_ssize_t j = n; j < Q->head; j++) dl[dq[j]] = Q->rounds - dl[dq[j]];
+        Q->head = n;
     }
-    for (Py_ssize_t q = 0; q < pe; q++) total_prefill += pl[pq[q]];
-    in_engine = (int64_t)(pe + nd);
-
-    for (;;) {
-        /* Admit every arrival up to this batch boundary (Engine.admit). */
-        while (i < n_arr && L->arrivals[i] <= now) {
-            int64_t p = L->prompts[i];
-            pl[i] = p;
-            dl[i] = L->outputs[i];
-            if (p > budget && !L->splits_prompts) {
-                L->rej[nrej++] = i++;
-                continue;
-            }
-            pq[pe++] = i++;
-            total_prefill += p;
-            in_engine++;
+    Py_ssize_t nfin = 0;
+    if (n < Q->head && 4 * n <= Q->head - n) {
+        /* a short prefix moves one round earlier instead of the rest one round later */
+        if (buf_reserve(&E->fin, (size_t)n * sizeof(int64_t))) return -1;
+        int64_t *fin = (int64_t *)E->fin.data;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            int64_t r = dq[j], key = dl[r] - 1;
+            dl[r] = key;
+            if (key == Q->rounds) fin[nfin++] = r;
+            else if (cal_push(&Q->cal, Q->rounds, key, r)) return -1;
         }
-        if (L->stop && i >= n_arr) break;  /* streaming: the caller brings the next arrivals */
-        if (!in_engine) {
-            if (i >= n_arr || L->arrivals[i] > L->horizon) break;
-            now = L->arrivals[i];
+    } else {
+        /* the rest of the head misses this round: one later each (entries stay lazy) */
+        delay(dl, dq, n, Q->head);
+        Q->rounds += 1;
+        nfin = cal_take(&Q->cal, Q->rounds, &E->fin);
+        if (nfin < 0) return -1;
+    }
+    E->total_decode -= n;
+    return settle(E, Q, nfin, end) < 0 ? -1 : 0;
+}
+
+/* The prefill chunks of the batch: a completed prompt starts decoding (its queue's dq stays
+ * sorted by rid), or finishes when it has no output. */
+static int apply_chunks(Engine *E, Py_ssize_t nch, double end) {
+    Req *R = E->R;
+    int64_t *pl = R->pl, *dl = R->dl;
+    int any = 0;
+    for (Py_ssize_t c = 0; c < nch; c++) {
+        int64_t r = E->chunk_rid[c], left = pl[r] - E->chunk_len[c];
+        pl[r] = left;
+        if (left) continue;
+        int g = E->G > 1 ? (int)R->group[r] : 0;
+        Queue *Q = &E->q[g];
+        E->done_of[g]++;
+        any = 1;
+        R->first[r] = end;
+        left = dl[r];
+        if (left == 0) {
+            R->finish[r] = end;
+            E->in_engine--;
+            if (E->collect && push_rid(&E->pfin, r)) return -1;
             continue;
         }
-        if (now >= L->horizon) break;
-
-        /* The plan, as counts: the n leading decoders get a token, plus prefill chunks. */
-        turns++;
-        Py_ssize_t nch = 0;
-        int64_t n = 0, prefill_tokens = plan_batch(L, ps, pe, dq, nd, total_prefill, total_decode, &n, &nch);
-        int64_t num_tokens = n + prefill_tokens, demand = total_prefill + (int64_t)nd, bound;
-        if (num_tokens < 1 || num_tokens > budget) {
-            PyErr_Format(PyExc_RuntimeError, "planned %lld tokens with demand %lld",
-                         (long long)num_tokens, (long long)demand);
-            return -1;
-        }
-        if (in_engine > cap) {  /* Engine.bound under k_max: the cap largest prompts left */
-            Py_ssize_t count = pe - ps, q;
-            int64_t sum = 0;
-            if (count > cap) {
-                memcpy(L->tmp, pq + ps, (size_t)count * sizeof(int64_t));
-                for (q = 0; q < count; q++) L->tmp[q] = pl[L->tmp[q]];
-                qsort(L->tmp, (size_t)count, sizeof(int64_t), cmp_desc);
-                count = (Py_ssize_t)cap;
-                for (q = 0; q < count; q++) sum += L->tmp[q];
-            } else {
-                for (q = ps; q < pe; q++) sum += pl[pq[q]];
-            }
-            bound = MIN(budget, sum + MIN(cap - (int64_t)count, (int64_t)nd));
+        Py_ssize_t nd = DEQ_N(&Q->dq), j = nd;
+        if (nd && DEQ_AT(&Q->dq)[nd - 1] > r) j = bisect_left(DEQ_AT(&Q->dq), r, 0, nd);
+        if (j == nd ? deq_push(&Q->dq, r) : deq_insert(&Q->dq, j, r)) return -1;
+        E->nd++;
+        E->total_decode += left;
+        if (j <= Q->head) {  /* joins the head: it finishes `left` rounds from now */
+            Q->head++;
+            dl[r] = Q->rounds + left;
+            if (cal_push(&Q->cal, Q->rounds, Q->rounds + left, r)) return -1;
         } else {
-            bound = MIN(budget, demand);
-        }
-        if (num_tokens != bound) violations++;
-        double end = now + L->durations[num_tokens];
-        if (L->record) {
-            if (buf_reserve(&L->detail, 7 * sizeof(double))) return -1;
-            double *d = (double *)(L->detail.data + L->detail.size);
-            d[0] = now; d[1] = end; d[2] = (double)prefill_tokens; d[3] = (double)n;
-            d[4] = (double)(nch + n); d[5] = (double)demand; d[6] = (double)bound;
-            L->detail.size += 7 * sizeof(double);
-        }
-
-        /* Decoders joining the head (dq[:n] must be head before a round). */
-        for (; head < n; head++) {
-            int64_t r = dq[head], key = rounds - dl[r];
-            dl[r] = key;
-            if (cal_push(&L->cal, rounds, key, r)) return -1;
-        }
-        /* The decode tokens: who finishes at this batch goes to `fin` (checked below). */
-        Py_ssize_t nfin = 0;
-        int64_t *fin;
-        if (n) {
-            if (n < head && n == most) {
-                /* No batch can decode more than `most`: the rest of the head goes behind it (once,
-                 * instead of paying for it every batch while decoders pile up, as under vLLM v0). */
-                for (Py_ssize_t j = n; j < head; j++) dl[dq[j]] = rounds - dl[dq[j]];
-                head = n;
-            }
-            if (n < head && 4 * n <= head - n) {
-                /* a short prefix moves one round earlier instead of the rest one round later */
-                if (buf_reserve(&L->fin, (size_t)n * sizeof(int64_t))) return -1;
-                fin = (int64_t *)L->fin.data;
-                for (Py_ssize_t j = 0; j < n; j++) {
-                    int64_t r = dq[j], key = dl[r] - 1;
-                    dl[r] = key;
-                    if (key == rounds) fin[nfin++] = r;
-                    else if (cal_push(&L->cal, rounds, key, r)) return -1;
-                }
-            } else {
-                /* the rest of the head misses this round: one later each (entries stay lazy) */
-                delay(dl, dq, n, head);
-                rounds += 1;
-                nfin = cal_take(&L->cal, rounds, &L->fin);
-                if (nfin < 0) return -1;
-            }
-            Py_ssize_t gone = settle(L, nfin, rounds, end, &dq, &nd, &head);
-            if (gone < 0) return -1;
-            in_engine -= gone;
-            total_decode -= n;
-        }
-        /* The prefill chunks: a completed prompt starts decoding (dq stays sorted by rid). */
-        if (nch) {
-            total_prefill -= prefill_tokens;
-            Py_ssize_t done = 0;
-            for (Py_ssize_t c = 0; c < nch; c++) {
-                int64_t r = L->chunk_rid[c], left = pl[r] - L->chunk_len[c];
-                pl[r] = left;
-                if (left) continue;
-                done++;
-                L->first[r] = end;
-                left = dl[r];
-                if (left == 0) {
-                    L->finish[r] = end;
-                    in_engine--;
-                    continue;
-                }
-                Py_ssize_t j = nd;
-                if (nd && dq[nd - 1] > r) {
-                    j = bisect_left(dq, r, 0, nd);
-                    if (j < nd - j) {
-                        dq--;
-                        memmove(dq, dq + 1, (size_t)j * sizeof(int64_t));
-                    } else {
-                        memmove(dq + j + 1, dq + j, (size_t)(nd - j) * sizeof(int64_t));
-                    }
-                }
-                dq[j] = r;
-                nd++;
-                total_decode += left;
-                if (j <= head) {  /* joins the head: it finishes `left` rounds from now */
-                    head++;
-                    dl[r] = rounds + left;
-                    if (cal_push(&L->cal, rounds, rounds + left, r)) return -1;
-                } else {
-                    dl[r] = -left;
-                }
-            }
-            if (done) {
-                Py_ssize_t popped = 0;
-                while (ps < pe && pl[pq[ps]] == 0) { ps++; popped++; }
-                if (popped != done) {
-                    Py_ssize_t w = ps;
-                    for (Py_ssize_t q = ps; q < pe; q++)
-                        if (pl[pq[q]]) pq[w++] = pq[q];
-                    pe = w;
-                }
-            }
-        }
-        now = end;
-        if (emit(L, &batches, &next_report, end, num_tokens, i)) return -1;
-        /* Decode-only rounds.  While the plan is "the n leading decoders" (n >= head) it stays the
-         * same batch until an arrival, the horizon, a finish or the cap's bound (no plan depends
-         * on decode counts, except the max-weight rule's D while prompts wait), so the batches run
-         * as rounds without replanning: each ends at now + t_b and the calendar says who finishes.
-         * With no prompt waiting every plan decodes the min(decoders, most) leading decoders. */
-        int repeat = ps == pe || (nch == 0 && L->load_rule == NO_LOAD_RULE);
-        while (repeat && now < L->horizon && !(i < n_arr && L->arrivals[i] <= now) && in_engine <= cap) {
-            if (ps == pe) {
-                n = MIN((int64_t)nd, most);
-            } else {
-                Py_ssize_t k = 0;
-                if (L->load_rule != NO_LOAD_RULE || plan_batch(L, ps, pe, dq, nd, total_prefill, total_decode, &n, &k)
-                    || k)
-                    break;
-            }
-            if (n == 0 || n < head) break;
-            for (; head < n; head++) {
-                int64_t r = dq[head], key = rounds - dl[r];
-                dl[r] = key;
-                if (cal_push(&L->cal, rounds, key, r)) return -1;
-            }
-            demand = total_prefill + (int64_t)nd;
-            bound = MIN(budget, demand);
-            /* The same batch round after round (up to 4,096 at a time), before the next arrival
-             * and the horizon: end = now + t_b each.  A round with calendar entries settles them
-             * here; if nobody finished (only delayed entries re-filed) the batch stays the same. */
-            double lim = L->horizon;
-            if (i < n_arr && L->arrivals[i] < lim) lim = L->arrivals[i];
-            const int64_t mask = L->cal.mask, *slot = L->cal.slot;
-            int64_t far = L->cal.far.n ? L->cal.far.a[0].key : INT64_MAX;
-            const double duration = L->durations[n];
-            if (buf_reserve(&L->ends, 4096 * sizeof(double)) || buf_reserve(&L->tokens, 4096 * sizeof(int64_t))
-                || (L->record && buf_reserve(&L->detail, 4096 * 7 * sizeof(double))))
-                return -1;
-            double *ends = (double *)L->ends.data + batches;
-            int64_t *toks = (int64_t *)L->tokens.data + batches;
-            double *d = L->record ? (double *)(L->detail.data + L->detail.size) : NULL;
-            size_t m = 0;
-            while (m < 4096 && now < lim) {
-                if (d) {
-                    d[0] = now; d[1] = now + duration; d[2] = 0.0; d[3] = (double)n; d[4] = (double)n;
-                    d[5] = (double)demand; d[6] = (double)bound;
-                    d += 7;
-                }
-                rounds++;
-                now += duration;
-                ends[m] = now;
-                toks[m++] = n;
-                if (slot[rounds & mask] >= 0 || rounds >= far) {
-                    nfin = cal_take(&L->cal, rounds, &L->fin);
-                    if (nfin < 0) return -1;
-                    Py_ssize_t gone = settle(L, nfin, rounds, now, &dq, &nd, &head);
-                    if (gone < 0) return -1;
-                    if (gone) {
-                        in_engine -= gone;
-                        break;  /* fewer decoders: a new plan */
-                    }
-                    far = L->cal.far.n ? L->cal.far.a[0].key : INT64_MAX;
-                }
-            }
-            violations += (int64_t)m * (n != bound);
-            total_decode -= (int64_t)m * n;
-            L->ends.size += m * sizeof(double);
-            L->tokens.size += m * sizeof(int64_t);
-            if (d) L->detail.size += m * 7 * sizeof(double);
-            batches += m;
-            if (report(L, batches - m, batches, &next_report, now, i)) return -1;
+            dl[r] = -left;
         }
     }
-
-    /* Leave true decode counts, as reference stepping would. */
-    for (Py_ssize_t j = 0; j < nd; j++) {
-        int64_t r = dq[j];
-        dl[r] = j < head ? dl[r] - rounds : -dl[r];
+    if (!any) return 0;
+    /* Drop the completed prompts: from the front (FCFS: the usual case), else anywhere. */
+    for (int g = 0; g < E->G; g++) {
+        int64_t done = E->done_of[g];
+        if (!done) continue;
+        E->done_of[g] = 0;
+        Deq *d = &E->q[g].pq;
+        int64_t popped = 0;
+        while (DEQ_N(d) && pl[d->a[d->lo]] == 0) { d->lo++; popped++; }
+        if (popped != done) {
+            Py_ssize_t w = d->lo;
+            for (Py_ssize_t q = d->lo; q < d->hi; q++)
+                if (pl[d->a[q]]) d->a[w++] = d->a[q];
+            d->hi = w;
+        }
     }
-    o->now = now; o->i = i; o->ps = ps; o->pe = pe; o->ds = dq - L->dq; o->nd = nd; o->nrej = nrej;
-    o->in_engine = in_engine; o->violations = violations; o->total_prefill = total_prefill; o->turns = turns;
     return 0;
 }
 
-/* ---- the Python entry point ------------------------------------------------------------ */
+/* Progress and Ctrl-C, shared by the engines of a run: report every 2,000 batches, let signals
+ * through every 65,536. */
+typedef struct Reporter {
+    PyObject *progress;   /* None, or called with (now, admitted) (single engine) or (now,) (network) */
+    int network;
+    size_t batches, next_report;
+    Py_ssize_t admitted;
+} Reporter;
 
-static int check(Py_buffer *b, const char *name, Py_ssize_t items, Py_ssize_t itemsize) {
-    if (b->len != items * itemsize) {
-        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, expected %zd", name, b->len, items * itemsize);
+static int report(Reporter *P, size_t added, double now) {
+    size_t before = P->batches;
+    P->batches += added;
+    if (P->progress != Py_None && P->batches >= P->next_report) {
+        PyObject *res = P->network ? PyObject_CallFunction(P->progress, "(d)", now)
+                                   : PyObject_CallFunction(P->progress, "dn", now, P->admitted);
+        if (!res) return -1;
+        Py_DECREF(res);
+        P->next_report = P->batches + 2000;
+    }
+    if ((before >> 16) != (P->batches >> 16) && PyErr_CheckSignals()) return -1;
+    return 0;
+}
+
+/* Queue a request at the engine (Engine.admit); 1 accepted, 0 rejected, -1 error. */
+static int engine_admit(Engine *E, int64_t r) {
+    Req *R = E->R;
+    int64_t p = R->prompts[r];
+    R->pl[r] = p;
+    R->dl[r] = R->outputs[r];
+    if (p > E->budget && !E->splits_prompts) return push_rid(&E->rej, r) ? -1 : 0;
+    if (deq_push(&E->q[E->G > 1 ? R->group[r] : 0].pq, r)) return -1;
+    E->total_prefill += p;
+    E->in_engine++;
+    return 1;
+}
+
+/* Plan, time and apply one batch starting at `now` (Engine.step); its end in *end_out. */
+static int engine_batch(Engine *E, double now, double *end_out) {
+    E->turns++;
+    Py_ssize_t nch = 0;
+    int64_t n = 0, prefill_tokens = plan_batch(E, &n, &nch);
+    int64_t num_tokens = n + prefill_tokens, demand = E->total_prefill + E->nd;
+    if (num_tokens < 1 || num_tokens > E->budget) {
+        PyErr_Format(PyExc_RuntimeError, "planned %lld tokens with demand %lld", (long long)num_tokens,
+                     (long long)demand);
         return -1;
     }
+    int64_t bound = work_bound(E, demand);
+    if (bound < 0) return -1;
+    if (num_tokens != bound) E->violations++;
+    double end = now + E->durations[num_tokens];
+    if (E->record) {
+        if (buf_reserve(&E->detail, 7 * sizeof(double))) return -1;
+        double *d = (double *)(E->detail.data + E->detail.size);
+        d[0] = now; d[1] = end; d[2] = (double)prefill_tokens; d[3] = (double)n;
+        d[4] = (double)(nch + n); d[5] = (double)demand; d[6] = (double)bound;
+        E->detail.size += 7 * sizeof(double);
+    }
+    E->pfin.size = E->dfin.size = 0;
+    for (int o = 0; o < E->norder; o++) {
+        int g = E->order[o];
+        if (E->n_of[g] && apply_decodes(E, &E->q[g], E->n_of[g], end)) return -1;
+    }
+    if (nch) {
+        E->total_prefill -= prefill_tokens;
+        if (apply_chunks(E, nch, end)) return -1;
+    }
+    E->last_nch = nch;
+    if (buf_reserve(&E->ends, sizeof(double)) || buf_reserve(&E->tokens, sizeof(int64_t))) return -1;
+    ((double *)E->ends.data)[E->batches] = end;
+    ((int64_t *)E->tokens.data)[E->batches] = num_tokens;
+    E->ends.size += sizeof(double);
+    E->tokens.size += sizeof(int64_t);
+    E->batches++;
+    *end_out = end;
     return 0;
+}
+
+/* Decode-only rounds from *nowp while batches start before `lim`.  While the plan is "the n
+ * leading decoders" (n >= head) it stays the same batch until an arrival, the horizon, a finish
+ * or the cap's bound (no plan depends on decode counts, except the max-weight rule's D while
+ * prompts wait), so the batches run as rounds without replanning: each ends at now + t_b and the
+ * calendar says who finishes.  With no prompt waiting every plan decodes the min(decoders,
+ * most) leading decoders.  One queue only.  With `collect`, returns after a round that finished
+ * someone (1: the caller routes them; their rids in dfin); 0 when done, -1 on error. */
+static int engine_rounds(Engine *E, double *nowp, double lim) {
+    if (E->G != 1) return 0;
+    Queue *Q = &E->q[0];
+    double now = *nowp;
+    int64_t *dl = E->R->dl;
+    const int64_t budget = E->budget;
+    int repeat = DEQ_N(&Q->pq) == 0 || (E->last_nch == 0 && E->load_rule == NO_LOAD_RULE);
+    while (repeat && now < lim && E->in_engine <= E->cap) {
+        int64_t n;
+        if (DEQ_N(&Q->pq) == 0) {
+            n = MIN(E->nd, E->most);
+        } else {
+            Py_ssize_t k = 0;
+            if (E->load_rule != NO_LOAD_RULE || plan_batch(E, &n, &k) || k) break;
+        }
+        if (n == 0 || n < Q->head) break;
+        int64_t *dq = DEQ_AT(&Q->dq);
+        for (; Q->head < n; Q->head++) {
+            int64_t r = dq[Q->head], key = Q->rounds - dl[r];
+            dl[r] = key;
+            if (cal_push(&Q->cal, Q->rounds, key, r)) return -1;
+        }
+        int64_t demand = E->total_prefill + E->nd, bound = MIN(budget, demand);
+        /* The same batch round after round (up to 4,096 at a time), before `lim`: end = now + t_b
+         * each.  A round with calendar entries settles them here; if nobody finished (only
+         * delayed entries re-filed) the batch stays the same. */
+        const int64_t mask = Q->cal.mask, *slot = Q->cal.slot;
+        int64_t far = Q->cal.far.n ? Q->cal.far.a[0].key : INT64_MAX;
+        const double duration = E->durations[n];
+        if (buf_reserve(&E->ends, 4096 * sizeof(double)) || buf_reserve(&E->tokens, 4096 * sizeof(int64_t))
+            || (E->record && buf_reserve(&E->detail, 4096 * 7 * sizeof(double))))
+            return -1;
+        double *ends = (double *)E->ends.data + E->batches;
+        int64_t *toks = (int64_t *)E->tokens.data + E->batches;
+        double *d = E->record ? (double *)(E->detail.data + E->detail.size) : NULL;
+        size_t m = 0;
+        Py_ssize_t gone = 0;
+        while (m < 4096 && now < lim) {
+            if (d) {
+                d[0] = now; d[1] = now + duration; d[2] = 0.0; d[3] = (double)n; d[4] = (double)n;
+                d[5] = (double)demand; d[6] = (double)bound;
+                d += 7;
+            }
+            Q->rounds++;
+            now += duration;
+            ends[m] = now;
+            toks[m++] = n;
+            if (slot[Q->rounds & mask] >= 0 || Q->rounds >= far) {
+                Py_ssize_t nfin = cal_take(&Q->cal, Q->rounds, &E->fin);
+                if (nfin < 0) return -1;
+                E->pfin.size = E->dfin.size = 0;
+                gone = settle(E, Q, nfin, now);
+                if (gone < 0) return -1;
+                if (gone) break;  /* fewer decoders: a new plan */
+                far = Q->cal.far.n ? Q->cal.far.a[0].key : INT64_MAX;
+            }
+        }
+        E->violations += (int64_t)m * (n != bound);
+        E->total_decode -= (int64_t)m * n;
+        E->ends.size += m * sizeof(double);
+        E->tokens.size += m * sizeof(int64_t);
+        if (d) E->detail.size += m * 7 * sizeof(double);
+        E->batches += m;
+        if (report(E->rep, m, now)) return -1;
+        if (gone && E->collect) {
+            *nowp = now;
+            return 1;
+        }
+    }
+    *nowp = now;
+    return 0;
+}
+
+/* Set up an engine: its policy from a plan encoding and its parameters; G queues.  Returns -1
+ * with an exception set on bad input. */
+static int engine_init(Engine *E, Req *R, Reporter *rep, const int64_t *plan, Py_ssize_t plan_words,
+                       const double *durations, Py_ssize_t n_durations, int64_t budget, int64_t cap,
+                       int splits_prompts, const int64_t *useful, Py_ssize_t n_useful, int has_useful,
+                       const int64_t *breaks, Py_ssize_t n_breaks, int G, int record, int collect,
+                       int64_t most_requests, int64_t longest, int64_t ring) {
+    memset(E, 0, sizeof(*E));
+    E->R = R;
+    E->rep = rep;
+    if (budget < 1 || cap < 1 || G < 1 || n_durations != budget + 1) {
+        PyErr_SetString(PyExc_ValueError, "bad engine parameters");
+        return -1;
+    }
+    if (plan_words < 2 || plan[0] < NO_LOAD_RULE || plan[0] > MAX_WEIGHT_LOAD || plan[1] < 1 || plan[1] > MAX_STEPS
+        || plan_words != 2 + 5 * plan[1] || (plan[0] != NO_LOAD_RULE && G != 1)) {
+        PyErr_SetString(PyExc_ValueError, "bad plan encoding");
+        return -1;
+    }
+    E->load_rule = (int)plan[0];
+    E->nsteps = (int)plan[1];
+    for (int k = 0; k < E->nsteps; k++) {
+        const int64_t *w = plan + 2 + 5 * k;
+        PlanStep st = {w[0], w[1], w[2], w[3], w[4]};
+        if (st.code < DECODES || st.code > WAITING || st.max_chunk < 1 || st.max_running < 1) {
+            PyErr_SetString(PyExc_ValueError, "bad plan step");
+            return -1;
+        }
+        E->steps[k] = st;
+    }
+    E->budget = budget;
+    E->cap = cap;
+    E->most = MIN(budget, cap);
+    E->splits_prompts = splits_prompts;
+    E->durations = durations;
+    E->useful = has_useful ? useful : NULL;
+    E->n_useful = n_useful;
+    E->breaks = breaks;
+    E->n_breaks = n_breaks;
+    E->G = G;
+    E->record = record;
+    E->collect = collect;
+    E->ends.python = E->tokens.python = E->detail.python = 1;
+    size_t scratch = (size_t)(budget < most_requests ? budget : most_requests) + 1;  /* one chunk per token and request */
+    E->chunk_rid = malloc(scratch * sizeof(int64_t));
+    E->chunk_len = malloc(scratch * sizeof(int64_t));
+    E->n_of = calloc((size_t)G, sizeof(int64_t));
+    E->done_of = calloc((size_t)G, sizeof(int64_t));
+    E->order = calloc((size_t)G, sizeof(int));
+    E->key = calloc((size_t)G, sizeof(double));
+    E->q = calloc((size_t)G, sizeof(Queue));
+    if (!E->chunk_rid || !E->chunk_len || !E->n_of || !E->done_of || !E->order || !E->key || !E->q) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int g = 0; g < G; g++)
+        if (cal_init(&E->q[g].cal, longest, ring)) return -1;
+    return 0;
+}
+
+static void engine_free(Engine *E) {
+    if (E->q) {
+        for (int g = 0; g < E->G; g++) {
+            Queue *Q = &E->q[g];
+            free(Q->pq.a); free(Q->dq.a);
+            free(Q->cal.slot); free(Q->cal.node_rid); free(Q->cal.node_next); free(Q->cal.far.a);
+        }
+    }
+    free(E->q); free(E->chunk_rid); free(E->chunk_len); free(E->n_of); free(E->done_of); free(E->order);
+    free(E->key); free(E->tmp);
+    buf_free(&E->fin); buf_free(&E->pfin); buf_free(&E->dfin); buf_free(&E->rej);
+    buf_free(&E->ends); buf_free(&E->tokens); buf_free(&E->detail);
+}
+
+/* Leave true decode counts in decode_left, as reference stepping would. */
+static void engine_settle_counts(Engine *E) {
+    int64_t *dl = E->R->dl;
+    for (int g = 0; g < E->G; g++) {
+        Queue *Q = &E->q[g];
+        const int64_t *dq = DEQ_AT(&Q->dq);
+        for (Py_ssize_t j = 0; j < DEQ_N(&Q->dq); j++) {
+            int64_t r = dq[j];
+            dl[r] = j < Q->head ? dl[r] - Q->rounds : -dl[r];
+        }
+    }
+}
+
+/* ---- one engine fed by an array of arrivals ---------------------------------------------- */
+
+static int buffer_ok(Py_buffer *b, const char *name, Py_ssize_t items, Py_ssize_t itemsize) {
+    if (b->len != items * itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, expected %zd", name, b->len, items * itemsize);
+        return 0;
+    }
+    return 1;
+}
+
+static int64_t longest_of(const int64_t *a, Py_ssize_t n) {
+    int64_t m = 0;
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (a[k] > m) m = a[k];
+    return m;
 }
 
 PyDoc_STRVAR(run_doc,
@@ -709,7 +960,7 @@ PyDoc_STRVAR(run_doc,
 "    decoding, rejected, plan, useful, breaks, budget, cap, has_useful, splits_prompts, horizon,\n"
 "    record, progress, ring, start_now, carried, n_pre, n_dec, stop)\n"
 "--\n\n"
-"One simulation on the compiled loop (see llmqueue.fastcore, which calls it).  plan is the policy's\n"
+"One engine on the compiled core (see llmqueue.fastcore, which calls it).  plan is the policy's\n"
 "Plan.encode() as int64 (llmqueue.schedulers.plan); useful and breaks are the max-weight load\n"
 "rule's candidate loads (int64; has_useful false: every load is useful).  Returns (now, i,\n"
 "pre_start, pre_end, dec_start, num_decoding, num_rejected, in_engine, violations, total_prefill,\n"
@@ -723,13 +974,11 @@ PyDoc_STRVAR(run_doc,
 static PyObject *run(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer b[14];
-    int has_useful, splits_prompts, record;
-    long long budget, cap;
+    int has_useful, splits_prompts, record, stop;
+    long long budget, cap, ring;
     double horizon, start_now;
     PyObject *progress;
-    long long ring;
     Py_ssize_t carried, n_pre, n_dec;
-    int stop;
     memset(b, 0, sizeof(b));
     if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*y*y*y*LLppdpOLdnnnp:run",
                           &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10],
@@ -737,44 +986,15 @@ static PyObject *run(PyObject *self, PyObject *args) {
                           &record, &progress, &ring, &start_now, &carried, &n_pre, &n_dec, &stop))
         return NULL;
     PyObject *result = NULL;
-    Loop L;
-    Out o;
-    memset(&L, 0, sizeof(L));
-    memset(&o, 0, sizeof(o));
+    Engine E;
+    Reporter P = {progress, 0, 0, 0, 0};
+    memset(&E, 0, sizeof(E));
     Py_ssize_t n = b[0].len / (Py_ssize_t)sizeof(double);
-    if (check(&b[0], "arrivals", n, 8) || check(&b[1], "prompts", n, 8) || check(&b[2], "outputs", n, 8)
-        || check(&b[3], "durations", (Py_ssize_t)budget + 1, 8) || check(&b[4], "prefill_left", n, 8)
-        || check(&b[5], "decode_left", n, 8) || check(&b[6], "first", n, 8) || check(&b[7], "finish", n, 8)
-        || check(&b[8], "prefilling", n, 8) || check(&b[9], "decoding", 2 * n + 2, 8) || check(&b[10], "rejected", n, 8))
+    if (!buffer_ok(&b[0], "arrivals", n, 8) || !buffer_ok(&b[1], "prompts", n, 8) || !buffer_ok(&b[2], "outputs", n, 8)
+        || !buffer_ok(&b[4], "prefill_left", n, 8) || !buffer_ok(&b[5], "decode_left", n, 8)
+        || !buffer_ok(&b[6], "first", n, 8) || !buffer_ok(&b[7], "finish", n, 8) || !buffer_ok(&b[8], "prefilling", n, 8)
+        || b[9].len < n * 8 || !buffer_ok(&b[10], "rejected", n, 8) || b[11].len % 8 || b[12].len % 8 || b[13].len % 8)
         goto done;
-    if (budget < 1 || cap < 1 || b[11].len % 8 || b[12].len % 8 || b[13].len % 8) {
-        PyErr_SetString(PyExc_ValueError, "bad engine parameters");
-        goto done;
-    }
-    {   /* the plan: load rule, step count, then 5 ints a step (Plan.encode) */
-        const int64_t *plan = b[11].buf;
-        Py_ssize_t words = b[11].len / 8;
-        if (words < 2 || plan[0] < NO_LOAD_RULE || plan[0] > MAX_WEIGHT_LOAD || plan[1] < 1 || plan[1] > MAX_STEPS
-            || words != 2 + 5 * plan[1]) {
-            PyErr_SetString(PyExc_ValueError, "bad plan encoding");
-            goto done;
-        }
-        L.load_rule = (int)plan[0];
-        L.nsteps = (int)plan[1];
-        for (int k = 0; k < L.nsteps; k++) {
-            const int64_t *w = plan + 2 + 5 * k;
-            PlanStep st = {w[0], w[1], w[2], w[3], w[4]};
-            if (st.code < DECODES || st.code > WAITING || st.max_chunk < 1 || st.max_running < 1) {
-                PyErr_SetString(PyExc_ValueError, "bad plan step");
-                goto done;
-            }
-            L.steps[k] = st;
-        }
-        L.useful = has_useful ? b[12].buf : NULL;
-        L.n_useful = b[12].len / 8;
-        L.breaks = b[13].buf;
-        L.n_breaks = b[13].len / 8;
-    }
     if (carried < 0 || carried > n || n_pre < 0 || n_dec < 0 || n_pre + n_dec > carried) {
         PyErr_SetString(PyExc_ValueError, "bad carried requests");
         goto done;
@@ -783,53 +1003,501 @@ static PyObject *run(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "progress must be callable or None");
         goto done;
     }
-    L.arrivals = b[0].buf; L.prompts = b[1].buf; L.outputs = b[2].buf; L.durations = b[3].buf;
-    L.pl = b[4].buf; L.dl = b[5].buf; L.first = b[6].buf; L.finish = b[7].buf;
-    L.pq = b[8].buf; L.dq = b[9].buf; L.rej = b[10].buf;
-    L.n_arr = n; L.splits_prompts = splits_prompts; L.record = record;
-    L.budget = budget; L.cap = cap; L.horizon = horizon;
-    L.start_now = start_now; L.carried = carried; L.n_pre = n_pre; L.n_dec = n_dec; L.stop = stop;
-    L.progress = progress;
-    L.ends.python = L.tokens.python = L.detail.python = 1;
-    size_t scratch = (size_t)(budget < n ? budget : n) + 1;  /* chunks: at most one per token and request */
-    L.chunk_rid = malloc(scratch * sizeof(int64_t));
-    L.chunk_len = malloc(scratch * sizeof(int64_t));
-    L.tmp = malloc(((size_t)n + 1) * sizeof(int64_t));
-    if (!L.chunk_rid || !L.chunk_len || !L.tmp) {
-        PyErr_NoMemory();
+    Req R = {b[4].buf, b[5].buf, b[1].buf, b[2].buf, NULL, b[6].buf, b[7].buf};
+    if (engine_init(&E, &R, &P, b[11].buf, b[11].len / 8, b[3].buf, b[3].len / 8, budget, cap, splits_prompts,
+                    b[12].buf, b[12].len / 8, has_useful, b[13].buf, b[13].len / 8, 1, record, 0, n,
+                    longest_of(R.outputs, n), ring))
         goto done;
+    const double *arrivals = b[0].buf;
+    int64_t *pl = R.pl, *dl = R.dl, *prefilling = b[8].buf, *decoding = b[9].buf;
+    /* Requests carried in: the prompts queue; the decoders (true counts) go behind an empty head. */
+    Queue *Q = &E.q[0];
+    for (Py_ssize_t q = 0; q < n_pre; q++) {
+        if (deq_push(&Q->pq, prefilling[q])) goto done;
+        E.total_prefill += pl[prefilling[q]];
     }
-    int64_t longest = 0;
-    for (Py_ssize_t k = 0; k < n; k++)
-        if (L.outputs[k] > longest) longest = L.outputs[k];
-    if (cal_init(&L.cal, longest, ring)) goto done;
-    if (run_loop(&L, &o) == 0) {
-        PyObject *ends = buf_take(&L.ends), *tokens = buf_take(&L.tokens);
-        PyObject *detail = record ? buf_take(&L.detail) : (Py_INCREF(Py_None), Py_None);
-        if (ends && tokens && detail)
-            result = Py_BuildValue("dnnnnnnLLLOOOn", o.now, o.i, o.ps, o.pe, o.ds, o.nd, o.nrej,
-                                   (long long)o.in_engine, (long long)o.violations,
-                                   (long long)o.total_prefill, ends, tokens, detail, (Py_ssize_t)o.turns);
-        Py_XDECREF(ends);
-        Py_XDECREF(tokens);
-        Py_XDECREF(detail);
+    for (Py_ssize_t j = 0; j < n_dec; j++) {
+        int64_t r = decoding[j];
+        if (deq_push(&Q->dq, r)) goto done;
+        E.total_decode += dl[r];
+        dl[r] = -dl[r];
     }
+    E.in_engine = n_pre + n_dec;
+    E.nd = n_dec;
+    double now = start_now;
+    Py_ssize_t i = carried;
+    for (;;) {
+        /* Admit every arrival up to this batch boundary (Engine.admit). */
+        while (i < n && arrivals[i] <= now)
+            if (engine_admit(&E, i++) < 0) goto done;
+        P.admitted = i;
+        if (stop && i >= n) break;  /* streaming: the caller brings the next arrivals */
+        if (!E.in_engine) {
+            if (i >= n || arrivals[i] > horizon) break;
+            now = arrivals[i];
+            continue;
+        }
+        if (now >= horizon) break;
+        if (engine_batch(&E, now, &now) || report(&P, 1, now)) goto done;
+        double lim = horizon;
+        if (i < n && arrivals[i] < lim) lim = arrivals[i];
+        if (engine_rounds(&E, &now, lim) < 0) goto done;
+    }
+    engine_settle_counts(&E);
+    Py_ssize_t npre = DEQ_N(&Q->pq), nd = DEQ_N(&Q->dq), nrej = (Py_ssize_t)(E.rej.size / sizeof(int64_t));
+    if (npre) memcpy(prefilling, DEQ_AT(&Q->pq), (size_t)npre * sizeof(int64_t));
+    if (nd) memcpy(decoding, DEQ_AT(&Q->dq), (size_t)nd * sizeof(int64_t));
+    if (nrej) memcpy(b[10].buf, E.rej.data, E.rej.size);
+    PyObject *ends = buf_take(&E.ends), *tokens = buf_take(&E.tokens);
+    PyObject *detail = record ? buf_take(&E.detail) : (Py_INCREF(Py_None), Py_None);
+    if (ends && tokens && detail)
+        result = Py_BuildValue("dnnnnnnLLLOOOn", now, i, (Py_ssize_t)0, npre, (Py_ssize_t)0, nd, nrej,
+                               (long long)E.in_engine, (long long)E.violations, (long long)E.total_prefill, ends,
+                               tokens, detail, (Py_ssize_t)E.turns);
+    Py_XDECREF(ends);
+    Py_XDECREF(tokens);
+    Py_XDECREF(detail);
 done:
-    free(L.chunk_rid); free(L.chunk_len); free(L.tmp); free(L.cal.slot); free(L.cal.node_rid); free(L.cal.node_next); free(L.cal.far.a);
-    buf_free(&L.fin); buf_free(&L.ends); buf_free(&L.tokens); buf_free(&L.detail);
+    engine_free(&E);
     for (int k = 0; k < 14; k++)
         if (b[k].obj) PyBuffer_Release(&b[k]);
     return result;
 }
 
+/* ---- a network of engines and delay stations (network/sim.py) ---------------------------- */
+
+enum { ARRIVAL = 0, BATCH_END = 1, DELAY_END = 2 };
+
+/* An event: (time, seq) orders the heap; seq breaks ties in insertion order, as in network/sim.py. */
+typedef struct { double time; int64_t seq; int64_t kind, a, b; } Event;
+
+/* Where one branch of a job is: its segment, the next visit, and the join it reports to. */
+typedef struct { int64_t job, seg, pos, join; } Token;
+typedef struct { int64_t remaining, seg, parent; } Join;
+
+typedef struct {
+    int J;
+    Engine *E;
+    int *busy;
+    /* jobs' routes, flattened by network/sim.py: visits, segments, jobs class by class */
+    const int64_t *v_engine, *v_prompt, *v_output, *v_buffer, *v_group;
+    const double *v_delay;
+    const int64_t *seg_vstart, *seg_vcount, *seg_bstart, *seg_bcount, *seg_children, *seg_join;
+    const int64_t *job_root, *class_start;
+    const double *job_entry;
+    int K;
+    Py_ssize_t S, n_jobs;
+    /* per sub-request (rid), written here */
+    int64_t *sub_visit, *sub_job, *sub_token, *sub_prompt, *sub_output, *sub_group, *sub_rejected;
+    double *sub_arrival;
+    Py_ssize_t nsub;
+    /* per job (in order of arrival), written here */
+    int64_t *job_src, *job_rejected;
+    double *job_exit;
+    Py_ssize_t njobs;
+    int64_t *counts;   /* requests per buffer in the network (max-pressure's Z_b) */
+    Token *tok; Py_ssize_t ntok, tok_cap;
+    Join *joins; Py_ssize_t njoin, join_cap;
+    Event *heap; Py_ssize_t nheap, heap_cap;
+    int64_t seq;
+    int touched;       /* an engine other than the one running ahead got a request */
+    int running;       /* the engine running ahead, or -1 */
+    double horizon;
+} Net;
+
+static inline int ev_less(const Event *x, const Event *y) {
+    return x->time < y->time || (x->time == y->time && x->seq < y->seq);
+}
+
+static int ev_push(Net *N, double time, int64_t kind, int64_t a, int64_t b) {
+    if (N->nheap == N->heap_cap) {
+        Py_ssize_t cap = N->heap_cap ? 2 * N->heap_cap : 1024;
+        Event *p = realloc(N->heap, (size_t)cap * sizeof(Event));
+        if (!p) { PyErr_NoMemory(); return -1; }
+        N->heap = p;
+        N->heap_cap = cap;
+    }
+    Event e = {time, N->seq++, kind, a, b};
+    Py_ssize_t j = N->nheap++;
+    while (j > 0) {
+        Py_ssize_t up = (j - 1) / 2;
+        if (!ev_less(&e, &N->heap[up])) break;
+        N->heap[j] = N->heap[up];
+        j = up;
+    }
+    N->heap[j] = e;
+    return 0;
+}
+
+static Event ev_pop(Net *N) {
+    Event top = N->heap[0], last = N->heap[--N->nheap];
+    Py_ssize_t j = 0, n = N->nheap;
+    for (;;) {
+        Py_ssize_t c = 2 * j + 1;
+        if (c >= n) break;
+        if (c + 1 < n && ev_less(&N->heap[c + 1], &N->heap[c])) c++;
+        if (!ev_less(&N->heap[c], &last)) break;
+        N->heap[j] = N->heap[c];
+        j = c;
+    }
+    if (n) N->heap[j] = last;
+    return top;
+}
+
+static int64_t new_token(Net *N, int64_t job, int64_t seg, int64_t join) {
+    if (N->ntok == N->tok_cap) {
+        Py_ssize_t cap = N->tok_cap ? 2 * N->tok_cap : 1024;
+        Token *p = realloc(N->tok, (size_t)cap * sizeof(Token));
+        if (!p) { PyErr_NoMemory(); return -1; }
+        N->tok = p;
+        N->tok_cap = cap;
+    }
+    N->tok[N->ntok] = (Token){job, seg, 0, join};
+    return N->ntok++;
+}
+
+static int64_t new_join(Net *N, int64_t remaining, int64_t seg, int64_t parent) {
+    if (N->njoin == N->join_cap) {
+        Py_ssize_t cap = N->join_cap ? 2 * N->join_cap : 1024;
+        Join *p = realloc(N->joins, (size_t)cap * sizeof(Join));
+        if (!p) { PyErr_NoMemory(); return -1; }
+        N->joins = p;
+        N->join_cap = cap;
+    }
+    N->joins[N->njoin] = (Join){remaining, seg, parent};
+    return N->njoin++;
+}
+
+/* _Simulation.advance: move a branch on from where it is: to its next visit (an engine, where a
+ * sub-request is admitted, or a delay station), a fork, its join, or out. */
+static int advance(Net *N, int64_t t, double now) {
+    for (;;) {
+        int64_t job = N->tok[t].job, seg = N->tok[t].seg;
+        if (N->job_rejected[job]) return 0;
+        if (N->tok[t].pos < N->seg_vcount[seg]) {
+            int64_t v = N->seg_vstart[seg] + N->tok[t].pos++;
+            int64_t e = N->v_engine[v];
+            if (e < 0) return ev_push(N, now + N->v_delay[v], DELAY_END, t, 0);
+            if (N->nsub >= N->S) {
+                PyErr_SetString(PyExc_RuntimeError, "more sub-requests than visits");
+                return -1;
+            }
+            int64_t s = N->nsub++;
+            N->sub_visit[s] = v;
+            N->sub_job[s] = job;
+            N->sub_token[s] = t;
+            N->sub_arrival[s] = now;
+            N->sub_prompt[s] = N->v_prompt[v];
+            N->sub_output[s] = N->v_output[v];
+            N->sub_group[s] = N->v_group[v];
+            if (e != N->running) N->touched = 1;
+            int ok = engine_admit(&N->E[e], s);
+            if (ok < 0) return -1;
+            if (ok) {
+                N->counts[N->v_buffer[v]]++;
+            } else {
+                N->job_rejected[job] = 1;
+                N->sub_rejected[s] = 1;
+            }
+            return 0;
+        }
+        if (N->seg_bcount[seg]) {
+            int64_t jn = new_join(N, N->seg_bcount[seg], N->seg_join[seg], N->tok[t].join);
+            if (jn < 0) return -1;
+            for (int64_t k = 0; k < N->seg_bcount[seg]; k++) {
+                int64_t t2 = new_token(N, job, N->seg_children[N->seg_bstart[seg] + k], jn);
+                if (t2 < 0 || advance(N, t2, now)) return -1;
+            }
+            return 0;
+        }
+        int64_t jn = N->tok[t].join;
+        if (jn < 0) {
+            N->job_exit[job] = now;
+            return 0;
+        }
+        if (--N->joins[jn].remaining) return 0;
+        N->tok[t].seg = N->joins[jn].seg;
+        N->tok[t].pos = 0;
+        N->tok[t].join = N->joins[jn].parent;
+    }
+}
+
+/* A batch end of engine j: route what it finished (its prefill completions, then its decoders,
+ * in Engine.step's order). */
+static int route_finished(Net *N, int j, double now) {
+    Engine *E = &N->E[j];
+    Buf *lists[2] = {&E->pfin, &E->dfin};
+    for (int l = 0; l < 2; l++) {
+        Py_ssize_t n = (Py_ssize_t)(lists[l]->size / sizeof(int64_t));
+        for (Py_ssize_t k = 0; k < n; k++) {
+            int64_t s = ((int64_t *)lists[l]->data)[k];
+            N->counts[N->v_buffer[N->sub_visit[s]]]--;
+            if (advance(N, N->sub_token[s], now)) return -1;
+        }
+        lists[l]->size = 0;
+    }
+    return 0;
+}
+
+static inline double next_time(const Net *N) {
+    return N->nheap ? N->heap[0].time : INFINITY;
+}
+
+/* Start engine j's batch at `now` (all events at `now` are handled).  With `ahead` (no other
+ * engine starts at `now`), while its batch ends before every other event it is the only thing
+ * that happens: handle that batch end here, as the event loop would, and go on (decode-only
+ * rounds included) until a batch end that routes a request to another engine, or that is not
+ * the earliest event: that one is pushed as the BATCH_END event.  `*last` is the time of the
+ * last batch end handled here.  Returns 1 when it stopped after handling a batch end at *at
+ * whose routing needs the other engines' start phase there, 0 otherwise, -1 on error. */
+static int start(Net *N, Reporter *P, int j, double now, int ahead, double *last, double *at) {
+    Engine *E = &N->E[j];
+    N->busy[j] = 1;
+    for (;;) {
+        double end;
+        if (engine_batch(E, now, &end) || report(P, 1, end)) return -1;
+        for (;;) {
+            if (!ahead || !(end < next_time(N)) || end > N->horizon) return ev_push(N, end, BATCH_END, j, 0);
+            /* this batch end is the earliest event: handle it here */
+            *last = end;
+            N->running = j;
+            N->touched = 0;
+            int rc = route_finished(N, j, end);
+            N->running = -1;
+            if (rc) return -1;
+            now = end;
+            if (N->touched || !(now < next_time(N))) {  /* others act at `now` too: back to the loop */
+                N->busy[j] = 0;
+                *at = now;
+                return 1;
+            }
+            if (!(now < N->horizon) || !E->in_engine) {
+                N->busy[j] = 0;
+                return 0;
+            }
+            double lim = next_time(N);
+            if (N->horizon < lim) lim = N->horizon;
+            size_t before = E->batches;
+            int r = engine_rounds(E, &now, lim);
+            if (r < 0) return -1;
+            if (r == 1 || E->batches == before) {
+                if (r == 1) end = now;       /* a round that finished someone: its end is handled above */
+                else break;                  /* no rounds: plan the next batch at `now` */
+                continue;
+            }
+            if (!(now < lim)) return ev_push(N, now, BATCH_END, j, 0);  /* the last round's end is an event */
+            *last = now;  /* rounds stopped early (the cap's bound): their last end is handled here */
+            break;
+        }
+    }
+}
+
+PyDoc_STRVAR(run_network_doc,
+"run_network(engines, visits, segments, jobs, subs, job_out, counts, horizon, ring, progress)\n"
+"--\n\n"
+"A network of engines and delay stations on the compiled core (see llmqueue.network.sim, which\n"
+"calls it and documents the arrays).  Returns (now, sub-requests, jobs, [(ends, tokens, detail,\n"
+"violations, planned, in_engine, total_prefill) per engine]).");
+
+static PyObject *run_network(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *engines, *visits, *segments, *jobs, *subs, *job_out, *progress;
+    Py_buffer counts_b;
+    double horizon;
+    long long ring;
+    memset(&counts_b, 0, sizeof(counts_b));
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!w*dLO:run_network", &PyTuple_Type, &engines, &PyTuple_Type, &visits,
+                          &PyTuple_Type, &segments, &PyTuple_Type, &jobs, &PyTuple_Type, &subs, &PyTuple_Type,
+                          &job_out, &counts_b, &horizon, &ring, &progress))
+        return NULL;
+    PyObject *result = NULL;
+    Net N;
+    memset(&N, 0, sizeof(N));
+    N.running = -1;
+    N.horizon = horizon;
+    Reporter P = {progress, 1, 0, 0, 0};
+    enum { NB = 64 };
+    Py_buffer b[NB];
+    int nb = 0;
+    memset(b, 0, sizeof(b));
+#define GET(tuple, k, dst, type, writable)                                                              \
+    do {                                                                                                \
+        if (nb >= NB || PyObject_GetBuffer(PyTuple_GET_ITEM(tuple, k), &b[nb],                          \
+                                           (writable) ? PyBUF_WRITABLE : PyBUF_SIMPLE)) goto done;      \
+        dst = (type)b[nb++].buf;                                                                        \
+    } while (0)
+    if (PyTuple_GET_SIZE(visits) != 6 || PyTuple_GET_SIZE(segments) != 6 || PyTuple_GET_SIZE(jobs) != 3
+        || PyTuple_GET_SIZE(subs) != 10 || PyTuple_GET_SIZE(job_out) != 3) {
+        PyErr_SetString(PyExc_ValueError, "bad network arrays");
+        goto done;
+    }
+    if (progress != Py_None && !PyCallable_Check(progress)) {
+        PyErr_SetString(PyExc_TypeError, "progress must be callable or None");
+        goto done;
+    }
+    GET(visits, 0, N.v_engine, const int64_t *, 0);
+    Py_ssize_t n_visits = b[nb - 1].len / 8;
+    N.S = n_visits;  /* (a bound: the engine visits are fewer) */
+    GET(visits, 1, N.v_prompt, const int64_t *, 0);
+    GET(visits, 2, N.v_output, const int64_t *, 0);
+    GET(visits, 3, N.v_buffer, const int64_t *, 0);
+    GET(visits, 4, N.v_group, const int64_t *, 0);
+    GET(visits, 5, N.v_delay, const double *, 0);
+    GET(segments, 0, N.seg_vstart, const int64_t *, 0);
+    GET(segments, 1, N.seg_vcount, const int64_t *, 0);
+    GET(segments, 2, N.seg_bstart, const int64_t *, 0);
+    GET(segments, 3, N.seg_bcount, const int64_t *, 0);
+    GET(segments, 4, N.seg_children, const int64_t *, 0);
+    GET(segments, 5, N.seg_join, const int64_t *, 0);
+    GET(jobs, 0, N.job_root, const int64_t *, 0);
+    N.n_jobs = b[nb - 1].len / 8;
+    GET(jobs, 1, N.job_entry, const double *, 0);
+    GET(jobs, 2, N.class_start, const int64_t *, 0);
+    N.K = (int)(b[nb - 1].len / 8) - 1;
+    int64_t *pl, *dl;
+    double *first, *finish;
+    GET(subs, 0, N.sub_visit, int64_t *, 1);
+    if (b[nb - 1].len / 8 < N.S) N.S = b[nb - 1].len / 8;
+    GET(subs, 1, N.sub_job, int64_t *, 1);
+    GET(subs, 2, N.sub_token, int64_t *, 1);
+    GET(subs, 3, N.sub_prompt, int64_t *, 1);
+    GET(subs, 4, N.sub_output, int64_t *, 1);
+    GET(subs, 5, N.sub_group, int64_t *, 1);
+    GET(subs, 6, N.sub_rejected, int64_t *, 1);
+    GET(subs, 7, N.sub_arrival, double *, 1);
+    GET(subs, 8, first, double *, 1);
+    GET(subs, 9, finish, double *, 1);
+    GET(job_out, 0, N.job_src, int64_t *, 1);
+    GET(job_out, 1, N.job_rejected, int64_t *, 1);
+    GET(job_out, 2, N.job_exit, double *, 1);
+    N.counts = counts_b.buf;
+    pl = malloc((size_t)(N.S + 1) * sizeof(int64_t));
+    dl = malloc((size_t)(N.S + 1) * sizeof(int64_t));
+    N.J = (int)PyTuple_GET_SIZE(engines);
+    N.E = calloc((size_t)N.J + 1, sizeof(Engine));
+    N.busy = calloc((size_t)N.J + 1, sizeof(int));
+    if (!pl || !dl || !N.E || !N.busy) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Req R = {pl, dl, N.sub_prompt, N.sub_output, N.sub_group, first, finish};
+    int64_t longest = longest_of(N.v_output, n_visits);
+    for (int j = 0; j < N.J; j++) {
+        PyObject *spec = PyTuple_GET_ITEM(engines, j);
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 15) {
+            PyErr_SetString(PyExc_ValueError, "bad engine spec");
+            goto done;
+        }
+        const int64_t *plan, *useful, *breaks;
+        const double *durations;
+        int first_b = nb;
+        GET(spec, 0, plan, const int64_t *, 0);
+        GET(spec, 1, durations, const double *, 0);
+        GET(spec, 2, useful, const int64_t *, 0);
+        GET(spec, 3, breaks, const int64_t *, 0);
+        Engine *E = &N.E[j];
+        long long budget = PyLong_AsLongLong(PyTuple_GET_ITEM(spec, 4));
+        long long cap = PyLong_AsLongLong(PyTuple_GET_ITEM(spec, 5));
+        int splits = PyObject_IsTrue(PyTuple_GET_ITEM(spec, 6)), has_useful = PyObject_IsTrue(PyTuple_GET_ITEM(spec, 7));
+        long G = PyLong_AsLong(PyTuple_GET_ITEM(spec, 8)), order_kind = PyLong_AsLong(PyTuple_GET_ITEM(spec, 9));
+        if (PyErr_Occurred()) goto done;
+        if (engine_init(E, &R, &P, plan, b[first_b].len / 8, durations, b[first_b + 1].len / 8, budget, cap, splits,
+                        useful, b[first_b + 2].len / 8, has_useful, breaks, b[first_b + 3].len / 8, (int)G, 1, 1, N.S,
+                        longest, ring))
+            goto done;
+        E->order_kind = (int)order_kind;
+        GET(spec, 10, E->buffer, const int64_t *, 0);
+        GET(spec, 11, E->ds_start, const int64_t *, 0);
+        GET(spec, 12, E->ds_buf, const int64_t *, 0);
+        GET(spec, 13, E->ds_p, const double *, 0);
+        GET(spec, 14, E->inv_tokens, const double *, 0);
+        E->counts = N.counts;
+    }
+#undef GET
+    for (int k = 0; k < N.K; k++)
+        if (N.class_start[k] < N.class_start[k + 1] && ev_push(&N, N.job_entry[N.class_start[k]], ARRIVAL, k, 0))
+            goto done;
+    double now = 0.0, last = 0.0, at;
+    int *starting = calloc((size_t)N.J + 1, sizeof(int));
+    if (!starting) { PyErr_NoMemory(); goto done; }
+    int failed = 0;
+    while (N.nheap && N.heap[0].time <= horizon) {
+        now = N.heap[0].time;
+        last = now;
+        while (N.nheap && N.heap[0].time == now) {
+            Event ev = ev_pop(&N);
+            if (ev.kind == ARRIVAL) {
+                int64_t k = ev.a, i = ev.b, src = N.class_start[k] + i;
+                int64_t job = N.njobs++;
+                N.job_src[job] = src;
+                int64_t t = new_token(&N, job, N.job_root[src], -1);
+                if (t < 0 || advance(&N, t, now)) { failed = 1; break; }
+                if (src + 1 < N.class_start[k + 1] && ev_push(&N, N.job_entry[src + 1], ARRIVAL, k, i + 1)) {
+                    failed = 1;
+                    break;
+                }
+            } else if (ev.kind == BATCH_END) {
+                N.busy[ev.a] = 0;
+                if (route_finished(&N, (int)ev.a, now)) { failed = 1; break; }
+            } else if (advance(&N, ev.a, now)) {
+                failed = 1;
+                break;
+            }
+        }
+        if (failed) break;
+        /* Start every idle engine with work, in order (after all events at `now`); one alone may
+         * run ahead, and when its routing makes others act, their start phase comes at that time. */
+        while (now < horizon) {
+            int m = 0;
+            for (int j = 0; j < N.J; j++) starting[j] = !N.busy[j] && N.E[j].in_engine > 0;
+            for (int j = 0; j < N.J; j++) m += starting[j];
+            int rc = 0;
+            for (int j = 0; j < N.J && rc == 0; j++)
+                if (starting[j]) rc = start(&N, &P, j, now, m == 1, &last, &at);
+            if (rc < 0) { failed = 1; break; }
+            if (rc == 0) break;
+            now = at;  /* handled up to a batch end at `at`: the start phase there */
+        }
+        if (failed) break;
+    }
+    free(starting);
+    if (failed) goto done;
+    PyObject *per = PyList_New(N.J);
+    if (!per) goto done;
+    for (int j = 0; j < N.J; j++) {
+        Engine *E = &N.E[j];
+        engine_settle_counts(E);
+        PyObject *ends = buf_take(&E->ends), *tokens = buf_take(&E->tokens), *detail = buf_take(&E->detail);
+        PyObject *item = (ends && tokens && detail)
+            ? Py_BuildValue("OOOLnLL", ends, tokens, detail, (long long)E->violations, (Py_ssize_t)E->turns,
+                            (long long)E->in_engine, (long long)E->total_prefill) : NULL;
+        Py_XDECREF(ends);
+        Py_XDECREF(tokens);
+        Py_XDECREF(detail);
+        if (!item) { Py_DECREF(per); goto done; }
+        PyList_SET_ITEM(per, j, item);
+    }
+    result = Py_BuildValue("dnnN", last, N.nsub, N.njobs, per);
+done:
+    if (N.E)
+        for (int j = 0; j < N.J; j++) engine_free(&N.E[j]);
+    free(N.E); free(N.busy); free(N.tok); free(N.joins); free(N.heap); free(pl); free(dl);
+    for (int k = 0; k < nb; k++) PyBuffer_Release(&b[k]);
+    if (counts_b.obj) PyBuffer_Release(&counts_b);
+    return result;
+}
+
+/* ---- the module ------------------------------------------------------------------------- */
+
 static PyMethodDef methods[] = {
     {"run", run, METH_VARARGS, run_doc},
+    {"run_network", run_network, METH_VARARGS, run_network_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fastcore", "The simulator's compiled event loop (llmqueue.fastcore).", -1, methods,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_fastcore", "The simulator's compiled core (llmqueue.fastcore, llmqueue.network.sim).", -1,
+    methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fastcore(void) {

@@ -57,6 +57,13 @@ def unavailable() -> str | None:
     return _why_not
 
 
+def core():
+    """The compiled module (InternalError where it is not available)."""
+    if _core is None:
+        raise InternalError(f"compiled core requested but {_why_not}")
+    return _core
+
+
 _said: set[str] = set()
 
 

@@ -216,10 +216,10 @@ class NetworkCase:
 
         return load_network(self.scenario, list(self.overrides))
 
-    def run(self):
+    def run(self, method: str = "fast"):
         from llmqueue.network import simulate_network
 
-        return simulate_network(self.network())
+        return simulate_network(self.network(), method=method)
 
 
 def _network_cases() -> list[NetworkCase]:

@@ -23,13 +23,15 @@ import heapq
 import itertools
 import time as _time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from llmqueue.engine import Engine
+from llmqueue.errors import ConfigError
+from llmqueue.network import fast
 from llmqueue.network.analysis import NetworkAnalysis, analyze_network
-from llmqueue.network.model import MAX_PRESSURE, PRIORITY, Network
+from llmqueue.network.model import FCFS, MAX_PRESSURE, PRIORITY, Network
 from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
 from llmqueue.network.routes import Segment
 from llmqueue.request import Request
@@ -104,6 +106,11 @@ def build_engines(net: Network, analysis: NetworkAnalysis, counts: list[int]) ->
     engines = []
     for j, spec in enumerate(net.engines):
         scheduler = make_scheduler(spec.scheduler, **spec.options)
+        if spec.policy != FCFS and scheduler.program is not None and scheduler.program.load is not None:
+            raise ConfigError(f"engines[{j}].scheduler", spec.scheduler,
+                              f"a scheduler without a load rule under policy {spec.policy!r} ({spec.scheduler} "
+                              "chooses each batch's load from the whole engine's queues, not group by group); "
+                              "or policy 'fcfs'")
         local = [(k, h) for (k, h) in buffers if net.classes[k].hops[h].engine == j]
         if spec.policy == PRIORITY:
             rank = {k: i for i, k in enumerate(spec.class_priority)}
@@ -149,6 +156,7 @@ class NetworkResult:
     job_rejected: np.ndarray
     seed: int = 0
     wall_s: float = 0.0
+    meta: dict = field(default_factory=dict)
 
     def engine_result(self, j: int) -> Result:
         """Engine j's sub-requests and batches as a single-engine :class:`Result` (for its metrics)."""
@@ -284,10 +292,21 @@ class _Simulation:
         return now
 
 
+METHODS = ("fast", "reference")
+
+
 def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float | None = None,
                      drain: bool | None = None, jobs: Jobs | None = None,
-                     progress: Callable[[float], None] | None = None) -> NetworkResult:
-    """Run the network (config values unless given); ``jobs`` replaces the sampled jobs."""
+                     progress: Callable[[float], None] | None = None, method: str = "fast") -> NetworkResult:
+    """Run the network (config values unless given); ``jobs`` replaces the sampled jobs.
+
+    ``method``: ``"fast"`` runs on the compiled core (:mod:`llmqueue.network.fast`) where it can
+    (else the reference loop); ``"reference"`` runs this module's loop over :meth:`Engine.step`.
+    Both give identical results; ``result.meta["method"]`` says which ran ("fast" or
+    "reference (why)").
+    """
+    if method not in METHODS:
+        raise ConfigError("run.method", method, f"one of {', '.join(METHODS)}")
     started = _time.perf_counter()
     seed = net.seed if seed is None else seed
     horizon_s = net.horizon_s if horizon_s is None else horizon_s
@@ -295,24 +314,36 @@ def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float 
     analysis = analyze_network(net)
     if jobs is None:
         jobs = generate_jobs(net, seed, horizon_s)
+    horizon = float("inf") if drain else horizon_s
     sim = _Simulation(net, analysis)
-    last = sim.run(jobs, float("inf") if drain else horizon_s, progress)
-    end_time = max(last, horizon_s) if drain else horizon_s
-    result = _collect(sim, analysis, end_time)
+    why = fast.reason(sim.engines) if method == "fast" else "selected"
+    if why is None:
+        last, arrays = fast.run(sim.engines, jobs, sim.buffer, horizon, progress)
+        end_time = max(last, horizon_s) if drain else horizon_s
+        batches = [_batch_columns(rec) for rec in arrays.pop("batches")]
+        result = NetworkResult(network=net, analysis=analysis, end_time=end_time, engines=sim.engines,
+                               batches=batches, **arrays)
+    else:
+        last = sim.run(jobs, horizon, progress)
+        end_time = max(last, horizon_s) if drain else horizon_s
+        result = _collect(sim, analysis, end_time)
     result.seed = seed
+    result.meta["method"] = "fast" if why is None else f"reference ({why})"
     result.wall_s = _time.perf_counter() - started
     return result
+
+
+def _batch_columns(cols: np.ndarray) -> dict[str, np.ndarray]:
+    cols = np.asarray(cols, dtype=float).reshape(-1, len(BATCH_COLUMNS))
+    b = {name: cols[:, i] if i < 2 else cols[:, i].astype(np.int64) for i, name in enumerate(BATCH_COLUMNS)}
+    b["duration"] = b["end_time"] - b["start_time"]
+    return b
 
 
 def _collect(sim: _Simulation, analysis: NetworkAnalysis, end_time: float) -> NetworkResult:
     subs, jobs = sim.subs, sim.jobs
     nan = float("nan")
-    batches = []
-    for rec in sim.records:
-        cols = np.array(rec, dtype=float).reshape(-1, len(BATCH_COLUMNS))
-        b = {name: cols[:, i] if i < 2 else cols[:, i].astype(np.int64) for i, name in enumerate(BATCH_COLUMNS)}
-        b["duration"] = b["end_time"] - b["start_time"]
-        batches.append(b)
+    batches = [_batch_columns(np.array(rec, dtype=float)) for rec in sim.records]
     rejected = np.zeros(len(subs), dtype=bool)
     for engine in sim.engines:
         rejected[[r.rid for r in engine.rejected]] = True

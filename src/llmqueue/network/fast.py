@@ -1,0 +1,181 @@
+"""A network run on the compiled core (paper §5; docs/architecture.md).
+
+``_fastcore.run_network`` is the event loop of :mod:`llmqueue.network.sim` in C: the same heap of
+(time, seq) events, the same routing of each branch of a job (visits, forks, joins, loops,
+delay stations) and, at every engine, the same engine core as one engine (each policy's plan,
+interpreted; class priority and max-pressure as group orders), so every batch, time and id is
+what the reference loop gives, bit for bit (tests/test_golden.py, tests/test_network_core.py).
+This module flattens the sampled jobs into arrays, describes each engine's policy, calls it, and
+builds the :class:`~llmqueue.network.sim.NetworkResult`.
+
+Flattened routes: a job's route is a tree of segments (:class:`~llmqueue.network.routes.Segment`);
+segment s has visits ``seg_vstart[s] : + seg_vcount[s]`` and, if it ends in a fork, branches
+``children[seg_bstart[s] : + seg_bcount[s]]`` joined by segment ``seg_join[s]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from llmqueue import fastcore
+from llmqueue.engine import Engine
+from llmqueue.errors import InternalError
+from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
+from llmqueue.network.routes import Segment
+from llmqueue.schedulers import Scheduler
+from llmqueue.schedulers.plan import NO_LIMIT
+
+ORDER_STATIC, ORDER_PRESSURE = 0, 1   # the core's group orders (_fastcore.c)
+
+
+def reason(engines: list[Engine]) -> str | None:
+    """Why this network cannot run on the compiled core (None: it can)."""
+    if fastcore.unavailable() is not None:
+        return fastcore.unavailable()
+    for j, engine in enumerate(engines):
+        scheduler = engine.scheduler
+        inner = scheduler.inner if isinstance(scheduler, GroupedScheduler) else scheduler
+        if isinstance(scheduler, GroupedScheduler) and type(scheduler) not in (ClassPriority, MaxPressure):
+            return f"engine {j}: policy {scheduler.policy!r} has no compiled form"
+        if inner.program is None or type(inner).plan is not Scheduler.plan:
+            return f"engine {j}: scheduler {inner.name!r} plans in Python (plan() instead of a composed Plan)"
+        if not engine.batch_time.tokens_only:
+            return f"engine {j}: batch time {engine.batch_time.name!r} depends on more than the token load"
+    return None
+
+
+def _engine_spec(engine: Engine) -> tuple:
+    """The tuple run_network reads for one engine: plan, batch times, load rule, groups."""
+    scheduler = engine.scheduler
+    inner = scheduler.inner if isinstance(scheduler, GroupedScheduler) else scheduler
+    load = inner.load
+    i64, f64 = np.int64, np.float64
+    groups = 1
+    order = ORDER_STATIC
+    buffers = np.zeros(1, i64)
+    ds_start, ds_buf, ds_p = np.zeros(2, i64), np.zeros(0, i64), np.zeros(0, f64)
+    inv = np.ones(1, f64)
+    if isinstance(scheduler, GroupedScheduler):
+        groups = len(scheduler.prefilling)
+        buffers = np.zeros(groups, i64)
+        ds_start = np.zeros(groups + 1, i64)
+        inv = np.ones(groups, f64)
+        if isinstance(scheduler, MaxPressure):
+            order = ORDER_PRESSURE
+            buffers = np.asarray(scheduler.buffers, i64)
+            ds_start = np.cumsum([0, *(len(d) for d in scheduler.downstream)]).astype(i64)
+            ds_buf = np.asarray([b for d in scheduler.downstream for b, _ in d], i64)
+            ds_p = np.asarray([p for d in scheduler.downstream for _, p in d], f64)
+            inv = np.asarray(scheduler.inv_tokens, f64)
+    return (np.asarray(inner.program.encode(), i64), np.asarray(engine.durations, f64),
+            np.asarray(getattr(load, "useful", None) or [], i64), np.asarray(getattr(load, "breaks", None) or [], i64),
+            engine.token_budget, engine.max_batch_requests or NO_LIMIT, bool(scheduler.splits_prompts),
+            getattr(load, "useful", None) is not None, groups, order, buffers, ds_start, ds_buf, ds_p, inv)
+
+
+class Flat:
+    """The sampled jobs as arrays (see the module docstring)."""
+
+    def __init__(self, jobs, buffer: dict[tuple[int, int], int], groups: list[dict | None]) -> None:
+        v_engine: list[int] = []
+        v_hop: list[int] = []
+        v_prompt: list[int] = []
+        v_output: list[int] = []
+        v_buffer: list[int] = []
+        v_group: list[int] = []
+        v_delay: list[float] = []
+        vstart: list[int] = []
+        vcount: list[int] = []
+        bstart: list[int] = []
+        bcount: list[int] = []
+        join: list[int] = []
+        children: list[int] = []
+
+        def add(seg: Segment, k: int) -> int:
+            s = len(vstart)
+            vstart.append(len(v_engine))
+            vcount.append(len(seg.visits))
+            bstart.append(0)
+            bcount.append(len(seg.branches))
+            join.append(-1)
+            for v in seg.visits:
+                hop = v.hop
+                e = hop.engine
+                v_hop.append(hop.index)
+                v_prompt.append(v.num_prompt_tokens)
+                v_output.append(v.num_output_tokens)
+                v_delay.append(v.delay_duration)
+                if e is None:
+                    v_engine.append(-1)
+                    v_buffer.append(0)
+                    v_group.append(0)
+                else:
+                    v_engine.append(e)
+                    v_buffer.append(buffer[(k, hop.index)])
+                    g = groups[e]
+                    v_group.append(0 if g is None else g[(k, hop.index)])
+            if seg.branches:
+                kids = [add(b, k) for b in seg.branches]
+                bstart[s] = len(children)
+                children.extend(kids)
+                join[s] = add(seg.join, k)
+            return s
+
+        roots: list[int] = []
+        entry: list[float] = []
+        tokens: list[int] = []
+        cls: list[int] = []
+        starts = [0]
+        for k, stream in enumerate(jobs):
+            for t, root, total in stream:
+                roots.append(add(root, k))
+                entry.append(t)
+                tokens.append(total)
+                cls.append(k)
+            starts.append(len(roots))
+        i64 = np.int64
+        self.visits = (np.asarray(v_engine, i64), np.asarray(v_prompt, i64), np.asarray(v_output, i64),
+                       np.asarray(v_buffer, i64), np.asarray(v_group, i64), np.asarray(v_delay, np.float64))
+        self.v_hop = np.asarray(v_hop, i64)
+        self.segments = (np.asarray(vstart, i64), np.asarray(vcount, i64), np.asarray(bstart, i64),
+                         np.asarray(bcount, i64), np.asarray(children, i64), np.asarray(join, i64))
+        self.jobs = (np.asarray(roots, i64), np.asarray(entry, np.float64), np.asarray(starts, i64))
+        self.job_class = np.asarray(cls, i64)
+        self.job_tokens = np.asarray(tokens, i64)
+        self.engine_visits = int(np.count_nonzero(self.visits[0] >= 0))
+
+
+def run(engines: list[Engine], jobs, buffer: dict[tuple[int, int], int], horizon: float,
+        progress: Callable[[float], None] | None) -> tuple[float, dict]:
+    """Run the network on the compiled core; returns (time of the last event, the arrays)."""
+    groups = [e.scheduler.group_of if isinstance(e.scheduler, GroupedScheduler) else None for e in engines]
+    flat = Flat(jobs, buffer, groups)
+    s = max(flat.engine_visits, 1)
+    subs = tuple(np.zeros(s, np.int64) for _ in range(7)) + tuple(np.full(s, np.nan) for _ in range(3))
+    n_jobs = len(flat.job_class)
+    job_out = (np.zeros(n_jobs, np.int64), np.zeros(n_jobs, np.int64), np.full(n_jobs, np.nan))
+    counts = np.zeros(max(len(buffer), 1), np.int64)
+    try:
+        last, nsub, njobs, per = fastcore.core().run_network(
+            tuple(_engine_spec(e) for e in engines), flat.visits, flat.segments, flat.jobs, subs, job_out, counts,
+            float(horizon), fastcore.RING, progress)
+    except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
+        raise InternalError(f"network core: {exc}") from exc
+    visit, job, _token, prompt, output, _group, rejected, arrival, first, finish = (a[:nsub] for a in subs)
+    src = job_out[0][:njobs]
+    batches = []
+    for engine, (_ends, _tokens, detail, violations, _planned, in_engine, total_prefill) in zip(engines, per,
+                                                                                              strict=True):
+        engine.violations += violations   # the counters reference stepping leaves (not the queues)
+        engine.num_in_engine = in_engine
+        engine.state.total_prefill_left = total_prefill
+        batches.append(np.frombuffer(detail, dtype=np.float64).reshape(-1, 7))
+    return last, {
+        "sub_engine": flat.visits[0][visit], "sub_class": flat.job_class[src][job], "sub_hop": flat.v_hop[visit],
+        "sub_job": job, "arrival_time": arrival, "num_prompt_tokens": prompt, "num_output_tokens": output,
+        "first_token_time": first, "finish_time": finish, "rejected": rejected.astype(bool), "batches": batches,
+        "job_class": flat.job_class[src], "job_entry_time": flat.jobs[1][src], "job_exit_time": job_out[2][:njobs],
+        "job_tokens": flat.job_tokens[src], "job_rejected": job_out[1][:njobs].astype(bool),
+    }
