@@ -1487,11 +1487,230 @@ done:
     return result;
 }
 
+/* ---- sampling jobs' routes (network/routes.py Route.sample) ------------------------------ */
+
+enum { MOVE = 0, FORK = 1, END = 2 };
+
+/* One class's route as a table of states (hop, round counters) and the moves after each
+ * (Route.sampling_table), its per-hop random streams drawn ahead (routes._Stream's draws), and
+ * the flat arrays being written (network/fast.py Flat). */
+typedef struct {
+    const int64_t *st_hop, *st_ostart, *o_kind, *o_a, *o_b, *o_c, *branches;
+    const double *o_prob;
+    const int64_t *h_engine, *h_grow, *h_buffer, *h_group;
+    const int64_t **p, **o;
+    const double **d, *u;
+    Py_ssize_t *np_, *no, *nd, nu;     /* stream lengths */
+    Py_ssize_t *ip, *io, *id, iu;      /* positions */
+    int64_t need;                      /* the stream that ran out: 3 h + (0 p, 1 o, 2 d), or 3 H for u */
+    int H;
+    Buf v_engine, v_hop, v_prompt, v_output, v_buffer, v_group, v_delay;
+    Buf seg_vstart, seg_vcount, seg_bstart, seg_bcount, seg_join, children;
+    int64_t nseg, nvis;
+} Sampler;
+
+#define SET(buf, k, value, type) (((type *)(buf).data)[k] = (value))
+
+static int grow_to(Buf *b, int64_t items, size_t size) {
+    if ((size_t)items * size <= b->size) return 0;
+    if (buf_reserve(b, (size_t)items * size - b->size)) return -1;
+    b->size = (size_t)items * size;
+    return 0;
+}
+
+static int64_t new_segment(Sampler *S) {
+    int64_t s = S->nseg++;
+    if (grow_to(&S->seg_vstart, S->nseg, 8) || grow_to(&S->seg_vcount, S->nseg, 8) || grow_to(&S->seg_bstart, S->nseg, 8)
+        || grow_to(&S->seg_bcount, S->nseg, 8) || grow_to(&S->seg_join, S->nseg, 8))
+        return -1;
+    SET(S->seg_vstart, s, S->nvis, int64_t);
+    SET(S->seg_vcount, s, 0, int64_t);
+    SET(S->seg_bstart, s, 0, int64_t);
+    SET(S->seg_bcount, s, 0, int64_t);
+    SET(S->seg_join, s, -1, int64_t);
+    return s;
+}
+
+/* Route._walk from state `st` with `carry`: one segment (and, at a fork, its branches and join);
+ * returns the segment, *carry the carry at its end, *total += tokens.  -1: error, -2: a stream ran
+ * out (S->need). */
+static int64_t walk(Sampler *S, int64_t st, int64_t *carry, int64_t *total) {
+    int64_t seg = new_segment(S);
+    if (seg < 0) return -1;
+    for (;;) {
+        int64_t h = S->st_hop[st], e = S->h_engine[h], v = S->nvis++;
+        if (grow_to(&S->v_engine, S->nvis, 8) || grow_to(&S->v_hop, S->nvis, 8) || grow_to(&S->v_prompt, S->nvis, 8)
+            || grow_to(&S->v_output, S->nvis, 8) || grow_to(&S->v_buffer, S->nvis, 8) || grow_to(&S->v_group, S->nvis, 8)
+            || grow_to(&S->v_delay, S->nvis, 8))
+            return -1;
+        SET(S->v_engine, v, e, int64_t);
+        SET(S->v_hop, v, h, int64_t);
+        if (e >= 0) {
+            if (S->ip[h] >= S->np_[h]) { S->need = 3 * h; return -2; }
+            if (S->io[h] >= S->no[h]) { S->need = 3 * h + 1; return -2; }
+            int64_t prompt = S->p[h][S->ip[h]++] + (S->h_grow[h] ? *carry : 0), output = S->o[h][S->io[h]++];
+            SET(S->v_prompt, v, prompt, int64_t);
+            SET(S->v_output, v, output, int64_t);
+            SET(S->v_buffer, v, S->h_buffer[h], int64_t);
+            SET(S->v_group, v, S->h_group[h], int64_t);
+            SET(S->v_delay, v, 0.0, double);
+            *total += prompt + output;
+            *carry = output;
+        } else {
+            if (S->id[h] >= S->nd[h]) { S->need = 3 * h + 2; return -2; }
+            SET(S->v_prompt, v, 0, int64_t);
+            SET(S->v_output, v, 0, int64_t);
+            SET(S->v_buffer, v, 0, int64_t);
+            SET(S->v_group, v, 0, int64_t);
+            SET(S->v_delay, v, S->d[h][S->id[h]++], double);
+        }
+        ((int64_t *)S->seg_vcount.data)[seg]++;
+        int64_t first = S->st_ostart[st], count = S->st_ostart[st + 1] - first, k = first;
+        if (count > 1) {  /* Route._choose: the first move whose cumulative probability exceeds u */
+            if (S->iu >= S->nu) { S->need = 3 * (int64_t)S->H; return -2; }
+            double u = S->u[S->iu++], acc = 0.0;
+            k = first + count - 1;
+            for (int64_t m = first; m < first + count; m++) {
+                acc += S->o_prob[m];
+                if (u < acc) { k = m; break; }
+            }
+        }
+        if (S->o_kind[k] == FORK) {
+            int64_t n = S->o_b[k], joined = 0, kids[64];
+            if (n > 64) {
+                PyErr_SetString(PyExc_ValueError, "a fork of more than 64 branches");
+                return -1;
+            }
+            for (int64_t b = 0; b < n; b++) {
+                int64_t c = *carry;
+                kids[b] = walk(S, S->branches[S->o_a[k] + b], &c, total);
+                if (kids[b] < 0) return kids[b];
+                joined += c;
+            }
+            Py_ssize_t at = (Py_ssize_t)(S->children.size / 8);
+            if (grow_to(&S->children, at + n, 8)) return -1;
+            for (int64_t b = 0; b < n; b++) SET(S->children, at + b, kids[b], int64_t);
+            SET(S->seg_bstart, seg, at, int64_t);
+            SET(S->seg_bcount, seg, n, int64_t);
+            *carry = joined;
+            int64_t j = walk(S, S->o_c[k], carry, total);
+            if (j < 0) return j;
+            SET(S->seg_join, seg, j, int64_t);
+            return seg;
+        }
+        if (S->o_kind[k] == END) return seg;
+        st = S->o_a[k];
+    }
+}
+
+PyDoc_STRVAR(sample_jobs_doc,
+"sample_jobs(table, hops, streams, n_jobs)\n"
+"--\n\n"
+"Sample n_jobs jobs of one class (network/fast.py calls it).  Returns (visits, segments, roots,\n"
+"tokens) as tuples of bytearrays, or an int: the stream that ran out (3 h + 0/1/2 for hop h's\n"
+"prompt/output/delay stream, 3 H for the route-choice stream; draw more and call again).");
+
+static PyObject *sample_jobs(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *table, *hops, *streams;
+    Py_ssize_t n_jobs;
+    if (!PyArg_ParseTuple(args, "O!O!O!n:sample_jobs", &PyTuple_Type, &table, &PyTuple_Type, &hops, &PyTuple_Type,
+                          &streams, &n_jobs))
+        return NULL;
+    if (PyTuple_GET_SIZE(table) != 8 || PyTuple_GET_SIZE(hops) != 4 || PyTuple_GET_SIZE(streams) != 4) {
+        PyErr_SetString(PyExc_ValueError, "bad sampler arrays");
+        return NULL;
+    }
+    Sampler S;
+    memset(&S, 0, sizeof(S));
+    enum { NB = 16 };
+    Py_buffer b[NB];
+    Py_buffer *sb = NULL;
+    int nb = 0, nsb = 0;
+    PyObject *result = NULL;
+    memset(b, 0, sizeof(b));
+    const void *ptr[12];
+    for (int k = 0; k < 12; k++) {
+        PyObject *item = k < 8 ? PyTuple_GET_ITEM(table, k) : PyTuple_GET_ITEM(hops, k - 8);
+        if (PyObject_GetBuffer(item, &b[nb], PyBUF_SIMPLE)) goto done;
+        ptr[k] = b[nb++].buf;
+    }
+    S.st_hop = ptr[0]; S.st_ostart = ptr[1]; S.o_prob = ptr[2]; S.o_kind = ptr[3]; S.o_a = ptr[4]; S.o_b = ptr[5];
+    S.o_c = ptr[6]; S.branches = ptr[7];
+    S.h_engine = ptr[8]; S.h_grow = ptr[9]; S.h_buffer = ptr[10]; S.h_group = ptr[11];
+    S.H = (int)(b[8].len / 8);
+    PyObject *ps = PyTuple_GET_ITEM(streams, 0), *os = PyTuple_GET_ITEM(streams, 1), *ds = PyTuple_GET_ITEM(streams, 2);
+    if (!PyTuple_Check(ps) || !PyTuple_Check(os) || !PyTuple_Check(ds) || PyTuple_GET_SIZE(ps) != S.H
+        || PyTuple_GET_SIZE(os) != S.H || PyTuple_GET_SIZE(ds) != S.H) {
+        PyErr_SetString(PyExc_ValueError, "bad streams");
+        goto done;
+    }
+    sb = calloc((size_t)(3 * S.H + 1), sizeof(Py_buffer));
+    S.p = calloc((size_t)S.H + 1, sizeof(int64_t *));
+    S.o = calloc((size_t)S.H + 1, sizeof(int64_t *));
+    S.d = calloc((size_t)S.H + 1, sizeof(double *));
+    S.np_ = calloc((size_t)S.H + 1, sizeof(Py_ssize_t)); S.no = calloc((size_t)S.H + 1, sizeof(Py_ssize_t));
+    S.nd = calloc((size_t)S.H + 1, sizeof(Py_ssize_t)); S.ip = calloc((size_t)S.H + 1, sizeof(Py_ssize_t));
+    S.io = calloc((size_t)S.H + 1, sizeof(Py_ssize_t)); S.id = calloc((size_t)S.H + 1, sizeof(Py_ssize_t));
+    if (!sb || !S.p || !S.o || !S.d || !S.np_ || !S.no || !S.nd || !S.ip || !S.io || !S.id) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (int h = 0; h < S.H; h++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(ps, h), &sb[nsb], PyBUF_SIMPLE)) goto done;
+        S.p[h] = sb[nsb].buf; S.np_[h] = sb[nsb++].len / 8;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(os, h), &sb[nsb], PyBUF_SIMPLE)) goto done;
+        S.o[h] = sb[nsb].buf; S.no[h] = sb[nsb++].len / 8;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(ds, h), &sb[nsb], PyBUF_SIMPLE)) goto done;
+        S.d[h] = sb[nsb].buf; S.nd[h] = sb[nsb++].len / 8;
+    }
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(streams, 3), &sb[nsb], PyBUF_SIMPLE)) goto done;
+    S.u = sb[nsb].buf; S.nu = sb[nsb++].len / 8;
+    Buf *outs[] = {&S.v_engine, &S.v_hop, &S.v_prompt, &S.v_output, &S.v_buffer, &S.v_group, &S.v_delay,
+                   &S.seg_vstart, &S.seg_vcount, &S.seg_bstart, &S.seg_bcount, &S.children, &S.seg_join};
+    Buf roots = {0}, tokens = {0};
+    for (size_t k = 0; k < sizeof(outs) / sizeof(outs[0]); k++) outs[k]->python = 1;
+    roots.python = tokens.python = 1;
+    if (grow_to(&roots, n_jobs, 8) || grow_to(&tokens, n_jobs, 8)) goto fail;
+    for (Py_ssize_t j = 0; j < n_jobs; j++) {
+        int64_t carry = 0, total = 0, seg = walk(&S, 0, &carry, &total);
+        if (seg == -2) {
+            result = PyLong_FromLongLong((long long)S.need);
+            goto fail;
+        }
+        if (seg < 0) goto fail;
+        SET(roots, j, seg, int64_t);
+        SET(tokens, j, total, int64_t);
+        if ((j & 0xffff) == 0xffff && PyErr_CheckSignals()) goto fail;
+    }
+    {
+        PyObject *t1 = PyTuple_New(7), *t2 = PyTuple_New(6);
+        if (t1 && t2) {
+            for (int k = 0; k < 7; k++) PyTuple_SET_ITEM(t1, k, buf_take(outs[k]));
+            for (int k = 0; k < 6; k++) PyTuple_SET_ITEM(t2, k, buf_take(outs[7 + k]));
+            result = Py_BuildValue("NNNN", t1, t2, buf_take(&roots), buf_take(&tokens));
+        } else {
+            Py_XDECREF(t1);
+            Py_XDECREF(t2);
+        }
+    }
+fail:
+    for (size_t k = 0; k < sizeof(outs) / sizeof(outs[0]); k++) buf_free(outs[k]);
+    buf_free(&roots);
+    buf_free(&tokens);
+done:
+    for (int k = 0; k < nb; k++) PyBuffer_Release(&b[k]);
+    for (int k = 0; k < nsb; k++) PyBuffer_Release(&sb[k]);
+    free(sb); free(S.p); free(S.o); free(S.d); free(S.np_); free(S.no); free(S.nd); free(S.ip); free(S.io); free(S.id);
+    return result;
+}
+
 /* ---- the module ------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
     {"run", run, METH_VARARGS, run_doc},
     {"run_network", run_network, METH_VARARGS, run_network_doc},
+    {"sample_jobs", sample_jobs, METH_VARARGS, sample_jobs_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -22,12 +22,18 @@ import numpy as np
 from llmqueue import fastcore
 from llmqueue.engine import Engine
 from llmqueue.errors import InternalError
+from llmqueue.network.analysis import NetworkAnalysis
+from llmqueue.network.model import Network
 from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
 from llmqueue.network.routes import Segment
+from llmqueue.workload import make_arrivals
 from llmqueue.schedulers import Scheduler
 from llmqueue.schedulers.plan import NO_LIMIT
 
 ORDER_STATIC, ORDER_PRESSURE = 0, 1   # the core's group orders (_fastcore.c)
+#: Draws made ahead per stream: this many times the expected number (traffic equations), plus 64;
+#: a stream that runs out is drawn twice as long and its class sampled again.  Tests set it to 0.
+AHEAD = 1.25
 
 
 def reason(engines: list[Engine]) -> str | None:
@@ -76,9 +82,12 @@ def _engine_spec(engine: Engine) -> tuple:
 
 
 class Flat:
-    """The sampled jobs as arrays (see the module docstring)."""
+    """The sampled jobs as arrays (see the module docstring): from sampled :class:`Segment` jobs
+    (``Flat(jobs, ...)``), or sampled straight into arrays by the compiled sampler (:func:`sample`)."""
 
     def __init__(self, jobs, buffer: dict[tuple[int, int], int], groups: list[dict | None]) -> None:
+        if jobs is None:
+            return
         v_engine: list[int] = []
         v_hop: list[int] = []
         v_prompt: list[int] = []
@@ -147,16 +156,109 @@ class Flat:
         self.engine_visits = int(np.count_nonzero(self.visits[0] >= 0))
 
 
-def run(engines: list[Engine], jobs, buffer: dict[tuple[int, int], int], horizon: float,
+def groups_of(engines: list[Engine]) -> list[dict | None]:
+    """Each engine's (class, hop) -> group map under a class-aware policy (None: one queue)."""
+    return [e.scheduler.group_of if isinstance(e.scheduler, GroupedScheduler) else None for e in engines]
+
+
+def sample(net: Network, analysis: NetworkAnalysis, seed: int, horizon_s: float,
+           buffer: dict[tuple[int, int], int], groups: list[dict | None]) -> Flat:
+    """The jobs :func:`~llmqueue.network.sim.generate_jobs` samples, drawn by the compiled sampler
+    straight into arrays: the same arrival times, and each route's walk (Route.sampling_table) on
+    the same random streams, drawn ahead in the chunks the Python walk draws them in."""
+    core = fastcore.core()
+    i64 = np.int64
+    parts = []
+    for k, (cls, route) in enumerate(zip(net.classes, net.routes, strict=True)):
+        arrival_seq, route_seq = np.random.SeedSequence([int(seed), k]).spawn(2)
+        process = make_arrivals({**cls.arrivals.to_dict(), "rate": net.rates[k]}, field=cls.field)
+        times = np.asarray(process.sample(np.random.default_rng(arrival_seq), horizon_s=horizon_s), np.float64)
+        streams = route.streams(route_seq)
+        hops = route.hops
+        h_engine = np.asarray([-1 if h.engine is None else h.engine for h in hops], i64)
+        h_grow = np.asarray([bool(h.grow) for h in hops], i64)
+        h_buffer = np.asarray([buffer.get((k, h.index), 0) for h in hops], i64)
+        h_group = np.asarray([0 if h.engine is None or groups[h.engine] is None else groups[h.engine][(k, h.index)]
+                              for h in hops], i64)
+        visits = analysis.classes[k].visits
+        ahead = {}  # stream key -> its draws so far (whole chunks of 1024, as routes._Stream draws them)
+
+        def draw(key, want: int, streams=streams, ahead=ahead) -> np.ndarray:
+            stream = streams[key]
+            have = ahead.get(key, np.zeros(0))
+            chunks = [stream.draw(stream.rng, 1024) for _ in range(max(1, -(-(want - len(have)) // 1024)))]
+            ahead[key] = np.concatenate([have, *chunks])
+            return ahead[key]
+
+        n = len(times)
+        for h in hops:
+            want = int(n * AHEAD * float(visits[h.index])) + 64
+            for kind in (("p", "o") if h.is_engine else ("d",)):
+                draw((kind, h.index), want)
+        draw("u", int(n * AHEAD * float(visits.sum())) + 64)
+        while True:
+            p = tuple(np.asarray(ahead.get(("p", h.index), np.zeros(0)), i64) for h in hops)
+            o = tuple(np.asarray(ahead.get(("o", h.index), np.zeros(0)), i64) for h in hops)
+            d = tuple(np.asarray(ahead.get(("d", h.index), np.zeros(0)), np.float64) for h in hops)
+            out = core.sample_jobs(route.sampling_table(), (h_engine, h_grow, h_buffer, h_group), (p, o, d, ahead["u"]),
+                                   n)
+            if not isinstance(out, int):
+                break
+            h, kind = divmod(out, 3)   # a stream ran out: draw as many again
+            key = "u" if h == len(hops) else (("p", "o", "d")[kind], h)
+            draw(key, 2 * len(ahead[key]))
+        parts.append((times, out))
+    return _combine(net, parts)
+
+
+def _combine(net: Network, parts) -> Flat:
+    """One Flat from each class's sampled arrays (segment and visit indices offset)."""
+    i64 = np.int64
+    flat = Flat(None, {}, [])
+    cols = [[] for _ in range(7)]
+    segs = [[] for _ in range(6)]
+    roots, entry, tokens, cls, starts = [], [], [], [], [0]
+    nv = ns = 0
+    for k, (times, (visits, segments, root, total)) in enumerate(parts):
+        v = [np.frombuffer(a, i64 if j < 6 else np.float64) for j, a in enumerate(visits)]
+        g = [np.frombuffer(a, i64) for a in segments]
+        for j in range(7):
+            cols[j].append(v[j])
+        vstart, vcount, bstart, bcount, children, join = g
+        segs[0].append(vstart + nv)
+        segs[1].append(vcount)
+        segs[2].append(bstart + sum(len(c) for c in segs[4]))
+        segs[3].append(bcount)
+        segs[4].append(children + ns)
+        segs[5].append(np.where(join >= 0, join + ns, -1))
+        roots.append(np.frombuffer(root, i64) + ns)
+        tokens.append(np.frombuffer(total, i64))
+        entry.append(times)
+        cls.append(np.full(len(times), k, i64))
+        starts.append(starts[-1] + len(times))
+        nv += len(v[0])
+        ns += len(vstart)
+    cat = np.concatenate
+    v_engine, v_hop, v_prompt, v_output, v_buffer, v_group, v_delay = (cat(c) if c else np.zeros(0) for c in cols)
+    flat.visits = (v_engine.astype(i64), v_prompt.astype(i64), v_output.astype(i64), v_buffer.astype(i64),
+                   v_group.astype(i64), v_delay.astype(np.float64))
+    flat.v_hop = v_hop.astype(i64)
+    flat.segments = tuple(cat(c).astype(i64) for c in segs)
+    flat.jobs = (cat(roots).astype(i64), cat(entry).astype(np.float64), np.asarray(starts, i64))
+    flat.job_class = cat(cls).astype(i64)
+    flat.job_tokens = cat(tokens).astype(i64)
+    flat.engine_visits = int(np.count_nonzero(flat.visits[0] >= 0))
+    return flat
+
+
+def run(engines: list[Engine], flat: Flat, num_buffers: int, horizon: float,
         progress: Callable[[float], None] | None) -> tuple[float, dict]:
     """Run the network on the compiled core; returns (time of the last event, the arrays)."""
-    groups = [e.scheduler.group_of if isinstance(e.scheduler, GroupedScheduler) else None for e in engines]
-    flat = Flat(jobs, buffer, groups)
     s = max(flat.engine_visits, 1)
     subs = tuple(np.zeros(s, np.int64) for _ in range(7)) + tuple(np.full(s, np.nan) for _ in range(3))
     n_jobs = len(flat.job_class)
     job_out = (np.zeros(n_jobs, np.int64), np.zeros(n_jobs, np.int64), np.full(n_jobs, np.nan))
-    counts = np.zeros(max(len(buffer), 1), np.int64)
+    counts = np.zeros(max(num_buffers, 1), np.int64)
     try:
         last, nsub, njobs, per = fastcore.core().run_network(
             tuple(_engine_spec(e) for e in engines), flat.visits, flat.segments, flat.jobs, subs, job_out, counts,

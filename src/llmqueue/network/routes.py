@@ -107,6 +107,9 @@ class Route:
         self.join_of: dict[int, int] = {}                 # fork hop -> its join hop
         self._states: list[tuple[int, Counters]] | None = None
         self.edges: list[tuple[int, int, float, float]] = []   # (from, to, visit weight, carry weight)
+        # perf: the moves from a state depend on the state only; computing them once per state instead
+        # of once per visit halves the time to sample a network's jobs.
+        self._moves: dict[tuple[int, Counters], list[Outcome]] = {}
         self._enumerate()
 
     # -- moves -----------------------------------------------------------------------------
@@ -272,6 +275,55 @@ class Route:
             raise InternalError(f"{self.field}: a sampled route ended at hop {end}, not at exit")
         return seg, total[0]
 
+    def sampling_table(self) -> tuple[np.ndarray, ...]:
+        """:meth:`sample`'s walk as a table, for the compiled sampler (``_fastcore.sample_jobs``).
+
+        States are the (hop, round counters) the walk visits, numbered from (first hop, none);
+        the moves after state i are rows ``ostart[i]:ostart[i+1]`` in the order :meth:`outcomes`
+        gives them: probability, kind (0: to state ``a``; 1: fork into the ``b`` states
+        ``branches[a:a+b]``, joined at state ``c``; 2: the walk ends, at exit or a join).
+        """
+        index: dict[tuple[int, Counters], int] = {}
+        hops: list[int] = []
+        rows: list[list[tuple[float, int, int, int, int]]] = []
+        branches: list[int] = []
+        todo: list[tuple[int, Counters]] = []
+
+        def state(h: int, c: Counters) -> int:
+            key = (h, c)
+            if key not in index:
+                if len(hops) >= MAX_STATES:
+                    raise ConfigError(f"{self.field}.hops", len(self.hops),
+                                      f"a route with at most {MAX_STATES} (hop, round-counter) states; "
+                                      "lower rounds/max_rounds")
+                index[key] = len(hops)
+                hops.append(h)
+                rows.append([])
+                todo.append(key)
+            return index[key]
+
+        state(0, ())
+        while todo:
+            h, c = todo.pop()
+            out = rows[index[(h, c)]]
+            for o in self.outcomes(h, c):
+                if o.fork:
+                    kids = [state(t, o.counters) for t in o.targets]
+                    out.append((o.prob, 1, len(branches), len(kids), state(self.join_of[h], o.counters)))
+                    branches.extend(kids)
+                    continue
+                t = o.targets[0]
+                if t == EXIT or (self.hops[t].join and not o.loop):
+                    out.append((o.prob, 2, -1, 0, -1))
+                else:
+                    out.append((o.prob, 0, state(t, o.counters), 0, -1))
+        flat = [r for out in rows for r in out]
+        i64 = np.int64
+        return (np.asarray(hops, i64), np.cumsum([0, *map(len, rows)]).astype(i64),
+                np.asarray([r[0] for r in flat], np.float64), np.asarray([r[1] for r in flat], i64),
+                np.asarray([r[2] for r in flat], i64), np.asarray([r[3] for r in flat], i64),
+                np.asarray([r[4] for r in flat], i64), np.asarray(branches, i64))
+
     def _choose(self, outcomes: list[Outcome], u: float) -> Outcome:
         acc = 0.0
         for o in outcomes:
@@ -294,7 +346,9 @@ class Route:
                 carry = output
             else:
                 seg.visits.append(Visit(hop, 0, 0, s[("d", h)]()))
-            outcomes = self.outcomes(h, counters)
+            outcomes = self._moves.get((h, counters))
+            if outcomes is None:
+                outcomes = self._moves[(h, counters)] = self.outcomes(h, counters)
             o = outcomes[0] if len(outcomes) == 1 else self._choose(outcomes, s["u"]())
             if o.fork:
                 joined, end = 0, EXIT

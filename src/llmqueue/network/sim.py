@@ -312,18 +312,23 @@ def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float 
     horizon_s = net.horizon_s if horizon_s is None else horizon_s
     drain = net.drain if drain is None else drain
     analysis = analyze_network(net)
-    if jobs is None:
-        jobs = generate_jobs(net, seed, horizon_s)
     horizon = float("inf") if drain else horizon_s
     sim = _Simulation(net, analysis)
     why = fast.reason(sim.engines) if method == "fast" else "selected"
     if why is None:
-        last, arrays = fast.run(sim.engines, jobs, sim.buffer, horizon, progress)
+        groups = fast.groups_of(sim.engines)
+        if jobs is None:
+            flat = fast.sample(net, analysis, seed, horizon_s, sim.buffer, groups)
+        else:
+            flat = fast.Flat(jobs, sim.buffer, groups)
+        last, arrays = fast.run(sim.engines, flat, len(sim.buffer), horizon, progress)
         end_time = max(last, horizon_s) if drain else horizon_s
         batches = [_batch_columns(rec) for rec in arrays.pop("batches")]
         result = NetworkResult(network=net, analysis=analysis, end_time=end_time, engines=sim.engines,
                                batches=batches, **arrays)
     else:
+        if jobs is None:
+            jobs = generate_jobs(net, seed, horizon_s)
         last = sim.run(jobs, horizon, progress)
         end_time = max(last, horizon_s) if drain else horizon_s
         result = _collect(sim, analysis, end_time)
