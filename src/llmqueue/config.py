@@ -2,8 +2,9 @@
 
 A config has three tables (all keys optional, defaults are the paper's Fig. 1 setting):
 
-* ``[engine]``  scheduler, token_budget (b_max), max_batch_requests (k_max), the chosen
-  scheduler's options, and ``[engine.batch_time]`` (model and its parameters in ms);
+* ``[engine]``  scheduler (a name, or ``path/to/policy.py:Class``: docs/policies.md),
+  token_budget (b_max), max_batch_requests (k_max), the chosen scheduler's options, and
+  ``[engine.batch_time]`` (model and its parameters in ms);
 * ``[workload]`` arrival (poisson | deterministic | gamma | trace), rate (requests/s) or
   load (a fraction of Theorem 2's λ*), cv (gamma), trace options, and the
   ``[workload.prompt]`` / ``[workload.output]`` length distributions;
@@ -25,7 +26,7 @@ from typing import Any
 from llmqueue.batch_time import PAPER_STAIRCASE, make_batch_time
 from llmqueue.checks import boolean, integer, number
 from llmqueue.errors import ConfigError
-from llmqueue.schedulers import SCHEDULERS
+from llmqueue.schedulers import SCHEDULERS, custom, scheduler_class
 from llmqueue.simulator import METHODS
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -190,9 +191,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         del run["horizon_s"]  # the default horizon gives way to a count, or to a whole trace
 
     name = engine["scheduler"]
-    if name not in SCHEDULERS:
-        raise ConfigError("engine.scheduler", name, f"one of {', '.join(SCHEDULERS)}")
-    options = set(SCHEDULERS[name].options)
+    cls = scheduler_class(name, base_dir)   # a registered name, or a policy file (relative to the config)
+    if name not in SCHEDULERS:   # a file reference: kept with its absolute path (portable, --out's config.toml)
+        engine["scheduler"] = custom.resolve(name, base_dir)
+    options = set(cls.options)
     _check_keys(engine, ENGINE_KEYS | options, "engine")
     budget = engine["token_budget"] = integer(engine["token_budget"], "engine.token_budget", 1,
                                               what="a batch must fit at least one decode token")
@@ -202,7 +204,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     if not isinstance(batch_time, dict):
         raise ConfigError("engine.batch_time", batch_time, "a table with a model and its parameters")
     make_batch_time(batch_time).table(budget)  # validates parameters and positivity
-    SCHEDULERS[name](**{k: v for k, v in engine.items() if k in options})  # validates options
+    custom.build(cls, {k: v for k, v in engine.items() if k in options})  # validates options (and the plan)
 
     _check_keys(run, RUN_KEYS, "run")
     if "horizon_s" in run and "requests" in run:

@@ -186,14 +186,18 @@ def timeseries_columns(runs) -> dict:
 
 
 def scheduler_names(arg: str | None, default: list[str]) -> list[str]:
-    """A ``--schedulers a,b`` list (``default`` when not given), each checked against the registry."""
-    from llmqueue.schedulers import SCHEDULERS
+    """A ``--schedulers a,b`` list (``default`` when not given), each a registered name or a
+    policy file ``path/to/policy.py:Class`` (relative to the working folder; returned absolute)."""
+    from llmqueue.schedulers import SCHEDULERS, allowed, custom, scheduler_class
 
     names = [n.strip() for n in arg.split(",") if n.strip()] if arg else list(default)
+    out = []
     for n in names:
-        if n not in SCHEDULERS:
-            raise LlmqueueError(f"--schedulers: {n!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
-    return names
+        if n not in SCHEDULERS and not custom.is_reference(n):
+            raise LlmqueueError(f"--schedulers: {n!r} is not a scheduler; allowed: {allowed()}")
+        scheduler_class(n, field="--schedulers")   # a policy file: loaded and checked now
+        out.append(n if n in SCHEDULERS else custom.resolve(n, field="--schedulers"))
+    return out
 
 
 def add_overrides(sp) -> None:

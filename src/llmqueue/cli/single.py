@@ -143,9 +143,17 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    for name, cls in SCHEDULERS.items():
+    from llmqueue.schedulers import scheduler_class
+
+    classes = {ref: scheduler_class(ref, field="policies") for ref in args.files} if args.files else SCHEDULERS
+    for name, cls in classes.items():
         claim = "work-conserving" if cls.work_conserving else "not work-conserving"
-        print(f"{name:<18} {claim:<20} {cls.summary}")
+        print(f"{cls.name:<18} {claim:<20} {cls.summary}")
+        if name != cls.name:
+            print(f"{'':<18}   from {name}")
+        program = cls().program
+        how = f"plan {program.describe()}" if program is not None else "plans in Python (reference interpreter only)"
+        print(f"{'':<18}   {how}")
         for opt, o in cls.options.items():
             print(f"{'':<18}   option {opt} ({o.type.__name__}, default {json.dumps(o.default)}): {o.help}")
     return 0
@@ -174,7 +182,7 @@ def register(sub) -> None:
     c.add_argument("--horizon", type=float, help="simulated seconds (default 1200)")
     c.add_argument("--requests", type=int, help="number of arrivals (instead of --horizon)")
     c.add_argument("--seed", type=int, help="random seed (default 0)")
-    c.add_argument("--schedulers", help=f"comma-separated (default all: {','.join(SCHEDULERS)})")
+    c.add_argument("--schedulers", help=f"comma-separated names or policy files FILE.py:CLASS (default all: {','.join(SCHEDULERS)})")
     c.add_argument("--out", default="llmqueue_output/compare", help="folder for the plot and summary.json")
     c.add_argument("--json", action="store_true", help="print the summaries as JSON")
     c.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -194,8 +202,10 @@ def register(sub) -> None:
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_capacity)
 
-    sub.add_parser("policies", help="list schedulers, their options and work-conserving claim").set_defaults(
-        func=cmd_policies)
+    p = sub.add_parser("policies", help="list schedulers, their plans, options and work-conserving claim")
+    p.add_argument("files", nargs="*", metavar="FILE.py:CLASS",
+                   help="check and describe these policy files instead (docs/policies.md)")
+    p.set_defaults(func=cmd_policies)
 
     sc = sub.add_parser("scenarios", help="list built-in scenarios; 'scenarios show NAME' prints one as TOML")
     sc.add_argument("action", nargs="?", help="show")

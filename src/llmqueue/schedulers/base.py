@@ -1,4 +1,4 @@
-"""The scheduler interface (PAPER.md §3, paper §4).
+"""The scheduler interface (paper §4; a policy of one's own: docs/policies.md).
 
 A scheduler has one job: given the engine's state at a batch boundary, return an
 immutable :class:`~llmqueue.batch.BatchPlan`.  It never changes state itself.  A policy is
@@ -10,14 +10,17 @@ every batch against that claim.
 
 from __future__ import annotations
 
+import sys
+import traceback
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from llmqueue.batch import BatchBuilder, BatchPlan
 from llmqueue.checks import integer
-from llmqueue.errors import ConfigError, InternalError
+from llmqueue.errors import ConfigError, InternalError, LlmqueueError
 from llmqueue.request import Request
 from llmqueue.schedulers.plan import LoadRule, Plan, interpret
 
@@ -84,9 +87,11 @@ class Scheduler:
         if composed:
             program = self.compose()
             if not isinstance(program, Plan):
-                raise ConfigError(f"{type(self).__name__}.compose()", program, "a Plan (llmqueue.schedulers.plan)")
+                raise ConfigError(f"{type(self).__name__}.compose()", program, "a Plan (llmqueue.schedulers.plan), e.g. Plan((Decodes(), Prefills()))")
             self.program = program
         self.load: LoadRule | None = None   # the plan's load rule, bound by the engine (bind_batch_time)
+        if type(self).plan is not Scheduler.plan and not type(self).__module__.startswith("llmqueue."):
+            self.plan = CheckedPlan(self)   # a user's plan in Python: its failures become one clear error
 
     def compose(self) -> Plan:
         """The policy as a plan of steps (see :mod:`llmqueue.schedulers.plan`)."""
@@ -115,6 +120,51 @@ class Scheduler:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
         return f"{type(self).__name__}({opts})"
+
+
+class CheckedPlan:
+    """A subclass's own ``plan(state)``, checked: an exception it raises, or a result that is not a
+    BatchPlan within the budget and the request cap, is a ConfigError naming the class and where."""
+
+    __slots__ = ("method", "label")
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.method = type(scheduler).plan.__get__(scheduler)
+        self.label = f"scheduler {getattr(scheduler, 'name', '?')!r}: {type(scheduler).__name__}.plan(state)"
+
+    def __call__(self, state: EngineState) -> BatchPlan:
+        try:
+            batch = self.method(state)
+        except (LlmqueueError, InternalError):
+            raise
+        except Exception as exc:  # the user's code failed: say where, no traceback
+            at, error = where(exc, _file_of(type(self.method.__self__)))
+            raise ConfigError(self.label, error, f"a plan(state) that returns a BatchPlan (raised at {at})") from None
+        if not isinstance(batch, BatchPlan):
+            raise ConfigError(self.label, f"returned {batch!r}"[:120], "a BatchPlan: build it with batch = state.builder(), "
+                              "batch.add_decodes(...), batch.add_prefill(...), then return batch.build()")
+        if batch.num_tokens > state.token_budget:
+            raise ConfigError(self.label, f"{batch.num_tokens} tokens", f"at most the token budget "
+                              f"{state.token_budget} (state.builder() keeps it)")
+        cap = state.max_batch_requests
+        if cap is not None and batch.num_requests > cap:
+            raise ConfigError(self.label, f"{batch.num_requests} requests", f"at most the request cap {cap} "
+                              "(state.builder() keeps it)")
+        return batch
+
+
+def where(exc: BaseException, path: Path | None = None) -> tuple[str, str]:
+    """(``file:line``, ``Type: message``) of an exception, at its deepest frame in ``path`` (else its last)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if path is not None and Path(f.filename) == path]
+    frame = (mine or frames or [None])[-1]
+    return (f"{frame.filename}:{frame.lineno}" if frame is not None else "?"), f"{type(exc).__name__}: {exc}"
+
+
+def _file_of(cls: type) -> Path | None:
+    """The file a class was defined in (None if unknown)."""
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return Path(file) if file else None
 
 
 SPLIT_OPTION = Option(

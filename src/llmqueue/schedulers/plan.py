@@ -1,4 +1,5 @@
-"""The plan vocabulary: every policy is defined once, as data (paper §4, Table 1; docs/architecture.md).
+"""The plan vocabulary: every policy is defined once, as data (paper §4, Table 1; docs/architecture.md;
+a policy of one's own: docs/policies.md).
 
 A scheduling policy is a :class:`Plan`: an ordered tuple of *steps* over the engine's two
 queues (requests with prefill left, oldest first; requests decoding, oldest first), each with
@@ -28,7 +29,7 @@ Two interpreters execute the same plan: :func:`interpret` here (the reference: r
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import TYPE_CHECKING, ClassVar
 
@@ -96,13 +97,26 @@ class Waiting(Step):
 
 class LoadRule:
     """Chooses each batch's token load and most decode tokens before the steps run (a policy
-    that plans by batch time: :class:`~llmqueue.schedulers.maxweight.MaxWeightLoad`)."""
+    that plans by batch time: :class:`~llmqueue.schedulers.maxweight.MaxWeightLoad`).
+
+    The compiled core has its own copy of each rule, by ``code``: the first class that sets a
+    code owns it, and a plan may name only such an owner (a rule of one's own, or a subclass
+    that changes ``choose``, would run differently on the two interpreters).
+    """
 
     code: ClassVar[int] = NO_LOAD_RULE
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__ and cls.code != NO_LOAD_RULE:
+            _CORE_RULES.setdefault(cls.code, cls)
 
     def choose(self, state: EngineState) -> tuple[int, int]:
         """(token load, most decode tokens) of the next batch."""
         raise NotImplementedError
+
+
+_CORE_RULES: dict[int, type[LoadRule]] = {}   # code -> the rule the compiled core implements
 
 
 def _limit(value: int | None) -> int:
@@ -117,6 +131,8 @@ class Plan:
     load: type[LoadRule] | None = None   # a LoadRule class; the engine binds it to its batch time
 
     def __post_init__(self) -> None:
+        if isinstance(self.steps, list):
+            object.__setattr__(self, "steps", tuple(self.steps))
         validate(self)
 
     @property
@@ -130,17 +146,37 @@ class Plan:
         return (code, len(self.steps), *(x for s in self.steps for x in s.encode()))
 
     def describe(self) -> str:
-        return ", ".join(repr(s) for s in self.steps) + (f"; load {self.load.__name__}" if self.load else "")
+        """``Decodes(), Prefills(split=False)``: each step with the rules it sets (defaults left out)."""
+        load = getattr(self.load, "__name__", self.load)
+        return ", ".join(map(_show, self.steps)) + (f"; load {load}" if self.load is not None else "")
+
+
+def _show(step: object) -> str:
+    if not isinstance(step, Step):
+        return repr(step)
+    kind = type(step)
+    rules = [f"{f.name}={getattr(step, f.name)!r}" for f in fields(step) if getattr(step, f.name) != f.default]
+    return f"{kind.__name__}({', '.join(rules)})"
 
 
 def validate(plan: Plan) -> None:
-    """Raise ConfigError naming what is wrong with a plan and what is allowed."""
+    """Raise ConfigError naming what is wrong with a plan and what is allowed.
+
+    Besides each step's own rules, a plan must serve both queues for ever: a decode token for
+    decoders (a Decodes or Running step), a first chunk for new prompts (Prefills or Waiting) and
+    the next chunk for started ones (Prefills or Running); so the plans are Decodes and Prefills
+    in either order, or Running then Waiting.
+    """
     steps = plan.steps
     if not isinstance(steps, tuple) or not steps:
         raise ConfigError("plan.steps", steps, "a non-empty tuple of Decodes, Prefills, Running, Waiting steps")
     for s in steps:
         if not isinstance(s, Step) or type(s) is Step:
             raise ConfigError("plan.steps", s, "a Decodes, Prefills, Running or Waiting step")
+        for key in ("exclusive", "split"):
+            value = getattr(s, key, False)
+            if not isinstance(value, bool):
+                raise ConfigError(f"plan.{type(s).__name__}.{key}", value, "true or false")
         for key in ("max_chunk", "max_running"):
             value = getattr(s, key, None)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -149,22 +185,36 @@ def validate(plan: Plan) -> None:
             raise ConfigError("plan.Prefills.max_chunk", s.max_chunk,
                               "None when split=False (a prompt that is not split runs whole)")
     kinds = [type(s) for s in steps]
+    shown = plan.describe()
     for kind in (Decodes, Prefills, Running, Waiting):
         if kinds.count(kind) > 1:
-            raise ConfigError("plan.steps", plan.describe(), f"at most one {kind.__name__} step (each queue is served once)")
+            raise ConfigError("plan.steps", shown, f"at most one {kind.__name__} step (each queue is served once)")
     if Running in kinds and (Decodes in kinds or Prefills in kinds):
-        raise ConfigError("plan.steps", plan.describe(),
+        raise ConfigError("plan.steps", shown,
                           "Running (started prompts and decoders) without Decodes or Prefills steps")
     if Waiting in kinds and Prefills in kinds:
-        raise ConfigError("plan.steps", plan.describe(), "Waiting or Prefills, not both (both serve new prompts)")
+        raise ConfigError("plan.steps", shown, "Waiting or Prefills, not both (both serve new prompts)")
     if Waiting in kinds and Running in kinds and kinds.index(Waiting) < kinds.index(Running):
-        raise ConfigError("plan.steps", plan.describe(), "Waiting after Running (vLLM v1 serves running requests first)")
+        raise ConfigError("plan.steps", shown, "Waiting after Running (vLLM v1 serves running requests first)")
+    if Decodes not in kinds and Running not in kinds:
+        raise ConfigError("plan.steps", shown, "a Decodes or Running step (without one, decoding requests never "
+                          "get a token)")
+    if Prefills not in kinds and Waiting not in kinds:
+        raise ConfigError("plan.steps", shown, "a Prefills or Waiting step (without one, new prompts never start: "
+                          "Running serves only started prompts and decoders)")
+    if Waiting in kinds and Running not in kinds:
+        raise ConfigError("plan.steps", shown, "a Running step before Waiting (Waiting starts prompts; only "
+                          "Running serves their next chunks and decode tokens)")
     if plan.load is not None:
         if not (isinstance(plan.load, type) and issubclass(plan.load, LoadRule)) or plan.load is LoadRule:
             raise ConfigError("plan.load", plan.load, "a LoadRule class (e.g. MaxWeightLoad) or None")
         if steps != (Decodes(), Prefills()):
-            raise ConfigError("plan.steps", plan.describe(),
+            raise ConfigError("plan.steps", shown,
                               "(Decodes(), Prefills()) with a load rule (it chooses decodes first, then chunks)")
+        if _CORE_RULES.get(plan.load.code) is not plan.load:
+            known = ", ".join(c.__name__ for c in _CORE_RULES.values())
+            raise ConfigError("plan.load", plan.load.__name__, f"a load rule the compiled core implements ({known}); "
+                              "another rule is a policy that plans in Python: override plan(state)")
 
 
 def interpret(plan: Plan, state: EngineState, load: LoadRule | None = None) -> BatchPlan:
