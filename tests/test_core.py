@@ -33,6 +33,7 @@ from llmqueue.schedulers import SCHEDULERS, Scheduler, make_scheduler
 from llmqueue.schedulers.plan import Decodes, Plan, Prefills, Running, Waiting
 from llmqueue.schedulers.sarathi import Sarathi
 from llmqueue.simulator import simulate
+from llmqueue.stepper import Stepper
 from llmqueue.stream import request_chunks, simulate_stream
 from llmqueue.workload import Requests, Workload, make_arrivals, make_length
 
@@ -415,3 +416,75 @@ def test_compiled_stream_equals_the_reference_stream(case, chunk):
 @given(cases(), st.integers(1, 7))
 def test_compiled_stream_equals_the_reference_stream_many(case, chunk):
     check_stream_case(case, chunk)
+
+
+def check_stepping(case, cuts: list[float], stop_at_finish: bool, method: str, online: bool) -> None:
+    # Advancing in pieces (random cut times, or up to each finish) gives the run simulate() makes
+    # in one go: the same batches, first-token and finish times and rejections.  ``online``: each
+    # request is admitted only when the engine has advanced to its arrival (as a router would).
+    name, options, budget, cap, requests, batch_time, run, _ = case
+    horizon = float("inf") if run.get("drain") else run.get("horizon_s", float(requests.arrival_time[-1]))
+    once = simulate(engine_for(name, budget, cap=cap, batch_time=batch_time, **options), requests,
+                    horizon_s=None if run.get("drain") else horizon, drain=bool(run.get("drain")), method="reference")
+    stepper = Stepper(engine_for(name, budget, cap=cap, batch_time=batch_time, **options), method=method)
+    assert stepper.method == ("fast" if method == "fast" and COMPILED else stepper.method)
+    ends, tokens, first, finish, rejected = [], [], {}, {}, []
+
+    def advance(t: float) -> None:
+        while True:
+            step = stepper.advance(t, stop_at_finish=stop_at_finish)
+            ends.extend(step.batch_end_time.tolist())
+            tokens.extend(step.batch_tokens.tolist())
+            first.update(zip(step.finished.tolist(), step.first_token_time.tolist()))
+            finish.update(zip(step.finished.tolist(), step.finish_time.tolist()))
+            rejected.extend(step.rejected.tolist())
+            if not (stop_at_finish and len(step.finished)) or step.now >= t:
+                return
+
+    times = [*sorted(c for c in cuts if c < horizon), horizon]
+    if online:
+        for i, t in enumerate(requests.arrival_time.tolist()):
+            if t <= horizon:
+                advance(t)
+            stepper.admit(t, requests.num_prompt_tokens[i], requests.num_output_tokens[i])
+    else:
+        half = len(requests) // 2   # in two calls
+        stepper.admit(requests.arrival_time[:half], requests.num_prompt_tokens[:half], requests.num_output_tokens[:half])
+        stepper.admit(requests.arrival_time[half:], requests.num_prompt_tokens[half:], requests.num_output_tokens[half:])
+    for t in times:
+        advance(t)
+    assert ends == once.batch_end_time.tolist() and tokens == once.batch_tokens.tolist()
+    done = np.flatnonzero(~np.isnan(once.finish_time))
+    assert finish == dict(zip(done.tolist(), once.finish_time[done].tolist()))
+    assert first == dict(zip(done.tolist(), once.first_token_time[done].tolist()))
+    assert sorted(rejected) == np.flatnonzero(once.rejected).tolist()
+
+
+@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.lists(st.floats(0.0, 60.0), max_size=6), st.booleans(), st.sampled_from(["fast", "reference"]),
+       st.booleans())
+def test_advancing_in_pieces_gives_the_run_of_one_advance(case, cuts, stop_at_finish, method, online):
+    check_stepping(case, cuts, stop_at_finish, method, online)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.lists(st.floats(0.0, 60.0), max_size=6), st.booleans(), st.sampled_from(["fast", "reference"]),
+       st.booleans())
+def test_advancing_in_pieces_gives_the_run_of_one_advance_many(case, cuts, stop_at_finish, method, online):
+    check_stepping(case, cuts, stop_at_finish, method, online)
+
+
+def test_stepper_refuses_bad_admissions():
+    stepper = Stepper(make_engine("sarathi", 8))
+    stepper.admit([1.0, 2.0], [3, 4], [1, 1])
+    with pytest.raises(ConfigError, match="non-decreasing"):
+        stepper.admit([0.5], [3], [1])
+    with pytest.raises(ConfigError, match="one length"):
+        stepper.admit([3.0, 4.0], [3], [1])
+    with pytest.raises(ConfigError, match="at least 1 token"):
+        stepper.admit([3.0], [0], [1])
+    step = stepper.advance(float("inf"))
+    assert step.finished.tolist() == [0, 1] and stepper.num_in_engine == 0

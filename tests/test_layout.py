@@ -10,7 +10,7 @@ import llmqueue
 
 PACKAGE = Path(llmqueue.__file__).parent
 CORE = ["request", "batch", "batch_time", "engine", "loop", "workload", "stream", "simulator", "analysis",
-        "region", "metrics",
+        "region", "metrics", "stepper",
         "config", "runner", "sweep", "network", "checks", "errors", "schedulers"]
 
 
@@ -34,7 +34,7 @@ def test_core_imports_no_plotting_or_cli():
 
 def test_lower_layers_do_not_import_upper_ones():
     order = ["errors", "checks", "request", "batch", "batch_time", "schedulers", "engine", "loop", "workload",
-             "stream", "simulator", "analysis", "region", "metrics", "config", "runner", "sweep", "network", "real"]
+             "stream", "simulator", "stepper", "analysis", "region", "metrics", "config", "runner", "sweep", "network", "real"]
     for i, name in enumerate(order):
         upper = {f"llmqueue.{u}" for u in order[i + 1:]}
         for path in _files(name):

@@ -968,8 +968,9 @@ PyDoc_STRVAR(run_doc,
 "per batch and planned counts the batches planned in full (the rest ran as decode-only rounds).\n"
 "ring caps the calendar's ring of per-round lists (entries further ahead go to a heap).  A resumed\n"
 "run starts at start_now with requests [0, carried) in the engine (prefill_left/decode_left/first\n"
-"set; their queues in prefilling[:n_pre] and decoding[:n_dec]); stop returns once every arrival\n"
-"is admitted, at the boundary where the next ones would be.");
+"set; their queues in prefilling[:n_pre] and decoding[:n_dec]); stop = 1 returns once every\n"
+"arrival is admitted, at the boundary where the next ones would be (streaming); stop = 2 returns\n"
+"after the first batch that finishes a request (stepping, llmqueue.stepper).");
 
 static PyObject *run(PyObject *self, PyObject *args) {
     (void)self;
@@ -980,7 +981,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     PyObject *progress;
     Py_ssize_t carried, n_pre, n_dec;
     memset(b, 0, sizeof(b));
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*y*y*y*LLppdpOLdnnnp:run",
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*y*y*y*LLppdpOLdnnni:run",
                           &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10],
                           &b[11], &b[12], &b[13], &budget, &cap, &has_useful, &splits_prompts, &horizon,
                           &record, &progress, &ring, &start_now, &carried, &n_pre, &n_dec, &stop))
@@ -1005,7 +1006,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     }
     Req R = {b[4].buf, b[5].buf, b[1].buf, b[2].buf, NULL, b[6].buf, b[7].buf};
     if (engine_init(&E, &R, &P, b[11].buf, b[11].len / 8, b[3].buf, b[3].len / 8, budget, cap, splits_prompts,
-                    b[12].buf, b[12].len / 8, has_useful, b[13].buf, b[13].len / 8, 1, record, 0, n,
+                    b[12].buf, b[12].len / 8, has_useful, b[13].buf, b[13].len / 8, 1, record, stop == 2, n,
                     longest_of(R.outputs, n), ring))
         goto done;
     const double *arrivals = b[0].buf;
@@ -1031,7 +1032,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
         while (i < n && arrivals[i] <= now)
             if (engine_admit(&E, i++) < 0) goto done;
         P.admitted = i;
-        if (stop && i >= n) break;  /* streaming: the caller brings the next arrivals */
+        if (stop == 1 && i >= n) break;  /* streaming: the caller brings the next arrivals */
         if (!E.in_engine) {
             if (i >= n || arrivals[i] > horizon) break;
             now = arrivals[i];
@@ -1039,9 +1040,12 @@ static PyObject *run(PyObject *self, PyObject *args) {
         }
         if (now >= horizon) break;
         if (engine_batch(&E, now, &now) || report(&P, 1, now)) goto done;
+        if (stop == 2 && (E.pfin.size || E.dfin.size)) break;  /* stepping: a request finished */
         double lim = horizon;
         if (i < n && arrivals[i] < lim) lim = arrivals[i];
-        if (engine_rounds(&E, &now, lim) < 0) goto done;
+        int r = engine_rounds(&E, &now, lim);
+        if (r < 0) goto done;
+        if (r == 1) break;
     }
     engine_settle_counts(&E);
     Py_ssize_t npre = DEQ_N(&Q->pq), nd = DEQ_N(&Q->dq), nrej = (Py_ssize_t)(E.rej.size / sizeof(int64_t));

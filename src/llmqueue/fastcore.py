@@ -85,6 +85,9 @@ def reason(engine: Engine) -> str | None:
     return _why_not
 
 
+UNTIL_HORIZON, UNTIL_ADMITTED, UNTIL_FINISH = 0, 1, 2   # call(stop=...)
+
+
 @dataclass
 class Call:
     """One call of the compiled loop.  Per-request arrays are indexed locally (0..n-1); ``rid``
@@ -124,10 +127,12 @@ class Call:
 
 def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.ndarray, horizon: float,
          record_batches: bool = False, progress: Callable[[float, int], None] | None = None, *,
-         rids: np.ndarray | None = None, carried: Call | None = None, stop: bool = False,
+         rids: np.ndarray | None = None, carried: Call | None = None, stop: int = 0,
          durations: np.ndarray | None = None) -> Call:
     """Run the compiled loop on these arrivals (after ``carried``'s requests, already in the
-    engine at time ``carried.now``); with ``stop``, return once every arrival is admitted.
+    engine at time ``carried.now``) until the first batch boundary at or after ``horizon``; with
+    ``stop`` = :data:`UNTIL_ADMITTED`, return once every arrival is admitted (streaming), with
+    :data:`UNTIL_FINISH` after the first batch that finishes a request (stepping).
     ``durations``: ``engine.durations`` as a float64 array, when the caller calls repeatedly."""
     if _core is None:
         raise InternalError(f"compiled core requested but {_why_not}")
@@ -166,7 +171,8 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
             prefill_left, decode_left, first, finish, prefilling, decoding, rejected,
             plan, useful, breaks, budget, kmax if kmax is not None else NO_LIMIT,
             getattr(load, "useful", None) is not None, bool(scheduler.splits_prompts), float(horizon),
-            bool(record_batches), progress, RING, 0.0 if carried is None else carried.now, k, n_pre, n_dec, stop)
+            bool(record_batches), progress, RING, 0.0 if carried is None else carried.now, k, n_pre, n_dec,
+            int(stop))
     except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
         raise InternalError(f"{scheduler!r} {exc}") from exc
     return Call(now, admitted, rids, arrivals, prompts, outputs, prefill_left, decode_left, first, finish,

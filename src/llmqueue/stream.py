@@ -210,7 +210,8 @@ def _stream_compiled(engine: Engine, ahead: tuple, source: Iterator, t: dict, fi
         pend_ends, pend_tokens = pend_ends[k:], pend_tokens[k:]
         horizon = _admit_chunk(t, times, ahead is None, fixed, drain, horizon_s, progress)
         c = fastcore.call(engine, times, prompts, outputs, horizon, rids=np.arange(base, base + len(times)),
-                          carried=carried, stop=ahead is not None, durations=durations)
+                          carried=carried, stop=fastcore.UNTIL_ADMITTED if ahead is not None else 0,
+                          durations=durations)
         base += len(times)
         engine.violations += c.violations
         t["rejected"] += len(c.rejected)

@@ -1,0 +1,161 @@
+"""One engine advanced piecewise: admit, advance, read what finished, continue (paper §3.1).
+
+A :class:`Stepper` is the engine core seen from a caller that decides as it goes (a router, a
+load generator, a controller): it admits requests (arrival times non-decreasing), advances the
+engine until a time or until the first batch that finishes a request, and says what finished.
+The batches are those of one :func:`~llmqueue.simulator.simulate` run of the same arrivals,
+however the advance is cut (tests/test_core.py checks random cuts against one run).  It runs on
+the compiled core where :func:`llmqueue.fastcore.reason` allows (each advance is one call that
+resumes with the requests still in the engine), else on the reference loop (:meth:`Engine.step`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmqueue import fastcore
+from llmqueue.engine import Engine
+from llmqueue.errors import ConfigError
+from llmqueue.request import Request
+
+
+@dataclass(frozen=True)
+class Advanced:
+    """What one :meth:`Stepper.advance` did: the engine's time after it, the requests that
+    finished (ids, first-token and finish times, in id order), those rejected, and its batches."""
+
+    now: float
+    finished: np.ndarray
+    first_token_time: np.ndarray
+    finish_time: np.ndarray
+    rejected: np.ndarray
+    batch_end_time: np.ndarray
+    batch_tokens: np.ndarray
+
+
+class Stepper:
+    """``engine`` (fresh: no requests in it) advanced piecewise; ``method`` as for simulate()."""
+
+    def __init__(self, engine: Engine, *, method: str = "fast") -> None:
+        if method not in ("fast", "reference"):
+            raise ConfigError("run.method", method, "one of fast, reference")
+        if engine.num_in_engine or engine.rejected or engine.violations:
+            raise ConfigError("engine", "an engine that already holds requests", "a fresh engine")
+        self.engine = engine
+        why = fastcore.reason(engine) if method == "fast" else "selected"
+        self.method = "fast" if why is None else f"reference ({why})"
+        self.now = 0.0
+        self._arrivals: list[np.ndarray] = []   # admitted by the caller, not yet seen by the engine
+        self._prompts: list[np.ndarray] = []
+        self._outputs: list[np.ndarray] = []
+        self._rids: list[np.ndarray] = []
+        self._next_rid = 0
+        self._last_arrival = -np.inf
+        self._carried: fastcore.Call | None = None
+        self._requests: dict[int, Request] = {}   # reference: requests inside the engine, by id
+        self._durations = np.asarray(engine.durations, dtype=np.float64)
+
+    def admit(self, arrival_time, num_prompt_tokens, num_output_tokens) -> np.ndarray:
+        """Queue requests that arrive at these times (non-decreasing, none before an earlier
+        one); a request arriving before the engine's time joins its next batch boundary.
+        Returns their ids (0, 1, ... in admission order)."""
+        times = np.atleast_1d(np.asarray(arrival_time, dtype=np.float64))
+        prompts = np.atleast_1d(np.asarray(num_prompt_tokens, dtype=np.int64))
+        outputs = np.atleast_1d(np.asarray(num_output_tokens, dtype=np.int64))
+        if not (len(times) == len(prompts) == len(outputs)):
+            raise ConfigError("admit", (len(times), len(prompts), len(outputs)), "arrays of one length")
+        if len(times) == 0:
+            return np.zeros(0, np.int64)
+        if not np.all(np.isfinite(times)) or np.any(np.diff(times) < 0) or times[0] < self._last_arrival:
+            raise ConfigError("admit.arrival_time", times.tolist()[:5],
+                              f"finite times in non-decreasing order, none before {self._last_arrival}")
+        if np.any(prompts < 1) or np.any(outputs < 0):
+            raise ConfigError("admit.num_prompt_tokens", prompts.tolist()[:5],
+                              "prompts of at least 1 token and outputs of at least 0")
+        rids = np.arange(self._next_rid, self._next_rid + len(times), dtype=np.int64)
+        self._next_rid += len(times)
+        self._last_arrival = float(times[-1])
+        self._arrivals.append(times)
+        self._prompts.append(prompts)
+        self._outputs.append(outputs)
+        self._rids.append(rids)
+        return rids
+
+    @property
+    def num_in_engine(self) -> int:
+        """Requests inside the engine (queued or running), not counting those still to arrive."""
+        return self.engine.num_in_engine if self._carried is None else int(self._carried.in_engine)
+
+    def advance(self, until: float, *, stop_at_finish: bool = False) -> Advanced:
+        """Run the batches that start before ``until`` (the engine stops at the first batch
+        boundary at or after it, or idles); with ``stop_at_finish``, return after the first batch
+        that finishes a request."""
+        until = float(until)
+        arrivals, prompts, outputs, rids = (np.concatenate(x) if x else np.zeros(0, t) for x, t in (
+            (self._arrivals, np.float64), (self._prompts, np.int64), (self._outputs, np.int64), (self._rids, np.int64)))
+        if self.method == "fast":
+            return self._advance_compiled(arrivals, prompts, outputs, rids, until, stop_at_finish)
+        return self._advance_reference(arrivals, prompts, outputs, rids, until, stop_at_finish)
+
+    def _keep(self, arrivals, prompts, outputs, rids, admitted: int) -> None:
+        """Keep the arrivals the engine has not reached yet."""
+        self._arrivals, self._prompts = [arrivals[admitted:]], [prompts[admitted:]]
+        self._outputs, self._rids = [outputs[admitted:]], [rids[admitted:]]
+
+    def _advance_compiled(self, arrivals, prompts, outputs, rids, until, stop_at_finish) -> Advanced:
+        stop = fastcore.UNTIL_FINISH if stop_at_finish else fastcore.UNTIL_HORIZON
+        if self._carried is None:  # a first call starts at time 0 (the engine's clock)
+            self._carried = fastcore.call(self.engine, np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0,
+                                          rids=np.zeros(0, np.int64), durations=self._durations)
+        c = fastcore.call(self.engine, arrivals, prompts, outputs, until, rids=rids, carried=self._carried, stop=stop,
+                          durations=self._durations)
+        k = len(self._carried.rid)
+        self._keep(arrivals, prompts, outputs, rids, c.admitted - k)
+        done = np.flatnonzero(~np.isnan(c.finish_time))
+        order = np.argsort(c.rid[done], kind="stable")
+        self.engine.violations += c.violations
+        self._carried = c.carried()
+        self.now = c.now
+        return Advanced(c.now, c.rid[done][order], c.first_token_time[done][order], c.finish_time[done][order],
+                        c.rid[c.rejected], c.batch_end_time, c.batch_tokens)
+
+    def _advance_reference(self, arrivals, prompts, outputs, rids, until, stop_at_finish) -> Advanced:
+        engine = self.engine
+        now, i, n = self.now, 0, len(arrivals)
+        finished: list[Request] = []
+        rejected: list[int] = []
+        ends: list[float] = []
+        tokens: list[int] = []
+        while True:  # the loop of loop.run_reference, resumable
+            while i < n and arrivals[i] <= now:
+                r = Request(int(rids[i]), float(arrivals[i]), int(prompts[i]), int(outputs[i]))
+                if engine.admit(r):
+                    self._requests[r.rid] = r
+                else:
+                    rejected.append(r.rid)
+                i += 1
+            if not engine.has_work:
+                if i >= n or arrivals[i] > until:
+                    break
+                now = float(arrivals[i])
+                continue
+            if now >= until:
+                break
+            s = engine.step(now)
+            now = s.end_time
+            ends.append(now)
+            tokens.append(s.plan.num_tokens)
+            finished.extend(s.finished)
+            if stop_at_finish and s.finished:
+                break
+        self._keep(arrivals, prompts, outputs, rids, i)
+        self.now = now
+        for r in finished:
+            del self._requests[r.rid]
+        finished.sort(key=lambda r: r.rid)
+        return Advanced(now, np.array([r.rid for r in finished], np.int64),
+                        np.array([r.first_token_time for r in finished], np.float64),
+                        np.array([r.finish_time for r in finished], np.float64), np.array(rejected, np.int64),
+                        np.array(ends, np.float64), np.array(tokens, np.int64))
