@@ -136,3 +136,20 @@ def test_compiled_sampler_draws_the_python_jobs(scenario, ahead, monkeypatch):
                 assert a.dtype == b.dtype and np.array_equal(a, b), (scenario, seed, name)
         for name in ("v_hop", "job_class", "job_tokens"):
             assert np.array_equal(getattr(python, name), getattr(compiled, name)), (scenario, seed, name)
+
+
+@needs_core
+def test_the_core_refuses_inconsistent_arrays():
+    # network/fast.py builds the arrays; a mistake there is an exception, never a stray read.
+    net = load_network("tandem", ["run.horizon_s=20"])
+    sim = _Simulation(net, analyze_network(net))
+    flat = fast.sample(net, analyze_network(net), 0, 20.0, sim.buffer, fast.groups_of(sim.engines))
+    flat.segments = (flat.segments[0] + 10**9, *flat.segments[1:])   # visits past the end
+    with pytest.raises(ValueError, match="inconsistent a segment"):
+        fast.run(sim.engines, flat, len(sim.buffer), 20.0, None)
+    table = net.routes[0].sampling_table()
+    bad = (table[0] + 99, *table[1:])
+    with pytest.raises(ValueError, match="inconsistent a state"):
+        fastcore.core().sample_jobs(bad, tuple(np.zeros(3, np.int64) for _ in range(4)),
+                                    (tuple(np.zeros(0, np.int64) for _ in range(3)),) * 2
+                                    + (tuple(np.zeros(0) for _ in range(3)), np.zeros(0)), 1)

@@ -1296,6 +1296,53 @@ static int start(Net *N, Reporter *P, int j, double now, int ahead, double *last
     }
 }
 
+/* The arrays run_network reads are consistent (network/fast.py builds them; a mistake there must
+ * be an exception, not a stray read).  b: the buffers in the order GET took them. */
+static int check_network(const Net *N, const Py_buffer *b, Py_ssize_t n_visits, Py_ssize_t n_counts) {
+    Py_ssize_t nseg = b[6].len / 8, nchild = b[10].len / 8;
+    const char *bad = NULL;
+    for (int k = 1; k < 6 && !bad; k++)
+        if (b[k].len / 8 != n_visits) bad = "visit arrays of different lengths";
+    for (int k = 7; k < 12 && !bad; k++)
+        if (k != 10 && b[k].len / 8 != nseg) bad = "segment arrays of different lengths";
+    if (!bad && (b[13].len / 8 != N->n_jobs || N->K < 0 || N->class_start[0] != 0 || N->class_start[N->K] != N->n_jobs))
+        bad = "job arrays";
+    for (int k = 0; k < N->K && !bad; k++)
+        if (N->class_start[k] > N->class_start[k + 1]) bad = "class starts";
+    for (int k = 15; k < 25 && !bad; k++)
+        if (b[k].len / 8 < N->S) bad = "sub-request arrays";
+    for (int k = 25; k < 27 && !bad; k++)
+        if (b[k].len / 8 < N->n_jobs) bad = "job outputs";
+    if (!bad && b[27].len / 8 < N->n_jobs) bad = "job outputs";
+    for (Py_ssize_t v = 0; v < n_visits && !bad; v++) {
+        int64_t e = N->v_engine[v];
+        if (e >= N->J || e < -1 || (e >= 0 && (N->v_buffer[v] < 0 || N->v_buffer[v] >= n_counts || N->v_group[v] < 0
+                                                || N->v_group[v] >= N->E[e].G || N->v_prompt[v] < 1 || N->v_output[v] < 0)))
+            bad = "a visit";
+    }
+    for (Py_ssize_t g = 0; g < nseg && !bad; g++)
+        if (N->seg_vstart[g] < 0 || N->seg_vcount[g] < 0 || N->seg_vstart[g] + N->seg_vcount[g] > n_visits
+            || N->seg_bcount[g] < 0 || N->seg_bstart[g] < 0 || N->seg_bstart[g] + N->seg_bcount[g] > nchild
+            || N->seg_join[g] >= nseg || (N->seg_bcount[g] && N->seg_join[g] < 0))
+            bad = "a segment";
+    for (Py_ssize_t c = 0; c < nchild && !bad; c++)
+        if (N->seg_children[c] < 0 || N->seg_children[c] >= nseg) bad = "a branch";
+    for (Py_ssize_t j = 0; j < N->n_jobs && !bad; j++)
+        if (N->job_root[j] < 0 || N->job_root[j] >= nseg) bad = "a job's root";
+    for (int j = 0; j < N->J && !bad; j++) {
+        const Engine *E = &N->E[j];
+        if (E->order_kind != ORDER_STATIC && E->order_kind != ORDER_PRESSURE) bad = "a group order";
+        if (E->order_kind == ORDER_PRESSURE)
+            for (int g = 0; g < E->G && !bad; g++)
+                if (E->buffer[g] < 0 || E->buffer[g] >= n_counts || E->ds_start[g] > E->ds_start[g + 1]) bad = "a group";
+    }
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "run_network: inconsistent %s", bad);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(run_network_doc,
 "run_network(engines, visits, segments, jobs, subs, job_out, counts, horizon, ring, progress)\n"
 "--\n\n"
@@ -1416,8 +1463,19 @@ static PyObject *run_network(PyObject *self, PyObject *args) {
         GET(spec, 13, E->ds_p, const double *, 0);
         GET(spec, 14, E->inv_tokens, const double *, 0);
         E->counts = N.counts;
+        if (b[nb - 5].len / 8 < G || b[nb - 4].len / 8 < G + 1 || b[nb - 1].len / 8 < G
+            || b[nb - 3].len / 8 < E->ds_start[G] || b[nb - 2].len / 8 < E->ds_start[G]) {
+            PyErr_SetString(PyExc_ValueError, "run_network: inconsistent group arrays");
+            goto done;
+        }
+        for (int64_t k = 0; k < E->ds_start[G]; k++)
+            if (E->ds_buf[k] < 0 || E->ds_buf[k] >= (int64_t)(counts_b.len / 8)) {
+                PyErr_SetString(PyExc_ValueError, "run_network: inconsistent downstream buffers");
+                goto done;
+            }
     }
 #undef GET
+    if (check_network(&N, b, n_visits, (Py_ssize_t)(counts_b.len / 8))) goto done;
     for (int k = 0; k < N.K; k++)
         if (N.class_start[k] < N.class_start[k + 1] && ev_push(&N, N.job_entry[N.class_start[k]], ARRIVAL, k, 0))
             goto done;
@@ -1643,6 +1701,32 @@ static PyObject *sample_jobs(PyObject *self, PyObject *args) {
     S.o_c = ptr[6]; S.branches = ptr[7];
     S.h_engine = ptr[8]; S.h_grow = ptr[9]; S.h_buffer = ptr[10]; S.h_group = ptr[11];
     S.H = (int)(b[8].len / 8);
+    {   /* the table is consistent (Route.sampling_table builds it) */
+        Py_ssize_t n_states = b[0].len / 8, n_moves = b[2].len / 8, n_branches = b[7].len / 8;
+        const char *bad = NULL;
+        if (n_states < 1 || b[1].len / 8 != n_states + 1 || S.st_ostart[0] != 0 || S.st_ostart[n_states] != n_moves)
+            bad = "states";
+        for (int k = 3; k < 7 && !bad; k++)
+            if (b[k].len / 8 != n_moves) bad = "move arrays of different lengths";
+        for (int k = 9; k < 12 && !bad; k++)
+            if (b[k].len / 8 != S.H) bad = "hop arrays of different lengths";
+        for (Py_ssize_t i = 0; i < n_states && !bad; i++)
+            if (S.st_hop[i] < 0 || S.st_hop[i] >= S.H || S.st_ostart[i] >= S.st_ostart[i + 1]) bad = "a state";
+        for (Py_ssize_t m = 0; m < n_moves && !bad; m++) {
+            int64_t kind = S.o_kind[m];
+            if (kind == MOVE ? (S.o_a[m] < 0 || S.o_a[m] >= n_states)
+                : kind == FORK ? (S.o_a[m] < 0 || S.o_b[m] < 1 || S.o_a[m] + S.o_b[m] > n_branches || S.o_c[m] < 0
+                                  || S.o_c[m] >= n_states)
+                : kind != END)
+                bad = "a move";
+        }
+        for (Py_ssize_t k = 0; k < n_branches && !bad; k++)
+            if (S.branches[k] < 0 || S.branches[k] >= n_states) bad = "a branch";
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "sample_jobs: inconsistent %s", bad);
+            goto done;
+        }
+    }
     PyObject *ps = PyTuple_GET_ITEM(streams, 0), *os = PyTuple_GET_ITEM(streams, 1), *ds = PyTuple_GET_ITEM(streams, 2);
     if (!PyTuple_Check(ps) || !PyTuple_Check(os) || !PyTuple_Check(ds) || PyTuple_GET_SIZE(ps) != S.H
         || PyTuple_GET_SIZE(os) != S.H || PyTuple_GET_SIZE(ds) != S.H) {

@@ -33,7 +33,7 @@ ENGINE_KEYS = {"name", "scheduler", "token_budget", "max_batch_requests", "batch
 CLASS_KEYS = {"name", "arrival", "rate", "cv", "add_previous_output", "hops"}
 HOP_KEYS = {"id", "engine", "delay", "prompt", "output", "next", "p", "fork", "join", "loop", "rounds",
             "continue_p", "max_rounds", "add_previous_output"}
-RUN_KEYS = {"horizon_s", "seed", "drain", "verdict_tolerance"}
+RUN_KEYS = {"horizon_s", "seed", "drain", "verdict_tolerance", "method"}
 NETWORK_KEYS = {"load"}
 TOP_KEYS = {"network", "engines", "delays", "classes", "run"}
 MAX_ROUNDS = 10_000
@@ -148,6 +148,7 @@ class Network:
     seed: int = 0
     drain: bool = False
     verdict_tolerance: float = 0.01
+    method: str = "fast"                   # "fast" (the compiled core where it can run) or "reference"
     data: dict = field(default_factory=dict)   # the resolved TOML
 
     def engine_index(self, name: str) -> int:
@@ -226,6 +227,7 @@ def parse_network(data: Mapping[str, Any], base_dir: Path | None = None) -> Netw
         seed=integer(run.get("seed", 0), "run.seed", 0),
         drain=boolean(run.get("drain", False), "run.drain"),
         verdict_tolerance=number(run.get("verdict_tolerance", 0.01), "run.verdict_tolerance", above=0),
+        method=_method(run.get("method", "fast")),
         data=dict(data),
     )
     net.routes = tuple(Route(c, net) for c in classes)
@@ -446,3 +448,9 @@ def load_network(source: str | Path, overrides: list[str] | tuple[str, ...] = ()
     for item in overrides:
         apply_override(data, item)
     return parse_network(data, base_dir)
+
+
+def _method(value) -> str:
+    if value not in ("fast", "reference"):
+        raise ConfigError("run.method", value, "one of fast, reference (both give identical results)")
+    return value

@@ -297,14 +297,16 @@ METHODS = ("fast", "reference")
 
 def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float | None = None,
                      drain: bool | None = None, jobs: Jobs | None = None,
-                     progress: Callable[[float], None] | None = None, method: str = "fast") -> NetworkResult:
+                     progress: Callable[[float], None] | None = None, method: str | None = None) -> NetworkResult:
     """Run the network (config values unless given); ``jobs`` replaces the sampled jobs.
 
-    ``method``: ``"fast"`` runs on the compiled core (:mod:`llmqueue.network.fast`) where it can
-    (else the reference loop); ``"reference"`` runs this module's loop over :meth:`Engine.step`.
+    ``method`` (default: the config's ``run.method``): ``"fast"`` runs on the compiled core
+    (:mod:`llmqueue.network.fast`) where it can (else the reference loop); ``"reference"`` runs
+    this module's loop over :meth:`Engine.step`.
     Both give identical results; ``result.meta["method"]`` says which ran ("fast" or
     "reference (why)").
     """
+    method = net.method if method is None else method
     if method not in METHODS:
         raise ConfigError("run.method", method, f"one of {', '.join(METHODS)}")
     started = _time.perf_counter()
