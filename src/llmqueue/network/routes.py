@@ -166,9 +166,7 @@ class Route:
             key = (h, c)
             if key not in index:
                 if len(states) >= MAX_STATES:
-                    raise ConfigError(f"{self.field}.hops", len(self.hops),
-                                      f"a route with at most {MAX_STATES} (hop, round-counter) states; "
-                                      "lower rounds/max_rounds")
+                    self._too_many_states()
                 index[key] = len(states)
                 states.append(key)
                 queue.append(key)
@@ -275,6 +273,10 @@ class Route:
             raise InternalError(f"{self.field}: a sampled route ended at hop {end}, not at exit")
         return seg, total[0]
 
+    def _too_many_states(self) -> None:
+        raise ConfigError(f"{self.field}.hops", len(self.hops),
+                          f"a route with at most {MAX_STATES} (hop, round-counter) states; lower rounds/max_rounds")
+
     def sampling_table(self) -> tuple[np.ndarray, ...]:
         """:meth:`sample`'s walk as a table, for the compiled sampler (``_fastcore.sample_jobs``).
 
@@ -293,9 +295,7 @@ class Route:
             key = (h, c)
             if key not in index:
                 if len(hops) >= MAX_STATES:
-                    raise ConfigError(f"{self.field}.hops", len(self.hops),
-                                      f"a route with at most {MAX_STATES} (hop, round-counter) states; "
-                                      "lower rounds/max_rounds")
+                    self._too_many_states()
                 index[key] = len(hops)
                 hops.append(h)
                 rows.append([])
