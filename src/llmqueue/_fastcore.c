@@ -1040,12 +1040,13 @@ static PyObject *run(PyObject *self, PyObject *args) {
         }
         if (now >= horizon) break;
         if (engine_batch(&E, now, &now) || report(&P, 1, now)) goto done;
-        if (stop == 2 && (E.pfin.size || E.dfin.size)) break;  /* stepping: a request finished */
+        /* stepping: a request finished (at the horizon the loop's top admits and stops, as always) */
+        if (stop == 2 && (E.pfin.size || E.dfin.size) && now < horizon) break;
         double lim = horizon;
         if (i < n && arrivals[i] < lim) lim = arrivals[i];
         int r = engine_rounds(&E, &now, lim);
         if (r < 0) goto done;
-        if (r == 1) break;
+        if (r == 1 && now < horizon) break;
     }
     engine_settle_counts(&E);
     Py_ssize_t npre = DEQ_N(&Q->pq), nd = DEQ_N(&Q->dq), nrej = (Py_ssize_t)(E.rej.size / sizeof(int64_t));

@@ -148,7 +148,7 @@ class Stepper:
             ends.append(now)
             tokens.append(s.plan.num_tokens)
             finished.extend(s.finished)
-            if stop_at_finish and s.finished:
+            if stop_at_finish and s.finished and now < until:  # (at `until` the loop's top admits and stops)
                 break
         self._keep(arrivals, prompts, outputs, rids, i)
         self.now = now
