@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup setup-extras compare reproduce reproduce-quick test test-slow test-extras test-all bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py src/llmqueue/_fastcore.c
+$(VENV)/.installed: pyproject.toml setup.py src/llmqueue/core/_fastcore.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

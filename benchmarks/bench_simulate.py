@@ -16,7 +16,7 @@ steadier than wall time on a shared machine), requests/s and events/s (arrivals 
 + completions) per wall second, batches, peak MB (the child's maximum resident set).
 Methods: ``fast`` (the default: the compiled core, shown ``fast-c``, or the reference loop,
 shown ``fallback``, where the core cannot run), ``reference``, and ``stream`` (no per-request
-records, llmqueue.stream: the compiled core where it can run).
+records, llmqueue.core.stream: the compiled core where it can run).
 
     python benchmarks/bench_simulate.py                       # fig1, 100,000 requests, every scheduler
     python benchmarks/bench_simulate.py --requests 1000000 --schedulers sarathi
@@ -61,7 +61,7 @@ def one(scenario: str, scheduler: str, requests: int, load: float | None, seed: 
     import numpy as np
 
     from llmqueue.runner import build_engine, build_workload, run_config
-    from llmqueue.stream import request_chunks, simulate_stream
+    from llmqueue.core.stream import request_chunks, simulate_stream
 
     cfg = config_for(scenario, scheduler, requests, load, seed, "fast" if method == "stream" else method)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from llmqueue.config import parse_config
-from llmqueue.region import stability_region
+from llmqueue.analysis.region import stability_region
 from llmqueue.runner import compare
 
 CAP = 100

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llmqueue.analysis import analyze
-from llmqueue.batch_time import make_batch_time
+from llmqueue.model.batch_time import make_batch_time
 from llmqueue.errors import ConfigError
 
 

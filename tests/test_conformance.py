@@ -14,7 +14,7 @@ from conftest import drive, make_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 from llmqueue.schedulers import SCHEDULERS
 
 CONFIGS = (

@@ -22,20 +22,20 @@ from conftest import make_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmqueue import fastcore
-from llmqueue.batch_time import Constant
+from llmqueue.core import fastcore
+from llmqueue.model.batch_time import Constant
 from llmqueue.config import parse_config
-from llmqueue.engine import Engine
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
 from llmqueue.runner import build_engine, build_workload, generate, run_config
 from llmqueue.scenarios import SCENARIOS, scenario_data
 from llmqueue.schedulers import SCHEDULERS, Scheduler, make_scheduler
 from llmqueue.schedulers.plan import Decodes, Plan, Prefills, Running, Waiting
 from llmqueue.schedulers.sarathi import Sarathi
-from llmqueue.simulator import simulate
-from llmqueue.stepper import Stepper
-from llmqueue.stream import request_chunks, simulate_stream
-from llmqueue.workload import Requests, Workload, make_arrivals, make_length
+from llmqueue.core.simulator import simulate
+from llmqueue.core.stepper import Stepper
+from llmqueue.core.stream import request_chunks, simulate_stream
+from llmqueue.model.workload import Requests, Workload, make_arrivals, make_length
 
 class PrefillFirstWhole(Scheduler):
     """Composed here: prefill first, mixed, prompts never split (a prompt over the budget is rejected)."""
@@ -157,7 +157,7 @@ def check_case(case, record_batches: bool) -> None:
     assert engine_state(engines[0]) == engine_state(engines[1])
 
 
-@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.booleans())
 def test_compiled_core_equals_reference(case, record_batches):
@@ -165,7 +165,7 @@ def test_compiled_core_equals_reference(case, record_batches):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.booleans())
 def test_compiled_core_equals_reference_many(case, record_batches):
@@ -399,7 +399,7 @@ def check_stream_case(case, chunk: int) -> None:
 
 
 @needs_core
-@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.integers(1, 7))
 def test_compiled_stream_equals_the_reference_stream(case, chunk):
@@ -411,7 +411,7 @@ def test_compiled_stream_equals_the_reference_stream(case, chunk):
 
 @needs_core
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.integers(1, 7))
 def test_compiled_stream_equals_the_reference_stream_many(case, chunk):
@@ -460,7 +460,7 @@ def check_stepping(case, cuts: list[float], stop_at_finish: bool, method: str, o
     assert sorted(rejected) == np.flatnonzero(once.rejected).tolist()
 
 
-@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.lists(st.floats(0.0, 60.0), max_size=6), st.booleans(), st.sampled_from(["fast", "reference"]),
        st.booleans())
@@ -469,7 +469,7 @@ def test_advancing_in_pieces_gives_the_run_of_one_advance(case, cuts, stop_at_fi
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.lists(st.floats(0.0, 60.0), max_size=6), st.booleans(), st.sampled_from(["fast", "reference"]),
        st.booleans())

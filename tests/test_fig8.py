@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from conftest import compositions, drive, make_engine
 
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 from llmqueue.worked_example import FIG8_PUBLISHED, parse_sequence, run_fig8
 
 ABC = "ABCDE"

@@ -3,7 +3,7 @@
 Each case of tests/golden/cases.py is rebuilt with the library as it is now and compared with
 the figures recorded at commit f56e29d (tests/golden/*.npz): integers, booleans and strings
 exactly, floats to 1e-9 relative (NaN where NaN).  Single-engine cases are run with every method
-of ``llmqueue.simulator.METHODS``; streaming cases on each core ``simulate_stream`` offers;
+of ``llmqueue.core.simulator.METHODS``; streaming cases on each core ``simulate_stream`` offers;
 network cases once (the network loop has one method).
 
 A failure means a result changed.  Do not regenerate the golden files to make it pass: find
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from golden import cases as C
 
-from llmqueue import fastcore
+from llmqueue.core import fastcore
 from llmqueue.errors import ConfigError, InternalError
-from llmqueue.simulator import METHODS
-from llmqueue.stream import simulate_stream
+from llmqueue.core.simulator import METHODS
+from llmqueue.core.stream import simulate_stream
 
 RTOL = 1e-9
 FILES = {"single": C.SINGLE_FILE, "stream": C.STREAM_FILE, "network": C.NETWORK_FILE}

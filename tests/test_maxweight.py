@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from llmqueue.config import parse_config
 from llmqueue.errors import InternalError
-from llmqueue.region import stability_region
-from llmqueue.request import Request
+from llmqueue.analysis.region import stability_region
+from llmqueue.model.request import Request
 from llmqueue.runner import compare
 from llmqueue.schedulers import make_scheduler
 

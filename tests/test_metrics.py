@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llmqueue.metrics import Trend, backlog, backlog_trend, in_system, verdict
-from llmqueue.simulator import Result
+from llmqueue.core.simulator import Result
 
 
 def _result(arrivals, prompts, outputs, finish, batch_end, batch_tokens, end_time):

@@ -13,9 +13,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from llmqueue.batch_time import make_batch_time
+from llmqueue.model.batch_time import make_batch_time
 from llmqueue.cli import main
-from llmqueue.engine import Engine
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
 from llmqueue.network import (
     analyze_network,
@@ -27,8 +27,8 @@ from llmqueue.network import (
 from llmqueue.network.routes import Segment, Visit
 from llmqueue.network.sim import SubRequest, buffers_of, build_engines, generate_jobs
 from llmqueue.schedulers import make_scheduler
-from llmqueue.simulator import simulate
-from llmqueue.workload import PoissonArrivals, Workload, make_length
+from llmqueue.core.simulator import simulate
+from llmqueue.model.workload import PoissonArrivals, Workload, make_length
 
 LENGTHS = {"prompt": {"dist": "poisson", "mean": 129}, "output": {"dist": "poisson", "mean": 112}}
 

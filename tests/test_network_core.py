@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmqueue import fastcore
+from llmqueue.core import fastcore
 from llmqueue.errors import ConfigError
 from llmqueue.network import fast, load_network
 from llmqueue.network.analysis import analyze_network
@@ -80,7 +80,7 @@ def check(scenario: str, sets: list[str]) -> None:
 
 
 @needs_core
-@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(networks())
 def test_compiled_network_equals_reference(case):
@@ -89,7 +89,7 @@ def test_compiled_network_equals_reference(case):
 
 @needs_core
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
 @settings(max_examples=2_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(networks())
 def test_compiled_network_equals_reference_many(case):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmqueue import fastcore
+from llmqueue.core import fastcore
 from llmqueue.cli import main
 from llmqueue.config import load_config, parse_config
 from llmqueue.errors import ConfigError
@@ -116,9 +116,9 @@ def test_python_plan_runs_on_the_reference_and_warns_once(fresh_warnings):
 
 
 def test_python_plan_orders_prompts_shortest_first():
-    from llmqueue.batch_time import make_batch_time
-    from llmqueue.engine import Engine
-    from llmqueue.request import Request
+    from llmqueue.model.batch_time import make_batch_time
+    from llmqueue.core.engine import Engine
+    from llmqueue.model.request import Request
 
     engine = Engine(make_scheduler(PYPLAN_REF), 10, make_batch_time({"model": "constant", "duration_ms": 1.0}))
     for rid, prompt in enumerate((8, 3, 5)):
@@ -469,7 +469,7 @@ def test_every_builtin_is_a_valid_plan():
 RUNTIME_BAD = [
     ("        return None\n", ["P.plan(state) = 'returned None'", "a BatchPlan", "state.builder()"]),
     ("        return {}['x']\n", ["P.plan(state)", "KeyError: 'x'", "raised at", "p.py:9"]),
-    ("        from llmqueue.batch import BatchPlan\n        return BatchPlan(((state.prefilling[0], 999),), [], 999)\n",
+    ("        from llmqueue.model.batch import BatchPlan\n        return BatchPlan(((state.prefilling[0], 999),), [], 999)\n",
      ["P.plan(state) = '999 tokens'", "at most the token budget 256"]),
 ]
 

@@ -12,10 +12,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from llmqueue.batch_time import make_batch_time
+from llmqueue.model.batch_time import make_batch_time
 from llmqueue.cli import main
 from llmqueue.config import parse_config
-from llmqueue.engine import Engine
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
 from llmqueue.real.kvcache import KVPool
 from llmqueue.real.model import Chunk, Transformer, model_config
@@ -27,12 +27,12 @@ from llmqueue.real.serve import (
     serve,
 )
 from llmqueue.schedulers import make_scheduler
-from llmqueue.simulator import simulate
-from llmqueue.workload import Requests
+from llmqueue.core.simulator import simulate
+from llmqueue.model.workload import Requests
 
 # The reference batch-time models here are arbitrary (the real engine measures); their
 # Assumption-1 warnings are beside the point.
-pytestmark = [pytest.mark.real, pytest.mark.filterwarnings("ignore::llmqueue.batch_time.AssumptionWarning")]
+pytestmark = [pytest.mark.real, pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")]
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmqueue.batch import BatchPlan
-from llmqueue.batch_time import PrefillDecode, attention_pairs, make_batch_time
+from llmqueue.model.batch import BatchPlan
+from llmqueue.model.batch_time import PrefillDecode, attention_pairs, make_batch_time
 from llmqueue.cli import main
-from llmqueue.engine import Engine
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError, LlmqueueError
 from llmqueue.real.fit import (
     Samples,
@@ -22,10 +22,10 @@ from llmqueue.real.fit import (
     fit_table,
     workload_mix,
 )
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 from llmqueue.schedulers import make_scheduler
-from llmqueue.simulator import simulate
-from llmqueue.workload import Requests
+from llmqueue.core.simulator import simulate
+from llmqueue.model.workload import Requests
 
 VIDUR = Path(__file__).resolve().parents[2] / "shared" / "data" / "vidur_profiles"
 SPEC = {"model": "prefill_decode", "c_ms": 5.0, "prefill_ms_per_token": 0.1, "decode_ms_per_token": 0.5,

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from scipy.optimize import linprog
 
 from llmqueue.analysis import capacity
-from llmqueue.batch_time import make_batch_time
+from llmqueue.model.batch_time import make_batch_time
 from llmqueue.cli import main
 from llmqueue.config import parse_config
 from llmqueue.errors import ConfigError
-from llmqueue.region import BOUNDARY, INSIDE, OUTSIDE, served_rates, stability_region
+from llmqueue.analysis.region import BOUNDARY, INSIDE, OUTSIDE, served_rates, stability_region
 from llmqueue.runner import run_config
 
 T128 = 0.04675  # the paper's staircase at 128 tokens: 11.28 + 35.47 ms

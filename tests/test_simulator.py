@@ -8,8 +8,8 @@ import pytest
 from conftest import make_engine
 from llmqueue.config import parse_config
 from llmqueue.runner import compare, run_config
-from llmqueue.simulator import simulate
-from llmqueue.workload import Requests
+from llmqueue.core.simulator import simulate
+from llmqueue.model.workload import Requests
 
 
 def _requests(rows):

@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 from llmqueue.errors import ConfigError, TraceError
-from llmqueue.workload import (ArrivalProcess, DeterministicArrivals, Empirical, Fixed, GammaArrivals, Geometric,
+from llmqueue.model.workload import (ArrivalProcess, DeterministicArrivals, Empirical, Fixed, GammaArrivals, Geometric,
                                LengthDist, LogNormal, Poisson, PoissonArrivals, Requests, Trace, Uniform,
                                Workload, load_trace, make_arrivals, make_length)
 
@@ -525,7 +525,7 @@ def test_single_row_trace_has_no_rate(tmp_path):
 # ---- module hygiene ---------------------------------------------------------------------
 
 def test_workload_imports_only_numpy_scipy_stdlib_and_errors():
-    import llmqueue.workload as module
+    import llmqueue.model.workload as module
     tree = ast.parse(Path(module.__file__).read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}

@@ -15,7 +15,7 @@ cap: work-conserving.  See docs/policies.md.
     scheduler = "python_plan.py:ShortestPromptFirst"
 """
 
-from llmqueue.batch import BatchPlan
+from llmqueue.model.batch import BatchPlan
 from llmqueue.schedulers import EngineState, Scheduler
 
 

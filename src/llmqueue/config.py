@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmqueue.batch_time import PAPER_STAIRCASE, make_batch_time
+from llmqueue.model.batch_time import PAPER_STAIRCASE, make_batch_time
 from llmqueue.checks import boolean, integer, number
 from llmqueue.errors import ConfigError
 from llmqueue.schedulers import SCHEDULERS, custom, scheduler_class
-from llmqueue.simulator import METHODS
+from llmqueue.core.simulator import METHODS
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "engine": {"scheduler": "sarathi", "token_budget": 512, "batch_time": dict(PAPER_STAIRCASE)},

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats
 
 from llmqueue.analysis import Analysis
-from llmqueue.simulator import Result
+from llmqueue.core.simulator import Result
 
 STABLE, UNSTABLE, INCONCLUSIVE = "stable", "unstable", "inconclusive"
 DEFAULT_TOLERANCE = 0.01

@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from llmqueue.analysis import Analysis, analyze
-from llmqueue.batch_time import BatchTime, make_batch_time
+from llmqueue.model.batch_time import BatchTime, make_batch_time
 from llmqueue.config import Config
-from llmqueue.engine import Engine
+from llmqueue.core.engine import Engine
 from llmqueue.metrics import UNSTABLE, summarize
-from llmqueue.region import stability_region
+from llmqueue.analysis.region import stability_region
 from llmqueue.schedulers import make_scheduler
-from llmqueue.simulator import Result, simulate
-from llmqueue.workload import (
+from llmqueue.core.simulator import Result, simulate
+from llmqueue.model.workload import (
     Requests,
     Trace,
     Workload,

@@ -1,6 +1,6 @@
 """The paper's worked example (Fig. 8; PAPER.md §3) and helpers that drive an engine by hand.
 
-:func:`drive` runs an :class:`~llmqueue.engine.Engine` batch by batch without the simulator,
+:func:`drive` runs an :class:`~llmqueue.core.engine.Engine` batch by batch without the simulator,
 admitting each request at the first batch boundary at or after its arrival;
 :func:`put_decoding` places a request that is already decoding when a scenario starts.
 :func:`run_fig8` replays Fig. 8 — A, B, C decoding with 2, 4, 3 decode tokens left; D and E
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from llmqueue.batch import BatchPlan
-from llmqueue.batch_time import make_batch_time
-from llmqueue.engine import Engine, Step
-from llmqueue.request import Request
+from llmqueue.model.batch import BatchPlan
+from llmqueue.model.batch_time import make_batch_time
+from llmqueue.core.engine import Engine, Step
+from llmqueue.model.request import Request
 from llmqueue.schedulers import make_scheduler
 
 ONE_SECOND = {"model": "constant", "duration_ms": 1000}

@@ -6,8 +6,8 @@ Every case is built only with the library's public entry points:
 * single engine: the scenario's TOML (``llmqueue.scenarios.scenario_data``), ``--set``-style
   overrides (``llmqueue.config.parse_override`` / ``set_dotted``), ``llmqueue.config.parse_config``,
   then ``llmqueue.runner.build_workload``, ``generate``, ``build_engine`` and ``execute``
-  (which calls ``llmqueue.simulator.simulate`` and ``llmqueue.metrics.summarize``);
-* streaming: ``llmqueue.stream.request_chunks`` and ``llmqueue.stream.simulate_stream`` on an
+  (which calls ``llmqueue.core.simulator.simulate`` and ``llmqueue.metrics.summarize``);
+* streaming: ``llmqueue.core.stream.request_chunks`` and ``llmqueue.core.stream.simulate_stream`` on an
   engine from ``build_engine``;
 * networks: ``llmqueue.network.load_network`` (built-in scenario + overrides) and
   ``llmqueue.network.simulate_network``, summarised by ``llmqueue.network.summarize_network``.
@@ -124,7 +124,7 @@ SINGLE_CASES: tuple[SingleCase, ...] = tuple(_single_cases())
 #: Summary keys of llmqueue.metrics.summarize that are recorded (everything but wall_s).
 SINGLE_SUMMARY_SKIP = {"wall_s"}
 SINGLE_ARRAYS = ("finish_time", "first_token_time", "rejected", "batch_end_time", "batch_tokens")
-#: Per-batch record columns (llmqueue.simulator.BATCH_COLUMNS, "end_time" is batch_end_time)
+#: Per-batch record columns (llmqueue.core.simulator.BATCH_COLUMNS, "end_time" is batch_end_time)
 BATCH_RECORD_COLUMNS = ("start_time", "num_prefill_tokens", "num_decode_tokens", "num_requests", "demand", "bound")
 
 
@@ -176,7 +176,7 @@ class StreamCase:
         from llmqueue.config import parse_config, parse_override, set_dotted
         from llmqueue.runner import build_engine, build_workload
         from llmqueue.scenarios import scenario_data
-        from llmqueue.stream import request_chunks, simulate_stream
+        from llmqueue.core.stream import request_chunks, simulate_stream
 
         data = scenario_data(self.scenario)
         set_dotted(data, *parse_override(f"engine.scheduler={self.scheduler}"))

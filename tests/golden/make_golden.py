@@ -8,7 +8,7 @@ Run it against a pristine checkout of the commit the figures pin (f56e29d), comp
 Do NOT rerun it to make a failing tests/test_golden.py pass: only when a change of results is
 intended, and then say so (and why) in the commit and in README.md.
 
-Every single-engine case is run with every method of llmqueue.simulator.METHODS and the
+Every single-engine case is run with every method of llmqueue.core.simulator.METHODS and the
 streaming cases on both cores; the generator stops if they disagree (so the files hold the one
 result all loops give).  Network combinations that the library refuses (ConfigError or
 InternalError) are recorded as refused, with the error.
@@ -69,7 +69,7 @@ class _Store:
 
 def _source_info() -> str:
     import llmqueue
-    from llmqueue import fastcore
+    from llmqueue.core import fastcore
 
     src = Path(llmqueue.__file__).resolve().parent
     try:
@@ -84,7 +84,7 @@ def _source_info() -> str:
 
 
 def single() -> dict:
-    from llmqueue.simulator import METHODS
+    from llmqueue.core.simulator import METHODS
 
     out = _Store()
     for case in cases.SINGLE_CASES:
@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--any-source", action="store_true",
                    help=f"write even if llmqueue is not imported from a clean checkout of {cases.COMMIT}")
     args = p.parse_args()
-    from llmqueue import fastcore
+    from llmqueue.core import fastcore
 
     info = _source_info()
     print(info)

@@ -10,7 +10,7 @@ import json
 import sys
 
 from llmqueue.cli.common import Progress, add_overrides, config_from, scheduler_names
-from llmqueue.region import Position, Region, served_rates, stability_region
+from llmqueue.analysis.region import Position, Region, served_rates, stability_region
 
 
 def region_of(cfg, max_prefill_chunk: int | None = None) -> Region:

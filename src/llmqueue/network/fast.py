@@ -19,14 +19,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from llmqueue import fastcore
-from llmqueue.engine import Engine
+from llmqueue.core import fastcore
+from llmqueue.core.engine import Engine
 from llmqueue.errors import InternalError
 from llmqueue.network.analysis import NetworkAnalysis
 from llmqueue.network.model import Network
 from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
 from llmqueue.network.routes import Segment
-from llmqueue.workload import make_arrivals
+from llmqueue.model.workload import make_arrivals
 from llmqueue.schedulers import Scheduler
 from llmqueue.schedulers.plan import NO_LIMIT
 

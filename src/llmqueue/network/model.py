@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from llmqueue.batch_time import PAPER_STAIRCASE, BatchTime, make_batch_time
+from llmqueue.model.batch_time import PAPER_STAIRCASE, BatchTime, make_batch_time
 from llmqueue.checks import boolean, integer, number
 from llmqueue.config import parse_override, read_toml, set_dotted
 from llmqueue.errors import ConfigError
 from llmqueue.schedulers import SCHEDULERS
-from llmqueue.workload import ArrivalProcess, LengthDist, make_arrivals, make_length
+from llmqueue.model.workload import ArrivalProcess, LengthDist, make_arrivals, make_length
 
 FCFS, PRIORITY, MAX_PRESSURE = "fcfs", "priority", "max-pressure"
 POLICIES = (FCFS, PRIORITY, MAX_PRESSURE)

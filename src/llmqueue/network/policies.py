@@ -11,7 +11,7 @@ in groups (a class, or a class's hop), each group in the engine's arrival order,
 batch is planned group by group in an order chosen for that batch.  The wrapped scheduler
 plans each group on a view of the engine (:class:`~llmqueue.schedulers.EngineState`) whose
 budget and request cap are what the earlier groups left; the pieces are added to one
-:class:`~llmqueue.batch.BatchBuilder`, which keeps all budget and cap arithmetic.  A
+:class:`~llmqueue.model.batch.BatchBuilder`, which keeps all budget and cap arithmetic.  A
 work-conserving wrapped scheduler fills min(room, the group's demand) for each group, so the
 whole batch holds min(b_max, demand) tokens and the engine's work-conservation check (Eqs. 8–9)
 still applies unchanged (with a request cap k_max this is no longer guaranteed).
@@ -42,9 +42,9 @@ from bisect import bisect_left, insort
 from collections import deque
 from operator import attrgetter
 
-from llmqueue.batch import BatchPlan
+from llmqueue.model.batch import BatchPlan
 from llmqueue.errors import InternalError
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 from llmqueue.schedulers import EngineState, Scheduler
 
 _RID = attrgetter("rid")
@@ -55,7 +55,7 @@ class GroupedScheduler(Scheduler):
 
     Keeps, per group, the engine's requests in its order (prefilling queue, decoding list
     sorted by id) up to date through :meth:`admitted` and :meth:`applied`, which the network
-    calls after :meth:`Engine.admit <llmqueue.engine.Engine.admit>` and after each step.
+    calls after :meth:`Engine.admit <llmqueue.core.engine.Engine.admit>` and after each step.
     """
 
     policy = "grouped"

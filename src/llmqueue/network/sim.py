@@ -1,7 +1,7 @@
 """The event loop of a network of engines and delay stations (PAPER.md §6, paper §5).
 
-Each engine is a single-engine :class:`~llmqueue.engine.Engine` used through its public API,
-with the same conventions as :func:`llmqueue.simulator.simulate`: batches run back to back,
+Each engine is a single-engine :class:`~llmqueue.core.engine.Engine` used through its public API,
+with the same conventions as :func:`llmqueue.core.simulator.simulate`: batches run back to back,
 a request arriving during a batch waits for the next batch boundary, one arriving exactly at a
 boundary joins that batch's planning, an idle engine starts a batch at the next arrival.
 A delay station is an infinite server: each visit waits its own sampled time.
@@ -27,17 +27,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmqueue.engine import Engine
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
 from llmqueue.network import fast
 from llmqueue.network.analysis import NetworkAnalysis, analyze_network
 from llmqueue.network.model import FCFS, MAX_PRESSURE, PRIORITY, Network
 from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
 from llmqueue.network.routes import Segment
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 from llmqueue.schedulers import make_scheduler
-from llmqueue.simulator import BATCH_COLUMNS, Result
-from llmqueue.workload import make_arrivals
+from llmqueue.core.simulator import BATCH_COLUMNS, Result
+from llmqueue.model.workload import make_arrivals
 
 ARRIVAL, BATCH_END, DELAY_END = 0, 1, 2
 Jobs = list[list[tuple[float, Segment, int]]]   # per class: (entry time, root segment, total tokens)

@@ -1,7 +1,7 @@
 """Fitting batch-time models to measured batches (PAPER.md §1 and §7: calibration).
 
 Input: :class:`Samples`, one row per measured batch — prefill tokens P, decode tokens D,
-attention pairs (see :func:`llmqueue.batch_time.attention_pairs`) and seconds.  Fitted:
+attention pairs (see :func:`llmqueue.model.batch_time.attention_pairs`) and seconds.  Fitted:
 
 * ``staircase``        t = c + a·⌈(P+D)/b0⌉, b0 the best divisor of the token budget;
 * ``piecewise_linear`` t = c + a·max(0, P+D−b0), b0 the best knee on the token grid;
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
-from llmqueue.batch_time import (
+from llmqueue.model.batch_time import (
     BatchTime,
     PiecewiseLinear,
     PrefillDecode,

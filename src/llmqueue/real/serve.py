@@ -1,6 +1,6 @@
 """The serving loop of the real engine (docs/real_engine.md; paper §3.1 on a real model).
 
-The project's :class:`~llmqueue.engine.Engine` plans every batch with the configured
+The project's :class:`~llmqueue.core.engine.Engine` plans every batch with the configured
 scheduler; :class:`MeasuredBatchTime` is the engine's batch-time model and, when the engine
 asks it for the batch's time (``plan_seconds``, called before the batch is applied), runs
 the plan on the transformer and returns the measured duration.  Two clocks:
@@ -27,20 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmqueue.batch_time import BatchTime
+from llmqueue.model.batch_time import BatchTime
 from llmqueue.checks import integer
 from llmqueue.config import Config
-from llmqueue.engine import Engine
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError, InternalError
 from llmqueue.metrics import summarize
 from llmqueue.real import split_engine_config
 from llmqueue.real.kvcache import KVPool
 from llmqueue.real.model import Chunk, ModelConfig, Transformer, model_config
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 from llmqueue.runner import Run, analysis_of, batch_time_of, build_workload, generate
 from llmqueue.schedulers import make_scheduler
-from llmqueue.simulator import BATCH_COLUMNS, Result, request_times
-from llmqueue.workload import Requests
+from llmqueue.core.simulator import BATCH_COLUMNS, Result, request_times
+from llmqueue.model.workload import Requests
 
 CLOCKS = ("measured", "wall")
 TIMERS = {"thread_cpu": time.thread_time, "wall": time.perf_counter}
@@ -126,7 +126,7 @@ class Executor:
         self.prompt: dict[int, list[int]] = {}
         self.outputs: dict[int, list[int]] = {}
         self.num_batches = 0
-        self.last_pairs = 0      # attention pairs of the last batch (llmqueue.batch_time.attention_pairs)
+        self.last_pairs = 0      # attention pairs of the last batch (llmqueue.model.batch_time.attention_pairs)
 
     def max_request_tokens(self) -> int:
         return min(self.pool.capacity_tokens, self.model.config.max_position)
@@ -215,7 +215,7 @@ def serve(engine: Engine, executor: Executor, requests: Requests, *, clock: str 
           progress: Callable[[float, int], None] | None = None) -> Result:
     """Run ``requests`` through ``engine`` on the real model; the simulator's :class:`Result`
     with per-batch records (plus KV use) always kept.  Same horizon rules as
-    :func:`llmqueue.simulator.simulate`."""
+    :func:`llmqueue.core.simulator.simulate`."""
     started = time.perf_counter()
     arrivals = requests.arrival_time.tolist()
     prompts, outputs = requests.num_prompt_tokens.tolist(), requests.num_output_tokens.tolist()

@@ -16,7 +16,7 @@ from llmqueue.config import Config, parse_config
 from llmqueue.real.fit import Fit, Samples, fit_prefill_decode, workload_mix
 from llmqueue.real.serve import RealEngine
 from llmqueue.runner import build_engine, build_workload, execute, generate
-from llmqueue.simulator import Result
+from llmqueue.core.simulator import Result
 
 #: (label, getter on a summary) of the compared quantities
 QUANTITIES: tuple[tuple[str, Callable[[dict], float | None]], ...] = (

@@ -41,7 +41,7 @@ def run_job(task: Task) -> dict[str, Any]:
 def _single(job: dict, seed: int) -> dict:
     from llmqueue.config import parse_config
     from llmqueue.metrics import timeseries
-    from llmqueue.region import served_rates
+    from llmqueue.analysis.region import served_rates
     from llmqueue.runner import run_config
 
     data = {**job["config"], "run": {**job["config"].get("run", {}), "seed": seed}}

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from llmqueue.analysis import analyze
-from llmqueue.batch_time import PAPER_STAIRCASE, make_batch_time
+from llmqueue.model.batch_time import PAPER_STAIRCASE, make_batch_time
 from llmqueue.reproduce import figures
 from llmqueue.scenarios import scenario_data, scenario_text
 
@@ -483,7 +483,7 @@ class Region(Section):
         return out
 
     def assemble(self, s, got, searched, plots):
-        from llmqueue.region import stability_region
+        from llmqueue.analysis.region import stability_region
         regions = {b: stability_region(PAPER_STAIRCASE, b, 100) for b in (128, 512, 1024)}
         numbers: dict[str, Any] = {}
         vrows = []

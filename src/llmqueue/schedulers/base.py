@@ -1,7 +1,7 @@
 """The scheduler interface (paper §4; a policy of one's own: docs/policies.md).
 
 A scheduler has one job: given the engine's state at a batch boundary, return an
-immutable :class:`~llmqueue.batch.BatchPlan`.  It never changes state itself.  A policy is
+immutable :class:`~llmqueue.model.batch.BatchPlan`.  It never changes state itself.  A policy is
 defined once, as a plan of steps (:mod:`llmqueue.schedulers.plan`), which the reference
 interpreter and the compiled core both execute.  Each
 declares whether it claims to be work-conserving (PAPER.md §2); the engine checks
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from llmqueue.batch import BatchBuilder, BatchPlan
+from llmqueue.model.batch import BatchBuilder, BatchPlan
 from llmqueue.checks import integer
 from llmqueue.errors import ConfigError, InternalError, LlmqueueError
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 from llmqueue.schedulers.plan import LoadRule, Plan, interpret
 
 

@@ -4,7 +4,7 @@ a policy of one's own: docs/policies.md).
 A scheduling policy is a :class:`Plan`: an ordered tuple of *steps* over the engine's two
 queues (requests with prefill left, oldest first; requests decoding, oldest first), each with
 its rules, and optionally a *load rule* that chooses the batch's token load first.  One batch is
-planned by running the steps in order on one :class:`~llmqueue.batch.BatchBuilder`, which keeps
+planned by running the steps in order on one :class:`~llmqueue.model.batch.BatchBuilder`, which keeps
 all budget (6d) and request-cap (§6) arithmetic:
 
 * :class:`Decodes` -- one decode token for each decoding request, oldest first, while room and
@@ -22,7 +22,7 @@ decode (6a) holds because a request is in one queue only; every step serves a *p
 decoding list, which is what lets the compiled core count decode tokens lazily.
 
 Two interpreters execute the same plan: :func:`interpret` here (the reference: readable, on
-:class:`~llmqueue.request.Request` objects) and the compiled core (``_fastcore.c``), which reads
+:class:`~llmqueue.model.request.Request` objects) and the compiled core (``_fastcore.c``), which reads
 :meth:`Plan.encode`.  tests/test_core.py checks them batch for batch on generated workloads.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import TYPE_CHECKING, ClassVar
 
-from llmqueue.batch import BatchBuilder, BatchPlan
+from llmqueue.model.batch import BatchBuilder, BatchPlan
 from llmqueue.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from llmqueue.batch_time import BatchTime
+from llmqueue.model.batch_time import BatchTime
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """One engine: a scheduler plus an executor of batches (PAPER.md §1–2, paper §3.1).
 
 The engine admits requests, asks its scheduler for a plan at each batch boundary, times
-the batch with the batch-time model, applies it through :func:`~llmqueue.request.apply_batch`
+the batch with the batch-time model, applies it through :func:`~llmqueue.model.request.apply_batch`
 and checks work conservation (Eqs. 8–9): a batch must hold ``min(b_max, demand)`` tokens,
 with ``demand = Σ p_i + #{decoding}``.  Under a request cap k_max the bound is the most
 tokens any k_max requests could take, ``min(b_max, sum of the k_max largest shares)``.
@@ -15,11 +15,11 @@ from bisect import bisect_left, insort
 from dataclasses import dataclass
 from operator import attrgetter
 
-from llmqueue.batch import BatchPlan
-from llmqueue.batch_time import AssumptionWarning, BatchTime
+from llmqueue.model.batch import BatchPlan
+from llmqueue.model.batch_time import AssumptionWarning, BatchTime
 from llmqueue.checks import integer
 from llmqueue.errors import InternalError
-from llmqueue.request import Request, apply_batch
+from llmqueue.model.request import Request, apply_batch
 from llmqueue.schedulers import EngineState, Scheduler
 
 _RID = attrgetter("rid")

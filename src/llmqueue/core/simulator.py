@@ -8,8 +8,8 @@ itself draws no random numbers.
 Horizon: a run stops at the first batch boundary at or after ``horizon_s`` (requests still
 inside are counted as in system), or with ``drain`` once every request has finished.
 
-Two loops give identical results (docs/architecture.md): the compiled core (:mod:`llmqueue.fastcore`,
-the default) and the reference loop (:mod:`llmqueue.loop`, one :meth:`Engine.step` per batch),
+Two loops give identical results (docs/architecture.md): the compiled core (:mod:`llmqueue.core.fastcore`,
+the default) and the reference loop (:mod:`llmqueue.core.loop`, one :meth:`Engine.step` per batch),
 which runs where the core cannot.
 """
 
@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmqueue import fastcore
-from llmqueue.engine import Engine
+from llmqueue.core import fastcore
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
-from llmqueue.loop import run_reference
-from llmqueue.request import Request
-from llmqueue.workload import Requests
+from llmqueue.core.loop import run_reference
+from llmqueue.model.request import Request
+from llmqueue.model.workload import Requests
 
 BATCH_COLUMNS = ("start_time", "end_time", "num_prefill_tokens", "num_decode_tokens",
                  "num_requests", "demand", "bound")  # plus "duration" (end - start) in Result.batches
@@ -67,10 +67,10 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
 
     Without ``horizon_s`` and ``drain`` the run ends at the last arrival.  ``progress``
     is called now and then with (simulated time, requests admitted).  ``method`` picks the
-    loop, both giving identical results: ``"fast"`` (the compiled core of :mod:`llmqueue.fastcore`
+    loop, both giving identical results: ``"fast"`` (the compiled core of :mod:`llmqueue.core.fastcore`
     where it can run: it is built, the scheduler is a composed plan and the batch time depends on
     the token load only; else the reference loop) or ``"reference"`` (one :meth:`Engine.step` per
-    batch, :mod:`llmqueue.loop`).  ``Result.meta["method"]`` says which loop ran ("fast" or
+    batch, :mod:`llmqueue.core.loop`).  ``Result.meta["method"]`` says which loop ran ("fast" or
     "reference (why)") and ``meta["core"]`` which interpreter ("compiled" or "reference").
     """
     if method not in METHODS:

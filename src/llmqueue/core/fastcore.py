@@ -4,9 +4,9 @@
 defined as a plan (:mod:`llmqueue.schedulers.plan`: it interprets the plan's encoding) with a
 tokens-only batch-time model, at tens of nanoseconds per batch.  It is built at install time when a C compiler is present (setup.py);
 without it, or when the build is older than the source, :func:`unavailable` says why and the
-simulator runs the reference loop instead (:mod:`llmqueue.loop`: identical results, slower).
+simulator runs the reference loop instead (:mod:`llmqueue.core.loop`: identical results, slower).
 
-This module turns a :class:`~llmqueue.workload.Requests` into the arrays the loop works on and
+This module turns a :class:`~llmqueue.model.workload.Requests` into the arrays the loop works on and
 rebuilds the engine's state (queues, counters, rejected requests) from what it returns, so the
 engine ends as reference stepping would leave it.
 """
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llmqueue.engine import Engine
+from llmqueue.core.engine import Engine
 from llmqueue.errors import InternalError
 from llmqueue.schedulers import Scheduler
 from llmqueue.schedulers.plan import NO_LIMIT
-from llmqueue.request import Request
-from llmqueue.workload import Requests
+from llmqueue.model.request import Request
+from llmqueue.model.workload import Requests
 
 #: The calendar ring's largest size (rounds ahead kept in O(1) lists; further ones go to a heap):
 #: 8 MB at most.  Tests shrink it to exercise the heap.
@@ -37,7 +37,7 @@ _SOURCE = Path(__file__).with_name("_fastcore.c")
 
 def _load() -> tuple[object | None, str | None]:
     try:
-        from llmqueue import _fastcore  # noqa: PLC0415  optional: built only where a C compiler is
+        from llmqueue.core import _fastcore  # noqa: PLC0415  optional: built only where a C compiler is
     except ImportError:
         return None, "the compiled core is not built (reinstall with a C compiler: pip install -e .)"
     if _SOURCE.exists():
@@ -214,7 +214,7 @@ def count(engine: Engine, c: Call) -> None:
 
 def run(engine: Engine, requests: Requests, horizon: float, record_batches: bool,
         progress: Callable[[float, int], None] | None) -> Call:
-    """The reference loop of :func:`~llmqueue.simulator.simulate` on the compiled core; the
+    """The reference loop of :func:`~llmqueue.core.simulator.simulate` on the compiled core; the
     engine is left as reference stepping leaves it.
 
     ``engine`` must be able to run on the core (:func:`reason` is None).

@@ -1,11 +1,11 @@
 """Runs without per-request records: memory that stays flat however many requests (issue 5).
 
 :func:`simulate_stream` draws the requests in chunks, runs them through the engine (the
-compiled core of :mod:`llmqueue.fastcore`, one call per chunk, or the reference loop of
-:mod:`llmqueue.loop`) and folds each finished request and each batch into running totals
+compiled core of :mod:`llmqueue.core.fastcore`, one call per chunk, or the reference loop of
+:mod:`llmqueue.core.loop`) and folds each finished request and each batch into running totals
 as it goes, so memory holds only one chunk of arrivals and the requests still in the system.
 It returns counts, throughputs and latency means and maxima (no percentiles, no backlog
-verdict: those need the per-request and per-batch arrays that :func:`~llmqueue.simulator.simulate`
+verdict: those need the per-request and per-batch arrays that :func:`~llmqueue.core.simulator.simulate`
 keeps).
 
 The chunks are the requests :meth:`Workload.generate` draws for the same seed: arrival times
@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from llmqueue import fastcore
-from llmqueue.engine import Engine
+from llmqueue.core import fastcore
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
-from llmqueue.loop import run_reference
-from llmqueue.request import Request
-from llmqueue.workload import DeterministicArrivals, Trace, Workload
+from llmqueue.core.loop import run_reference
+from llmqueue.model.request import Request
+from llmqueue.model.workload import DeterministicArrivals, Trace, Workload
 
 CHUNK = 1 << 16  # perf: arrivals per chunk; 64k keeps the chunk's lists at a few MB
 
@@ -80,13 +80,13 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
                     compiled: bool = True) -> dict:
     """Run the request chunks through ``engine`` keeping running totals only; a summary dict.
 
-    Horizons as :func:`~llmqueue.simulator.simulate`: ``horizon_s``, ``drain``, or (neither)
+    Horizons as :func:`~llmqueue.core.simulator.simulate`: ``horizon_s``, ``drain``, or (neither)
     the last arrival.  Counts (arrived, completed, rejected, batches, violations) and token
     throughput equal those of :func:`~llmqueue.metrics.summarize` on the same run; the latency
     means agree up to the order of floating-point summation.
     ``engine.rejected`` is emptied as it is counted.  ``progress`` is called once per chunk with
     (the chunk's last arrival time, requests drawn so far).  The chunks run on the compiled core
-    where it can run (:func:`llmqueue.fastcore.reason`; ``compiled=False``: the reference loop);
+    where it can run (:func:`llmqueue.core.fastcore.reason`; ``compiled=False``: the reference loop);
     both give the same totals.
     """
     if engine.num_in_engine or engine.rejected or engine.violations:
@@ -186,7 +186,7 @@ def _fold_begun(t: dict, arrival: np.ndarray, first: np.ndarray) -> None:
 
 def _stream_compiled(engine: Engine, ahead: tuple, source: Iterator, t: dict, fixed: float, drain: bool,
                      horizon_s: float | None, progress: Callable[[float, int], None] | None) -> float:
-    """The chunks through the compiled core (llmqueue.fastcore), one call per chunk: each call
+    """The chunks through the compiled core (llmqueue.core.fastcore), one call per chunk: each call
     starts with the requests still in the engine and stops where the next arrivals are needed,
     exactly where the reference loop asks for them.  Folds as the reference path does; returns T."""
     empty = np.empty(0)

@@ -3,9 +3,9 @@
 A :class:`Stepper` is the engine core seen from a caller that decides as it goes (a router, a
 load generator, a controller): it admits requests (arrival times non-decreasing), advances the
 engine until a time or until the first batch that finishes a request, and says what finished.
-The batches are those of one :func:`~llmqueue.simulator.simulate` run of the same arrivals,
+The batches are those of one :func:`~llmqueue.core.simulator.simulate` run of the same arrivals,
 however the advance is cut (tests/test_core.py checks random cuts against one run).  It runs on
-the compiled core where :func:`llmqueue.fastcore.reason` allows (each advance is one call that
+the compiled core where :func:`llmqueue.core.fastcore.reason` allows (each advance is one call that
 resumes with the requests still in the engine), else on the reference loop (:meth:`Engine.step`).
 """
 
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmqueue import fastcore
-from llmqueue.engine import Engine
+from llmqueue.core import fastcore
+from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 
 
 @dataclass(frozen=True)

@@ -960,7 +960,7 @@ PyDoc_STRVAR(run_doc,
 "    decoding, rejected, plan, useful, breaks, budget, cap, has_useful, splits_prompts, horizon,\n"
 "    record, progress, ring, start_now, carried, n_pre, n_dec, stop)\n"
 "--\n\n"
-"One engine on the compiled core (see llmqueue.fastcore, which calls it).  plan is the policy's\n"
+"One engine on the compiled core (see llmqueue.core.fastcore, which calls it).  plan is the policy's\n"
 "Plan.encode() as int64 (llmqueue.schedulers.plan); useful and breaks are the max-weight load\n"
 "rule's candidate loads (int64; has_useful false: every load is useful).  Returns (now, i,\n"
 "pre_start, pre_end, dec_start, num_decoding, num_rejected, in_engine, violations, total_prefill,\n"
@@ -970,7 +970,7 @@ PyDoc_STRVAR(run_doc,
 "run starts at start_now with requests [0, carried) in the engine (prefill_left/decode_left/first\n"
 "set; their queues in prefilling[:n_pre] and decoding[:n_dec]); stop = 1 returns once every\n"
 "arrival is admitted, at the boundary where the next ones would be (streaming); stop = 2 returns\n"
-"after the first batch that finishes a request (stepping, llmqueue.stepper).");
+"after the first batch that finishes a request (stepping, llmqueue.core.stepper).");
 
 static PyObject *run(PyObject *self, PyObject *args) {
     (void)self;
@@ -1804,7 +1804,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fastcore", "The simulator's compiled core (llmqueue.fastcore, llmqueue.network.sim).", -1,
+    PyModuleDef_HEAD_INIT, "_fastcore", "The simulator's compiled core (llmqueue.core.fastcore, llmqueue.network.sim).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

@@ -48,7 +48,7 @@ class BatchTime(ABC):
         return float(self.seconds(np.asarray([tokens]))[0])
 
     def plan_seconds(self, plan) -> float:
-        """Batch time of a :class:`~llmqueue.batch.BatchPlan` (before it is applied)."""
+        """Batch time of a :class:`~llmqueue.model.batch.BatchPlan` (before it is applied)."""
         return self(plan.num_tokens)
 
     def table(self, token_budget: int) -> list[float]:

@@ -3,7 +3,7 @@
 Batches run back to back; arrivals during a batch wait for the next batch boundary (one arriving
 exactly at a boundary joins that batch's planning); an idle engine starts a batch at the next
 arrival.  The loop stops at the first batch boundary at or after ``horizon``.  This is the
-executable specification: the compiled core (:mod:`llmqueue.fastcore`) runs the same batches,
+executable specification: the compiled core (:mod:`llmqueue.core.fastcore`) runs the same batches,
 bit for bit, and is checked against it (tests/test_core.py); it is also the loop that runs where
 the core cannot (no C compiler, a scheduler that plans in Python, a batch time that depends on
 more than the token load).
@@ -14,8 +14,8 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 
-from llmqueue.engine import Engine
-from llmqueue.request import Request
+from llmqueue.core.engine import Engine
+from llmqueue.model.request import Request
 
 #: ``more`` of a streamed run: the next (arrivals, prompts, outputs, horizon), or None at the end.
 More = Callable[[], "tuple[list[float], list[int], list[int], float] | None"]
@@ -27,7 +27,7 @@ def run_reference(engine: Engine, arrivals: list[float], prompts: list[int], out
     """Run the arrivals (request ids 0, 1, ... in order) through ``engine`` until ``horizon``.
 
     Appends every admitted request to ``admitted``, every batch's end and tokens to ``ends`` and
-    ``tokens`` (and its :data:`~llmqueue.simulator.BATCH_COLUMNS` row to ``detail``); returns (final
+    ``tokens`` (and its :data:`~llmqueue.core.simulator.BATCH_COLUMNS` row to ``detail``); returns (final
     time, requests admitted).  ``more`` (streamed runs) is called when the arrivals run out and
     returns the next chunk and the horizon from then on (known with the last chunk), or None; it
     may consume and clear ``admitted``, ``ends`` and ``tokens`` in place.

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llmqueue.batch_time import BatchTime, make_batch_time
+from llmqueue.model.batch_time import BatchTime, make_batch_time
 from llmqueue.checks import integer
 from llmqueue.errors import ConfigError
 

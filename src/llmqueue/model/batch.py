@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from llmqueue.request import Request
+from llmqueue.model.request import Request
 
 
 @dataclass(frozen=True, slots=True)
