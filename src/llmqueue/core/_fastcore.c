@@ -312,9 +312,14 @@ typedef struct {
     int64_t in_engine, total_prefill, total_decode, nd, violations;
     /* the batch being applied */
     int64_t *chunk_rid, *chunk_len, *n_of, *done_of, *tmp;
-    Py_ssize_t tmp_cap, last_nch;
+    Py_ssize_t tmp_cap;
     int *order, norder;
     double *key;
+    /* a plan made ahead by engine_rounds (it found the next batch is not decode-only): kept for
+     * engine_batch until an admission changes the queues */
+    int ahead;
+    int64_t ahead_prefill, ahead_n;
+    Py_ssize_t ahead_nch;
     int collect;          /* keep the finished rids of each batch, in Engine.step's order */
     Buf fin, pfin, dfin;  /* calendar candidates; finished at prefill, at decode */
     Buf rej;              /* rejected rids, in order */
@@ -343,7 +348,7 @@ static inline void decodes(Build *b, int64_t k) {
 
 /* plan.Prefills: chunks of the prompts in order, each the whole prompt left, at most max_chunk,
  * cut to the room when split (else it and those behind it wait). */
-static void prefills(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, int split, int64_t max_chunk) {
+static inline void prefills(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, int split, int64_t max_chunk) {
     for (Py_ssize_t q = 0; q < npq; q++) {
         if (b->room == 0 || b->slots == 0) break;
         int64_t r = pq[q], want = MIN(E->R->pl[r], max_chunk), c = MIN(want, b->room);
@@ -353,16 +358,16 @@ static void prefills(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, int
 }
 
 /* How many prompts at the front are partly prefilled (vLLM v1's running prompts). */
-static Py_ssize_t started(const Req *R, const int64_t *pq, Py_ssize_t npq) {
+static inline Py_ssize_t started(const Req *R, const int64_t *pq, Py_ssize_t npq) {
     Py_ssize_t q = 0;
     while (q < npq && R->pl[pq[q]] != R->prompts[pq[q]]) q++;
     return q;
 }
 
 /* plan.Running: decoders and started prompts interleaved in admission order (rid). */
-static void running(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, const int64_t *dq, Py_ssize_t nd,
-                    int64_t max_chunk) {
-    Py_ssize_t prev = 0, count = started(E->R, pq, npq);
+static inline void running(Engine *E, Build *b, const int64_t *pq, Py_ssize_t count, const int64_t *dq,
+                           Py_ssize_t nd, int64_t max_chunk) {
+    Py_ssize_t prev = 0;
     for (Py_ssize_t q = 0; q < count; q++) {
         int64_t r = pq[q];
         Py_ssize_t pos = bisect_left(dq, r, prev, nd);
@@ -374,9 +379,8 @@ static void running(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, cons
 }
 
 /* plan.Waiting: new prompts FCFS while fewer than max_running requests run. */
-static void waiting(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, Py_ssize_t nd, int64_t max_chunk,
-                    int64_t max_running) {
-    Py_ssize_t count = started(E->R, pq, npq);
+static inline void waiting(Engine *E, Build *b, const int64_t *pq, Py_ssize_t npq, Py_ssize_t count, Py_ssize_t nd,
+                           int64_t max_chunk, int64_t max_running) {
     int64_t run = (int64_t)count + (int64_t)nd;
     for (Py_ssize_t q = count; q < npq; q++) {
         if (b->room == 0 || b->slots == 0 || run >= max_running) break;
@@ -434,9 +438,9 @@ static void max_weight(const Engine *E, const Queue *Q, int64_t *load, int64_t *
 
 /* The plan's steps on one queue (plan.interpret; GroupedScheduler.plan gives each group the
  * room the earlier groups left, and `exclusive` ends only that group's steps). */
-static void plan_queue(Engine *E, const Queue *Q, Build *b, int64_t most_decodes) {
+static inline void plan_queue(Engine *E, const Queue *Q, Build *b, int64_t most_decodes) {
     const int64_t *pq = DEQ_AT(&Q->pq), *dq = DEQ_AT(&Q->dq);
-    Py_ssize_t npq = DEQ_N(&Q->pq), nd = DEQ_N(&Q->dq);
+    Py_ssize_t npq = DEQ_N(&Q->pq), nd = DEQ_N(&Q->dq), count = -1;   /* count: started prompts, once */
     for (int k = 0; k < E->nsteps && b->room && b->slots; k++) {
         const PlanStep *s = &E->steps[k];
         int stop = 0;
@@ -450,10 +454,12 @@ static void plan_queue(Engine *E, const Queue *Q, Build *b, int64_t most_decodes
             prefills(E, b, pq, npq, (int)s->split, s->max_chunk);
             break;
         case RUNNING:
-            running(E, b, pq, npq, dq, nd, s->max_chunk);
+            if (count < 0) count = started(E->R, pq, npq);
+            running(E, b, pq, count, dq, nd, s->max_chunk);
             break;
         default:
-            waiting(E, b, pq, npq, nd, s->max_chunk, s->max_running);
+            if (count < 0) count = started(E->R, pq, npq);
+            waiting(E, b, pq, npq, count, nd, s->max_chunk, s->max_running);
         }
         if (stop) break;
     }
@@ -501,7 +507,7 @@ static void order_groups(Engine *E) {
 
 /* The next batch (plan.interpret as counts): n_of[g] leading decoders of each queue g, and the
  * chunks.  Returns the prefill tokens; *n_out the decode tokens. */
-static int64_t plan_batch(Engine *E, int64_t *n_out, Py_ssize_t *nch) {
+static inline int64_t plan_batch(Engine *E, int64_t *n_out, Py_ssize_t *nch) {
     Build b = {E->budget, E->cap, 0, 0};
     int64_t most_decodes = NO_CAP, total = 0;
     if (E->load_rule == MAX_WEIGHT_LOAD) max_weight(E, &E->q[0], &b.room, &most_decodes);
@@ -527,7 +533,7 @@ static int64_t plan_batch(Engine *E, int64_t *n_out, Py_ssize_t *nch) {
 }
 
 /* Engine.bound: the tokens a work-conserving batch holds now (cap-aware under k_max). */
-static int64_t work_bound(Engine *E, int64_t demand) {
+static inline int64_t work_bound(Engine *E, int64_t demand) {
     if (E->in_engine <= E->cap) return MIN(E->budget, demand);
     Py_ssize_t count = 0;
     for (int g = 0; g < E->G; g++) count += DEQ_N(&E->q[g].pq);
@@ -702,9 +708,7 @@ typedef struct Reporter {
     Py_ssize_t admitted;
 } Reporter;
 
-static int report(Reporter *P, size_t added, double now) {
-    size_t before = P->batches;
-    P->batches += added;
+static int report_slow(Reporter *P, size_t before, double now) {
     if (P->progress != Py_None && P->batches >= P->next_report) {
         PyObject *res = P->network ? PyObject_CallFunction(P->progress, "(d)", now)
                                    : PyObject_CallFunction(P->progress, "dn", now, P->admitted);
@@ -716,13 +720,22 @@ static int report(Reporter *P, size_t added, double now) {
     return 0;
 }
 
+/* perf: inline, and the Python calls only every so often (this runs once per batch) */
+static inline int report(Reporter *P, size_t added, double now) {
+    size_t before = P->batches;
+    P->batches += added;
+    if ((P->progress == Py_None || P->batches < P->next_report) && (before >> 16) == (P->batches >> 16)) return 0;
+    return report_slow(P, before, now);
+}
+
 /* Queue a request at the engine (Engine.admit); 1 accepted, 0 rejected, -1 error. */
-static int engine_admit(Engine *E, int64_t r) {
+static inline int engine_admit(Engine *E, int64_t r) {
     Req *R = E->R;
     int64_t p = R->prompts[r];
     R->pl[r] = p;
     R->dl[r] = R->outputs[r];
     if (p > E->budget && !E->splits_prompts) return push_rid(&E->rej, r) ? -1 : 0;
+    E->ahead = 0;
     if (deq_push(&E->q[E->G > 1 ? R->group[r] : 0].pq, r)) return -1;
     E->total_prefill += p;
     E->in_engine++;
@@ -733,7 +746,15 @@ static int engine_admit(Engine *E, int64_t r) {
 static int engine_batch(Engine *E, double now, double *end_out) {
     E->turns++;
     Py_ssize_t nch = 0;
-    int64_t n = 0, prefill_tokens = plan_batch(E, &n, &nch);
+    int64_t n = 0, prefill_tokens;
+    if (E->ahead) {  /* planned by engine_rounds at this boundary, nothing admitted since */
+        prefill_tokens = E->ahead_prefill;
+        n = E->ahead_n;
+        nch = E->ahead_nch;
+        E->ahead = 0;
+    } else {
+        prefill_tokens = plan_batch(E, &n, &nch);
+    }
     int64_t num_tokens = n + prefill_tokens, demand = E->total_prefill + E->nd;
     if (num_tokens < 1 || num_tokens > E->budget) {
         PyErr_Format(PyExc_RuntimeError, "planned %lld tokens with demand %lld", (long long)num_tokens,
@@ -760,7 +781,6 @@ static int engine_batch(Engine *E, double now, double *end_out) {
         E->total_prefill -= prefill_tokens;
         if (apply_chunks(E, nch, end)) return -1;
     }
-    E->last_nch = nch;
     if (buf_reserve(&E->ends, sizeof(double)) || buf_reserve(&E->tokens, sizeof(int64_t))) return -1;
     ((double *)E->ends.data)[E->batches] = end;
     ((int64_t *)E->tokens.data)[E->batches] = num_tokens;
@@ -776,7 +796,9 @@ static int engine_batch(Engine *E, double now, double *end_out) {
  * or the cap's bound (no plan depends on decode counts, except the max-weight rule's D while
  * prompts wait), so the batches run as rounds without replanning: each ends at now + t_b and the
  * calendar says who finishes.  With no prompt waiting every plan decodes the min(decoders,
- * most) leading decoders.  One queue only.  With `collect`, returns after a round that finished
+ * most) leading decoders; with prompts waiting the plan is made here, and one that is not
+ * decode-only is kept for engine_batch (E->ahead: planned once, not twice).  One queue only.
+ * With `collect`, returns after a round that finished
  * someone (1: the caller routes them; their rids in dfin); 0 when done, -1 on error. */
 static int engine_rounds(Engine *E, double *nowp, double lim) {
     if (E->G != 1) return 0;
@@ -784,14 +806,21 @@ static int engine_rounds(Engine *E, double *nowp, double lim) {
     double now = *nowp;
     int64_t *dl = E->R->dl;
     const int64_t budget = E->budget;
-    int repeat = DEQ_N(&Q->pq) == 0 || (E->last_nch == 0 && E->load_rule == NO_LOAD_RULE);
-    while (repeat && now < lim && E->in_engine <= E->cap) {
+    while (now < lim && E->in_engine <= E->cap) {
         int64_t n;
         if (DEQ_N(&Q->pq) == 0) {
             n = MIN(E->nd, E->most);
         } else {
+            if (E->load_rule != NO_LOAD_RULE) break;
             Py_ssize_t k = 0;
-            if (E->load_rule != NO_LOAD_RULE || plan_batch(E, &n, &k) || k) break;
+            int64_t p = plan_batch(E, &n, &k);
+            if (p || k) {  /* not decode-only: engine_batch runs this plan */
+                E->ahead = 1;
+                E->ahead_prefill = p;
+                E->ahead_n = n;
+                E->ahead_nch = k;
+                break;
+            }
         }
         if (n == 0 || n < Q->head) break;
         int64_t *dq = DEQ_AT(&Q->dq);
@@ -815,18 +844,22 @@ static int engine_rounds(Engine *E, double *nowp, double lim) {
         double *d = E->record ? (double *)(E->detail.data + E->detail.size) : NULL;
         size_t m = 0;
         Py_ssize_t gone = 0;
+        /* perf: the round counter in a local (a store through Q each round cannot stay in a
+         * register: toks, an int64_t array, may alias it) */
+        int64_t rounds = Q->rounds;
         while (m < 4096 && now < lim) {
             if (d) {
                 d[0] = now; d[1] = now + duration; d[2] = 0.0; d[3] = (double)n; d[4] = (double)n;
                 d[5] = (double)demand; d[6] = (double)bound;
                 d += 7;
             }
-            Q->rounds++;
+            rounds++;
             now += duration;
             ends[m] = now;
             toks[m++] = n;
-            if (slot[Q->rounds & mask] >= 0 || Q->rounds >= far) {
-                Py_ssize_t nfin = cal_take(&Q->cal, Q->rounds, &E->fin);
+            if (slot[rounds & mask] >= 0 || rounds >= far) {
+                Q->rounds = rounds;
+                Py_ssize_t nfin = cal_take(&Q->cal, rounds, &E->fin);
                 if (nfin < 0) return -1;
                 E->pfin.size = E->dfin.size = 0;
                 gone = settle(E, Q, nfin, now);
@@ -835,6 +868,7 @@ static int engine_rounds(Engine *E, double *nowp, double lim) {
                 far = Q->cal.far.n ? Q->cal.far.a[0].key : INT64_MAX;
             }
         }
+        Q->rounds = rounds;
         E->violations += (int64_t)m * (n != bound);
         E->total_decode -= (int64_t)m * n;
         E->ends.size += m * sizeof(double);
