@@ -16,14 +16,15 @@ Each run is one child process (so its peak memory is its own).  Two kinds of row
   - ``max-pressure``  every engine set to ``max-pressure``.
 
   Columns: hop-req (sub-requests admitted to engines, ``len(result.sub_engine)``), jobs,
-  batches (summed over engines), sim s (the ``simulate_network`` call on jobs sampled before it,
-  as the single-engine row times ``simulate`` on requests generated before it; gen s is the
-  sampling), child s (the whole child process: interpreter start, imports, config, sampling,
-  simulation), hop-req/s (hop-requests per sim second) and peak MB (the child's maximum RSS).
+  batches (summed over engines), sim s (the ``simulate_network`` call: the jobs' sampling, by the
+  compiled sampler on the default path, and the simulation), child s (the whole child process:
+  interpreter start, imports, config, sampling, simulation), hop-req/s (hop-requests per second
+  of a whole run: sampling, simulating and summarising, as the engine row's) and peak MB.
 * ``engine``: the reference, one engine on the paper's Fig. 1 workload at 0.9 of λ* with
   ``--schedulers`` (default sarathi and maxweight), ``--requests`` arrivals (default 1,000,000),
   ``fast`` method (the compiled core where it can run), via bench_simulate.py's ``one()``;
-  hop-req is the number of requests, req/s is per second of the ``simulate`` call.
+  hop-req is the number of requests, req/s is per second of the whole run (generating the
+  requests, simulating, summarising: bench_simulate.py's wall s).
 
 Then the ratios the project tracks, each both from the fastest run of each row ("best") and as
 the median over repeats of the ratio within one repeat ("paired"; the runs of every row
@@ -100,23 +101,22 @@ def network_one(scenario: str, policy: str, horizon: float, seed: int) -> dict:
     sets = policy_sets(scenario, policy)
     net = load_network(scenario, sets)
     policies = sorted({e.policy for e in net.engines})
-    t0 = time.perf_counter()
-    try:  # sample the jobs first, as the engine row generates its requests before simulate()
-        from llmqueue.network.sim import generate_jobs
+    from llmqueue.network import summarize_network
 
-        jobs = generate_jobs(net, seed, horizon)
-    except (ImportError, TypeError):  # that helper changed: time the whole call (sampling included)
-        jobs = None
-    gen = time.perf_counter() - t0
+    # A whole run, as the engine row's: sampling the jobs (inside simulate_network: the compiled
+    # sampler on the default path), simulating, summarising.
     t0, c0 = time.perf_counter(), time.process_time()
-    result = simulate_network(net, seed=seed, horizon_s=horizon, jobs=jobs)
+    result = simulate_network(net, seed=seed, horizon_s=horizon)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    summarize_network(result)
+    whole = time.perf_counter() - t0
     hops = len(result.sub_engine)
     return {"kind": "network", "scenario": scenario, "policy": policy, "engine_policies": policies, "set": sets,
             "horizon_s": horizon, "seed": seed, "hop_requests": hops, "rejected": int(result.rejected.sum()),
             "jobs": len(result.job_entry_time), "batches": sum(len(b["end_time"]) for b in result.batches),
-            "generate_s": gen if jobs is not None else None, "jobs_sampled_first": jobs is not None,
-            "simulate_s": wall, "simulate_cpu_s": cpu, "per_s": hops / wall if wall > 0 else float("inf"),
+            "generate_s": None, "jobs_sampled_first": False, "method": result.meta["method"],
+            "simulate_s": wall, "simulate_cpu_s": cpu, "whole_s": whole,
+            "per_s": hops / whole if whole > 0 else float("inf"),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -126,8 +126,8 @@ def engine_one(scheduler: str, requests: int, seed: int) -> dict:
     wall = row["simulate_s"]
     return {"kind": "engine", "scenario": ENGINE_SCENARIO, "policy": scheduler, "method": row["method"],
             "seed": seed, "hop_requests": requests, "rejected": None, "jobs": None, "batches": row["batches"],
-            "generate_s": row["wall_s"] - wall, "simulate_s": wall, "simulate_cpu_s": None,
-            "per_s": requests / wall if wall > 0 else float("inf"), "completed": row["completed"],
+            "generate_s": row["wall_s"] - wall, "simulate_s": wall, "simulate_cpu_s": None, "whole_s": row["wall_s"],
+            "per_s": requests / row["wall_s"] if row["wall_s"] > 0 else float("inf"), "completed": row["completed"],
             "verdict": row["verdict"], "peak_mb": row["peak_mb"]}
 
 
