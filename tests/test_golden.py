@@ -4,7 +4,7 @@ Each case of tests/golden/cases.py is rebuilt with the library as it is now and 
 the figures recorded at commit f56e29d (tests/golden/*.npz): integers, booleans and strings
 exactly, floats to 1e-9 relative (NaN where NaN).  Single-engine cases are run with every method
 of ``llmqueue.core.simulator.METHODS``; streaming cases on each core ``simulate_stream`` offers;
-network cases once (the network loop has one method).
+network cases on both methods (the compiled core and the reference loop).
 
 A failure means a result changed.  Do not regenerate the golden files to make it pass: find
 the change, or, if it is intended, document it and regenerate (README.md).
