@@ -484,3 +484,26 @@ def test_python_plan_failing_at_run_time_is_one_line(capsys, tmp_path, body, wor
     assert len(errors) == 1 and "scheduler 'p'" in errors[0], err
     for word in words:
         assert word in errors[0], (word, errors[0])
+
+
+def test_a_policy_file_in_a_network_config(tmp_path):
+    # [[engines]] scheduler = "file.py:Class" resolves relative to the network config, as in a
+    # single-engine config; the composed policy runs on the compiled network core.
+    import shutil
+
+    from llmqueue.core import fastcore
+    from llmqueue.network import load_network, simulate_network
+    from llmqueue.network.scenarios import NETWORK_SCENARIOS
+
+    shutil.copy(COMPOSED, tmp_path / "policy.py")
+    text = NETWORK_SCENARIOS["tandem"][1].replace('scheduler = "sarathi"', 'scheduler = "policy.py:DecodeFirstNoChunking"', 1)
+    assert "policy.py:DecodeFirstNoChunking" in text
+    (tmp_path / "net.toml").write_text(text)
+    net = load_network(str(tmp_path / "net.toml"), ["run.horizon_s=30"])
+    assert f"{(tmp_path / 'policy.py').resolve()}:DecodeFirstNoChunking" in [e.scheduler for e in net.engines]
+    fast, ref = (simulate_network(net, method=m) for m in ("fast", "reference"))
+    assert fast.meta["method"] == ("fast" if fastcore.unavailable() is None else fast.meta["method"])
+    assert np.array_equal(fast.finish_time, ref.finish_time, equal_nan=True)
+    (tmp_path / "bad.toml").write_text(text.replace("policy.py:DecodeFirstNoChunking", "missing.py:X"))
+    with pytest.raises(ConfigError, match=r"engines\[\d\]\.scheduler.*missing\.py"):
+        load_network(str(tmp_path / "bad.toml"))

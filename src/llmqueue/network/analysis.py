@@ -29,7 +29,7 @@ from scipy.sparse.linalg import spsolve
 
 from llmqueue.analysis import capacity
 from llmqueue.network.model import Network
-from llmqueue.schedulers import SCHEDULERS
+from llmqueue.schedulers import scheduler_class
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def analyze_network(net: Network) -> NetworkAnalysis:
     offered = rates @ tokens
     rho = offered / cap
     top = int(np.argmax(rho))
-    wc = all(SCHEDULERS[e.scheduler].work_conserving for e in net.engines)
+    wc = all(scheduler_class(e.scheduler).work_conserving for e in net.engines)
     return NetworkAnalysis(
         engines=tuple(e.name for e in net.engines), rates=tuple(float(r) for r in rates),
         capacity_tokens_per_s=cap, offered_tokens_per_s=offered, rho=rho, tokens_per_job=tokens,

@@ -23,7 +23,7 @@ from llmqueue.model.batch_time import PAPER_STAIRCASE, BatchTime, make_batch_tim
 from llmqueue.checks import boolean, integer, number
 from llmqueue.config import parse_override, read_toml, set_dotted
 from llmqueue.errors import ConfigError
-from llmqueue.schedulers import SCHEDULERS
+from llmqueue.schedulers import SCHEDULERS, custom, scheduler_class
 from llmqueue.model.workload import ArrivalProcess, LengthDist, make_arrivals, make_length
 
 FCFS, PRIORITY, MAX_PRESSURE = "fcfs", "priority", "max-pressure"
@@ -203,7 +203,7 @@ def parse_network(data: Mapping[str, Any], base_dir: Path | None = None) -> Netw
     class_taken: dict[str, str] = {}
     class_names = [_name(t, f"classes[{i}]", class_taken) for i, t in enumerate(raw_classes)]
 
-    engines = tuple(_engine(t, f"engines[{i}]", class_names) for i, t in enumerate(raw_engines))
+    engines = tuple(_engine(t, f"engines[{i}]", class_names, base_dir) for i, t in enumerate(raw_engines))
     delays = []
     for i, t in enumerate(raw_delays):
         where = f"delays[{i}]"
@@ -240,14 +240,15 @@ def parse_network(data: Mapping[str, Any], base_dir: Path | None = None) -> Netw
     return net
 
 
-def _engine(t: dict, where: str, class_names: list[str]) -> EngineSpec:
+def _engine(t: dict, where: str, class_names: list[str], base_dir: Path | None = None) -> EngineSpec:
     name = t.get("scheduler", "sarathi")
-    if name not in SCHEDULERS:
-        raise ConfigError(f"{where}.scheduler", name, f"one of {', '.join(SCHEDULERS)}")
+    cls = scheduler_class(name, base_dir, f"{where}.scheduler")  # a registered name, or a policy file
+    if custom.is_reference(name) and name not in SCHEDULERS:
+        name = custom.resolve(name, base_dir)   # absolute: the run may start in another folder
     options = {k: v for k, v in t.items() if k not in ENGINE_KEYS}
-    _check_keys(options, set(SCHEDULERS[name].options), where)
+    _check_keys(options, set(cls.options), where)
     try:
-        SCHEDULERS[name](**options)
+        custom.build(cls, options, f"{where}.scheduler")
     except ConfigError as exc:  # re-word "engine.X" as "engines[i].X"
         raise ConfigError(exc.field.replace("engine.", f"{where}.", 1), exc.value, exc.allowed) from None
     budget = integer(t.get("token_budget", 512), f"{where}.token_budget", 1,
