@@ -129,7 +129,7 @@ def test_compiled_sampler_draws_the_python_jobs(scenario, ahead, monkeypatch):
         net = load_network(scenario, ["engines.S1.policy=max-pressure"] if scenario.startswith("rybko") else [])
         sim = _Simulation(net, analyze_network(net))
         groups = fast.groups_of(sim.engines)
-        python = fast.Flat(generate_jobs(net, seed, horizon), sim.buffer, groups)
+        python = fast.Flat.from_jobs(generate_jobs(net, seed, horizon), sim.buffer, groups)
         compiled = fast.sample(net, analyze_network(net), seed, horizon, sim.buffer, groups)
         for name in ("visits", "segments", "jobs"):
             for a, b in zip(getattr(python, name), getattr(compiled, name), strict=True):

@@ -86,42 +86,45 @@ static void buf_free(Buf *b) {
     if (b->python) Py_XDECREF(b->array); else free(b->data);
 }
 
-typedef struct { Entry *a; Py_ssize_t n, cap; } Heap;
+/* A binary min-heap of T ordered by LESS(x, y) (pointers): Name_push and Name_pop.  One shape for
+ * the calendar's far rounds and the network's events. */
+#define DEFINE_HEAP(Name, T, LESS)                                                                   \
+    typedef struct { T *a; Py_ssize_t n, cap; } Name;                                                \
+    static int Name##_push(Name *h, T x) {                                                          \
+        if (h->n == h->cap) {                                                                       \
+            Py_ssize_t cap = h->cap ? 2 * h->cap : 1024;                                            \
+            T *p = realloc(h->a, (size_t)cap * sizeof(T));                                          \
+            if (!p) { PyErr_NoMemory(); return -1; }                                                \
+            h->a = p;                                                                               \
+            h->cap = cap;                                                                           \
+        }                                                                                           \
+        Py_ssize_t j = h->n++;                                                                      \
+        while (j > 0) {                                                                             \
+            Py_ssize_t up = (j - 1) / 2;                                                            \
+            if (!LESS(&x, &h->a[up])) break;                                                        \
+            h->a[j] = h->a[up];                                                                     \
+            j = up;                                                                                 \
+        }                                                                                           \
+        h->a[j] = x;                                                                                \
+        return 0;                                                                                   \
+    }                                                                                               \
+    static T Name##_pop(Name *h) {                                                                  \
+        T top = h->a[0], last = h->a[--h->n];                                                       \
+        Py_ssize_t j = 0, n = h->n;                                                                 \
+        for (;;) {                                                                                  \
+            Py_ssize_t c = 2 * j + 1;                                                               \
+            if (c >= n) break;                                                                      \
+            if (c + 1 < n && LESS(&h->a[c + 1], &h->a[c])) c++;                                     \
+            if (!LESS(&h->a[c], &last)) break;                                                      \
+            h->a[j] = h->a[c];                                                                      \
+            j = c;                                                                                  \
+        }                                                                                           \
+        if (n) h->a[j] = last;                                                                      \
+        return top;                                                                                 \
+    }
 
-static int heap_push(Heap *h, int64_t key, int64_t rid) {
-    if (h->n == h->cap) {
-        Py_ssize_t cap = h->cap ? 2 * h->cap : 1024;
-        Entry *p = realloc(h->a, (size_t)cap * sizeof(Entry));
-        if (!p) { PyErr_NoMemory(); return -1; }
-        h->a = p;
-        h->cap = cap;
-    }
-    Py_ssize_t j = h->n++;
-    while (j > 0) {
-        Py_ssize_t up = (j - 1) / 2;
-        if (h->a[up].key <= key) break;
-        h->a[j] = h->a[up];
-        j = up;
-    }
-    h->a[j].key = key;
-    h->a[j].rid = rid;
-    return 0;
-}
-
-static Entry heap_pop(Heap *h) {
-    Entry top = h->a[0], last = h->a[--h->n];
-    Py_ssize_t j = 0, n = h->n;
-    for (;;) {
-        Py_ssize_t c = 2 * j + 1;
-        if (c >= n) break;
-        if (c + 1 < n && h->a[c + 1].key < h->a[c].key) c++;
-        if (last.key <= h->a[c].key) break;
-        h->a[j] = h->a[c];
-        j = c;
-    }
-    if (n) h->a[j] = last;
-    return top;
-}
+#define ENTRY_LESS(x, y) ((x)->key < (y)->key)
+DEFINE_HEAP(Heap, Entry, ENTRY_LESS)
 
 /* The calendar: slot[key & mask] lists the entries due at round `key` (nodes, -1 ends a list);
  * entries mask + 1 or more rounds ahead wait in `far`. */
@@ -143,7 +146,7 @@ static int cal_init(Calendar *c, int64_t longest, int64_t ring) {
 }
 
 static int cal_push(Calendar *c, int64_t rounds, int64_t key, int64_t rid) {
-    if (key - rounds > c->mask) return heap_push(&c->far, key, rid);
+    if (key - rounds > c->mask) return Heap_push(&c->far, (Entry){key, rid});
     int64_t k = c->free;
     if (k >= 0) {
         c->free = c->node_next[k];
@@ -181,7 +184,7 @@ static Py_ssize_t cal_take(Calendar *c, int64_t rounds, Buf *fin) {
     *head = -1;
     while (c->far.n && c->far.a[0].key <= rounds) {
         if (buf_reserve(fin, (size_t)(count + 1) * sizeof(int64_t))) return -1;
-        ((int64_t *)fin->data)[count++] = heap_pop(&c->far).rid;
+        ((int64_t *)fin->data)[count++] = Heap_pop(&c->far).rid;
     }
     return count;
 }
@@ -1109,6 +1112,8 @@ enum { ARRIVAL = 0, BATCH_END = 1, DELAY_END = 2 };
 
 /* An event: (time, seq) orders the heap; seq breaks ties in insertion order, as in network/sim.py. */
 typedef struct { double time; int64_t seq; int64_t kind, a, b; } Event;
+#define EVENT_LESS(x, y) ((x)->time < (y)->time || ((x)->time == (y)->time && (x)->seq < (y)->seq))
+DEFINE_HEAP(Events, Event, EVENT_LESS)
 
 /* Where one branch of a job is: its segment, the next visit, and the join it reports to. */
 typedef struct { int64_t job, seg, pos, join; } Token;
@@ -1137,50 +1142,15 @@ typedef struct {
     int64_t *counts;   /* requests per buffer in the network (max-pressure's Z_b) */
     Token *tok; Py_ssize_t ntok, tok_cap;
     Join *joins; Py_ssize_t njoin, join_cap;
-    Event *heap; Py_ssize_t nheap, heap_cap;
+    Events events;
     int64_t seq;
     int touched;       /* an engine other than the one running ahead got a request */
     int running;       /* the engine running ahead, or -1 */
     double horizon;
 } Net;
 
-static inline int ev_less(const Event *x, const Event *y) {
-    return x->time < y->time || (x->time == y->time && x->seq < y->seq);
-}
-
 static int ev_push(Net *N, double time, int64_t kind, int64_t a, int64_t b) {
-    if (N->nheap == N->heap_cap) {
-        Py_ssize_t cap = N->heap_cap ? 2 * N->heap_cap : 1024;
-        Event *p = realloc(N->heap, (size_t)cap * sizeof(Event));
-        if (!p) { PyErr_NoMemory(); return -1; }
-        N->heap = p;
-        N->heap_cap = cap;
-    }
-    Event e = {time, N->seq++, kind, a, b};
-    Py_ssize_t j = N->nheap++;
-    while (j > 0) {
-        Py_ssize_t up = (j - 1) / 2;
-        if (!ev_less(&e, &N->heap[up])) break;
-        N->heap[j] = N->heap[up];
-        j = up;
-    }
-    N->heap[j] = e;
-    return 0;
-}
-
-static Event ev_pop(Net *N) {
-    Event top = N->heap[0], last = N->heap[--N->nheap];
-    Py_ssize_t j = 0, n = N->nheap;
-    for (;;) {
-        Py_ssize_t c = 2 * j + 1;
-        if (c >= n) break;
-        if (c + 1 < n && ev_less(&N->heap[c + 1], &N->heap[c])) c++;
-        if (!ev_less(&N->heap[c], &last)) break;
-        N->heap[j] = N->heap[c];
-        j = c;
-    }
-    if (n) N->heap[j] = last;
-    return top;
+    return Events_push(&N->events, (Event){time, N->seq++, kind, a, b});
 }
 
 static int64_t new_token(Net *N, int64_t job, int64_t seg, int64_t join) {
@@ -1279,7 +1249,7 @@ static int route_finished(Net *N, int j, double now) {
 }
 
 static inline double next_time(const Net *N) {
-    return N->nheap ? N->heap[0].time : INFINITY;
+    return N->events.n ? N->events.a[0].time : INFINITY;
 }
 
 /* Start engine j's batch at `now` (all events at `now` are handled).  With `ahead` (no other
@@ -1518,11 +1488,11 @@ static PyObject *run_network(PyObject *self, PyObject *args) {
     int *starting = calloc((size_t)N.J + 1, sizeof(int));
     if (!starting) { PyErr_NoMemory(); goto done; }
     int failed = 0;
-    while (N.nheap && N.heap[0].time <= horizon) {
-        now = N.heap[0].time;
+    while (N.events.n && N.events.a[0].time <= horizon) {
+        now = N.events.a[0].time;
         last = now;
-        while (N.nheap && N.heap[0].time == now) {
-            Event ev = ev_pop(&N);
+        while (N.events.n && N.events.a[0].time == now) {
+            Event ev = Events_pop(&N.events);
             if (ev.kind == ARRIVAL) {
                 int64_t k = ev.a, i = ev.b, src = N.class_start[k] + i;
                 int64_t job = N.njobs++;
@@ -1578,7 +1548,7 @@ static PyObject *run_network(PyObject *self, PyObject *args) {
 done:
     if (N.E)
         for (int j = 0; j < N.J; j++) engine_free(&N.E[j]);
-    free(N.E); free(N.busy); free(N.tok); free(N.joins); free(N.heap); free(pl); free(dl);
+    free(N.E); free(N.busy); free(N.tok); free(N.joins); free(N.events.a); free(pl); free(dl);
     for (int k = 0; k < nb; k++) PyBuffer_Release(&b[k]);
     if (counts_b.obj) PyBuffer_Release(&counts_b);
     return result;

@@ -67,19 +67,36 @@ def core():
 _said: set[str] = set()
 
 
-def reason(engine: Engine) -> str | None:
-    """Why ``engine`` cannot run on the compiled core (None: it can).  A scheduler that plans in
-    Python (it overrides ``plan()`` instead of composing a plan) is said once per scheduler name."""
-    scheduler = engine.scheduler
+def policy_reason(scheduler: Scheduler, batch_time) -> str | None:
+    """Why this scheduler and batch time cannot run on the compiled core (None: they can), for one
+    engine and for a network's engines alike.  A scheduler that plans in Python (it overrides
+    ``plan()`` instead of composing a plan) is said once per scheduler name."""
     if scheduler.program is None or type(scheduler).plan is not Scheduler.plan:
         why = f"scheduler {scheduler.name!r} plans in Python (plan() instead of a composed Plan)"
         if scheduler.name not in _said and not getattr(scheduler, "quiet", False):
             _said.add(scheduler.name)
             warnings.warn(f"llmqueue: {why}: it runs on the reference interpreter, not the compiled core",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=4)
         return why
-    if not engine.batch_time.tokens_only:
-        return f"batch time {engine.batch_time.name!r} depends on more than the token load"
+    if not batch_time.tokens_only:
+        return f"batch time {batch_time.name!r} depends on more than the token load"
+    return None
+
+
+def policy_arrays(scheduler: Scheduler) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """What the core reads of a composed policy: its plan's encoding and its load rule's candidate
+    loads (useful loads, breaks; whether the useful loads are given: else every load is)."""
+    load = scheduler.load
+    useful = getattr(load, "useful", None)
+    return (np.asarray(scheduler.program.encode(), dtype=np.int64), np.asarray(useful or [], dtype=np.int64),
+            np.asarray(getattr(load, "breaks", None) or [], dtype=np.int64), useful is not None)
+
+
+def reason(engine: Engine) -> str | None:
+    """Why ``engine`` cannot run on the compiled core (None: it can)."""
+    why = policy_reason(engine.scheduler, engine.batch_time)
+    if why is not None:
+        return why
     if engine.num_in_engine or engine.rejected or engine.violations:
         return "the engine already holds requests"
     return _why_not
@@ -137,10 +154,7 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
     if _core is None:
         raise InternalError(f"compiled core requested but {_why_not}")
     scheduler = engine.scheduler
-    plan = np.asarray(scheduler.program.encode(), dtype=np.int64)
-    load = scheduler.load
-    useful = np.asarray(getattr(load, "useful", None) or [], dtype=np.int64)
-    breaks = np.asarray(getattr(load, "breaks", None) or [], dtype=np.int64)
+    plan, useful, breaks, has_useful = policy_arrays(scheduler)
     budget = engine.token_budget
     kmax = engine.max_batch_requests
     k = 0 if carried is None else len(carried.rid)
@@ -170,7 +184,7 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
             np.asarray(engine.durations, dtype=np.float64) if durations is None else durations,
             prefill_left, decode_left, first, finish, prefilling, decoding, rejected,
             plan, useful, breaks, budget, kmax if kmax is not None else NO_LIMIT,
-            getattr(load, "useful", None) is not None, bool(scheduler.splits_prompts), float(horizon),
+            has_useful, bool(scheduler.splits_prompts), float(horizon),
             bool(record_batches), progress, RING, 0.0 if carried is None else carried.now, k, n_pre, n_dec,
             int(stop))
     except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step

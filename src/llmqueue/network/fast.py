@@ -27,7 +27,6 @@ from llmqueue.network.model import Network
 from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
 from llmqueue.network.routes import Segment
 from llmqueue.model.workload import make_arrivals
-from llmqueue.schedulers import Scheduler
 from llmqueue.schedulers.plan import NO_LIMIT
 
 ORDER_STATIC, ORDER_PRESSURE = 0, 1   # the core's group orders (_fastcore.c)
@@ -45,10 +44,9 @@ def reason(engines: list[Engine]) -> str | None:
         inner = scheduler.inner if isinstance(scheduler, GroupedScheduler) else scheduler
         if isinstance(scheduler, GroupedScheduler) and type(scheduler) not in (ClassPriority, MaxPressure):
             return f"engine {j}: policy {scheduler.policy!r} has no compiled form"
-        if inner.program is None or type(inner).plan is not Scheduler.plan:
-            return f"engine {j}: scheduler {inner.name!r} plans in Python (plan() instead of a composed Plan)"
-        if not engine.batch_time.tokens_only:
-            return f"engine {j}: batch time {engine.batch_time.name!r} depends on more than the token load"
+        why = fastcore.policy_reason(inner, engine.batch_time)
+        if why is not None:
+            return f"engine {j}: {why}"
     return None
 
 
@@ -56,7 +54,7 @@ def _engine_spec(engine: Engine) -> tuple:
     """The tuple run_network reads for one engine: plan, batch times, load rule, groups."""
     scheduler = engine.scheduler
     inner = scheduler.inner if isinstance(scheduler, GroupedScheduler) else scheduler
-    load = inner.load
+    plan, useful, breaks, has_useful = fastcore.policy_arrays(inner)
     i64, f64 = np.int64, np.float64
     groups = 1
     order = ORDER_STATIC
@@ -75,19 +73,29 @@ def _engine_spec(engine: Engine) -> tuple:
             ds_buf = np.asarray([b for d in scheduler.downstream for b, _ in d], i64)
             ds_p = np.asarray([p for d in scheduler.downstream for _, p in d], f64)
             inv = np.asarray(scheduler.inv_tokens, f64)
-    return (np.asarray(inner.program.encode(), i64), np.asarray(engine.durations, f64),
-            np.asarray(getattr(load, "useful", None) or [], i64), np.asarray(getattr(load, "breaks", None) or [], i64),
-            engine.token_budget, engine.max_batch_requests or NO_LIMIT, bool(scheduler.splits_prompts),
-            getattr(load, "useful", None) is not None, groups, order, buffers, ds_start, ds_buf, ds_p, inv)
+    return (plan, np.asarray(engine.durations, f64), useful, breaks, engine.token_budget,
+            engine.max_batch_requests or NO_LIMIT, bool(scheduler.splits_prompts), has_useful, groups, order, buffers,
+            ds_start, ds_buf, ds_p, inv)
 
 
 class Flat:
     """The sampled jobs as arrays (see the module docstring): from sampled :class:`Segment` jobs
-    (``Flat(jobs, ...)``), or sampled straight into arrays by the compiled sampler (:func:`sample`)."""
+    (:meth:`from_jobs`), or sampled straight into arrays by the compiled sampler (:func:`sample`)."""
 
-    def __init__(self, jobs, buffer: dict[tuple[int, int], int], groups: list[dict | None]) -> None:
-        if jobs is None:
-            return
+    def __init__(self, visits: tuple, v_hop: np.ndarray, segments: tuple, jobs: tuple, job_class: np.ndarray,
+                 job_tokens: np.ndarray) -> None:
+        i64 = np.int64
+        self.visits = (*(np.asarray(a, i64) for a in visits[:5]), np.asarray(visits[5], np.float64))
+        self.v_hop = np.asarray(v_hop, i64)
+        self.segments = tuple(np.asarray(a, i64) for a in segments)
+        self.jobs = (np.asarray(jobs[0], i64), np.asarray(jobs[1], np.float64), np.asarray(jobs[2], i64))
+        self.job_class = np.asarray(job_class, i64)
+        self.job_tokens = np.asarray(job_tokens, i64)
+        self.engine_visits = int(np.count_nonzero(self.visits[0] >= 0))
+
+    @classmethod
+    def from_jobs(cls, jobs, buffer: dict[tuple[int, int], int], groups: list[dict | None]) -> Flat:
+        """Flatten :func:`~llmqueue.network.sim.generate_jobs`' jobs (Python: ~1 µs a visit)."""
         v_engine: list[int] = []
         v_hop: list[int] = []
         v_prompt: list[int] = []
@@ -135,25 +143,17 @@ class Flat:
         roots: list[int] = []
         entry: list[float] = []
         tokens: list[int] = []
-        cls: list[int] = []
+        classes: list[int] = []
         starts = [0]
         for k, stream in enumerate(jobs):
             for t, root, total in stream:
                 roots.append(add(root, k))
                 entry.append(t)
                 tokens.append(total)
-                cls.append(k)
+                classes.append(k)
             starts.append(len(roots))
-        i64 = np.int64
-        self.visits = (np.asarray(v_engine, i64), np.asarray(v_prompt, i64), np.asarray(v_output, i64),
-                       np.asarray(v_buffer, i64), np.asarray(v_group, i64), np.asarray(v_delay, np.float64))
-        self.v_hop = np.asarray(v_hop, i64)
-        self.segments = (np.asarray(vstart, i64), np.asarray(vcount, i64), np.asarray(bstart, i64),
-                         np.asarray(bcount, i64), np.asarray(children, i64), np.asarray(join, i64))
-        self.jobs = (np.asarray(roots, i64), np.asarray(entry, np.float64), np.asarray(starts, i64))
-        self.job_class = np.asarray(cls, i64)
-        self.job_tokens = np.asarray(tokens, i64)
-        self.engine_visits = int(np.count_nonzero(self.visits[0] >= 0))
+        return cls((v_engine, v_prompt, v_output, v_buffer, v_group, v_delay), v_hop,
+                   (vstart, vcount, bstart, bcount, children, join), (roots, entry, starts), classes, tokens)
 
 
 def groups_of(engines: list[Engine]) -> list[dict | None]:
@@ -196,11 +196,12 @@ def sample(net: Network, analysis: NetworkAnalysis, seed: int, horizon_s: float,
             for kind in (("p", "o") if h.is_engine else ("d",)):
                 draw((kind, h.index), want)
         draw("u", int(n * AHEAD * float(visits.sum())) + 64)
+        table = route.sampling_table()
         while True:
             p = tuple(np.asarray(ahead.get(("p", h.index), np.zeros(0)), i64) for h in hops)
             o = tuple(np.asarray(ahead.get(("o", h.index), np.zeros(0)), i64) for h in hops)
             d = tuple(np.asarray(ahead.get(("d", h.index), np.zeros(0)), np.float64) for h in hops)
-            out = core.sample_jobs(route.sampling_table(), (h_engine, h_grow, h_buffer, h_group), (p, o, d, ahead["u"]),
+            out = core.sample_jobs(table, (h_engine, h_grow, h_buffer, h_group), (p, o, d, ahead["u"]),
                                    n)
             if not isinstance(out, int):
                 break
@@ -214,7 +215,6 @@ def sample(net: Network, analysis: NetworkAnalysis, seed: int, horizon_s: float,
 def _combine(net: Network, parts) -> Flat:
     """One Flat from each class's sampled arrays (segment and visit indices offset)."""
     i64 = np.int64
-    flat = Flat(None, {}, [])
     cols = [[] for _ in range(7)]
     segs = [[] for _ in range(6)]
     roots, entry, tokens, cls, starts = [], [], [], [], [0]
@@ -240,15 +240,8 @@ def _combine(net: Network, parts) -> Flat:
         ns += len(vstart)
     cat = np.concatenate
     v_engine, v_hop, v_prompt, v_output, v_buffer, v_group, v_delay = (cat(c) if c else np.zeros(0) for c in cols)
-    flat.visits = (v_engine.astype(i64), v_prompt.astype(i64), v_output.astype(i64), v_buffer.astype(i64),
-                   v_group.astype(i64), v_delay.astype(np.float64))
-    flat.v_hop = v_hop.astype(i64)
-    flat.segments = tuple(cat(c).astype(i64) for c in segs)
-    flat.jobs = (cat(roots).astype(i64), cat(entry).astype(np.float64), np.asarray(starts, i64))
-    flat.job_class = cat(cls).astype(i64)
-    flat.job_tokens = cat(tokens).astype(i64)
-    flat.engine_visits = int(np.count_nonzero(flat.visits[0] >= 0))
-    return flat
+    return Flat((v_engine, v_prompt, v_output, v_buffer, v_group, v_delay), v_hop, tuple(cat(c) for c in segs),
+                (cat(roots), cat(entry), starts), cat(cls), cat(tokens))
 
 
 def run(engines: list[Engine], flat: Flat, num_buffers: int, horizon: float,

@@ -322,7 +322,7 @@ def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float 
         if jobs is None:
             flat = fast.sample(net, analysis, seed, horizon_s, sim.buffer, groups)
         else:
-            flat = fast.Flat(jobs, sim.buffer, groups)
+            flat = fast.Flat.from_jobs(jobs, sim.buffer, groups)
         last, arrays = fast.run(sim.engines, flat, len(sim.buffer), horizon, progress)
         end_time = max(last, horizon_s) if drain else horizon_s
         batches = [_batch_columns(rec) for rec in arrays.pop("batches")]
