@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmqueue.model.batch_time import PAPER_STAIRCASE, make_batch_time
+from llmqueue.model.kv import make_kv
 from llmqueue.checks import boolean, integer, number
 from llmqueue.errors import ConfigError
 from llmqueue.schedulers import SCHEDULERS, custom, scheduler_class
@@ -40,7 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "run": {"horizon_s": 1200.0, "seed": 0},
 }
 
-ENGINE_KEYS = {"scheduler", "token_budget", "max_batch_requests", "batch_time"}
+ENGINE_KEYS = {"scheduler", "token_budget", "max_batch_requests", "batch_time", "kv_blocks", "block_size", "kv_policy"}
 WORKLOAD_KEYS = {"arrival", "rate", "load", "cv", "trace", "format", "time_scale", "max_tokens",
                  "cap_mode", "on_bad_row", "prompt", "output"}
 RUN_KEYS = {"horizon_s", "requests", "seed", "drain", "record_batches", "verdict_tolerance", "method"}
@@ -204,6 +205,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     if not isinstance(batch_time, dict):
         raise ConfigError("engine.batch_time", batch_time, "a table with a model and its parameters")
     make_batch_time(batch_time).table(budget)  # validates parameters and positivity
+    kv = make_kv(engine)   # KV memory (docs/memory.md): kv_blocks, block_size, kv_policy
+    if kv is not None:
+        engine.update(kv_blocks=kv.blocks, block_size=kv.block_size, kv_policy=kv.policy)
     custom.build(cls, {k: v for k, v in engine.items() if k in options})  # validates options (and the plan)
 
     _check_keys(run, RUN_KEYS, "run")

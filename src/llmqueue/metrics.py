@@ -58,7 +58,8 @@ class _Backlog:
         self.arrivals = result.arrival_time[keep]
         self.arrived = np.concatenate(([0], np.cumsum(result.num_prompt_tokens[keep] + result.num_output_tokens[keep])))
         self.ends = result.batch_end_time
-        self.processed = np.concatenate(([0], np.cumsum(result.batch_tokens)))
+        useful = result.batch_tokens if result.kv is None else result.batch_tokens - result.kv.batch_recomputed
+        self.processed = np.concatenate(([0], np.cumsum(useful)))   # recomputed tokens are no progress
 
     def processed_by(self, times: np.ndarray) -> np.ndarray:
         return self.processed[np.searchsorted(self.ends, times, side="right")]
@@ -185,4 +186,37 @@ def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
         "tbt_s": latency_stats(tbt),
         "e2e_s": latency_stats(finish[done] - arrival[done]),
         "wall_s": result.wall_s,
+        **({"kv": kv_summary(result)} if result.kv is not None else {}),
+    }
+
+
+def kv_summary(result: Result) -> dict:
+    """What KV memory did (docs/memory.md): blocks in use (time-weighted over the batches),
+    preemptions, tokens computed again and the share of the engine's work they took."""
+    kv = result.kv
+    usable = kv.blocks - 1
+    weight = result.batch_end_time - kv.batch_start      # blocks are held for each batch's duration
+    used = kv.batch_blocks.astype(float)
+    total = float(weight.sum())
+    mean_used = float((used * weight).sum() / total) if total > 0 else 0.0
+    work = int(result.batch_tokens.sum())
+    recomputed = int(kv.batch_recomputed.sum())
+    too_large = int(np.count_nonzero(result.rejected & (
+        -(-(result.num_prompt_tokens + result.num_output_tokens) // kv.block_size) > usable)))
+    return {
+        "kv_blocks": kv.blocks,
+        "block_size": kv.block_size,
+        "kv_policy": kv.policy,
+        "usable_tokens": usable * kv.block_size,
+        "peak_blocks": int(kv.batch_blocks.max()) if len(kv.batch_blocks) else 0,
+        "mean_blocks": mean_used,
+        "peak_utilisation": (float(kv.batch_blocks.max()) / usable) if len(kv.batch_blocks) else 0.0,
+        "mean_utilisation": mean_used / usable,
+        "preemptions": int(kv.preemptions.sum()),
+        "preempted_requests": int(np.count_nonzero(kv.preemptions)),
+        "max_preemptions_per_request": int(kv.preemptions.max()) if len(kv.preemptions) else 0,
+        "recomputed_tokens": recomputed,
+        "recompute_share": recomputed / work if work else 0.0,
+        "memory_limited_batches": kv.memory_limited,
+        "rejected_larger_than_cache": too_large,
     }

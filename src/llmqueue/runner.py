@@ -6,13 +6,16 @@ The library entry points behind the command line: :func:`run_config` (one run) a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from llmqueue.analysis import Analysis, analyze
 from llmqueue.model.batch_time import BatchTime, make_batch_time
 from llmqueue.config import Config
+from llmqueue.errors import ConfigError
 from llmqueue.core.engine import Engine
+from llmqueue.model.kv import make_kv
 from llmqueue.metrics import UNSTABLE, summarize
 from llmqueue.analysis.region import stability_region
 from llmqueue.schedulers import make_scheduler
@@ -47,7 +50,7 @@ def build_engine(config: Config, scheduler: str | None = None) -> Engine:
     name = scheduler or config.engine["scheduler"]
     options = config.scheduler_options if name == config.engine["scheduler"] else {}
     return Engine(make_scheduler(name, **options), config.engine["token_budget"], batch_time_of(config),
-                  config.engine.get("max_batch_requests"))
+                  config.engine.get("max_batch_requests"), make_kv(config.engine))
 
 
 def build_workload(config: Config) -> Workload:
@@ -84,6 +87,7 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
             progress: Progress | None = None) -> Run:
     """Simulate ``requests`` on ``engine`` and summarise against the closed form."""
     rc = config.run
+    _check_cache(engine, workload)
     name = engine.scheduler.name
     total = max(len(requests), 1)
     hook = (lambda now, n: progress(name, n / total)) if progress else None
@@ -98,6 +102,19 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
         summary["notes"] = list(analysis.notes)
     _region_prediction(config, summary, analysis)
     return Run(result, summary, analysis)
+
+
+def _check_cache(engine: Engine, workload: Workload) -> None:
+    """A KV cache that cannot hold a request of mean size would reject most requests: refuse it."""
+    kv = engine.kv
+    if kv is None:
+        return
+    mean = math.ceil(workload.mean_prompt_len + workload.mean_output_len)
+    if not kv.fits(mean, 0):
+        need = kv.blocks_for(mean) + 1
+        raise ConfigError("engine.kv_blocks", kv.blocks, f"at least {need} blocks of {kv.block_size} tokens: the "
+                          f"cache must hold a request of mean size ({mean} tokens, prompt + output; block 0 is "
+                          "reserved); larger requests are rejected and counted")
 
 
 def _region_prediction(config: Config, summary: dict, analysis: Analysis) -> None:

@@ -5,11 +5,16 @@ the batch with the batch-time model, applies it through :func:`~llmqueue.model.r
 and checks work conservation (Eqs. 8–9): a batch must hold ``min(b_max, demand)`` tokens,
 with ``demand = Σ p_i + #{decoding}``.  Under a request cap k_max the bound is the most
 tokens any k_max requests could take, ``min(b_max, sum of the k_max largest shares)``.
+
+With KV memory (``kv``, :mod:`llmqueue.model.kv`) the engine also holds blocks: it applies the
+plan's preemptions, takes the blocks of each scheduled token and frees a finished request's;
+a batch that memory kept smaller is counted in ``memory_limited``, not as a violation.
 """
 
 from __future__ import annotations
 
 import heapq
+import os
 import warnings
 from bisect import bisect_left, insort
 from dataclasses import dataclass
@@ -19,10 +24,15 @@ from llmqueue.model.batch import BatchPlan
 from llmqueue.model.batch_time import AssumptionWarning, BatchTime
 from llmqueue.checks import integer
 from llmqueue.errors import InternalError
+from llmqueue.model.kv import KVCache
 from llmqueue.model.request import Request, apply_batch
 from llmqueue.schedulers import EngineState, Scheduler
+from llmqueue.schedulers.plan import seq_len
 
 _RID = attrgetter("rid")
+_STAMP = attrgetter("stamp")
+#: LLMQUEUE_CHECKS=1: check the engine's invariants after every batch (tests; slower)
+CHECKS = os.environ.get("LLMQUEUE_CHECKS", "") not in ("", "0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +51,7 @@ class Engine:
     """A scheduler, a token budget, an optional request cap and a batch-time model."""
 
     def __init__(self, scheduler: Scheduler, token_budget: int, batch_time: BatchTime,
-                 max_batch_requests: int | None = None) -> None:
+                 max_batch_requests: int | None = None, kv: KVCache | None = None, checks: bool | None = None) -> None:
         token_budget = integer(token_budget, "engine.token_budget", 1,
                                what="a batch must fit at least one decode token")
         if max_batch_requests is not None:
@@ -62,6 +72,19 @@ class Engine:
         self.num_in_engine = 0
         self.violations = 0
         self.rejected: list[Request] = []
+        if kv is not None and not isinstance(kv, KVCache):
+            raise InternalError(f"engine kv must be a KVCache, not {kv!r}")
+        self.kv = kv
+        self.state.kv = kv
+        self.checks = CHECKS if checks is None else checks
+        self._key = _RID if kv is None else _STAMP   # the decoding list's order: arrival, or admission
+        self._stamps = 0
+        self.memory_limited = 0      # batches memory kept below the work-conserving bound
+        self.preemptions = 0
+        self.recomputed_tokens = 0
+        self.kv_starts: list[float] = []  # with kv, each batch's start,
+        self.kv_series: list[int] = []   # its blocks in use (after its allocation)
+        self.kv_waste: list[int] = []     # and its tokens computed again after a preemption
 
     @property
     def has_work(self) -> bool:
@@ -71,6 +94,9 @@ class Engine:
         """Queue ``request``; a prompt the scheduler can never serve is rejected (False)."""
         if request.num_prompt_tokens > self.token_budget and not self.scheduler.splits_prompts:
             self.rejected.append(request)
+            return False
+        if self.kv is not None and not self.kv.fits(request.num_prompt_tokens, request.num_output_tokens):
+            self.rejected.append(request)   # larger than the whole cache: it could never finish
             return False
         self.state.prefilling.append(request)
         self.state.total_prefill_left += request.num_prompt_tokens
@@ -97,17 +123,130 @@ class Engine:
         demand = self.demand()
         bound = self.bound(demand)
         plan = self.scheduler.plan(state)
+        if self.kv is not None:
+            for _ in range(3):   # preempting everyone running leaves an empty plan: plan again
+                if plan.num_tokens or not plan.preempted:
+                    break
+                self._preempt(plan.preempted)
+                demand = self.demand()
+                bound = self.bound(demand)
+                plan = self.scheduler.plan(state)
         tokens = plan.num_tokens
         if tokens < 1 or tokens > self.token_budget:
             raise InternalError(f"{self.scheduler!r} planned {tokens} tokens with demand {demand}")
-        if tokens != bound:
+        if plan.memory_limited:
+            self.memory_limited += 1
+        elif tokens != bound:
             self.violations += 1
         end = now + (self.durations[tokens] if self._tokens_only else self.batch_time.plan_seconds(plan))
+        if self.kv is not None:
+            if plan.preempted:
+                self._preempt(plan.preempted)
+            self._allocate(plan)
+            self.kv_starts.append(now)
         finished = apply_batch(plan.prefill, plan.decode, end)
         state.total_prefill_left -= plan.num_prefill_tokens
         self._requeue(plan, finished)
         self.num_in_engine -= len(finished)
+        if self.kv is not None:
+            kv = self.kv
+            state.kv_used -= sum(kv.blocks_for(r.num_prompt_tokens + r.num_output_tokens) for r in finished)
+            if self.checks:
+                self.check()
         return Step(plan, now, end, demand, bound, finished)
+
+    # ---- KV memory (model/kv.py) ---------------------------------------------------------
+
+    def _preempt(self, victims) -> None:
+        """Apply a plan's preemptions, in order: free each victim's blocks and put it at the front of
+        the waiting prompts, to recompute its whole sequence (vLLM's ``_preempt_request``)."""
+        state = self.state
+        kv = self.kv
+        for victim in victims:
+            held = seq_len(victim) - victim.prefill_left
+            state.kv_used -= kv.blocks_for(held)
+            victim.preemptions += 1
+            if held > victim.peak:
+                victim.peak = held
+            self.preemptions += 1
+            if victim.prefill_left == 0:   # a decoder: remove it, its next decode token joins the recompute
+                decoding = state.decoding
+                i = bisect_left(decoding, victim.stamp, key=_STAMP)
+                if i == len(decoding) or decoding[i] is not victim:
+                    raise InternalError(f"preempted request {victim.rid} was not decoding")
+                del decoding[i]
+                victim.decode_left -= 1
+            else:
+                state.prefilling.remove(victim)
+            left = seq_len(victim)
+            state.total_prefill_left += left - victim.prefill_left
+            victim.prefill_left = left
+            prefilling = state.prefilling
+            at = 0   # the front of the waiting prompts: behind those holding blocks
+            while at < len(prefilling) and prefilling[at].prefill_left != seq_len(prefilling[at]):
+                at += 1
+            prefilling.insert(at, victim)
+
+    def _allocate(self, plan: BatchPlan) -> None:
+        """Take the blocks of a planned batch (before it is applied); stamp newly admitted requests."""
+        state = self.state
+        kv = self.kv
+        reserve = kv.policy == "reserve"
+        used = state.kv_used
+        waste = 0
+        for request, chunk in plan.prefill:
+            done = seq_len(request) - request.prefill_left
+            if done == 0:   # admitted now: it joins the running requests last
+                self._stamps += 1
+                request.stamp = self._stamps
+                if reserve:
+                    used += kv.blocks_for(request.num_prompt_tokens + request.num_output_tokens)
+            if not reserve:
+                used += kv.blocks_for(done + chunk) - kv.blocks_for(done)
+                if done < request.peak:   # computed before its preemption: computed again
+                    again = min(done + chunk, request.peak) - done
+                    request.recomputed += again
+                    waste += again
+        if not reserve:
+            size = kv.block_size
+            for request in plan.decode:
+                done = seq_len(request)   # a decoder has no prefill left
+                if done % size == 0:
+                    used += 1
+        state.kv_used = used
+        if used > kv.usable:
+            raise InternalError(f"{used} KV blocks in use, more than the {kv.usable} usable")
+        self.kv_series.append(used)
+        self.kv_waste.append(waste)
+        self.recomputed_tokens += waste
+
+    def check(self) -> None:
+        """The invariants of the engine's state (with ``checks``): every request in its queue,
+        tokens conserved, KV blocks in use = Σ blocks of the running requests <= kv_blocks − 1."""
+        state = self.state
+        kv = self.kv
+        requests = list(state.prefilling) + state.decoding
+        if len(requests) != self.num_in_engine or len({id(r) for r in requests}) != len(requests):
+            raise InternalError(f"{len(requests)} requests queued, {self.num_in_engine} in the engine")
+        if state.total_prefill_left != sum(r.prefill_left for r in state.prefilling):
+            raise InternalError("total_prefill_left does not match the queued prefills")
+        for r in requests:
+            if not (0 <= r.decode_left <= r.num_output_tokens and 0 <= r.prefill_left <= seq_len(r)):
+                raise InternalError(f"request {r.rid} lost tokens: {r!r}")
+        for r in state.decoding:
+            if r.prefill_left or not r.decode_left:
+                raise InternalError(f"request {r.rid} is decoding with {r!r}")
+        if kv is None:
+            return
+        if any(state.decoding[j].stamp >= state.decoding[j + 1].stamp for j in range(len(state.decoding) - 1)):
+            raise InternalError("decoding is not in admission order")
+        if kv.policy == "reserve":
+            held = sum(kv.blocks_for(r.num_prompt_tokens + r.num_output_tokens) for r in requests
+                       if r.prefill_left != seq_len(r))
+        else:
+            held = sum(kv.blocks_for(seq_len(r) - r.prefill_left) for r in requests)
+        if held != state.kv_used or held > kv.usable:
+            raise InternalError(f"KV blocks in use {state.kv_used}, held by requests {held}, usable {kv.usable}")
 
     def _requeue(self, plan: BatchPlan, finished: list[Request]) -> None:
         """Drop finished decoders; move requests whose prefill ended to ``decoding``.
@@ -116,11 +255,15 @@ class Engine:
         """
         state = self.state
         decoding = state.decoding
+        key = self._key
+        # with KV a recompute can finish at its prefill (its last token joined it on preemption)
+        by_prefill = {id(r) for r, _ in plan.prefill if r.prefill_left == 0} if self.kv is not None else ()
         for request in finished:
-            if request.num_output_tokens:  # it finished by a decode token, so it was decoding
+            if request.num_output_tokens and id(request) not in by_prefill:
+                # it finished by a decode token, so it was decoding
                 # perf: bisect + del (a C memmove) instead of rebuilding the list per finish;
                 # rebuilding made runs with thousands of decoders ~4x slower.
-                i = bisect_left(decoding, request.rid, key=_RID)
+                i = bisect_left(decoding, key(request), key=key)
                 if i == len(decoding) or decoding[i] is not request:
                     raise InternalError(f"finished request {request.rid} was not decoding")
                 del decoding[i]
@@ -141,7 +284,7 @@ class Engine:
         for request in done:
             if not request.decode_left:
                 continue
-            if decoding and decoding[-1].rid > request.rid:
-                insort(decoding, request, key=_RID)
+            if decoding and key(decoding[-1]) > key(request):
+                insort(decoding, request, key=key)
             else:
                 decoding.append(request)

@@ -97,6 +97,8 @@ def reason(engine: Engine) -> str | None:
     why = policy_reason(engine.scheduler, engine.batch_time)
     if why is not None:
         return why
+    if engine.kv is not None:
+        return "KV memory runs on the reference interpreter (not yet in the compiled core)"
     if engine.num_in_engine or engine.rejected or engine.violations:
         return "the engine already holds requests"
     return _why_not

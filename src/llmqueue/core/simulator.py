@@ -51,10 +51,27 @@ class Result:
     batches: dict[str, np.ndarray] | None = None   # full per-batch detail when record_batches
     wall_s: float = 0.0
     meta: dict = field(default_factory=dict)
+    kv: KVRecord | None = None           # with KV memory (model/kv.py): blocks, preemptions, recompute
 
     @property
     def num_batches(self) -> int:
         return len(self.batch_end_time)
+
+
+@dataclass
+class KVRecord:
+    """What KV memory did in a run: per batch the blocks in use and the tokens computed again
+    (after preemptions), per request its preemptions and recomputed tokens."""
+
+    blocks: int                          # kv_blocks (kv_blocks − 1 usable)
+    block_size: int
+    policy: str
+    batch_start: np.ndarray              # float64, each batch's start (its end: Result.batch_end_time)
+    batch_blocks: np.ndarray             # int64, blocks in use during each batch
+    batch_recomputed: np.ndarray         # int64, tokens of each batch computed before a preemption
+    preemptions: np.ndarray              # int64 per request
+    recomputed: np.ndarray               # int64 per request
+    memory_limited: int                  # batches memory kept below the work-conserving bound
 
 
 METHODS = ("fast", "reference")
@@ -105,12 +122,28 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
         result = _result(engine, requests, max(now, last) if drain else horizon, first, finish, rejected,
                          np.asarray(ends, dtype=float), np.asarray(tokens, dtype=np.int64),
                          None if detail is None else np.array(detail, dtype=float).reshape(-1, len(BATCH_COLUMNS)))
+        if engine.kv is not None:
+            result.kv = kv_record(engine, admitted, n)
     result.wall_s = _time.perf_counter() - started
     result.meta["method"] = "fast" if reason is None else f"reference ({reason})"
     result.meta["core"] = "compiled" if reason is None else "reference"
     if progress is not None:
         progress(now, i)
     return result
+
+
+def kv_record(engine: Engine, admitted: Sequence[Request], n: int) -> KVRecord:
+    """The :class:`KVRecord` of a reference run on ``engine`` (fresh at its start)."""
+    kv = engine.kv
+    preemptions = np.zeros(n, dtype=np.int64)
+    recomputed = np.zeros(n, dtype=np.int64)
+    for r in admitted:
+        if r.preemptions:
+            preemptions[r.rid] = r.preemptions
+            recomputed[r.rid] = r.recomputed
+    return KVRecord(kv.blocks, kv.block_size, kv.policy, np.asarray(engine.kv_starts, dtype=float),
+                    np.asarray(engine.kv_series, dtype=np.int64),
+                    np.asarray(engine.kv_waste, dtype=np.int64), preemptions, recomputed, engine.memory_limited)
 
 
 def request_times(admitted: Sequence[Request], n: int) -> tuple[np.ndarray, np.ndarray]:

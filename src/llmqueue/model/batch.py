@@ -21,6 +21,10 @@ class BatchPlan:
     prefill: tuple[tuple[Request, int], ...]
     decode: Sequence[Request]
     num_prefill_tokens: int
+    #: KV memory (model/kv.py): running requests preempted while planning, in order, and whether
+    #: memory refused anything (the batch may then hold fewer tokens than work conservation asks)
+    preempted: tuple[Request, ...] = ()
+    memory_limited: bool = False
 
     @property
     def num_decode_tokens(self) -> int:
@@ -98,6 +102,13 @@ class BatchBuilder:
         self.slots -= 1
         return chunk
 
+    def add_chunk(self, request: Request, chunk: int) -> None:
+        """Add a prefill chunk of ``chunk`` tokens, already cut to the room (1 <= chunk <= room)."""
+        self._prefill.append((request, chunk))
+        self._prefill_tokens += chunk
+        self.room -= chunk
+        self.slots -= 1
+
     def add_prefills(self, prefilling: Iterable[Request], split: bool) -> None:
         """FCFS: prefill the requests in order until the batch is full or one does not fit."""
         for request in prefilling:
@@ -106,5 +117,5 @@ class BatchBuilder:
             if self.add_prefill(request, split) < request.prefill_left:
                 return
 
-    def build(self) -> BatchPlan:
-        return BatchPlan(tuple(self._prefill), self._decode, self._prefill_tokens)
+    def build(self, preempted: tuple[Request, ...] = (), memory_limited: bool = False) -> BatchPlan:
+        return BatchPlan(tuple(self._prefill), self._decode, self._prefill_tokens, preempted, memory_limited)

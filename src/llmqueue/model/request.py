@@ -26,6 +26,10 @@ class Request:
         "decode_left",
         "first_token_time",
         "finish_time",
+        "stamp",
+        "preemptions",
+        "peak",
+        "recomputed",
     )
 
     def __init__(self, rid: int, arrival_time: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
@@ -37,6 +41,12 @@ class Request:
         self.decode_left = num_output_tokens
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
+        # KV memory (model/kv.py): admission order among running requests, times preempted, most
+        # tokens of its sequence held before a preemption, tokens computed again since
+        self.stamp = rid
+        self.preemptions = 0
+        self.peak = 0
+        self.recomputed = 0
 
     def __repr__(self) -> str:
         return (
@@ -57,7 +67,8 @@ def apply_batch(prefill: Sequence[tuple[Request, int]], decode: Sequence[Request
         left = request.prefill_left - chunk
         request.prefill_left = left
         if left == 0:
-            request.first_token_time = end_time
+            if request.first_token_time is None:   # a recompute after preemption keeps its first token
+                request.first_token_time = end_time
             if request.decode_left == 0:
                 request.finish_time = end_time
                 finished.append(request)

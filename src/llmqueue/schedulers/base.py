@@ -40,9 +40,13 @@ class EngineState:
 
     ``prefilling`` holds requests with prefill left (partly prefilled ones first);
     ``decoding`` holds requests whose prefill is done and that still have decode tokens.
+    With KV memory (``kv``, a :class:`~llmqueue.model.kv.KVCache`; None: unlimited) ``kv_used``
+    blocks are held, ``decoding`` is sorted by admission (``stamp``) and preempted requests wait
+    at the front of the not-yet-started prompts.
     """
 
-    __slots__ = ("token_budget", "max_batch_requests", "prefilling", "decoding", "total_prefill_left")
+    __slots__ = ("token_budget", "max_batch_requests", "prefilling", "decoding", "total_prefill_left", "kv",
+                 "kv_used")
 
     def __init__(self, token_budget: int, max_batch_requests: int | None) -> None:
         self.token_budget = token_budget
@@ -50,6 +54,8 @@ class EngineState:
         self.prefilling: deque[Request] = deque()
         self.decoding: list[Request] = []
         self.total_prefill_left = 0
+        self.kv = None
+        self.kv_used = 0
 
     def builder(self) -> BatchBuilder:
         return BatchBuilder(self.token_budget, self.max_batch_requests)

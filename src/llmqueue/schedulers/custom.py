@@ -23,7 +23,8 @@ from llmqueue.schedulers.base import Option, Scheduler, _file_of, where
 
 #: Names no scheduler option may take: the other keys of ``[engine]`` (config.ENGINE_KEYS) and
 #: make_scheduler's ``base_dir`` (an option of such a name could never be set).
-RESERVED_OPTIONS = frozenset({"scheduler", "token_budget", "max_batch_requests", "batch_time", "base_dir"})
+RESERVED_OPTIONS = frozenset({"scheduler", "token_budget", "max_batch_requests", "batch_time", "kv_blocks", "block_size",
+                              "kv_policy", "base_dir"})
 HOW = "path/to/policy.py:ClassName (docs/policies.md)"
 
 _modules: dict[tuple[str, int, int], ModuleType] = {}

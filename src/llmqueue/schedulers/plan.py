@@ -34,7 +34,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, ClassVar
 
 from llmqueue.model.batch import BatchBuilder, BatchPlan
-from llmqueue.errors import ConfigError
+from llmqueue.errors import ConfigError, InternalError
 
 if TYPE_CHECKING:
     from llmqueue.schedulers.base import EngineState
@@ -220,6 +220,8 @@ def validate(plan: Plan) -> None:
 def interpret(plan: Plan, state: EngineState, load: LoadRule | None = None) -> BatchPlan:
     """The reference interpreter: the batch ``plan`` makes from ``state`` (``load``: the plan's
     load rule, bound to the engine's batch time)."""
+    if state.kv is not None:
+        return interpret_kv(plan, state, load)
     prefilling, decoding = state.prefilling, state.decoding
     most_decodes = None
     if load is not None:
@@ -296,5 +298,218 @@ def _waiting(batch: BatchBuilder, state: EngineState, max_chunk: int | None, max
         running += 1
 
 
+# ---- with KV memory (model/kv.py; docs/memory.md) ------------------------------------------
+
+_STAMP = attrgetter("stamp")
+
+
+class Memory:
+    """The KV cache while one batch is planned: vLLM v1's ``Scheduler.schedule`` with
+    ``KVCacheManager.allocate_slots`` (vllm/v1/core/sched/scheduler.py, kv_cache_manager.py).
+
+    ``running`` holds the requests that hold blocks (decoders and started prompts) in admission
+    order.  :meth:`grow` finds blocks for a running request's next tokens, preempting the running
+    tail (the most recently admitted request not yet served in this batch) until they fit; when
+    the tail is the request itself it is preempted and planning stops (vLLM's running loop ends,
+    and its waiting loop is skipped in a step with a preemption).  :meth:`admit` starts a waiting
+    request: under ``recompute`` only if blocks for its whole current sequence are free (vLLM's
+    ``full_sequence_must_fit``), though only its first chunk's are taken; under ``reserve`` it
+    takes blocks for its whole prompt + output.
+    """
+
+    __slots__ = ("kv", "free", "running", "served", "gone", "preempted", "stopped", "limited", "reserve")
+
+    def __init__(self, state: EngineState) -> None:
+        kv = state.kv
+        self.kv = kv
+        self.reserve = kv.policy == "reserve"
+        self.free = kv.usable - state.kv_used
+        self.running = running_list(state)
+        self.served: set[int] = set()
+        self.gone: set[int] = set()
+        self.preempted: list = []
+        self.stopped = False
+        self.limited = False
+
+    def grow(self, request, n: int) -> bool:
+        """Blocks for ``n`` more tokens of a running request (False: it was preempted itself)."""
+        if self.reserve:
+            self.served.add(id(request))
+            return True
+        kv = self.kv
+        done = seq_len(request) - request.prefill_left
+        need = kv.blocks_for(done + n) - kv.blocks_for(done)
+        while need > self.free:
+            self.limited = True
+            victim = self._tail()
+            self.running.remove(victim)
+            self.gone.add(id(victim))
+            self.preempted.append(victim)
+            self.free += kv.blocks_for(seq_len(victim) - victim.prefill_left)
+            if victim is request:
+                self.stopped = True
+                return False
+        self.free -= need
+        self.served.add(id(request))
+        return True
+
+    def _tail(self):
+        """The most recently admitted running request not served in this batch (in FCFS walks the
+        running tail, vLLM's ``self.running.pop()``; the request asking is one of them)."""
+        served = self.served
+        for request in reversed(self.running):
+            if id(request) not in served:
+                return request
+        raise InternalError("no running request to preempt")
+
+    def admit(self, request, chunk: int) -> bool:
+        """Start a waiting request with a first chunk of ``chunk`` tokens, if memory allows."""
+        if self.preempted:
+            return False
+        kv = self.kv
+        whole = kv.blocks_for(request.num_prompt_tokens + request.num_output_tokens if self.reserve
+                              else seq_len(request))
+        if whole > self.free:
+            self.limited = True
+            return False
+        self.free -= whole if self.reserve else kv.blocks_for(chunk)
+        self.served.add(id(request))
+        self.running.append(request)
+        return True
+
+
+def seq_len(request) -> int:
+    """Tokens of a request's sequence so far: prompt + tokens generated (a preempted decoder's
+    recompute includes its next decode token, model/kv.py)."""
+    return request.num_prompt_tokens + request.num_output_tokens - request.decode_left
+
+
+def started_kv(state: EngineState) -> int:
+    """How many prompts at the front of the prefilling queue hold blocks (started, or recomputing)."""
+    n = 0
+    for request in state.prefilling:
+        if request.prefill_left == seq_len(request):
+            break
+        n += 1
+    return n
+
+
+def running_list(state: EngineState) -> list:
+    """The requests holding blocks in admission order: decoders and started prompts (vLLM's
+    ``Scheduler.running``)."""
+    prefilling = state.prefilling
+    started = [prefilling[j] for j in range(started_kv(state))]
+    if not started:
+        return list(state.decoding)
+    return sorted(state.decoding + started, key=_STAMP)
+
+
+def interpret_kv(plan: Plan, state: EngineState, load: LoadRule | None = None) -> BatchPlan:
+    """:func:`interpret` with KV memory: the same steps, each token's blocks found by :class:`Memory`."""
+    prefilling, decoding = state.prefilling, state.decoding
+    most_decodes = None
+    if load is not None:
+        budget, most_decodes = load.choose(state)
+    else:
+        budget = state.token_budget
+    batch = BatchBuilder(budget, state.max_batch_requests)
+    mem = Memory(state)
+    for step in plan.steps:
+        if batch.full or mem.stopped:
+            break
+        kind = type(step)
+        before = batch.room
+        # exclusive: a step that serves anything has the batch to itself (without memory the
+        # same as "its queue is not empty": a non-empty queue is always served something)
+        if kind is Decodes:
+            _decodes_kv(batch, mem, decoding, None if step.exclusive else most_decodes)
+            if step.exclusive and batch.room < before:
+                break
+        elif kind is Prefills:
+            _prefills_kv(batch, mem, prefilling, step.split, step.max_chunk, state.token_budget)
+            if step.exclusive and batch.room < before:
+                break
+        elif kind is Running:
+            _running_kv(batch, mem, step.max_chunk)
+        else:
+            _waiting_kv(batch, mem, state, step.max_chunk, step.max_running)
+    return batch.build(tuple(mem.preempted), mem.limited)
+
+
+def _decodes_kv(batch: BatchBuilder, mem: Memory, decoding, limit: int | None) -> None:
+    n = 0
+    for request in decoding:
+        if batch.full or (limit is not None and n >= limit) or mem.stopped:
+            return
+        if id(request) in mem.gone:
+            continue
+        if not mem.grow(request, 1):
+            return
+        batch.add_decode(request)
+        n += 1
+
+
+def _prefills_kv(batch: BatchBuilder, mem: Memory, prefilling, split: bool, max_chunk: int | None,
+                 token_budget: int) -> None:
+    """Prefills in queue order: running prompts grow, waiting ones are admitted (FCFS: the first
+    that does not fit, by room or memory, waits and everyone behind it).  A recompute longer than
+    the whole budget is split even when prompts are not (it could never run otherwise)."""
+    for request in prefilling:
+        if batch.full or mem.stopped:
+            return
+        if id(request) in mem.gone:
+            return    # preempted in this batch: it waits, and so does everyone behind it
+        left = request.prefill_left
+        want = left if max_chunk is None or max_chunk >= left else max_chunk
+        chunk = want if want <= batch.room else batch.room
+        if chunk < want and not split and not (want > token_budget and batch.room == token_budget):
+            return
+        if left != seq_len(request):   # holds blocks: a started prompt
+            if not mem.grow(request, chunk):
+                return
+        elif not mem.admit(request, chunk):
+            return
+        batch.add_chunk(request, chunk)
+        if chunk < want:
+            return
+
+
+def _running_kv(batch: BatchBuilder, mem: Memory, max_chunk: int | None) -> None:
+    """vLLM's running loop: each running request in admission order, its decode token or next chunk."""
+    for request in list(mem.running):
+        if batch.full or mem.stopped:
+            return
+        if id(request) in mem.gone:
+            continue
+        left = request.prefill_left
+        if left == 0:
+            if mem.grow(request, 1):
+                batch.add_decode(request)
+            continue
+        want = left if max_chunk is None or max_chunk >= left else max_chunk
+        chunk = want if want <= batch.room else batch.room
+        if mem.grow(request, chunk):
+            batch.add_chunk(request, chunk)
+
+
+def _waiting_kv(batch: BatchBuilder, mem: Memory, state: EngineState, max_chunk: int | None,
+                max_running: int | None) -> None:
+    """vLLM's waiting loop: none in a step with a preemption; else FCFS while fewer than
+    ``max_running`` run and the head fits (head-of-line blocking)."""
+    limit = NO_LIMIT if max_running is None else max_running
+    prefilling = state.prefilling
+    for i in range(started_kv(state), len(prefilling)):
+        if batch.full or mem.stopped or mem.preempted or len(mem.running) >= limit:
+            return
+        request = prefilling[i]
+        left = request.prefill_left
+        want = left if max_chunk is None or max_chunk >= left else max_chunk
+        chunk = want if want <= batch.room else batch.room
+        if not mem.admit(request, chunk):
+            return
+        batch.add_chunk(request, chunk)
+
+
 __all__ = ["DECODES", "MAX_WEIGHT_LOAD", "NO_LIMIT", "PREFILLS", "RUNNING", "WAITING", "Decodes", "LoadRule", "Plan",
-           "Prefills", "Running", "Step", "Waiting", "interpret", "validate"]
+           "Memory", "Prefills", "Running", "Step", "Waiting", "interpret", "interpret_kv", "running_list", "seq_len",
+           "started_kv", "validate"]
