@@ -142,6 +142,37 @@ def analysis_line(run) -> str:
             f"λ*={a.max_stable_rate_rps:.3f} req/s" + _region_note(run.summary))
 
 
+def memory_of(cfg, workload):
+    """The KV-cache memory bounds of ``capacity`` (docs/memory.md) for a config with ``engine.kv_blocks``."""
+    from llmqueue.analysis.memory import memory_analysis
+    from llmqueue.model.kv import DEFAULT_BLOCK_SIZE, RECOMPUTE
+    from llmqueue.runner import batch_time_of
+
+    e = cfg.engine
+    return memory_analysis(batch_time_of(cfg), e["token_budget"], e["kv_blocks"], workload,
+                           block_size=e.get("block_size", DEFAULT_BLOCK_SIZE), kv_policy=e.get("kv_policy", RECOMPUTE))
+
+
+def memory_rows(m) -> list[tuple[str, str]]:
+    """``capacity``'s rows for the memory bounds: the cache, both necessary bounds, the sufficient one, which binds."""
+    suff = (f"{m.memory_sufficient_blocks_rps:.4f} requests/s (tokens: {m.memory_sufficient_rps:.4f}; "
+            f"δ = {m.delta_blocks:.4g})" if m.memory_sufficient_blocks_rps is not None else m.sufficient_reason)
+    rows = [("KV cache", f"{m.kv_blocks} blocks x {m.block_size} tokens ({m.memory_tokens} usable tokens), "
+                         f"{m.kv_policy}"),
+            ("memory per request E[w]", f"{m.work_tokens:.1f} token-iterations ({m.work_blocks:.1f} block-iterations)"),
+            ("memory-bound batch load", f"{m.memory_load_cap_blocks_tokens:.1f} tokens (tokens: "
+                                        f"{m.memory_load_cap_tokens:.1f}) = M·E[l+o]/E[w]"),
+            ("memory bound λ_mem (necessary)", f"{m.memory_necessary_blocks_rps:.4f} requests/s in blocks "
+                                               f"(tokens: {m.memory_necessary_rps:.4f})"),
+            ("memory bound (sufficient)", suff)]
+    if m.memory_rho is not None:
+        rows.append(("cache in use at λ", f"{m.memory_rho:.4f} (t̄ = {m.batch_time_s * 1e3:.3f} ms, "
+                                          f"b̄ = {m.batch_tokens:.1f} tokens)"))
+    lower = "memory" if m.binding == "memory" else "token budget"
+    rows.append(("binding bound", f"{lower}: λ ≤ {m.max_stable_rate_rps:.4f} requests/s"))
+    return rows
+
+
 def _region_note(summary: dict) -> str:
     """Under a request cap the 2-D region, not Theorem 2's line, decides (§6)."""
     r = summary.get("region")

@@ -13,6 +13,8 @@ from llmqueue.cli.common import (
     add_overrides,
     analysis_line,
     config_from,
+    memory_of,
+    memory_rows,
     scheduler_names,
     table,
     timeseries_columns,
@@ -117,13 +119,15 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from llmqueue.runner import analysis_of, build_workload
 
     cfg = config_from(args.config, args.set)
-    a = analysis_of(cfg, build_workload(cfg))
+    workload = build_workload(cfg)
+    a = analysis_of(cfg, workload)
     if cfg.engine.get("max_batch_requests") is not None:  # paper §6: the 2-D region, not Theorem 2's line
         from llmqueue.cli.region import capacity_report
 
         return capacity_report(cfg, a, args.json)
+    memory = memory_of(cfg, workload) if cfg.engine.get("kv_blocks") is not None else None  # docs/memory.md
     if args.json:
-        print(json.dumps(a.to_dict()))
+        print(json.dumps(a.to_dict() if memory is None else {**a.to_dict(), "memory": memory.to_dict()}))
         return 0
     rows = [("token budget b_max", f"{a.token_budget}"),
             ("batch time t(b_max)", f"{a.batch_time_s * 1e3:.3f} ms"),
@@ -139,6 +143,14 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         print(f"{k:<{width}}  {v}")
     for note in a.notes:
         print(f"note: {note}")
+    if memory is not None:
+        print("\nKV-cache memory (docs/memory.md)")
+        rows = memory_rows(memory)
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+        for note in memory.notes:
+            print(f"note: {note}")
     return 0
 
 

@@ -57,8 +57,9 @@ def _mean(value: Any, field: str, *, at_least: float | None = None) -> float:
 class LengthDist(ABC):
     """Law of a token count, clipped to ``[minimum, maximum]`` (``maximum`` None: no upper clip).
 
-    Subclasses give the unclipped law ``Y`` (support >= 0) through ``_draw``, ``_cdf(k) = P(Y <= k)``
-    and ``_partial_mean(t) = E[Y; Y <= t]``; :attr:`mean` is then exact for the clipped law.
+    Subclasses give the unclipped law ``Y`` (support >= 0) through ``_draw``, ``_cdf(k) = P(Y <= k)``,
+    ``_partial_mean(t) = E[Y; Y <= t]`` and ``_partial_square(t) = E[Y²; Y <= t]``; :attr:`mean` and
+    :attr:`second_moment` are then exact for the clipped law.
     """
 
     name: ClassVar[str]
@@ -83,6 +84,16 @@ class LengthDist(ABC):
             return float(low + self._partial_mean(math.inf))
         return float(low + self._partial_mean(b - 1) + b * (1.0 - self._cdf(b - 1)))
 
+    @cached_property
+    def second_moment(self) -> float:
+        """Exact E[X²] of what :meth:`sample` draws, as :attr:`mean` (the KV memory of a request grows
+        with the square of its output: docs/memory.md): a²·P(Y <= a) + E[Y²; a < Y <= b-1] + b²·P(Y >= b)."""
+        a, b = self.minimum, self.maximum
+        low = a * a * self._cdf(a) - self._partial_square(a)
+        if b is None:
+            return float(low + self._partial_square(math.inf))
+        return float(low + self._partial_square(b - 1) + float(b) * b * (1.0 - self._cdf(b - 1)))
+
     def to_dict(self) -> dict:
         """The spec that :func:`make_length` accepts back."""
         return {"dist": self.name, **self._params(), **({} if self.maximum is None else {"max": self.maximum})}
@@ -98,6 +109,9 @@ class LengthDist(ABC):
 
     @abstractmethod
     def _partial_mean(self, t: float) -> float: ...
+
+    @abstractmethod
+    def _partial_square(self, t: float) -> float: ...
 
     @abstractmethod
     def _params(self) -> dict: ...
@@ -121,6 +135,9 @@ class Fixed(LengthDist):
     def _partial_mean(self, t):
         return float(self.value) if t >= self.value else 0.0
 
+    def _partial_square(self, t):
+        return float(self.value) ** 2 if t >= self.value else 0.0
+
     def _params(self):
         return {"value": self.value}
 
@@ -142,6 +159,10 @@ class Poisson(LengthDist):
 
     def _partial_mean(self, t):  # k·pmf(k) = m·pmf(k-1)
         return self.mean_param * float(stats.poisson.cdf(t - 1, self.mean_param))
+
+    def _partial_square(self, t):  # k² = k(k-1) + k, k(k-1)·pmf(k) = m²·pmf(k-2)
+        m = self.mean_param
+        return m * m * float(stats.poisson.cdf(t - 2, m)) + m * float(stats.poisson.cdf(t - 1, m))
 
     def _params(self):
         return {"mean": self.mean_param}
@@ -167,6 +188,13 @@ class Geometric(LengthDist):
         if t < 1:
             return 0.0
         return self.mean_param if math.isinf(t) else self.mean_param - self._q ** t * (t + self.mean_param)
+
+    def _partial_square(self, t):  # Y | Y > t is t + Y (memoryless): E[Y²; Y > t] = q^t E[(t + Y)²]
+        if t < 1:
+            return 0.0
+        m = self.mean_param
+        square = m * (2 * m - 1)  # E[Y²] = (2 - p) / p²
+        return square if math.isinf(t) else square - self._q ** t * (t * t + 2 * t * m + square)
 
     def _params(self):
         return {"mean": self.mean_param}
@@ -195,6 +223,13 @@ class Uniform(LengthDist):
         if top < self.low:
             return 0.0
         return (self.low + top) * (top - self.low + 1) / 2 / (self.high - self.low + 1)
+
+    def _partial_square(self, t):
+        top = min(t, self.high)
+        if top < self.low:
+            return 0.0
+        squares = lambda n: n * (n + 1) * (2 * n + 1) // 6  # 1² + ... + n², exact in Python ints
+        return (squares(int(top)) - squares(self.low - 1)) / (self.high - self.low + 1)
 
     def _params(self):
         return {"low": self.low, "high": self.high}
@@ -227,6 +262,18 @@ class LogNormal(LengthDist):
         if t > cut:  # E[X; cut + 1/2 <= X < t + 1/2] in closed form
             z = [(math.log(x) - self._mu - self.sigma**2) / self.sigma for x in (math.floor(cut) + 0.5, t + 0.5)]
             total += self.mean_param * float(stats.norm.sf(z[0]) - stats.norm.sf(z[1]))
+        return total
+
+    def _partial_square(self, t):  # as _partial_mean; beyond the cut round(X)² ~ X² - 1/12
+        cut = min(t, self._MAX_TERMS, float(self._law.isf(1e-16)))
+        k = np.arange(1, math.floor(cut) + 1, dtype=np.float64)
+        total = float((k * k) @ (self._law.sf(k - 0.5) - self._law.sf(k + 0.5)))
+        if t > cut:  # E[X²; x0 <= X < x1] = exp(2 mu + 2 sigma²) (Φ(z1 - 2 sigma) - Φ(z0 - 2 sigma)) in log space
+            x = [math.floor(cut) + 0.5, t + 0.5]
+            z = [(math.log(v) - self._mu - 2 * self.sigma**2) / self.sigma for v in x]
+            mass = float(self._law.sf(x[0]) - (0.0 if math.isinf(t) else self._law.sf(x[1])))
+            total += math.exp(2 * self._mu + 2 * self.sigma**2) * float(stats.norm.sf(z[0]) - stats.norm.sf(z[1]))
+            total -= mass / 12
         return total
 
     def _params(self):
@@ -266,6 +313,10 @@ class Empirical(LengthDist):
 
     def _partial_mean(self, t):
         return float(self.values[: np.searchsorted(self.values, t, side="right")].sum()) / len(self.values)
+
+    def _partial_square(self, t):
+        kept = self.values[: np.searchsorted(self.values, t, side="right")].astype(np.float64)
+        return float(kept @ kept) / len(self.values)
 
     def _params(self):
         return {"trace": self.trace, "column": self.column}
