@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from llmqueue.config import load_config
+from llmqueue.core import fastcore
 from llmqueue.core.engine import Engine
 from llmqueue.core.simulator import simulate
 from llmqueue.errors import ConfigError
@@ -130,3 +131,43 @@ def test_cache_smaller_than_a_mean_request_is_an_error():
     with pytest.raises(ConfigError) as info:
         run_config(load_config(None, ["engine.kv_blocks=10", "run.horizon_s=10"]))
     assert info.value.field == "engine.kv_blocks" and "at least 17 blocks" in str(info.value)
+
+
+needs_core = pytest.mark.skipif(fastcore.unavailable() is not None, reason=f"{fastcore.unavailable()}")
+
+
+def _same(a, b) -> None:
+    assert b.meta["method"] == "fast" and a.meta["method"].startswith("reference")
+    assert np.array_equal(a.batch_tokens, b.batch_tokens)
+    assert np.array_equal(a.batch_end_time, b.batch_end_time)
+    assert np.array_equal(a.finish_time, b.finish_time, equal_nan=True)
+    assert np.array_equal(a.first_token_time, b.first_token_time, equal_nan=True)
+    assert np.array_equal(a.rejected, b.rejected)
+    assert a.violations == b.violations and a.kv.memory_limited == b.kv.memory_limited
+    for name in ("batch_start", "batch_blocks", "batch_recomputed", "preemptions", "recomputed"):
+        assert np.array_equal(getattr(a.kv, name), getattr(b.kv, name)), name
+
+
+@needs_core
+@pytest.mark.parametrize("blocks,block_size", [(400, 16), (150, 4), (60, 16)])
+@pytest.mark.parametrize("policy", ["recompute", "reserve"])
+@pytest.mark.parametrize("name,options", POLICIES)
+def test_compiled_core_runs_the_same_memory_rules(name, options, policy, blocks, block_size):
+    """The compiled core interprets the same plans with the same KV rules: identical runs."""
+    requests = _requests(300, 14.0, 2)
+    ref = simulate(_engine(name, options, KVCache(blocks, block_size, policy), checks=False), requests,
+                   drain=True, method="reference")
+    fast = simulate(_engine(name, options, KVCache(blocks, block_size, policy), checks=False), requests,
+                    drain=True, method="fast")
+    _same(ref, fast)
+
+
+@needs_core
+def test_compiled_core_with_memory_by_horizon_and_records():
+    requests = _requests(2000, 16.0, 5)
+    kw = {"horizon_s": 60.0, "record_batches": True}
+    ref = simulate(_engine("sarathi", {}, KVCache(700), checks=False), requests, method="reference", **kw)
+    fast = simulate(_engine("sarathi", {}, KVCache(700), checks=False), requests, method="fast", **kw)
+    _same(ref, fast)
+    for key in ref.batches:
+        assert np.array_equal(ref.batches[key], fast.batches[key]), key

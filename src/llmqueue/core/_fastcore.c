@@ -331,7 +331,18 @@ typedef struct {
     Buf ends, tokens, detail;
     size_t batches, turns;
     struct Reporter *rep;
+    /* KV memory (model/kv.py, plan.Memory): kv = KV_NONE | KV_RECOMPUTE | KV_RESERVE; per request
+     * its admission stamp, preemptions, peak (most tokens held before a preemption), tokens
+     * recomputed and a planning mark (== mark_base: served in this batch; mark_base + 1: preempted) */
+    int kv, kv_stopped, kv_limited, kv_error;
+    int64_t kv_usable, kv_bs, kv_used, kv_free, kv_running, stamps, mark_base;
+    int64_t memory_limited, preemptions, recomputed;
+    int64_t *stamp, *npre, *peak, *recomp, *mark;
+    Buf victims;          /* rids preempted while planning, in order */
+    Buf kvb, kvw, kvs;    /* per batch: blocks in use, tokens recomputed, start time */
 } Engine;
+
+enum { KV_NONE = 0, KV_RECOMPUTE = 1, KV_RESERVE = 2 };
 
 /* The room and request slots left while a batch is planned, and its pieces so far. */
 typedef struct { int64_t room, slots, n; Py_ssize_t nch; } Build;
@@ -468,6 +479,163 @@ static inline void plan_queue(Engine *E, const Queue *Q, Build *b, int64_t most_
     }
 }
 
+/* ---- KV memory while planning (plan.Memory, plan.interpret_kv) ---------------------------- */
+
+static inline int push_rid(Buf *b, int64_t r);
+
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* plan.seq_len: prompt + tokens generated (a preempted decoder's recompute holds its next token). */
+static inline int64_t seqlen(const Engine *E, int64_t r) { return E->R->prompts[r] + E->R->outputs[r] - E->R->dl[r]; }
+
+/* Tokens whose KV the request holds. */
+static inline int64_t kv_done(const Engine *E, int64_t r) { return seqlen(E, r) - E->R->pl[r]; }
+
+/* plan.started_kv: prompts at the front holding blocks. */
+static inline Py_ssize_t started_kv(const Engine *E, const int64_t *pq, Py_ssize_t npq) {
+    Py_ssize_t q = 0;
+    while (q < npq && E->R->pl[pq[q]] != seqlen(E, pq[q])) q++;
+    return q;
+}
+
+/* The first position in dq[0:n] (admission order) whose stamp is >= x. */
+static Py_ssize_t bisect_stamp(const Engine *E, const int64_t *dq, Py_ssize_t n, int64_t x) {
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (E->stamp[dq[mid]] < x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* Memory._tail: the most recently admitted running request not served (nor preempted) in this
+ * batch: the last such decoder (dq is in admission order) or started prompt, whichever is later. */
+static int64_t kv_tail(const Engine *E, const Queue *Q, Py_ssize_t ns) {
+    const int64_t *dq = DEQ_AT(&Q->dq), *pq = DEQ_AT(&Q->pq), *mark = E->mark;
+    int64_t best = -1, best_stamp = -1;
+    for (Py_ssize_t j = DEQ_N(&Q->dq); j-- > 0;)
+        if (mark[dq[j]] < E->mark_base) { best = dq[j]; best_stamp = E->stamp[best]; break; }
+    for (Py_ssize_t q = ns; q-- > 0;)
+        if (mark[pq[q]] < E->mark_base) {
+            if (E->stamp[pq[q]] > best_stamp) best = pq[q];
+            break;
+        }
+    return best;
+}
+
+/* Memory.grow: blocks for n more tokens of running request r, preempting the tail until they fit;
+ * 0 when r preempted itself (planning stops). */
+static int kv_grow(Engine *E, const Queue *Q, Py_ssize_t ns, int64_t r, int64_t n) {
+    if (E->kv == KV_RESERVE) { E->mark[r] = E->mark_base; return 1; }
+    const int64_t bs = E->kv_bs, done = kv_done(E, r), need = cdiv(done + n, bs) - cdiv(done, bs);
+    while (need > E->kv_free) {
+        E->kv_limited = 1;
+        int64_t v = kv_tail(E, Q, ns);
+        if (v < 0 || push_rid(&E->victims, v)) { E->kv_error = 1; E->kv_stopped = 1; return 0; }
+        E->mark[v] = E->mark_base + 1;
+        E->kv_free += cdiv(kv_done(E, v), bs);
+        E->kv_running--;
+        if (v == r) { E->kv_stopped = 1; return 0; }
+    }
+    E->kv_free -= need;
+    E->mark[r] = E->mark_base;
+    return 1;
+}
+
+/* Memory.admit: start waiting request r with a first chunk of c tokens, if memory allows (never in
+ * a batch with a preemption; recompute: its whole sequence must fit; reserve: prompt + output). */
+static int kv_admit(Engine *E, int64_t r, int64_t c) {
+    if (E->victims.size) return 0;
+    const int64_t bs = E->kv_bs;
+    int64_t whole = cdiv(E->kv == KV_RESERVE ? E->R->prompts[r] + E->R->outputs[r] : seqlen(E, r), bs);
+    if (whole > E->kv_free) { E->kv_limited = 1; return 0; }
+    E->kv_free -= E->kv == KV_RESERVE ? whole : cdiv(c, bs);
+    E->mark[r] = E->mark_base;
+    E->kv_running++;
+    return 1;
+}
+
+#define KV_ROOM(b) ((b)->room && (b)->slots && !E->kv_stopped)
+
+static void decodes_kv(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns, int64_t limit) {
+    const int64_t *dq = DEQ_AT(&Q->dq);
+    Py_ssize_t nd = DEQ_N(&Q->dq);
+    for (Py_ssize_t j = 0, k = 0; j < nd && KV_ROOM(b) && k < limit; j++) {
+        int64_t r = dq[j];
+        if (E->mark[r] == E->mark_base + 1) break;   /* the preempted are the tail: the rest too */
+        if (!kv_grow(E, Q, ns, r, 1)) break;
+        b->n++; b->room--; b->slots--; k++;
+    }
+}
+
+static void prefills_kv(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns, int split, int64_t max_chunk) {
+    const int64_t *pq = DEQ_AT(&Q->pq);
+    Py_ssize_t npq = DEQ_N(&Q->pq);
+    for (Py_ssize_t q = 0; q < npq && KV_ROOM(b); q++) {
+        int64_t r = pq[q], left = E->R->pl[r], want = MIN(left, max_chunk), c = MIN(want, b->room);
+        if (E->mark[r] == E->mark_base + 1) return;
+        if (c < want && !split && !(want > E->budget && b->room == E->budget)) return;
+        if (left != seqlen(E, r) ? !kv_grow(E, Q, ns, r, c) : !kv_admit(E, r, c)) return;
+        add_chunk(E, b, r, c);
+        if (c < want) return;
+    }
+}
+
+/* vLLM's running loop: decoders and started prompts merged in admission order. */
+static void running_kv(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns, int64_t max_chunk) {
+    const int64_t *dq = DEQ_AT(&Q->dq), *pq = DEQ_AT(&Q->pq), *stamp = E->stamp;
+    Py_ssize_t nd = DEQ_N(&Q->dq), j = 0, q = 0;
+    while ((j < nd || q < ns) && KV_ROOM(b)) {
+        int dec = q >= ns || (j < nd && stamp[dq[j]] < stamp[pq[q]]);
+        int64_t r = dec ? dq[j++] : pq[q++];
+        if (E->mark[r] == E->mark_base + 1) continue;
+        if (dec) {
+            if (kv_grow(E, Q, ns, r, 1)) { b->n++; b->room--; b->slots--; }
+            continue;
+        }
+        int64_t c = MIN(MIN(E->R->pl[r], max_chunk), b->room);
+        if (kv_grow(E, Q, ns, r, c)) add_chunk(E, b, r, c);
+    }
+}
+
+static void waiting_kv(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns, int64_t max_chunk, int64_t max_running) {
+    const int64_t *pq = DEQ_AT(&Q->pq);
+    Py_ssize_t npq = DEQ_N(&Q->pq);
+    for (Py_ssize_t q = ns; q < npq && KV_ROOM(b) && !E->victims.size && E->kv_running < max_running; q++) {
+        int64_t r = pq[q], c = MIN(MIN(E->R->pl[r], max_chunk), b->room);
+        if (!kv_admit(E, r, c)) return;
+        add_chunk(E, b, r, c);
+    }
+}
+
+/* plan.interpret_kv on the one queue; an exclusive step that served anything has the batch. */
+static void plan_queue_kv(Engine *E, const Queue *Q, Build *b, int64_t most_decodes) {
+    Py_ssize_t ns = started_kv(E, DEQ_AT(&Q->pq), DEQ_N(&Q->pq));
+    E->mark_base += 2;
+    E->kv_free = E->kv_usable - E->kv_used;
+    E->kv_running = (int64_t)ns + (int64_t)DEQ_N(&Q->dq);
+    E->victims.size = 0;
+    E->kv_stopped = E->kv_limited = 0;
+    for (int k = 0; k < E->nsteps && KV_ROOM(b); k++) {
+        const PlanStep *s = &E->steps[k];
+        int64_t before = b->room;
+        switch (s->code) {
+        case DECODES:
+            decodes_kv(E, Q, b, ns, s->exclusive ? NO_CAP : most_decodes);
+            break;
+        case PREFILLS:
+            prefills_kv(E, Q, b, ns, (int)s->split, s->max_chunk);
+            break;
+        case RUNNING:
+            running_kv(E, Q, b, ns, s->max_chunk);
+            break;
+        default:
+            waiting_kv(E, Q, b, ns, s->max_chunk, s->max_running);
+        }
+        if (s->exclusive && b->room < before) break;
+    }
+}
+
 /* MaxPressure.pressure: (Z_b - sum_l P_bl Z_l) / m_b, summed left to right as the reference. */
 static double pressure(const Engine *E, int g) {
     double acc = 0.0;
@@ -518,7 +686,8 @@ static inline int64_t plan_batch(Engine *E, int64_t *n_out, Py_ssize_t *nch) {
     if (E->G == 1) {
         E->order[0] = 0;
         E->norder = 1;
-        plan_queue(E, &E->q[0], &b, most_decodes);
+        if (E->kv) plan_queue_kv(E, &E->q[0], &b, most_decodes);
+        else plan_queue(E, &E->q[0], &b, most_decodes);
         E->n_of[0] = total = b.n;
     } else {
         order_groups(E);
@@ -662,12 +831,21 @@ static int apply_chunks(Engine *E, Py_ssize_t nch, double end) {
         Queue *Q = &E->q[g];
         E->done_of[g]++;
         any = 1;
-        R->first[r] = end;
+        if (isnan(R->first[r])) R->first[r] = end;   /* a recompute after preemption keeps its first token */
         left = dl[r];
         if (left == 0) {
             R->finish[r] = end;
             E->in_engine--;
+            if (E->kv) E->kv_used -= cdiv(R->prompts[r] + R->outputs[r], E->kv_bs);
             if (E->collect && push_rid(&E->pfin, r)) return -1;
+            continue;
+        }
+        if (E->kv) {  /* decoders in admission order, true counts (no lazy rounds with memory) */
+            Py_ssize_t nd = DEQ_N(&Q->dq), j = nd;
+            if (nd && E->stamp[DEQ_AT(&Q->dq)[nd - 1]] > E->stamp[r]) j = bisect_stamp(E, DEQ_AT(&Q->dq), nd, E->stamp[r]);
+            if (j == nd ? deq_push(&Q->dq, r) : deq_insert(&Q->dq, j, r)) return -1;
+            E->nd++;
+            E->total_decode += left;
             continue;
         }
         Py_ssize_t nd = DEQ_N(&Q->dq), j = nd;
@@ -738,6 +916,7 @@ static inline int engine_admit(Engine *E, int64_t r) {
     R->pl[r] = p;
     R->dl[r] = R->outputs[r];
     if (p > E->budget && !E->splits_prompts) return push_rid(&E->rej, r) ? -1 : 0;
+    if (E->kv && cdiv(p + R->outputs[r], E->kv_bs) > E->kv_usable) return push_rid(&E->rej, r) ? -1 : 0;
     E->ahead = 0;
     if (deq_push(&E->q[E->G > 1 ? R->group[r] : 0].pq, r)) return -1;
     E->total_prefill += p;
@@ -746,7 +925,10 @@ static inline int engine_admit(Engine *E, int64_t r) {
 }
 
 /* Plan, time and apply one batch starting at `now` (Engine.step); its end in *end_out. */
+static int engine_batch_kv(Engine *E, double now, double *end_out);
+
 static int engine_batch(Engine *E, double now, double *end_out) {
+    if (E->kv) return engine_batch_kv(E, now, end_out);
     E->turns++;
     Py_ssize_t nch = 0;
     int64_t n = 0, prefill_tokens;
@@ -794,6 +976,168 @@ static int engine_batch(Engine *E, double now, double *end_out) {
     return 0;
 }
 
+/* ---- KV memory while applying a batch (Engine._preempt, _allocate) ------------------------- */
+
+static int push_i64(Buf *b, int64_t x) {
+    if (buf_reserve(b, sizeof(int64_t))) return -1;
+    *(int64_t *)(b->data + b->size) = x;
+    b->size += sizeof(int64_t);
+    return 0;
+}
+
+/* Engine._preempt: free each victim's blocks and put it at the front of the waiting prompts, to
+ * recompute its whole sequence (a decoder's next decode token joins the recompute). */
+static int kv_preempt(Engine *E, Queue *Q) {
+    Req *R = E->R;
+    const int64_t *victims = (const int64_t *)E->victims.data;
+    Py_ssize_t nv = (Py_ssize_t)(E->victims.size / sizeof(int64_t));
+    for (Py_ssize_t k = 0; k < nv; k++) {
+        int64_t v = victims[k], held = kv_done(E, v);
+        E->kv_used -= cdiv(held, E->kv_bs);
+        E->npre[v]++;
+        if (held > E->peak[v]) E->peak[v] = held;
+        E->preemptions++;
+        if (R->pl[v] == 0) {
+            Py_ssize_t nd = DEQ_N(&Q->dq), j = bisect_stamp(E, DEQ_AT(&Q->dq), nd, E->stamp[v]);
+            if (j == nd || DEQ_AT(&Q->dq)[j] != v) {
+                PyErr_Format(PyExc_RuntimeError, "preempted request %lld was not decoding", (long long)v);
+                return -1;
+            }
+            deq_remove(&Q->dq, j);
+            E->nd--;
+            E->total_decode -= R->dl[v];
+            R->dl[v]--;
+        } else {
+            Py_ssize_t npq = DEQ_N(&Q->pq), j = 0;
+            while (j < npq && DEQ_AT(&Q->pq)[j] != v) j++;
+            if (j == npq) {
+                PyErr_Format(PyExc_RuntimeError, "preempted request %lld was not prefilling", (long long)v);
+                return -1;
+            }
+            deq_remove(&Q->pq, j);
+        }
+        int64_t left = seqlen(E, v);
+        E->total_prefill += left - R->pl[v];
+        R->pl[v] = left;
+        Py_ssize_t at = started_kv(E, DEQ_AT(&Q->pq), DEQ_N(&Q->pq));
+        if (at == DEQ_N(&Q->pq) ? deq_push(&Q->pq, v) : deq_insert(&Q->pq, at, v)) return -1;
+    }
+    E->victims.size = 0;
+    return 0;
+}
+
+/* Engine._allocate: the blocks of a planned batch (before it is applied); stamps the newly admitted. */
+static int kv_allocate(Engine *E, const Queue *Q, int64_t n, Py_ssize_t nch, double now) {
+    Req *R = E->R;
+    const int64_t bs = E->kv_bs;
+    const int reserve = E->kv == KV_RESERVE;
+    int64_t used = E->kv_used, waste = 0;
+    for (Py_ssize_t c = 0; c < nch; c++) {
+        int64_t r = E->chunk_rid[c], len = E->chunk_len[c], done = kv_done(E, r);
+        if (done == 0) {
+            E->stamp[r] = ++E->stamps;
+            if (reserve) used += cdiv(R->prompts[r] + R->outputs[r], bs);
+        }
+        if (!reserve) {
+            used += cdiv(done + len, bs) - cdiv(done, bs);
+            if (done < E->peak[r]) {
+                int64_t again = MIN(done + len, E->peak[r]) - done;
+                E->recomp[r] += again;
+                waste += again;
+            }
+        }
+    }
+    if (!reserve) {
+        const int64_t *dq = DEQ_AT(&Q->dq);
+        for (int64_t j = 0; j < n; j++) used += seqlen(E, dq[j]) % bs == 0;
+    }
+    if (used > E->kv_usable) {
+        PyErr_Format(PyExc_RuntimeError, "%lld KV blocks in use, more than the %lld usable", (long long)used,
+                     (long long)E->kv_usable);
+        return -1;
+    }
+    E->kv_used = used;
+    E->recomputed += waste;
+    if (push_i64(&E->kvb, used) || push_i64(&E->kvw, waste) || buf_reserve(&E->kvs, sizeof(double))) return -1;
+    *(double *)(E->kvs.data + E->kvs.size) = now;
+    E->kvs.size += sizeof(double);
+    return 0;
+}
+
+/* The n leading decoders get a token (true counts); the finished leave, their blocks freed. */
+static void apply_decodes_kv(Engine *E, Queue *Q, int64_t n, double end) {
+    Req *R = E->R;
+    int64_t *dq = DEQ_AT(&Q->dq);
+    Py_ssize_t nd = DEQ_N(&Q->dq), w = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        int64_t r = dq[j];
+        if (--R->dl[r] == 0) {
+            R->finish[r] = end;
+            E->kv_used -= cdiv(R->prompts[r] + R->outputs[r], E->kv_bs);
+        } else {
+            dq[w++] = r;
+        }
+    }
+    if (w < n) {
+        memmove(dq + w, dq + n, (size_t)(nd - n) * sizeof(int64_t));
+        Q->dq.hi -= (Py_ssize_t)n - w;
+        E->in_engine -= (Py_ssize_t)n - w;
+        E->nd -= (Py_ssize_t)n - w;
+    }
+    E->total_decode -= n;
+}
+
+/* Engine.step with KV memory: plan (again, if everyone running was preempted), apply the
+ * preemptions, take the blocks, apply the batch. */
+static int engine_batch_kv(Engine *E, double now, double *end_out) {
+    Queue *Q = &E->q[0];
+    E->turns++;
+    Py_ssize_t nch = 0;
+    int64_t n = 0, prefill_tokens = plan_batch(E, &n, &nch);
+    for (int tries = 0; tries < 3 && !E->kv_error && n + prefill_tokens == 0 && E->victims.size; tries++) {
+        if (kv_preempt(E, Q)) return -1;
+        prefill_tokens = plan_batch(E, &n, &nch);
+    }
+    if (E->kv_error) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "no running request to preempt");
+        return -1;
+    }
+    int64_t num_tokens = n + prefill_tokens, demand = E->total_prefill + E->nd;
+    if (num_tokens < 1 || num_tokens > E->budget) {
+        PyErr_Format(PyExc_RuntimeError, "planned %lld tokens with demand %lld", (long long)num_tokens,
+                     (long long)demand);
+        return -1;
+    }
+    int64_t bound = work_bound(E, demand);
+    if (bound < 0) return -1;
+    if (E->kv_limited) E->memory_limited++;
+    else if (num_tokens != bound) E->violations++;
+    double end = now + E->durations[num_tokens];
+    if (E->record) {
+        if (buf_reserve(&E->detail, 7 * sizeof(double))) return -1;
+        double *d = (double *)(E->detail.data + E->detail.size);
+        d[0] = now; d[1] = end; d[2] = (double)prefill_tokens; d[3] = (double)n;
+        d[4] = (double)(nch + n); d[5] = (double)demand; d[6] = (double)bound;
+        E->detail.size += 7 * sizeof(double);
+    }
+    if (E->victims.size && kv_preempt(E, Q)) return -1;
+    if (kv_allocate(E, Q, n, nch, now)) return -1;
+    E->pfin.size = E->dfin.size = 0;
+    if (n) apply_decodes_kv(E, Q, n, end);
+    if (nch) {
+        E->total_prefill -= prefill_tokens;
+        if (apply_chunks(E, nch, end)) return -1;
+    }
+    if (buf_reserve(&E->ends, sizeof(double)) || buf_reserve(&E->tokens, sizeof(int64_t))) return -1;
+    ((double *)E->ends.data)[E->batches] = end;
+    ((int64_t *)E->tokens.data)[E->batches] = num_tokens;
+    E->ends.size += sizeof(double);
+    E->tokens.size += sizeof(int64_t);
+    E->batches++;
+    *end_out = end;
+    return 0;
+}
+
 /* Decode-only rounds from *nowp while batches start before `lim`.  While the plan is "the n
  * leading decoders" (n >= head) it stays the same batch until an arrival, the horizon, a finish
  * or the cap's bound (no plan depends on decode counts, except the max-weight rule's D while
@@ -804,7 +1148,7 @@ static int engine_batch(Engine *E, double now, double *end_out) {
  * With `collect`, returns after a round that finished
  * someone (1: the caller routes them; their rids in dfin); 0 when done, -1 on error. */
 static int engine_rounds(Engine *E, double *nowp, double lim) {
-    if (E->G != 1) return 0;
+    if (E->G != 1 || E->kv) return 0;
     Queue *Q = &E->q[0];
     double now = *nowp;
     int64_t *dl = E->R->dl;
@@ -960,10 +1304,12 @@ static void engine_free(Engine *E) {
     free(E->key); free(E->tmp);
     buf_free(&E->fin); buf_free(&E->pfin); buf_free(&E->dfin); buf_free(&E->rej);
     buf_free(&E->ends); buf_free(&E->tokens); buf_free(&E->detail);
+    buf_free(&E->victims); buf_free(&E->kvb); buf_free(&E->kvw); buf_free(&E->kvs);
 }
 
 /* Leave true decode counts in decode_left, as reference stepping would. */
 static void engine_settle_counts(Engine *E) {
+    if (E->kv) return;   /* true counts all along */
     int64_t *dl = E->R->dl;
     for (int g = 0; g < E->G; g++) {
         Queue *Q = &E->q[g];
@@ -995,7 +1341,8 @@ static int64_t longest_of(const int64_t *a, Py_ssize_t n) {
 PyDoc_STRVAR(run_doc,
 "run(arrivals, prompts, outputs, durations, prefill_left, decode_left, first, finish, prefilling,\n"
 "    decoding, rejected, plan, useful, breaks, budget, cap, has_useful, splits_prompts, horizon,\n"
-"    record, progress, ring, start_now, carried, n_pre, n_dec, stop)\n"
+"    record, progress, ring, start_now, carried, n_pre, n_dec, stop, kv_state, kv_blocks, block_size,\n"
+"    kv_policy)\n"
 "--\n\n"
 "One engine on the compiled core (see llmqueue.core.fastcore, which calls it).  plan is the policy's\n"
 "Plan.encode() as int64 (llmqueue.schedulers.plan); useful and breaks are the max-weight load\n"
@@ -1007,21 +1354,26 @@ PyDoc_STRVAR(run_doc,
 "run starts at start_now with requests [0, carried) in the engine (prefill_left/decode_left/first\n"
 "set; their queues in prefilling[:n_pre] and decoding[:n_dec]); stop = 1 returns once every\n"
 "arrival is admitted, at the boundary where the next ones would be (streaming); stop = 2 returns\n"
-"after the first batch that finishes a request (stepping, llmqueue.core.stepper).");
+"after the first batch that finishes a request (stepping, llmqueue.core.stepper).  kv_policy 0: no\n"
+"KV memory; 1 recompute, 2 reserve (llmqueue.model.kv): kv_state is 5 x n int64 (per request its\n"
+"stamp, preemptions, peak, recomputed tokens, planning mark; zeros), for a whole run from empty; the\n"
+"result's last item is (blocks per batch, recomputed per batch, start per batch, memory-limited\n"
+"batches, preemptions, blocks in use at the end).");
 
 static PyObject *run(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer b[14];
-    int has_useful, splits_prompts, record, stop;
-    long long budget, cap, ring;
+    Py_buffer b[15];
+    int has_useful, splits_prompts, record, stop, kv_policy;
+    long long budget, cap, ring, kv_blocks, kv_bs;
     double horizon, start_now;
     PyObject *progress;
     Py_ssize_t carried, n_pre, n_dec;
     memset(b, 0, sizeof(b));
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*y*y*y*LLppdpOLdnnni:run",
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*w*w*w*w*w*w*y*y*y*LLppdpOLdnnniw*LLi:run",
                           &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6], &b[7], &b[8], &b[9], &b[10],
                           &b[11], &b[12], &b[13], &budget, &cap, &has_useful, &splits_prompts, &horizon,
-                          &record, &progress, &ring, &start_now, &carried, &n_pre, &n_dec, &stop))
+                          &record, &progress, &ring, &start_now, &carried, &n_pre, &n_dec, &stop,
+                          &b[14], &kv_blocks, &kv_bs, &kv_policy))
         return NULL;
     PyObject *result = NULL;
     Engine E;
@@ -1046,6 +1398,19 @@ static PyObject *run(PyObject *self, PyObject *args) {
                     b[12].buf, b[12].len / 8, has_useful, b[13].buf, b[13].len / 8, 1, record, stop == 2, n,
                     longest_of(R.outputs, n), ring))
         goto done;
+    if (kv_policy != KV_NONE) {  /* KV memory: whole runs from empty (no carried requests, no stepping) */
+        if (kv_policy < KV_NONE || kv_policy > KV_RESERVE || kv_blocks < 2 || kv_bs < 1 || carried || stop
+            || !buffer_ok(&b[14], "kv per-request state", 5 * n, 8)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad KV parameters");
+            goto done;
+        }
+        int64_t *k = b[14].buf;
+        E.kv = kv_policy;
+        E.kv_usable = kv_blocks - 1;
+        E.kv_bs = kv_bs;
+        E.stamp = k; E.npre = k + n; E.peak = k + 2 * n; E.recomp = k + 3 * n; E.mark = k + 4 * n;
+        E.mark_base = 2;
+    }
     const double *arrivals = b[0].buf;
     int64_t *pl = R.pl, *dl = R.dl, *prefilling = b[8].buf, *decoding = b[9].buf;
     /* Requests carried in: the prompts queue; the decoders (true counts) go behind an empty head. */
@@ -1092,16 +1457,23 @@ static PyObject *run(PyObject *self, PyObject *args) {
     if (nrej) memcpy(b[10].buf, E.rej.data, E.rej.size);
     PyObject *ends = buf_take(&E.ends), *tokens = buf_take(&E.tokens);
     PyObject *detail = record ? buf_take(&E.detail) : (Py_INCREF(Py_None), Py_None);
-    if (ends && tokens && detail)
-        result = Py_BuildValue("dnnnnnnLLLOOOn", now, i, (Py_ssize_t)0, npre, (Py_ssize_t)0, nd, nrej,
+    PyObject *kvb = PyByteArray_FromStringAndSize(E.kvb.data, (Py_ssize_t)E.kvb.size);
+    PyObject *kvw = PyByteArray_FromStringAndSize(E.kvw.data, (Py_ssize_t)E.kvw.size);
+    PyObject *kvs = PyByteArray_FromStringAndSize(E.kvs.data, (Py_ssize_t)E.kvs.size);
+    if (ends && tokens && detail && kvb && kvw && kvs)
+        result = Py_BuildValue("dnnnnnnLLLOOOn(OOOLLL)", now, i, (Py_ssize_t)0, npre, (Py_ssize_t)0, nd, nrej,
                                (long long)E.in_engine, (long long)E.violations, (long long)E.total_prefill, ends,
-                               tokens, detail, (Py_ssize_t)E.turns);
+                               tokens, detail, (Py_ssize_t)E.turns, kvb, kvw, kvs, (long long)E.memory_limited,
+                               (long long)E.preemptions, (long long)E.kv_used);
     Py_XDECREF(ends);
     Py_XDECREF(tokens);
     Py_XDECREF(detail);
+    Py_XDECREF(kvb);
+    Py_XDECREF(kvw);
+    Py_XDECREF(kvs);
 done:
     engine_free(&E);
-    for (int k = 0; k < 14; k++)
+    for (int k = 0; k < 15; k++)
         if (b[k].obj) PyBuffer_Release(&b[k]);
     return result;
 }

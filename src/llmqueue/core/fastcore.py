@@ -92,19 +92,37 @@ def policy_arrays(scheduler: Scheduler) -> tuple[np.ndarray, np.ndarray, np.ndar
             np.asarray(getattr(load, "breaks", None) or [], dtype=np.int64), useful is not None)
 
 
-def reason(engine: Engine) -> str | None:
-    """Why ``engine`` cannot run on the compiled core (None: it can)."""
+def reason(engine: Engine, piecewise: bool = False) -> str | None:
+    """Why ``engine`` cannot run on the compiled core (None: it can); ``piecewise``: in several calls
+    (streaming, stepping), which KV memory does not do yet."""
     why = policy_reason(engine.scheduler, engine.batch_time)
     if why is not None:
         return why
-    if engine.kv is not None:
-        return "KV memory runs on the reference interpreter (not yet in the compiled core)"
+    if piecewise and engine.kv is not None:
+        return "KV memory runs whole runs on the compiled core; streamed or stepped runs use the reference"
     if engine.num_in_engine or engine.rejected or engine.violations:
         return "the engine already holds requests"
     return _why_not
 
 
 UNTIL_HORIZON, UNTIL_ADMITTED, UNTIL_FINISH = 0, 1, 2   # call(stop=...)
+
+
+@dataclass
+class KVCall:
+    """What KV memory did in a call: per batch blocks in use, tokens recomputed and start time; per
+    request preemptions, recomputed tokens and admission stamps; counters."""
+
+    batch_blocks: np.ndarray
+    batch_recomputed: np.ndarray
+    batch_start: np.ndarray
+    preemptions: np.ndarray
+    recomputed: np.ndarray
+    stamp: np.ndarray
+    peak: np.ndarray
+    memory_limited: int
+    num_preemptions: int
+    used: int
 
 
 @dataclass
@@ -132,6 +150,7 @@ class Call:
     batch_tokens: np.ndarray
     detail: np.ndarray | None
     planned: int
+    kv: KVCall | None = None      # with KV memory
 
     def carried(self) -> Call:
         """The requests still in the engine, re-indexed 0..k-1 in arrival order (the loop keeps
@@ -174,6 +193,11 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
     prefilling, rejected = np.empty(n, np.int64), np.empty(n, np.int64)
     decoding = np.empty(2 * n + 2, np.int64)  # the decoding list slides inside it (_fastcore.c)
     n_pre = n_dec = 0
+    kv = engine.kv
+    if kv is not None and (carried is not None or stop):
+        raise InternalError("KV memory on the compiled core runs whole runs only (reason() says so)")
+    kv_state = np.zeros(5 * n if kv is not None else 0, np.int64)
+    kv_args = (0, 1, 0) if kv is None else kv.encode()
     if carried is not None:
         prefill_left[:k], decode_left[:k], first[:k] = (carried.prefill_left, carried.decode_left,
                                                        carried.first_token_time)
@@ -181,20 +205,26 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
         prefilling[:n_pre], decoding[:n_dec] = carried.pre, carried.dec
     try:
         (now, admitted, ps, pe, ds, nd, nrej, in_engine, violations, total_prefill, ends, tokens,
-         detail, planned) = _core.run(
+         detail, planned, kv_out) = _core.run(
             arrivals, prompts, outputs,
             np.asarray(engine.durations, dtype=np.float64) if durations is None else durations,
             prefill_left, decode_left, first, finish, prefilling, decoding, rejected,
             plan, useful, breaks, budget, kmax if kmax is not None else NO_LIMIT,
             has_useful, bool(scheduler.splits_prompts), float(horizon),
             bool(record_batches), progress, RING, 0.0 if carried is None else carried.now, k, n_pre, n_dec,
-            int(stop))
+            int(stop), kv_state, *kv_args)
     except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
         raise InternalError(f"{scheduler!r} {exc}") from exc
-    return Call(now, admitted, rids, arrivals, prompts, outputs, prefill_left, decode_left, first, finish,
-                prefilling[ps:pe], decoding[ds:ds + nd], rejected[:nrej], in_engine, total_prefill, violations,
-                np.frombuffer(ends, dtype=np.float64), np.frombuffer(tokens, dtype=np.int64),
-                None if detail is None else np.frombuffer(detail, dtype=np.float64).reshape(-1, 7), planned)
+    c = Call(now, admitted, rids, arrivals, prompts, outputs, prefill_left, decode_left, first, finish,
+             prefilling[ps:pe], decoding[ds:ds + nd], rejected[:nrej], in_engine, total_prefill, violations,
+             np.frombuffer(ends, dtype=np.float64), np.frombuffer(tokens, dtype=np.int64),
+             None if detail is None else np.frombuffer(detail, dtype=np.float64).reshape(-1, 7), planned)
+    if engine.kv is not None:
+        blocks, waste, starts, limited, preemptions, used = kv_out
+        c.kv = KVCall(np.frombuffer(blocks, dtype=np.int64), np.frombuffer(waste, dtype=np.int64),
+                      np.frombuffer(starts, dtype=np.float64), kv_state[n:2 * n], kv_state[3 * n:4 * n],
+                      kv_state[:n], kv_state[2 * n:3 * n], limited, preemptions, used)
+    return c
 
 
 def _requests(c: Call, local: np.ndarray) -> list[Request]:
@@ -209,6 +239,11 @@ def _requests(c: Call, local: np.ndarray) -> list[Request]:
         out[j].decode_left = int(dl[j])
     for j in np.flatnonzero(~np.isnan(f)).tolist():  # prefill done: it has its first token
         out[j].first_token_time = float(f[j])
+    if c.kv is not None:   # KV memory: admission order, preemptions, peak, recomputed tokens
+        k = c.kv
+        for j, i in enumerate(local.tolist()):
+            out[j].stamp, out[j].preemptions = int(k.stamp[i]), int(k.preemptions[i])
+            out[j].peak, out[j].recomputed = int(k.peak[i]), int(k.recomputed[i])
     return out
 
 
@@ -220,6 +255,12 @@ def leave_state(engine: Engine, c: Call) -> None:
     state.decoding = _requests(c, c.dec)
     state.total_prefill_left = c.total_prefill
     engine.num_in_engine = c.in_engine
+    if c.kv is not None:
+        state.kv_used = c.kv.used
+        engine._stamps = int(c.kv.stamp.max()) if len(c.kv.stamp) else 0
+        engine.memory_limited += c.kv.memory_limited
+        engine.preemptions += c.kv.num_preemptions
+        engine.recomputed_tokens += int(c.kv.batch_recomputed.sum())
 
 
 def count(engine: Engine, c: Call) -> None:

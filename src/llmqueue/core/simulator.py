@@ -109,6 +109,10 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
         rejected[ran.rejected] = True
         result = _result(engine, requests, max(now, last) if drain else horizon, ran.first_token_time,
                          ran.finish_time, rejected, ran.batch_end_time, ran.batch_tokens, ran.detail)
+        if ran.kv is not None:
+            k, kv = ran.kv, engine.kv
+            result.kv = KVRecord(kv.blocks, kv.block_size, kv.policy, k.batch_start, k.batch_blocks,
+                                 k.batch_recomputed, k.preemptions.copy(), k.recomputed.copy(), k.memory_limited)
     else:
         admitted: list[Request] = []
         ends: list[float] = []

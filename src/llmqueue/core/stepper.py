@@ -44,7 +44,7 @@ class Stepper:
         if engine.num_in_engine or engine.rejected or engine.violations:
             raise ConfigError("engine", "an engine that already holds requests", "a fresh engine")
         self.engine = engine
-        why = fastcore.reason(engine) if method == "fast" else "selected"
+        why = fastcore.reason(engine, piecewise=True) if method == "fast" else "selected"
         self.method = "fast" if why is None else f"reference ({why})"
         self.now = 0.0
         self._arrivals: list[np.ndarray] = []   # admitted by the caller, not yet seen by the engine

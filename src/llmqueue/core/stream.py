@@ -103,7 +103,7 @@ def simulate_stream(engine: Engine, chunks: Iterable[tuple[np.ndarray, ...]], *,
     ahead = next(source, None)
     if ahead is None:
         raise ConfigError("run.requests", 0, "at least one request")
-    if compiled and fastcore.reason(engine) is None:
+    if compiled and fastcore.reason(engine, piecewise=True) is None:
         T = _stream_compiled(engine, ahead, source, t, fixed, drain, horizon_s, progress)
         return _summary(engine, t, T, started)
     last_arrival = 0.0

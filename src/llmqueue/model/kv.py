@@ -74,8 +74,9 @@ class KVCache:
         return self.blocks_for(prompt + output) <= self.usable
 
     def encode(self) -> tuple[int, int, int]:
-        """(blocks, block_size, policy code) for the compiled core; (0, 1, 0): no cache."""
-        return (self.blocks, self.block_size, KV_POLICIES.index(self.policy))
+        """(blocks, block_size, policy code: 1 recompute, 2 reserve) for the compiled core; (0, 1, 0):
+        no cache."""
+        return (self.blocks, self.block_size, KV_POLICIES.index(self.policy) + 1)
 
 
 def make_kv(engine: dict[str, Any]) -> KVCache | None:
