@@ -112,7 +112,8 @@ def test_bad_kv_blocks(override, field):
 
 @pytest.mark.parametrize("extra,field", [
     (["engine.block_size=0"], "engine.block_size"), (["engine.block_size=2.5"], "engine.block_size"),
-    (["engine.block_size='16'"], "engine.block_size"), (["engine.kv_policy='swap'"], "engine.kv_policy"),
+    (["engine.block_size='16'"], "engine.block_size"), (["engine.block_size=100000"], "engine.block_size"),
+    (["engine.kv_policy='swap'"], "engine.kv_policy"),
 ])
 def test_bad_block_size_and_policy(extra, field):
     with pytest.raises(ConfigError) as info:

@@ -338,6 +338,9 @@ typedef struct {
     int64_t kv_usable, kv_bs, kv_used, kv_free, kv_running, stamps, mark_base;
     int64_t memory_limited, preemptions, recomputed;
     int64_t *stamp, *npre, *peak, *recomp, *mark;
+    int64_t *cnt;         /* recompute: head decoders per block phase (phase_add) */
+    Py_ssize_t dq_served, dq_gone;   /* while planning: decoders served (a prefix of dq), preempted (a suffix) */
+    int64_t dec_need;     /* while planning: new blocks of the decoders served */
     Buf victims;          /* rids preempted while planning, in order */
     Buf kvb, kvw, kvs;    /* per batch: blocks in use, tokens recomputed, start time */
 } Engine;
@@ -508,37 +511,62 @@ static Py_ssize_t bisect_stamp(const Engine *E, const int64_t *dq, Py_ssize_t n,
     return lo;
 }
 
-/* Memory._tail: the most recently admitted running request not served (nor preempted) in this
- * batch: the last such decoder (dq is in admission order) or started prompt, whichever is later. */
-static int64_t kv_tail(const Engine *E, const Queue *Q, Py_ssize_t ns) {
-    const int64_t *dq = DEQ_AT(&Q->dq), *pq = DEQ_AT(&Q->pq), *mark = E->mark;
-    int64_t best = -1, best_stamp = -1;
-    for (Py_ssize_t j = DEQ_N(&Q->dq); j-- > 0;)
-        if (mark[dq[j]] < E->mark_base) { best = dq[j]; best_stamp = E->stamp[best]; break; }
-    for (Py_ssize_t q = ns; q-- > 0;)
-        if (mark[pq[q]] < E->mark_base) {
-            if (E->stamp[pq[q]] > best_stamp) best = pq[q];
-            break;
-        }
-    return best;
+/* Decode tokens left of the decoder at dq[j]: a head decoder holds its finishing round (lazy
+ * counts), one behind the head minus its count. */
+static inline int64_t dec_left(const Engine *E, const Queue *Q, Py_ssize_t j) {
+    int64_t d = E->R->dl[DEQ_AT(&Q->dq)[j]];
+    return j < Q->head ? d - Q->rounds : -d;
 }
 
-/* Memory.grow: blocks for n more tokens of running request r, preempting the tail until they fit;
- * 0 when r preempted itself (planning stops). */
-static int kv_grow(Engine *E, const Queue *Q, Py_ssize_t ns, int64_t r, int64_t n) {
-    if (E->kv == KV_RESERVE) { E->mark[r] = E->mark_base; return 1; }
-    const int64_t bs = E->kv_bs, done = kv_done(E, r), need = cdiv(done + n, bs) - cdiv(done, bs);
+/* Tokens held by the decoder at dq[j]. */
+static inline int64_t dec_done(const Engine *E, const Queue *Q, Py_ssize_t j) {
+    int64_t r = DEQ_AT(&Q->dq)[j];
+    return E->R->prompts[r] + E->R->outputs[r] - dec_left(E, Q, j);
+}
+
+/* A head decoder's block phase (recompute): its next token starts a block when
+ * (phase + rounds) % block_size == 0, so cnt[phase] counts the head decoders of each phase and
+ * cnt[-rounds mod block_size] those that need a block in a round that serves the whole head. */
+static inline void phase_add(Engine *E, int64_t r, int64_t delta) {
+    int64_t m = (E->R->prompts[r] + E->R->outputs[r] - E->R->dl[r]) % E->kv_bs;
+    E->cnt[m < 0 ? m + E->kv_bs : m] += delta;
+}
+
+static inline int is_gone(const Engine *E, int64_t r) { return E->mark[r] == E->mark_base + 1; }
+
+/* Memory.grow: blocks for n more tokens of a running request r holding `done` tokens, preempting
+ * the tail until they fit; 0 when r preempted itself (planning stops).  The tail (Memory._tail) is
+ * the most recently admitted running request not served in this batch: the last decoder not
+ * served nor preempted (served decoders are a prefix of dq, preempted ones a suffix) or the last
+ * such started prompt (marked), whichever came later. */
+static int kv_grow(Engine *E, const Queue *Q, Py_ssize_t ns, int64_t r, int64_t done, int64_t n) {
+    if (E->kv == KV_RESERVE) return 1;
+    const int64_t bs = E->kv_bs, need = cdiv(done + n, bs) - cdiv(done, bs);
+    const int64_t *dq = DEQ_AT(&Q->dq), *pq = DEQ_AT(&Q->pq);
     while (need > E->kv_free) {
         E->kv_limited = 1;
-        int64_t v = kv_tail(E, Q, ns);
-        if (v < 0 || push_rid(&E->victims, v)) { E->kv_error = 1; E->kv_stopped = 1; return 0; }
+        Py_ssize_t jd = DEQ_N(&Q->dq) - E->dq_gone - 1, q = ns;
+        while (q-- > 0 && E->mark[pq[q]] >= E->mark_base) {}
+        int64_t v, freed;
+        if (jd >= E->dq_served && (q < 0 || E->stamp[dq[jd]] > E->stamp[pq[q]])) {
+            v = dq[jd];
+            freed = cdiv(dec_done(E, Q, jd), bs);
+            E->dq_gone++;
+        } else if (q >= 0) {
+            v = pq[q];
+            freed = cdiv(kv_done(E, v), bs);
+        } else {
+            E->kv_error = 1;
+            E->kv_stopped = 1;
+            return 0;
+        }
+        if (push_rid(&E->victims, v)) { E->kv_error = 1; E->kv_stopped = 1; return 0; }
         E->mark[v] = E->mark_base + 1;
-        E->kv_free += cdiv(kv_done(E, v), bs);
+        E->kv_free += freed;
         E->kv_running--;
         if (v == r) { E->kv_stopped = 1; return 0; }
     }
     E->kv_free -= need;
-    E->mark[r] = E->mark_base;
     return 1;
 }
 
@@ -557,15 +585,75 @@ static int kv_admit(Engine *E, int64_t r, int64_t c) {
 
 #define KV_ROOM(b) ((b)->room && (b)->slots && !E->kv_stopped)
 
+/* The next decoder (dq[dq_served]) gets a token if its block fits (Memory.grow). */
+static inline int decode_one(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns) {
+    Py_ssize_t j = E->dq_served;
+    int64_t done = dec_done(E, Q, j);
+    if (!kv_grow(E, Q, ns, DEQ_AT(&Q->dq)[j], done, 1)) return 0;
+    if (E->kv == KV_RECOMPUTE) E->dec_need += done % E->kv_bs == 0;
+    E->dq_served++;
+    b->n++; b->room--; b->slots--;
+    return 1;
+}
+
+/* plan.Decodes with memory: the leading decoders, one token each.  perf: when the whole head is
+ * served and its blocks fit, the phase counts give their blocks at once (O(1), as the lazy rounds
+ * are); else one by one, preempting as vLLM does. */
 static void decodes_kv(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns, int64_t limit) {
-    const int64_t *dq = DEQ_AT(&Q->dq);
-    Py_ssize_t nd = DEQ_N(&Q->dq);
-    for (Py_ssize_t j = 0, k = 0; j < nd && KV_ROOM(b) && k < limit; j++) {
-        int64_t r = dq[j];
-        if (E->mark[r] == E->mark_base + 1) break;   /* the preempted are the tail: the rest too */
-        if (!kv_grow(E, Q, ns, r, 1)) break;
-        b->n++; b->room--; b->slots--; k++;
+    Py_ssize_t alive = DEQ_N(&Q->dq) - E->dq_gone;
+    int64_t k = MIN(MIN((int64_t)alive, b->room), MIN(b->slots, limit));
+    if (k <= 0) return;
+    if (E->kv == KV_RESERVE && !E->dq_served) {
+        E->dq_served = (Py_ssize_t)k;
+        b->n += k; b->room -= k; b->slots -= k;
+        return;
     }
+    if (!E->dq_served && k >= Q->head) {
+        /* The k leading decoders need `need` new blocks.  Walking them one by one (Memory.grow),
+         * a decoder that finds no free block preempts the tail until one is free; the victims
+         * in the end are the shortest tail whose blocks cover what the rest need, so they can be
+         * taken here at once.  The last decoder served preempts itself when only its own block
+         * is missing and it is the tail. */
+        const int64_t bs = E->kv_bs;
+        const int64_t *dq = DEQ_AT(&Q->dq), *pq = DEQ_AT(&Q->pq);
+        int64_t m = (-Q->rounds) % bs, need = Q->head ? E->cnt[m < 0 ? m + bs : m] : 0;
+        for (Py_ssize_t j = Q->head; j < k; j++) need += dec_done(E, Q, j) % bs == 0;
+        while (need > E->kv_free) {
+            E->kv_limited = 1;
+            Py_ssize_t jd = DEQ_N(&Q->dq) - E->dq_gone - 1, q = ns;
+            while (q-- > 0 && E->mark[pq[q]] >= E->mark_base) {}
+            int64_t v;
+            if (jd >= 0 && (q < 0 || E->stamp[dq[jd]] > E->stamp[pq[q]])) {
+                v = dq[jd];
+                int64_t done = dec_done(E, Q, jd), own = jd < k && done % bs == 0;
+                E->dq_gone++;
+                E->kv_free += cdiv(done, bs);
+                if (jd < k) {   /* one of the k (the last): it leaves them */
+                    k--;
+                    if (own && need - 1 <= E->kv_free - cdiv(done, bs)) E->kv_stopped = 1;   /* itself */
+                    need -= own;
+                }
+            } else if (q >= 0) {
+                v = pq[q];
+                E->kv_free += cdiv(kv_done(E, v), bs);
+            } else {
+                E->kv_error = 1;
+                E->kv_stopped = 1;
+                return;
+            }
+            if (push_rid(&E->victims, v)) { E->kv_error = 1; E->kv_stopped = 1; return; }
+            E->mark[v] = E->mark_base + 1;
+            E->kv_running--;
+            if (E->kv_stopped) break;
+        }
+        E->kv_free -= need;
+        E->dec_need += need;
+        E->dq_served = (Py_ssize_t)k;
+        b->n += k; b->room -= k; b->slots -= k;
+        return;
+    }
+    for (int64_t t = 0; t < k && KV_ROOM(b) && E->dq_served < DEQ_N(&Q->dq) - E->dq_gone; t++)
+        if (!decode_one(E, Q, b, ns)) break;
 }
 
 static void prefills_kv(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns, int split, int64_t max_chunk) {
@@ -573,28 +661,41 @@ static void prefills_kv(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns, int 
     Py_ssize_t npq = DEQ_N(&Q->pq);
     for (Py_ssize_t q = 0; q < npq && KV_ROOM(b); q++) {
         int64_t r = pq[q], left = E->R->pl[r], want = MIN(left, max_chunk), c = MIN(want, b->room);
-        if (E->mark[r] == E->mark_base + 1) return;
+        if (is_gone(E, r)) return;
         if (c < want && !split && !(want > E->budget && b->room == E->budget)) return;
-        if (left != seqlen(E, r) ? !kv_grow(E, Q, ns, r, c) : !kv_admit(E, r, c)) return;
+        if (left != seqlen(E, r)) {
+            if (!kv_grow(E, Q, ns, r, kv_done(E, r), c)) return;
+            E->mark[r] = E->mark_base;
+        } else if (!kv_admit(E, r, c)) {
+            return;
+        }
         add_chunk(E, b, r, c);
         if (c < want) return;
     }
 }
 
-/* vLLM's running loop: decoders and started prompts merged in admission order. */
+/* vLLM's running loop: decoders and started prompts merged in admission order (when every started
+ * prompt came after every decoder, the decoders first, at once). */
 static void running_kv(Engine *E, const Queue *Q, Build *b, Py_ssize_t ns, int64_t max_chunk) {
     const int64_t *dq = DEQ_AT(&Q->dq), *pq = DEQ_AT(&Q->pq), *stamp = E->stamp;
-    Py_ssize_t nd = DEQ_N(&Q->dq), j = 0, q = 0;
-    while ((j < nd || q < ns) && KV_ROOM(b)) {
-        int dec = q >= ns || (j < nd && stamp[dq[j]] < stamp[pq[q]]);
-        int64_t r = dec ? dq[j++] : pq[q++];
-        if (E->mark[r] == E->mark_base + 1) continue;
-        if (dec) {
-            if (kv_grow(E, Q, ns, r, 1)) { b->n++; b->room--; b->slots--; }
+    Py_ssize_t nd = DEQ_N(&Q->dq), q = 0;
+    if (!ns || !nd || stamp[pq[0]] > stamp[dq[nd - 1]]) {
+        decodes_kv(E, Q, b, ns, NO_CAP);
+        nd = 0;
+    }
+    while ((E->dq_served < nd - E->dq_gone || q < ns) && KV_ROOM(b)) {
+        Py_ssize_t j = E->dq_served;
+        if (j < nd - E->dq_gone && (q >= ns || stamp[dq[j]] < stamp[pq[q]])) {
+            if (!decode_one(E, Q, b, ns)) return;
             continue;
         }
+        int64_t r = pq[q++];
+        if (is_gone(E, r)) continue;
         int64_t c = MIN(MIN(E->R->pl[r], max_chunk), b->room);
-        if (kv_grow(E, Q, ns, r, c)) add_chunk(E, b, r, c);
+        if (kv_grow(E, Q, ns, r, kv_done(E, r), c)) {
+            E->mark[r] = E->mark_base;
+            add_chunk(E, b, r, c);
+        }
     }
 }
 
@@ -616,6 +717,8 @@ static void plan_queue_kv(Engine *E, const Queue *Q, Build *b, int64_t most_deco
     E->kv_running = (int64_t)ns + (int64_t)DEQ_N(&Q->dq);
     E->victims.size = 0;
     E->kv_stopped = E->kv_limited = 0;
+    E->dq_served = E->dq_gone = 0;
+    E->dec_need = 0;
     for (int k = 0; k < E->nsteps && KV_ROOM(b); k++) {
         const PlanStep *s = &E->steps[k];
         int64_t before = b->room;
@@ -756,14 +859,19 @@ static Py_ssize_t settle(Engine *E, Queue *Q, Py_ssize_t nfin, double end) {
     Py_ssize_t gone = 0;
     for (Py_ssize_t f = 0; f < nfin; f++) {
         int64_t r = fin[f], key = dl[r];
+        if (E->kv && E->R->pl[r]) continue;   /* preempted: a stale entry (dl is its true count now) */
         if (key != rounds) {
             if (key > rounds && cal_push(&Q->cal, rounds, key, r)) return -1;  /* delayed: re-file */
             continue;  /* a stale entry (finished, or moved behind the head) */
         }
+        if (E->kv) {
+            if (E->cnt) phase_add(E, r, -1);
+            E->kv_used -= cdiv(E->R->prompts[r] + E->R->outputs[r], E->kv_bs);
+        }
         dl[r] = 0;
         E->R->finish[r] = end;
         gone++;
-        Py_ssize_t j = bisect_left(DEQ_AT(&Q->dq), r, 0, Q->head);
+        Py_ssize_t j = E->kv ? bisect_stamp(E, DEQ_AT(&Q->dq), Q->head, E->stamp[r]) : bisect_left(DEQ_AT(&Q->dq), r, 0, Q->head);
         if (j == Q->head || DEQ_AT(&Q->dq)[j] != r) {
             PyErr_Format(PyExc_RuntimeError, "finished request %lld was not decoding", (long long)r);
             return -1;
@@ -787,12 +895,16 @@ static int apply_decodes(Engine *E, Queue *Q, int64_t n, double end) {
     for (; Q->head < n; Q->head++) {
         int64_t r = dq[Q->head], key = Q->rounds - dl[r];
         dl[r] = key;
+        if (E->cnt) phase_add(E, r, 1);
         if (cal_push(&Q->cal, Q->rounds, key, r)) return -1;
     }
     if (n < Q->head && n == E->most) {
         /* No batch can decode more than `most`: the rest of the head goes behind it (once,
          * instead of paying for it every batch while decoders pile up, as under vLLM v0). */
-        for (Py_ssize_t j = n; j < Q->head; j++) dl[dq[j]] = Q->rounds - dl[dq[j]];
+        for (Py_ssize_t j = n; j < Q->head; j++) {
+            if (E->cnt) phase_add(E, dq[j], -1);
+            dl[dq[j]] = Q->rounds - dl[dq[j]];
+        }
         Q->head = n;
     }
     Py_ssize_t nfin = 0;
@@ -802,13 +914,17 @@ static int apply_decodes(Engine *E, Queue *Q, int64_t n, double end) {
         int64_t *fin = (int64_t *)E->fin.data;
         for (Py_ssize_t j = 0; j < n; j++) {
             int64_t r = dq[j], key = dl[r] - 1;
+            if (E->cnt) phase_add(E, r, -1);
             dl[r] = key;
+            if (E->cnt) phase_add(E, r, 1);
             if (key == Q->rounds) fin[nfin++] = r;
             else if (cal_push(&Q->cal, Q->rounds, key, r)) return -1;
         }
     } else {
         /* the rest of the head misses this round: one later each (entries stay lazy) */
+        if (E->cnt) for (Py_ssize_t j = n; j < Q->head; j++) phase_add(E, dq[j], -1);
         delay(dl, dq, n, Q->head);
+        if (E->cnt) for (Py_ssize_t j = n; j < Q->head; j++) phase_add(E, dq[j], 1);
         Q->rounds += 1;
         nfin = cal_take(&Q->cal, Q->rounds, &E->fin);
         if (nfin < 0) return -1;
@@ -840,22 +956,19 @@ static int apply_chunks(Engine *E, Py_ssize_t nch, double end) {
             if (E->collect && push_rid(&E->pfin, r)) return -1;
             continue;
         }
-        if (E->kv) {  /* decoders in admission order, true counts (no lazy rounds with memory) */
-            Py_ssize_t nd = DEQ_N(&Q->dq), j = nd;
-            if (nd && E->stamp[DEQ_AT(&Q->dq)[nd - 1]] > E->stamp[r]) j = bisect_stamp(E, DEQ_AT(&Q->dq), nd, E->stamp[r]);
-            if (j == nd ? deq_push(&Q->dq, r) : deq_insert(&Q->dq, j, r)) return -1;
-            E->nd++;
-            E->total_decode += left;
-            continue;
-        }
         Py_ssize_t nd = DEQ_N(&Q->dq), j = nd;
-        if (nd && DEQ_AT(&Q->dq)[nd - 1] > r) j = bisect_left(DEQ_AT(&Q->dq), r, 0, nd);
+        if (E->kv) {  /* with memory, decoders are in admission order */
+            if (nd && E->stamp[DEQ_AT(&Q->dq)[nd - 1]] > E->stamp[r]) j = bisect_stamp(E, DEQ_AT(&Q->dq), nd, E->stamp[r]);
+        } else if (nd && DEQ_AT(&Q->dq)[nd - 1] > r) {
+            j = bisect_left(DEQ_AT(&Q->dq), r, 0, nd);
+        }
         if (j == nd ? deq_push(&Q->dq, r) : deq_insert(&Q->dq, j, r)) return -1;
         E->nd++;
         E->total_decode += left;
         if (j <= Q->head) {  /* joins the head: it finishes `left` rounds from now */
             Q->head++;
             dl[r] = Q->rounds + left;
+            if (E->cnt) phase_add(E, r, 1);
             if (cal_push(&Q->cal, Q->rounds, Q->rounds + left, r)) return -1;
         } else {
             dl[r] = -left;
@@ -992,22 +1105,25 @@ static int kv_preempt(Engine *E, Queue *Q) {
     const int64_t *victims = (const int64_t *)E->victims.data;
     Py_ssize_t nv = (Py_ssize_t)(E->victims.size / sizeof(int64_t));
     for (Py_ssize_t k = 0; k < nv; k++) {
-        int64_t v = victims[k], held = kv_done(E, v);
-        E->kv_used -= cdiv(held, E->kv_bs);
-        E->npre[v]++;
-        if (held > E->peak[v]) E->peak[v] = held;
-        E->preemptions++;
-        if (R->pl[v] == 0) {
+        int64_t v = victims[k], held;
+        if (R->pl[v] == 0) {   /* a decoder: its true count back in dl, one token to the recompute */
             Py_ssize_t nd = DEQ_N(&Q->dq), j = bisect_stamp(E, DEQ_AT(&Q->dq), nd, E->stamp[v]);
             if (j == nd || DEQ_AT(&Q->dq)[j] != v) {
                 PyErr_Format(PyExc_RuntimeError, "preempted request %lld was not decoding", (long long)v);
                 return -1;
             }
+            int64_t left = dec_left(E, Q, j);
+            if (j < Q->head) {
+                if (E->cnt) phase_add(E, v, -1);
+                Q->head--;
+            }
             deq_remove(&Q->dq, j);
             E->nd--;
-            E->total_decode -= R->dl[v];
-            R->dl[v]--;
+            E->total_decode -= left;
+            held = R->prompts[v] + R->outputs[v] - left;
+            R->dl[v] = left - 1;
         } else {
+            held = kv_done(E, v);
             Py_ssize_t npq = DEQ_N(&Q->pq), j = 0;
             while (j < npq && DEQ_AT(&Q->pq)[j] != v) j++;
             if (j == npq) {
@@ -1016,6 +1132,10 @@ static int kv_preempt(Engine *E, Queue *Q) {
             }
             deq_remove(&Q->pq, j);
         }
+        E->kv_used -= cdiv(held, E->kv_bs);
+        E->npre[v]++;
+        if (held > E->peak[v]) E->peak[v] = held;
+        E->preemptions++;
         int64_t left = seqlen(E, v);
         E->total_prefill += left - R->pl[v];
         R->pl[v] = left;
@@ -1047,10 +1167,8 @@ static int kv_allocate(Engine *E, const Queue *Q, int64_t n, Py_ssize_t nch, dou
             }
         }
     }
-    if (!reserve) {
-        const int64_t *dq = DEQ_AT(&Q->dq);
-        for (int64_t j = 0; j < n; j++) used += seqlen(E, dq[j]) % bs == 0;
-    }
+    if (!reserve) used += E->dec_need;   /* the decoders' new blocks, found while planning */
+    (void)Q; (void)n;
     if (used > E->kv_usable) {
         PyErr_Format(PyExc_RuntimeError, "%lld KV blocks in use, more than the %lld usable", (long long)used,
                      (long long)E->kv_usable);
@@ -1062,29 +1180,6 @@ static int kv_allocate(Engine *E, const Queue *Q, int64_t n, Py_ssize_t nch, dou
     *(double *)(E->kvs.data + E->kvs.size) = now;
     E->kvs.size += sizeof(double);
     return 0;
-}
-
-/* The n leading decoders get a token (true counts); the finished leave, their blocks freed. */
-static void apply_decodes_kv(Engine *E, Queue *Q, int64_t n, double end) {
-    Req *R = E->R;
-    int64_t *dq = DEQ_AT(&Q->dq);
-    Py_ssize_t nd = DEQ_N(&Q->dq), w = 0;
-    for (Py_ssize_t j = 0; j < n; j++) {
-        int64_t r = dq[j];
-        if (--R->dl[r] == 0) {
-            R->finish[r] = end;
-            E->kv_used -= cdiv(R->prompts[r] + R->outputs[r], E->kv_bs);
-        } else {
-            dq[w++] = r;
-        }
-    }
-    if (w < n) {
-        memmove(dq + w, dq + n, (size_t)(nd - n) * sizeof(int64_t));
-        Q->dq.hi -= (Py_ssize_t)n - w;
-        E->in_engine -= (Py_ssize_t)n - w;
-        E->nd -= (Py_ssize_t)n - w;
-    }
-    E->total_decode -= n;
 }
 
 /* Engine.step with KV memory: plan (again, if everyone running was preempted), apply the
@@ -1123,7 +1218,7 @@ static int engine_batch_kv(Engine *E, double now, double *end_out) {
     if (E->victims.size && kv_preempt(E, Q)) return -1;
     if (kv_allocate(E, Q, n, nch, now)) return -1;
     E->pfin.size = E->dfin.size = 0;
-    if (n) apply_decodes_kv(E, Q, n, end);
+    if (n && apply_decodes(E, Q, n, end)) return -1;
     if (nch) {
         E->total_prefill -= prefill_tokens;
         if (apply_chunks(E, nch, end)) return -1;
@@ -1304,12 +1399,12 @@ static void engine_free(Engine *E) {
     free(E->key); free(E->tmp);
     buf_free(&E->fin); buf_free(&E->pfin); buf_free(&E->dfin); buf_free(&E->rej);
     buf_free(&E->ends); buf_free(&E->tokens); buf_free(&E->detail);
+    free(E->cnt);
     buf_free(&E->victims); buf_free(&E->kvb); buf_free(&E->kvw); buf_free(&E->kvs);
 }
 
 /* Leave true decode counts in decode_left, as reference stepping would. */
 static void engine_settle_counts(Engine *E) {
-    if (E->kv) return;   /* true counts all along */
     int64_t *dl = E->R->dl;
     for (int g = 0; g < E->G; g++) {
         Queue *Q = &E->q[g];
@@ -1410,6 +1505,10 @@ static PyObject *run(PyObject *self, PyObject *args) {
         E.kv_bs = kv_bs;
         E.stamp = k; E.npre = k + n; E.peak = k + 2 * n; E.recomp = k + 3 * n; E.mark = k + 4 * n;
         E.mark_base = 2;
+        if (kv_policy == KV_RECOMPUTE && !(E.cnt = calloc((size_t)kv_bs, sizeof(int64_t)))) {
+            PyErr_NoMemory();
+            goto done;
+        }
     }
     const double *arrivals = b[0].buf;
     int64_t *pl = R.pl, *dl = R.dl, *prefilling = b[8].buf, *decoding = b[9].buf;

@@ -241,7 +241,9 @@ def _requests(c: Call, local: np.ndarray) -> list[Request]:
         out[j].first_token_time = float(f[j])
     if c.kv is not None:   # KV memory: admission order, preemptions, peak, recomputed tokens
         k = c.kv
-        for j, i in enumerate(local.tolist()):
+        # perf: only requests ever admitted have any (an overloaded run leaves a long queue)
+        for j in np.flatnonzero(k.stamp[local] != 0).tolist():
+            i = int(local[j])
             out[j].stamp, out[j].preemptions = int(k.stamp[i]), int(k.preemptions[i])
             out[j].peak, out[j].recomputed = int(k.peak[i]), int(k.recomputed[i])
     return out

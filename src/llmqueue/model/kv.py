@@ -33,6 +33,7 @@ from llmqueue.errors import ConfigError
 RECOMPUTE, RESERVE = "recompute", "reserve"
 KV_POLICIES = (RECOMPUTE, RESERVE)
 DEFAULT_BLOCK_SIZE = 16
+MAX_BLOCK_SIZE = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,9 @@ class KVCache:
         integer(self.blocks, "engine.kv_blocks", 2, what="vLLM's num_gpu_blocks: block 0 is reserved, so at least "
                 "one usable block; or omit kv_blocks for unlimited memory")
         integer(self.block_size, "engine.block_size", 1, what="tokens per KV block, e.g. 16")
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise ConfigError("engine.block_size", self.block_size, f"at most {MAX_BLOCK_SIZE} tokens per block "
+                              "(vLLM uses 1 to 128 for attention; larger blocks are hybrid models' pages)")
         if self.blocks * self.block_size > BIG:
             raise ConfigError("engine.kv_blocks", self.blocks, f"at most {BIG // self.block_size} blocks of "
                               f"{self.block_size} tokens (2**62 tokens in all)")
