@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmqueue.metrics import Trend, backlog, backlog_trend, in_system, verdict
-from llmqueue.core.simulator import Result
+from llmqueue.metrics import Trend, backlog, backlog_trend, in_system, kv_blocks_at, timeseries, verdict
+from llmqueue.core.simulator import KVRecord, Result
 
 
 def _result(arrivals, prompts, outputs, finish, batch_end, batch_tokens, end_time):
@@ -21,6 +21,18 @@ def test_backlog_and_in_system_step_functions():
     t = np.array([0.0, 0.5, 1.0, 2.5, 3.9])
     assert backlog(r, t).tolist() == [4, 4, 4, 2, 1]
     assert in_system(r, t).tolist() == [1, 1, 2, 1, 1]
+
+
+def test_kv_blocks_in_use_follow_the_running_batch():
+    """Blocks of the batch running at t; 0 before the first batch and while the engine is idle."""
+    r = _result([0.0, 1.0], [3, 2], [1, 1], [2.5, np.nan], [1.0, 2.5, 3.5], [3, 2, 1], 4.0)
+    r.kv = KVRecord(10, 16, "recompute", np.array([0.5, 1.0, 3.0]), np.array([4, 6, 2]), np.zeros(3, np.int64),
+                    np.zeros(2, np.int64), np.zeros(2, np.int64), 0)
+    t = np.array([0.0, 0.5, 0.99, 1.0, 2.4, 2.5, 2.9, 3.0, 3.49, 3.5, 4.0])
+    assert kv_blocks_at(r, t).tolist() == [0, 4, 4, 6, 6, 0, 0, 2, 2, 0, 0]
+    assert timeseries(r, 5)["kv_blocks_in_use"].tolist() == [0, 6, 6, 2, 0]
+    r.kv = None
+    assert "kv_blocks_in_use" not in timeseries(r, 5)
 
 
 @pytest.mark.parametrize("trend,expected", [

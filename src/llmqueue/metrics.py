@@ -82,9 +82,25 @@ def in_system(result: Result, times: np.ndarray) -> np.ndarray:
 
 
 def timeseries(result: Result, points: int = 600) -> dict[str, np.ndarray]:
-    """Number in system and backlog (tokens) on an even grid over [0, T]."""
+    """Number in system and backlog (tokens) on an even grid over [0, T]; with KV memory also the
+    blocks in use (those of the batch running at each time, 0 while the engine is idle)."""
     t = np.linspace(0.0, result.end_time, points)
-    return {"time_s": t, "in_system": in_system(result, t), "backlog_tokens": backlog(result, t)}
+    series = {"time_s": t, "in_system": in_system(result, t), "backlog_tokens": backlog(result, t)}
+    if result.kv is not None:
+        series["kv_blocks_in_use"] = kv_blocks_at(result, t)
+    return series
+
+
+def kv_blocks_at(result: Result, times: np.ndarray) -> np.ndarray:
+    """KV blocks in use at ``times``: the blocks of the batch running then (batch start <= t < end),
+    0 where no batch runs."""
+    kv = result.kv
+    i = np.searchsorted(kv.batch_start, times, side="right") - 1
+    safe = np.clip(i, 0, max(len(kv.batch_start) - 1, 0))
+    if not len(kv.batch_start):
+        return np.zeros(len(times), dtype=np.int64)
+    running = (i >= 0) & (times < result.batch_end_time[safe])
+    return np.where(running, kv.batch_blocks[safe], 0).astype(np.int64)
 
 
 def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS, curve: _Backlog | None = None) -> Trend | None:
