@@ -308,7 +308,7 @@ def test_capacity_prints_the_memory_bounds(monkeypatch, capsys, tmp_path):
     assert code == 0 and "KV cache" not in plain and "memory" not in plain
     code, out = _capacity(monkeypatch, capsys, tmp_path, engine={"kv_blocks": 1000})
     assert code == 0 and out.startswith(plain)                     # Theorem 2's rows as before, then memory
-    assert "memory bound λ_mem (necessary)  11.3609 requests/s" in out
+    assert "memory bound λ_mem (necessary)    11.3609 requests/s" in out
     assert "binding bound" in out and "memory: λ ≤ 11.3609" in out
     code, out = _capacity(monkeypatch, capsys, tmp_path, "--json", engine={"kv_blocks": 4000, "block_size": 16,
                                                                          "kv_policy": "recompute"})

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llmqueue.metrics import in_system  # noqa: E402
+from llmqueue.metrics import in_system, kv_blocks_at  # noqa: E402
 from llmqueue.runner import Run  # noqa: E402
 
 
@@ -33,6 +33,33 @@ def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: in
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_kv_blocks(runs: Sequence[Run], path: str | Path, title: str, points: int = 1200,
+                   xlabel: str = "simulated time (s)") -> Path:
+    """KV blocks in use over time as a share of the usable cache (docs/memory.md), one line per run
+    with memory on; the full cache (kv_blocks − 1 blocks) is the top of the axis."""
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
+    styles = ["-", "--", "-.", ":"]
+    usable = None
+    for i, run in enumerate(r for r in runs if r.result.kv is not None):
+        r = run.result
+        t = np.linspace(0, r.end_time, points)
+        usable = r.kv.blocks - 1
+        k = run.summary.get("kv", {})
+        ax.plot(t, kv_blocks_at(r, t) / usable * 100, styles[i % len(styles)], linewidth=1.2, zorder=len(runs) - i,
+                label=f"{r.scheduler} (mean {k.get('mean_utilisation', 0):.0%}, {k.get('preemptions', 0)} preemptions)")
+    ax.set_ylim(0, 105)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"KV blocks in use (% of {usable} usable blocks)" if usable else "KV blocks in use (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -16,7 +16,7 @@ from llmqueue.config import Config
 from llmqueue.errors import ConfigError
 from llmqueue.core.engine import Engine
 from llmqueue.model.kv import make_kv
-from llmqueue.metrics import UNSTABLE, summarize
+from llmqueue.metrics import STABLE, UNSTABLE, Trend, summarize, verdict
 from llmqueue.analysis.region import stability_region
 from llmqueue.schedulers import make_scheduler
 from llmqueue.core.simulator import Result, simulate
@@ -87,7 +87,7 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
             progress: Progress | None = None) -> Run:
     """Simulate ``requests`` on ``engine`` and summarise against the closed form."""
     rc = config.run
-    _check_cache(engine, workload)
+    check_cache(engine.kv, workload)
     name = engine.scheduler.name
     total = max(len(requests), 1)
     hook = (lambda now, n: progress(name, n / total)) if progress else None
@@ -101,12 +101,61 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
     if analysis.notes:
         summary["notes"] = list(analysis.notes)
     _region_prediction(config, summary, analysis)
+    _memory_prediction(config, summary, workload, analysis)
     return Run(result, summary, analysis)
 
 
-def _check_cache(engine: Engine, workload: Workload) -> None:
+def memory_of(config: Config, workload: Workload):
+    """The KV-cache memory bounds (docs/memory.md) of a config with ``engine.kv_blocks``."""
+    from llmqueue.analysis.memory import memory_analysis   # scipy.stats: only when memory is on
+    from llmqueue.model.kv import DEFAULT_BLOCK_SIZE, RECOMPUTE
+
+    e = config.engine
+    return memory_analysis(batch_time_of(config), e["token_budget"], e["kv_blocks"], workload,
+                           block_size=e.get("block_size", DEFAULT_BLOCK_SIZE), kv_policy=e.get("kv_policy", RECOMPUTE))
+
+
+def _memory_prediction(config: Config, summary: dict, workload: Workload, analysis: Analysis) -> None:
+    """With KV memory, Theorem 2 alone no longer decides (docs/memory.md, "Memory-aware capacity").
+
+    Above the memory bound λ_mem (necessary, Dong & Cao) no policy is stable: ``unstable``.  Below
+    it nothing is predicted: the sufficient bound (Nie, Si & Zhou) is a fluid statement for memory
+    that is never wasted, while admission as vLLM does it can thrash (preempt and recompute) far
+    below it, and lumpy batches raise t̄ above the fixed point's.
+    """
+    if config.engine.get("kv_blocks") is None:
+        return
+    m = memory_of(config, workload)
+    lam = analysis.arrival_rate
+    nec, suff = m.memory_necessary_blocks_rps, m.memory_sufficient_blocks_rps
+    if lam > nec:
+        summary["predicted"] = UNSTABLE
+        reason = (f"λ = {lam:.4g} req/s is above the memory bound λ_mem = {nec:.4g} req/s, necessary for "
+                  "stability (Dong & Cao, arXiv 2604.11001)")
+    else:
+        if summary["predicted"] == STABLE:
+            summary["predicted"] = "not predicted (memory)"
+        reason = (f"λ = {lam:.4g} req/s is below the memory bound λ_mem = {nec:.4g} req/s, which is necessary, "
+                  "not sufficient: preemption and recompute can thrash below it")
+        if suff is not None:
+            reason += f" (the fluid sufficient bound of Nie, Si & Zhou is {suff:.4g} req/s)"
+    # The verdict's tolerance is a share of what the engine can serve: with memory binding, of the
+    # memory-bound throughput λ_mem·E[l + o], not of the token capacity (which memory never lets it reach).
+    serve = min(summary["capacity_tokens_per_s"], nec * m.mean_request_tokens)
+    if serve < summary["capacity_tokens_per_s"] and summary["backlog_slope_ci"] is not None:
+        low, high = summary["backlog_slope_ci"]
+        summary["verdict"], summary["verdict_reason"] = verdict(
+            Trend(summary["backlog_slope_tokens_per_s"], low, high, (0.0, 0.0)),
+            config.run.verdict_tolerance * serve, summary["arrived"])
+        summary["verdict_reason"] += " (tolerance: a share of the memory-bound throughput)"
+    summary["memory"] = {"necessary_rps": nec, "sufficient_rps": suff, "token_bound_rps": m.token_bound_rps,
+                         "binding": m.binding, "max_stable_rate_rps": m.max_stable_rate_rps,
+                         "memory_rho": m.memory_rho, "memory_bound_tokens_per_s": nec * m.mean_request_tokens,
+                         "reason": reason}
+
+
+def check_cache(kv, workload: Workload) -> None:
     """A KV cache that cannot hold a request of mean size would reject most requests: refuse it."""
-    kv = engine.kv
     if kv is None:
         return
     mean = math.ceil(workload.mean_prompt_len + workload.mean_output_len)
@@ -115,6 +164,11 @@ def _check_cache(engine: Engine, workload: Workload) -> None:
         raise ConfigError("engine.kv_blocks", kv.blocks, f"at least {need} blocks of {kv.block_size} tokens: the "
                           f"cache must hold a request of mean size ({mean} tokens, prompt + output; block 0 is "
                           "reserved); larger requests are rejected and counted")
+
+
+def _check_cache(engine: Engine, workload: Workload) -> None:
+    """:func:`check_cache` for an engine."""
+    check_cache(engine.kv, workload)
 
 
 def _region_prediction(config: Config, summary: dict, analysis: Analysis) -> None:
@@ -153,4 +207,4 @@ def compare(config: Config, schedulers: Iterable[str], progress: Progress | None
     return runs
 
 
-__all__ = ["Run", "build_engine", "build_workload", "compare", "execute", "run_config"]
+__all__ = ["Run", "build_engine", "build_workload", "check_cache", "compare", "execute", "memory_of", "run_config"]

@@ -120,15 +120,29 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 
 def table(summaries: Sequence[dict]) -> str:
-    head = ("scheduler", "verdict", "theory", "req/s", "tok/s", "slope tok/s", "in-sys mean",
-            "in-sys final", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "violations")
-    rows = [head]
+    """One row per run; with KV memory also preemptions, mean cache use and the share of work
+    recomputed, and a rejected column whenever a run rejected anything."""
+    head = ["scheduler", "verdict", "theory", "req/s", "tok/s", "slope tok/s", "in-sys mean",
+            "in-sys final", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "violations"]
+    kv = any("kv" in s for s in summaries)
+    rejected = any(s.get("rejected") for s in summaries)
+    head += ["preempt", "KV use", "recomp"] if kv else []
+    head += ["rejected"] if rejected else []
+    rows = [tuple(head)]
     for s in summaries:
         theory = s["predicted"] if s["predicted"] in ("stable", "unstable") else "-"
-        rows.append((s["scheduler"], s["verdict"], theory, fmt(s["throughput_rps"]), fmt(s["token_throughput"], 0),
-                     fmt(s["backlog_slope_tokens_per_s"], 1), fmt(s["mean_in_system"], 1),
-                     str(s["final_in_system"]), fmt(s["ttft_s"]["p50"], 3), fmt(s["ttft_s"]["p99"], 3),
-                     fmt(s["e2e_s"]["p50"], 2), fmt(s["e2e_s"]["p99"], 2), str(s["work_conserving_violations"])))
+        row = [s["scheduler"], s["verdict"], theory, fmt(s["throughput_rps"]), fmt(s["token_throughput"], 0),
+               fmt(s["backlog_slope_tokens_per_s"], 1), fmt(s["mean_in_system"], 1),
+               str(s["final_in_system"]), fmt(s["ttft_s"]["p50"], 3), fmt(s["ttft_s"]["p99"], 3),
+               fmt(s["e2e_s"]["p50"], 2), fmt(s["e2e_s"]["p99"], 2), str(s["work_conserving_violations"])]
+        if kv:
+            k = s.get("kv")
+            row += ([str(k["preemptions"]), f"{k['mean_utilisation']:.0%}", f"{k['recompute_share']:.1%}"]
+                    if k else ["-", "-", "-"])
+        if rejected:
+            arrived = max(s["arrived"], 1)
+            row.append(f"{s['rejected']} ({s['rejected'] / arrived:.0%})" if s["rejected"] else "0")
+        rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -137,20 +151,28 @@ def table(summaries: Sequence[dict]) -> str:
 
 def analysis_line(run) -> str:
     a = run.analysis
-    return (f"capacity {a.capacity_tokens_per_s:.1f} tokens/s (b_max={a.token_budget}, t_b={a.batch_time_s * 1e3:.2f} ms); "
+    line = (f"capacity {a.capacity_tokens_per_s:.1f} tokens/s (b_max={a.token_budget}, t_b={a.batch_time_s * 1e3:.2f} ms); "
             f"offered {a.offered_tokens_per_s:.1f} tokens/s at λ={a.arrival_rate:.3f} req/s; ρ={a.rho:.3f}; "
-            f"λ*={a.max_stable_rate_rps:.3f} req/s" + _region_note(run.summary))
+            f"λ*={a.max_stable_rate_rps:.3f} req/s")
+    return line + _memory_note(run.summary) + _region_note(run.summary)
+
+
+def _memory_note(summary: dict) -> str:
+    """With KV memory: the memory bound next to Theorem 2's, and what the prediction rests on."""
+    m = summary.get("memory")
+    if m is None:
+        return ""
+    k = summary.get("kv", {})
+    cache = f"{k['kv_blocks']} blocks x {k['block_size']} tokens, {k['kv_policy']}; " if k else ""
+    return (f"\nKV cache: {cache}memory bound λ_mem={m['necessary_rps']:.3f} req/s (necessary); binding: "
+            f"{'memory' if m['binding'] == 'memory' else 'token budget'}; {m['reason']}")
 
 
 def memory_of(cfg, workload):
     """The KV-cache memory bounds of ``capacity`` (docs/memory.md) for a config with ``engine.kv_blocks``."""
-    from llmqueue.analysis.memory import memory_analysis
-    from llmqueue.model.kv import DEFAULT_BLOCK_SIZE, RECOMPUTE
-    from llmqueue.runner import batch_time_of
+    from llmqueue.runner import memory_of as bounds
 
-    e = cfg.engine
-    return memory_analysis(batch_time_of(cfg), e["token_budget"], e["kv_blocks"], workload,
-                           block_size=e.get("block_size", DEFAULT_BLOCK_SIZE), kv_policy=e.get("kv_policy", RECOMPUTE))
+    return bounds(cfg, workload)
 
 
 def memory_rows(m) -> list[tuple[str, str]]:
@@ -164,12 +186,15 @@ def memory_rows(m) -> list[tuple[str, str]]:
                                         f"{m.memory_load_cap_tokens:.1f}) = M·E[l+o]/E[w]"),
             ("memory bound λ_mem (necessary)", f"{m.memory_necessary_blocks_rps:.4f} requests/s in blocks "
                                                f"(tokens: {m.memory_necessary_rps:.4f})"),
-            ("memory bound (sufficient)", suff)]
+            ("memory bound (sufficient, fluid)", suff + ("; memory never wasted: preempt-and-recompute admission "
+                                                          "can thrash below it" if m.memory_sufficient_blocks_rps
+                                                          is not None else ""))]
     if m.memory_rho is not None:
         rows.append(("cache in use at λ", f"{m.memory_rho:.4f} (t̄ = {m.batch_time_s * 1e3:.3f} ms, "
                                           f"b̄ = {m.batch_tokens:.1f} tokens)"))
     lower = "memory" if m.binding == "memory" else "token budget"
-    rows.append(("binding bound", f"{lower}: λ ≤ {m.max_stable_rate_rps:.4f} requests/s"))
+    rows.append(("binding bound", f"{lower}: λ ≤ {m.max_stable_rate_rps:.4f} requests/s (necessary: above it no "
+                                  "scheduler is stable; below it the simulator decides)"))
     return rows
 
 
@@ -192,7 +217,22 @@ def write_requests_csv(path: Path, result) -> None:
         "rid": np.arange(len(result.arrival_time)), "arrival_time": result.arrival_time,
         "num_prompt_tokens": result.num_prompt_tokens, "num_output_tokens": result.num_output_tokens,
         "first_token_time": blank(result.first_token_time), "finish_time": blank(result.finish_time),
-        "rejected": result.rejected.astype(int)})
+        "rejected": result.rejected.astype(int),
+        **({"preemptions": result.kv.preemptions, "recomputed_tokens": result.kv.recomputed} if result.kv is not None
+           else {})})
+
+
+def rejection_warnings(summaries: Sequence[dict]) -> list[str]:
+    """One line per run that rejected requests larger than its KV cache (they are counted, not run)."""
+    lines = []
+    for s in summaries:
+        n = s.get("kv", {}).get("rejected_larger_than_cache", 0)
+        if n:
+            k = s["kv"]
+            lines.append(f"warning: {s['scheduler']}: {n} of {s['arrived']} requests need more than the KV cache "
+                         f"({k['kv_blocks'] - 1} usable blocks of {k['block_size']} tokens) and were rejected; "
+                         "raise engine.kv_blocks to serve them")
+    return lines
 
 
 def write_columns_csv(path: Path, columns: dict) -> None:

@@ -15,6 +15,7 @@ from llmqueue.cli.common import (
     config_from,
     memory_of,
     memory_rows,
+    rejection_warnings,
     scheduler_names,
     table,
     timeseries_columns,
@@ -29,7 +30,7 @@ from llmqueue.schedulers import SCHEDULERS
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from llmqueue.plots import plot_in_system
+    from llmqueue.plots import plot_in_system, plot_kv_blocks
     from llmqueue.runner import compare
 
     overrides = list(args.set)
@@ -67,13 +68,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"horizon {finished[0].result.end_time:.0f} s, seed {cfg.run.seed}, "
               f"{summaries[0]['arrived']} arrivals (same for every scheduler)\n")
         print(table(summaries))
+        for line in rejection_warnings(summaries):
+            print(line, file=sys.stderr)
     write_columns_csv(out / "timeseries.csv", timeseries_columns(finished))
     if not args.no_plot:
         a = finished[0].analysis
-        png = plot_in_system(finished, out / "number_in_system.png",
-                             f"Requests in system: ρ = {a.rho:.2f} (λ = {a.arrival_rate:.2f} req/s), b_max = {a.token_budget}")
+        title = f"ρ = {a.rho:.2f} (λ = {a.arrival_rate:.2f} req/s), b_max = {a.token_budget}"
+        pngs = [plot_in_system(finished, out / "number_in_system.png", f"Requests in system: {title}")]
+        if finished[0].result.kv is not None:
+            pngs.append(plot_kv_blocks(finished, out / "kv_blocks.png", f"KV-cache use: {title}"))
         if not args.json:
-            print(f"\nwrote {png}, {out / 'summary.json'} and {out / 'timeseries.csv'}")
+            print(f"\nwrote {', '.join(map(str, pngs))}, {out / 'summary.json'} and {out / 'timeseries.csv'}")
     if interrupted:
         print("interrupted: the table shows the schedulers that finished", file=sys.stderr)
         return 130
@@ -100,6 +105,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if run.result.batches is not None:
             write_columns_csv(out / "batches.csv", run.result.batches)
         write_columns_csv(out / "timeseries.csv", timeseries_columns([run]))
+        if run.result.kv is not None:
+            from llmqueue.plots import plot_kv_blocks
+            plot_kv_blocks([run], out / "kv_blocks.png", f"KV-cache use: {run.result.scheduler}")
     if args.json:
         print(json.dumps(run.summary, default=float))
         return 0
@@ -107,9 +115,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(analysis_line(run))
     print(f"scheduler {s['scheduler']}: {s['verdict']} (theory: {s['predicted']})  {s['verdict_reason']}")
     print(table([s]))
+    for line in rejection_warnings([s]):
+        print(line, file=sys.stderr)
     if args.out:
         print(f"\nwrote {args.out}/config.toml, summary.json, requests.csv, timeseries.csv"
-              + (", batches.csv" if run.result.batches is not None else ""))
+              + (", batches.csv" if run.result.batches is not None else "")
+              + (", kv_blocks.png" if run.result.kv is not None else ""))
     return 0
 
 

@@ -119,6 +119,8 @@ def cmd_max_rate(args: argparse.Namespace) -> int:
         print(json.dumps([{"point": dict(r.overrides), "max_rate_rps": r.max_rate_rps,
                            "failed_rate_rps": r.failed_rate_rps, "lambda_star_rps": r.lambda_star_rps,
                            "ratio_to_lambda_star": r.max_rate_rps / r.lambda_star_rps if r.max_rate_rps else None,
+                           "memory_bound_rps": r.memory_bound_rps, "bound_rps": r.bound_rps,
+                           "ratio_to_bound": r.max_rate_rps / r.bound_rps if r.max_rate_rps else None,
                            "confidence": r.confidence, "probes": [p.__dict__ for p in r.probes]} for r in results]))
         return 0
     print(_max_rate_table(results))
@@ -130,20 +132,26 @@ def cmd_max_rate(args: argparse.Namespace) -> int:
 
 
 def _max_rate_table(results) -> str:
+    """One row per search; with KV memory also λ_mem and the ratio to the binding bound."""
     keys = [k for k, _ in results[0].overrides] if results else []
-    head = (*keys, "max stable req/s", "fails at", "λ* (Thm 2)", "ratio", "probes", "why it fails there")
+    memory = any(r.memory_bound_rps is not None for r in results)
+    head = (*keys, "max stable req/s", "fails at", "λ* (Thm 2)", *(("λ_mem (memory)",) if memory else ()), "ratio",
+            "probes", "why it fails there")
     rows = [head]
     for r in results:
         best = "none found" if r.max_rate_rps is None else f"{r.max_rate_rps:.3f}"
         failed = "none found" if r.failed_rate_rps is None else f"{r.failed_rate_rps:.3f}"
-        ratio = "-" if r.max_rate_rps is None else f"{r.max_rate_rps / r.lambda_star_rps:.3f}"
+        ratio = "-" if r.max_rate_rps is None else f"{r.max_rate_rps / r.bound_rps:.3f}"
+        mem = (("-" if r.memory_bound_rps is None else f"{r.memory_bound_rps:.3f}",) if memory else ())
         why = next((p.reason.split("; ")[0] for p in r.probes if p.rate_rps == r.failed_rate_rps), "-")
-        rows.append((*(str(v) for _, v in r.overrides), best, failed, f"{r.lambda_star_rps:.3f}", ratio,
+        rows.append((*(str(v) for _, v in r.overrides), best, failed, f"{r.lambda_star_rps:.3f}", *mem, ratio,
                      str(len(r.probes)), why))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < len(keys) or i == len(head) - 1 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if memory:
+        lines.append("ratio: max stable rate / min(λ*, λ_mem), the closed form's binding bound (both necessary)")
     return "\n".join(lines)
 
 

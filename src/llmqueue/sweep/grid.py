@@ -20,7 +20,8 @@ from typing import Any
 
 from llmqueue.config import Config, parse_config, set_dotted
 from llmqueue.errors import ConfigError, LlmqueueError
-from llmqueue.runner import build_workload
+from llmqueue.model.kv import make_kv
+from llmqueue.runner import build_workload, check_cache
 
 MAX_RANGE_POINTS = 100_000
 RESERVED = {"run.seed": "use --seeds to choose the seeds"}
@@ -142,12 +143,15 @@ def expand(base: Config, axes: list[Axis], seeds: list[int]) -> list[Point]:
 
 
 def _check_workload(config: Config, seen: set[str]) -> None:
-    """Length laws and traces are checked when the workload is built: build each distinct
-    one once here, so that a bad one fails before any run, not in a worker."""
-    key = json.dumps([config.workload, config.engine["token_budget"], config.engine["batch_time"]],
+    """Length laws and traces are checked when the workload is built, a KV cache against the
+    workload's mean request: check each distinct pair once here, so that a bad one fails before
+    any run, not in a worker."""
+    kv = {k: config.engine.get(k) for k in ("kv_blocks", "block_size", "kv_policy")}
+    key = json.dumps([config.workload, config.engine["token_budget"], config.engine["batch_time"], kv],
                      sort_keys=True, default=str)
     if key not in seen:
-        build_workload(config)
+        workload = build_workload(config)
+        check_cache(make_kv(config.engine), workload)
         seen.add(key)
 
 

@@ -11,7 +11,8 @@ next search, finished ones reused.
 Confidence: for a rate whose true backlog growth exceeds the tolerance, each seed calls it
 stable with probability at most 2.5 % (the upper end of a two-sided 95 % interval), so all
 ``n`` independent seeds do with probability at most 0.025**n (1.6e-5 for 3 seeds). The
-search starts at the closed-form λ* (Theorem 2), halves or doubles until it brackets the
+search starts at the closed-form λ* (Theorem 2; with KV memory the smaller of λ* and the memory
+bound λ_mem, docs/memory.md), halves or doubles until it brackets the
 boundary, then bisects until the bracket [passing, failing] is narrower than ``rel_tol``
 of the passing rate; it assumes that passing is monotone in the rate.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from llmqueue.config import Config, parse_config, set_dotted
 from llmqueue.errors import ConfigError, LlmqueueError
-from llmqueue.runner import analysis_of, build_workload
+from llmqueue.runner import analysis_of, build_workload, memory_of
 from llmqueue.sweep.driver import run_tasks
 from llmqueue.sweep.executors import OK, Task
 from llmqueue.sweep.grid import config_hash
@@ -127,20 +128,29 @@ class MaxRate:
     probes: list[Probe] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tolerance: float = 0.01
+    memory_bound_rps: float | None = None   # λ_mem with engine.kv_blocks (necessary; docs/memory.md)
+
+    @property
+    def bound_rps(self) -> float:
+        """The closed form's binding bound: λ*, or λ_mem where KV memory binds first."""
+        return self.lambda_star_rps if self.memory_bound_rps is None else min(self.lambda_star_rps,
+                                                                               self.memory_bound_rps)
 
     @property
     def confidence(self) -> str:
         n = len(self.seeds)
         slo = " and meets every SLO" if self.slos else ""
+        basis = "capacity" if self.memory_bound_rps is None else "capacity or of the memory-bound throughput"
         return (f"a rate passes when each of {n} seeds is judged stable (95% interval of the backlog growth "
-                f"below {self.tolerance:.0%} of capacity){slo}; an inconclusive verdict fails. A rate whose "
+                f"below {self.tolerance:.0%} of {basis}){slo}; an inconclusive verdict fails. A rate whose "
                 f"growth exceeds that tolerance passes with probability <= 0.025^{n} = {PER_SEED_MISS ** n:.1e}; "
                 f"the bracket is narrowed to {self.rel_tol:.1%}")
 
     def to_row(self, config: dict) -> dict:
         return {"config": config, "seeds": self.seeds, "slos": {s.name: s.limit_s for s in self.slos},
                 "rel_tol": self.rel_tol, "max_rate_rps": self.max_rate_rps, "failed_rate_rps": self.failed_rate_rps,
-                "lambda_star_rps": self.lambda_star_rps, "confidence": self.confidence,
+                "lambda_star_rps": self.lambda_star_rps, "memory_bound_rps": self.memory_bound_rps,
+                "confidence": self.confidence,
                 "probes": [p.__dict__ for p in self.probes]}
 
 
@@ -201,10 +211,12 @@ def max_rate(bases: list[tuple[tuple[tuple[str, Any], ...], Config]], seeds: lis
     for overrides, base in bases:
         where = ", ".join(f"{k}={v}" for k, v in overrides)
         lam = check_searchable(base, f"grid point {where}: " if where else "")
-        notes = [n for n in analysis_of(base, build_workload(base)).notes]
-        searches.append((base, Bisection(lam, rel_tol),
-                         MaxRate(overrides, None, None, lam, list(seeds), slos, rel_tol, notes=notes,
-                                 tolerance=base.run.verdict_tolerance)))
+        workload = build_workload(base)
+        notes = [n for n in analysis_of(base, workload).notes]
+        memory = memory_of(base, workload).memory_necessary_blocks_rps if base.engine.get("kv_blocks") else None
+        result = MaxRate(overrides, None, None, lam, list(seeds), slos, rel_tol, notes=notes,
+                         tolerance=base.run.verdict_tolerance, memory_bound_rps=memory)
+        searches.append((base, Bisection(result.bound_rps, rel_tol), result))   # start at the binding bound
     while True:
         round_ = []
         for i, (base, bisect, _) in enumerate(searches):

@@ -1,0 +1,107 @@
+"""KV memory in the answers: the memory-aware prediction, the table's KV columns, the KV plot and
+CSV columns, the warning for requests larger than the cache (docs/memory.md)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from llmqueue.cli import main
+from llmqueue.cli.common import config_from, table
+from llmqueue.runner import run_config
+
+
+def _run(scenario, *overrides):
+    return run_config(config_from(scenario, list(overrides)))
+
+
+@pytest.mark.parametrize("blocks,predicted,verdict", [
+    (300, "unstable", "unstable"),                  # λ = 8.36 > λ_mem = 6.47: the necessary bound decides
+    (600, "not predicted (memory)", "unstable"),    # below λ_mem = 12.97 and the fluid sufficient bound 12.69,
+])                                                  # yet Orca thrashes: preemptions, a quarter of the work again
+def test_memory_bounds_decide_the_prediction(blocks, predicted, verdict):
+    run = _run("theorem2", f"engine.kv_blocks={blocks}", "workload.load=0.5", "run.horizon_s=300")
+    s = run.summary
+    assert s["predicted"] == predicted
+    assert s["verdict"] == verdict
+    m = s["memory"]
+    assert m["binding"] == "memory" and m["necessary_rps"] < m["token_bound_rps"]
+    assert ("above the memory bound" in m["reason"]) == (predicted == "unstable")
+    if blocks == 600:
+        assert m["sufficient_rps"] > run.analysis.arrival_rate and s["kv"]["recompute_share"] > 0.2
+
+
+def test_unbounded_lengths_leave_stability_unpredicted():
+    """Poisson lengths: no sufficient memory bound, so Theorem 2's "stable" does not stand with memory."""
+    s = _run("fig1", "engine.kv_blocks=2500", "run.horizon_s=20").summary
+    assert s["predicted"] == "not predicted (memory)"
+    assert s["memory"]["sufficient_rps"] is None and "necessary, not sufficient" in s["memory"]["reason"]
+    assert "memory" not in _run("fig1", "run.horizon_s=20").summary   # memory off: nothing added
+
+
+def test_table_shows_kv_and_rejections():
+    with_kv = _run("fig1", "engine.kv_blocks=2000", "run.horizon_s=30").summary
+    text = table([with_kv])
+    assert text.splitlines()[0].split()[-4:] == ["preempt", "KV", "use", "recomp"]
+    row = text.splitlines()[2]
+    assert str(with_kv["kv"]["preemptions"]) in row.split()
+    assert "rejected" not in text
+    rejected = dict(with_kv, rejected=5, arrived=50)
+    assert table([rejected]).splitlines()[2].endswith("5 (10%)")
+    assert "preempt" not in table([_run("fig1", "run.horizon_s=10").summary])
+
+
+def test_cli_writes_kv_outputs_and_warns_about_oversized_requests(tmp_path, capsys):
+    out = tmp_path / "sim"
+    # Geometric prompts: some need more than 40 blocks x 16 tokens and are rejected, and counted.
+    code = main(["simulate", "fig1", "--set", "engine.kv_blocks=40", "--set", "run.horizon_s=30",
+                 "--set", "workload.prompt.dist=geometric", "--set", "workload.load=0.2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    n = summary["kv"]["rejected_larger_than_cache"]
+    assert n > 0 and summary["rejected"] >= n
+    assert f"warning: sarathi: {n} of {summary['arrived']} requests need more than the KV cache" in captured.err
+    assert (out / "kv_blocks.png").stat().st_size > 0
+    rows = list(csv.DictReader((out / "requests.csv").open()))
+    assert {"preemptions", "recomputed_tokens"} <= set(rows[0])
+    assert sum(int(r["preemptions"]) for r in rows) == summary["kv"]["preemptions"]
+    series = list(csv.DictReader((out / "timeseries.csv").open()))
+    assert max(int(r["kv_blocks_in_use"]) for r in series) <= 39
+    assert "KV cache: 40 blocks x 16 tokens" in captured.out
+
+
+def test_compare_plots_kv_only_with_memory(tmp_path, capsys):
+    base = ["compare", "--schedulers", "sarathi,orca", "--horizon", "20"]
+    assert main(base + ["--set", "engine.kv_blocks=2000", "--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "a" / "kv_blocks.png").exists() and not (tmp_path / "b" / "kv_blocks.png").exists()
+
+
+DONG_CAO = {  # their setting on the engine: one token per request per iteration, a fixed iteration time
+    "engine": {"scheduler": "sarathi", "token_budget": 4096, "kv_blocks": 16493, "block_size": 1,
+               "batch_time": {"model": "constant", "duration_ms": 10.0}},
+    "workload": {"arrival": "poisson", "rate": 1000.0, "prompt": {"dist": "fixed", "value": 10},
+                 "output": {"dist": "uniform", "low": 20, "high": 60}},
+    "run": {"horizon_s": 100.0, "seed": 0},
+}
+
+
+def test_max_rate_with_memory_meets_the_closed_form_where_it_applies(tmp_path):
+    """Fixed iteration time, bounded lengths (δ = 0.4 %): the bisection's bracket holds both the
+    sufficient (1273.0 req/s) and the necessary (1278.4 req/s) memory bound, far below λ* = 8192."""
+    from llmqueue.config import parse_config
+    from llmqueue.sweep.executors import LocalExecutor
+    from llmqueue.sweep.maxrate import max_rate
+    from llmqueue.sweep.store import Store
+
+    base = parse_config(DONG_CAO)
+    with Store(tmp_path / "m.db") as store:
+        (r,) = max_rate([((), base)], [0], store, LocalExecutor(1), rel_tol=0.02)
+    assert r.lambda_star_rps == pytest.approx(8192.0)
+    assert r.memory_bound_rps == pytest.approx(1278.4496, abs=1e-3)
+    assert r.bound_rps == r.memory_bound_rps
+    assert 0.97 * r.memory_bound_rps <= r.max_rate_rps < r.failed_rate_rps <= 1.02 * r.memory_bound_rps
