@@ -105,3 +105,15 @@ def test_max_rate_with_memory_meets_the_closed_form_where_it_applies(tmp_path):
     assert r.memory_bound_rps == pytest.approx(1278.4496, abs=1e-3)
     assert r.bound_rps == r.memory_bound_rps
     assert 0.97 * r.memory_bound_rps <= r.max_rate_rps < r.failed_rate_rps <= 1.02 * r.memory_bound_rps
+
+
+def test_python_planned_policy_with_memory_is_a_clear_error(capsys):
+    """A policy that plans in Python (plan(state)) cannot follow the memory rules: refused, not a crash."""
+    from pathlib import Path
+
+    policy = Path(__file__).resolve().parents[1] / "docs" / "policies" / "python_plan.py"
+    code = main(["simulate", "fig1", "--set", f"engine.scheduler={policy}:ShortestPromptFirst",
+                 "--set", "engine.kv_blocks=2000", "--set", "run.horizon_s=10"])
+    err = capsys.readouterr().err
+    assert code == 2 and "engine.kv_blocks = 2000 is not allowed" in err and "plans in Python" in err
+    assert "Traceback" not in err

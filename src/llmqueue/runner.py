@@ -49,8 +49,13 @@ def build_engine(config: Config, scheduler: str | None = None) -> Engine:
     """The configured engine; ``scheduler`` swaps the policy (its own options then default)."""
     name = scheduler or config.engine["scheduler"]
     options = config.scheduler_options if name == config.engine["scheduler"] else {}
-    return Engine(make_scheduler(name, **options), config.engine["token_budget"], batch_time_of(config),
-                  config.engine.get("max_batch_requests"), make_kv(config.engine))
+    policy, kv = make_scheduler(name, **options), make_kv(config.engine)
+    if kv is not None and policy.program is None:
+        raise ConfigError("engine.kv_blocks", kv.blocks, f"unset with scheduler {name!r}: it plans in Python "
+                          "(plan(state)), which the KV memory rules cannot follow (docs/memory.md); write it as "
+                          "compose() returning a Plan to run it with memory")
+    return Engine(policy, config.engine["token_budget"], batch_time_of(config), config.engine.get("max_batch_requests"),
+                  kv)
 
 
 def build_workload(config: Config) -> Workload:
