@@ -117,3 +117,97 @@ def test_small_cache_preempts_and_self_preempts(self_preemptions):
     _, preempted, again, oracle = _differential(jobs, blocks=8, block_size=16, budget=64, max_num_seqs=8,
                                                 threshold=0)
     assert preempted >= 2 and self_preemptions[0] >= 1
+
+
+# ---- automatic prefix caching (docs/prefix_caching.md) -------------------------------------------
+
+def _shared_jobs(n: int, per_step: float, seed: int, prompt: int, output: int, longest: int, tokens: int,
+                 groups: int):
+    """Jobs whose prompts start with one of ``groups`` system prompts of ``tokens`` tokens (rid, step,
+    prompt, output, group)."""
+    rng = np.random.default_rng(seed)
+    jobs = _jobs(n, per_step, seed, prompt, output, longest)
+    group = rng.integers(0, groups, len(jobs))
+    return [(*job, int(g)) for job, g in zip(jobs, group)]
+
+
+def _prompt_tokens(rid: int, prompt: int, group: int, tokens: int) -> list[int]:
+    """Real token ids for the oracle: the group's system prompt, then tokens of this request only."""
+    shared = min(tokens, prompt)
+    return [group * 1_000_000 + j for j in range(shared)] + [(rid + 1) * 1_000_000_000 + j
+                                                               for j in range(prompt - shared)]
+
+
+def _differential_prefix(jobs, *, blocks, block_size, budget, max_num_seqs, threshold, tokens):
+    from tests.vllm_oracle import VllmPrefixOracle
+
+    kv = KVCache(blocks, block_size, prefix_caching=True)
+    options = {"max_num_seqs": max_num_seqs, "long_prefill_token_threshold": threshold}
+    engine = Engine(make_scheduler("vllm-v1", **options), budget, BATCH_TIME, kv=kv, checks=True)
+    pool = engine.pool
+    oracle = VllmPrefixOracle(num_gpu_blocks=blocks, block_size=block_size, max_num_batched_tokens=budget,
+                              max_num_seqs=max_num_seqs, long_prefill_token_threshold=threshold)
+    requests = {}
+    j, step, preempted, evicted_steps = 0, 0, 0, 0
+    while j < len(jobs) or engine.has_work:
+        while j < len(jobs) and jobs[j][1] <= step:
+            rid, at, prompt, output, group = jobs[j]
+            request = Request(rid, float(at), prompt, output)
+            request.content = ((("system", group), min(tokens, prompt)),)
+            requests[rid] = request
+            assert engine.admit(request)
+            oracle.add_request(rid, _prompt_tokens(rid, prompt, group, tokens), output + 1)
+            j += 1
+        if not engine.has_work:
+            step = jobs[j][1]
+            continue
+        record = oracle.schedule()
+        victims = list(record.preempted)
+        while not record.scheduled and victims:
+            oracle.update_from_output(record)
+            record = oracle.schedule()
+            victims += record.preempted
+        before = pool.evictions
+        s = engine.step(float(step))
+        plan = s.plan
+        ours = {r.rid: n for r, n in plan.prefill} | {r.rid: 1 for r in plan.decode}
+        assert ours == dict(record.scheduled), f"step {step}: scheduled tokens differ"
+        assert [r.rid for r in plan.preempted] == victims[len(victims) - len(plan.preempted):], f"step {step}"
+        assert kv.usable - engine.kv_series[-1] == record.free_blocks, f"step {step}: free blocks differ"
+        finished = oracle.update_from_output(record)
+        oracle.check_invariants()
+        assert sorted(r.rid for r in s.finished) == sorted(finished), f"step {step}: finished differ"
+        assert pool.free == oracle.free_blocks(), f"step {step}: free blocks after the step differ"
+        assert len(pool.lru) == oracle.cached_free_blocks(), f"step {step}: cached free blocks differ"
+        assert pool.evictions == oracle.evictions, f"step {step}: evictions differ"
+        assert [r.rid for r in running_list(engine.state)] == [rid for rid in record.running if rid not in finished]
+        evicted_steps += pool.evictions > before
+        preempted += len(victims)
+        step += 1
+    assert not oracle.has_unfinished()
+    for rid, request in requests.items():
+        assert request.hit == sum(oracle.hits_per_request[rid]), f"request {rid}: hit tokens differ"
+    stats = pool.stats()
+    assert {k: stats[k] for k in oracle.stats} == oracle.stats
+    return preempted, evicted_steps, stats, oracle
+
+
+PREFIX_CASES = [   # (blocks, block_size, budget, max_num_seqs, threshold, per_step, prompt, output, tokens, groups)
+    (120, 16, 512, 256, 0, 0.6, 129, 112, 100, 3),
+    (120, 16, 512, 256, 64, 0.6, 129, 112, 64, 2),
+    (300, 4, 256, 16, 0, 0.5, 60, 90, 40, 4),
+    (60, 16, 128, 256, 32, 0.4, 100, 60, 80, 1),
+    (30, 8, 64, 4, 0, 0.3, 40, 60, 33, 2),
+]
+
+
+@pytest.mark.parametrize("case", PREFIX_CASES)
+def test_prefix_caching_matches_vllm_batch_by_batch(case):
+    """With shared system prompts and memory binding: the same tokens scheduled per request, hits per
+    request, preemptions in order, free and cached free blocks, evictions, and vLLM's hit counters."""
+    blocks, bs, budget, seqs, threshold, rate, prompt, output, tokens, groups = case
+    jobs = _shared_jobs(250, rate, 11, prompt, output, (blocks - 1) * bs, tokens, groups)
+    preempted, evicted_steps, stats, oracle = _differential_prefix(
+        jobs, blocks=blocks, block_size=bs, budget=budget, max_num_seqs=seqs, threshold=threshold, tokens=tokens)
+    assert stats["hits"] > 0 and stats["evictions"] > 0 and evicted_steps > 0, stats
+    assert preempted >= 20 and stats["preempted_hits"] > 0, (preempted, stats)

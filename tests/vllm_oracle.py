@@ -4,7 +4,8 @@ Executable specification of what ``vllm.v1.core.sched.scheduler.Scheduler`` does
 blocks in one restricted setting, for differential tests of our engine model.  Pure Python, no
 dependencies.  Setting (everything else of vLLM is absent or inert here):
 
-* FCFS policy, prefix caching OFF, synchronous scheduling (no async placeholders), no speculative
+* FCFS policy, prefix caching OFF (:class:`VllmPrefixOracle` turns it on: rules P1-P6 in its
+  docstring), synchronous scheduling (no async placeholders), no speculative
   decoding, no encoder / LoRA / KV connector / mamba / pipeline parallelism, one full-attention KV
   cache group, no sliding window, watermark 0, no pause, no streaming input;
 * ``scheduler_reserve_full_isl = True`` (the vLLM default; ``False`` is supported too);
@@ -39,6 +40,18 @@ The index holds each file at one stored commit, not all at the same one:
 * ``vllm/v1/core/block_pool.py`` @ 002f34915134cfd1a7d6ed777edd67dcc2289466 --
   ``BlockPool.__init__`` (``self.null_block = self.free_block_queue.popleft()``: block 0 is never
   free) and ``get_num_free_blocks``; newer copies found with ``find_string`` agree.
+* for prefix caching: ``vllm/v1/core/block_pool.py`` @ c59cb7941357443da7c5eef75cfa8697d683d228
+  (``BlockHashToBlockMap``, ``BlockPool.get_cached_block``, ``cache_full_blocks``,
+  ``get_new_blocks``, ``_maybe_evict_cached_block``, ``touch``, ``free_blocks``), compared with
+  002f3491 (D10); ``kv_cache_manager.py`` @ 003df296 (``get_computed_blocks``,
+  ``allocate_slots`` with ``new_computed_blocks``, ``record_prefix_cache_stats``);
+  ``single_type_kv_cache_manager.py`` @ 002f3491 and the recent copy above
+  (``get_num_blocks_to_allocate`` with evictable hit blocks, ``save_new_computed_blocks`` /
+  ``add_local_computed_blocks``, ``cache_blocks``, ``free``, ``FullAttentionManager.
+  find_longest_cache_hit``); ``kv_cache_utils.py`` (``hash_block_tokens``,
+  ``get_request_block_hasher``, copies found with ``find_string``); ``vllm/v1/metrics/stats.py``
+  (``PrefixCacheStats.record``, copies found with ``find_string``); the waiting loop of
+  ``scheduler.py`` @ 003df296 (``if request.num_computed_tokens == 0: ... get_computed_blocks``).
 * ``vllm/v1/request.py`` @ 000a0d5f815c83fce16461cd5ea4a3a6944260b1 -- ``num_tokens`` =
   len(_all_token_ids) = prompt + outputs, ``num_tokens_with_spec`` = num_tokens + len(spec_token_ids)
   (= num_tokens here), ``append_output_token_ids``.
@@ -86,6 +99,14 @@ D8. A consequence, not a difference: with ``reserve_full_isl=True`` and no prefi
     ``free_before + held(victims) - need < held(v) <= cdiv(num_tokens(v), bs)``, so the gate would
     refuse v anyway and the scan would stop there.  The rule becomes observable with
     ``reserve_full_isl=False`` (v's first chunk may fit); the tests show both.
+D10. (Prefix caching.) ``BlockPool.free_blocks`` differs between the stored snapshots: 002f3491
+    appends every freed block at the back of the free queue (fresh and cached ones interleaved,
+    so a cached block can be evicted while fresh blocks wait behind it); c59cb794 prepends the
+    freed blocks without a hash and appends the cached ones, so fresh blocks are always used
+    before any cached block is evicted.  :class:`VllmPrefixOracle` follows c59cb794.  Recent vLLM
+    also has partial-block hits with copy-on-write (``supports_fine_grained_hash_lookup``, seen
+    only in a copy found with ``find_string``); not modelled (full blocks only, as in 003df296's
+    ``get_computed_blocks`` docstring: "the computed blocks must be full").
 D9. An FCFS ``skipped_waiting`` queue (requests blocked on remote KV, grammar, streaming) is served
     before ``waiting``; it stays empty in this setting.
 
@@ -98,10 +119,11 @@ last residence recomputes positions 0 .. prompt+max_tokens-2), ``num_scheduled_t
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-__all__ = ["OracleRequest", "StepRecord", "Trace", "VllmOracle", "cdiv", "run"]
+__all__ = ["KVCacheBlock", "OracleRequest", "StepRecord", "Trace", "VllmOracle", "VllmPrefixOracle", "cdiv", "run"]
 
 WAITING = "WAITING"  # RequestStatus.WAITING: never scheduled yet
 RUNNING = "RUNNING"
@@ -224,12 +246,24 @@ class VllmOracle:
         attention: _max_admission_blocks_per_request is None; get_num_skipped_tokens = 0.)"""
         return max(cdiv(num_tokens, self.block_size) - req.num_blocks, 0)
 
-    def _allocate_slots(self, req: OracleRequest, num_new_tokens: int, full_sequence_must_fit: bool) -> bool:
+    def _get_computed_blocks(self, req: OracleRequest) -> tuple[list, int]:
+        """KVCacheManager.get_computed_blocks with prefix caching off: (empty blocks, 0)."""
+        return [], 0
+
+    def _record_prefix_cache_stats(self, req: OracleRequest, num_hits: int) -> None:
+        """KVCacheManager.record_prefix_cache_stats: nothing without prefix caching."""
+
+    def _on_output_token(self, req: OracleRequest) -> None:
+        """Request.append_output_token_ids: nothing to hash without prefix caching."""
+
+    def _allocate_slots(self, req: OracleRequest, num_new_tokens: int, full_sequence_must_fit: bool,
+                        num_new_computed_tokens: int = 0, new_computed_blocks: list | None = None) -> bool:
         """KVCacheManager.allocate_slots (kv_cache_manager.py); returns False where it returns None.
 
         Watermark 0, no lookahead, no reserved_blocks, no prefix/external hits (total computed =
         request.num_computed_tokens)."""
         assert num_new_tokens > 0  # allocate_slots raises ValueError on 0 new (and 0 external) tokens
+        assert not new_computed_blocks and num_new_computed_tokens == 0
         if full_sequence_must_fit:
             # "First check and fail if the full request sequence won't fit":
             # get_num_blocks_to_allocate(num_tokens=min(request.num_tokens, max_model_len)) + watermark
@@ -316,10 +350,10 @@ class VllmOracle:
                 if len(self.running) >= self.max_num_seqs:  # + num_waiting_for_streaming_input (0)
                     break
                 request = self.waiting[0]  # peek_request (skipped_waiting is empty: D9)
-                # Prefix caching off: get_computed_blocks -> (empty, 0); num_computed_tokens is 0 for
-                # new and preempted requests alike.
-                num_computed_tokens = request.num_computed_tokens
-                assert num_computed_tokens == 0
+                # "if request.num_computed_tokens == 0": true for new and preempted requests alike;
+                # get_computed_blocks -> (empty, 0) with prefix caching off (VllmPrefixOracle: P3).
+                assert request.num_computed_tokens == 0
+                new_computed_blocks, num_computed_tokens = self._get_computed_blocks(request)
                 # "We use request.num_tokens instead of request.num_prompt_tokens to consider the
                 # resumed requests, which have output tokens."
                 num_new_tokens = request.num_tokens - num_computed_tokens
@@ -329,9 +363,13 @@ class VllmOracle:
                     break  # "If chunked_prefill is disabled, we can stop the scheduling here."
                 num_new_tokens = min(num_new_tokens, token_budget)
                 assert num_new_tokens > 0
-                fits = self._allocate_slots(request, num_new_tokens, full_sequence_must_fit=self.reserve_full_isl)
+                fits = self._allocate_slots(request, num_new_tokens, full_sequence_must_fit=self.reserve_full_isl,
+                                            num_new_computed_tokens=num_computed_tokens,
+                                            new_computed_blocks=new_computed_blocks)
                 if not fits:
                     break  # "The request cannot be scheduled." -- head-of-line: the scan ends
+                # "Record at admission so unscheduled lookups are not counted."
+                self._record_prefix_cache_stats(request, num_computed_tokens)
                 self.waiting.popleft()  # request_queue.pop_request()
                 self.running.append(request)
                 scheduled.append((request, num_new_tokens))
@@ -351,7 +389,7 @@ class VllmOracle:
         record = StepRecord(
             scheduled=[(r.rid, n) for r, n in scheduled],
             preempted=[r.rid for r in preempted],
-            free_blocks=self._num_free_blocks,
+            free_blocks=self.free_blocks(),
             running=[r.rid for r in self.running],
             waiting=[r.rid for r in self.waiting],
         )
@@ -377,6 +415,7 @@ class VllmOracle:
             # _update_request_with_output: append_output_token_ids, then check_stop:
             # num_output_tokens >= max_tokens -> FINISHED_LENGTH_CAPPED (ignore_eos; D3).
             request.num_output_tokens += 1
+            self._on_output_token(request)
             if request.num_output_tokens >= request.max_tokens:
                 request.status = FINISHED
                 self._free(request)  # _free_request -> _free_blocks -> _free_request_blocks
@@ -483,3 +522,263 @@ def run(jobs: list[tuple[int, int, int, int]], **engine_kwargs) -> Trace:
         trace.append(record)
         step += 1
     return trace
+
+
+# ============================================================================ prefix caching
+NONE_HASH = b"\x00" * 32  # kv_cache_utils.NONE_HASH: the parent "hash" of a request's first block
+
+
+def hash_block_tokens(parent_block_hash: bytes | None, curr_block_token_ids, extra_keys=None) -> bytes:
+    """kv_cache_utils.hash_block_tokens with the sha256 hash function: the hash of (parent block hash
+    or NONE_HASH, the block's token ids, extra keys).  (vLLM hashes a pickle; here the repr of the
+    same tuple, which is as collision-free for int token ids.)"""
+    if not parent_block_hash:
+        parent_block_hash = NONE_HASH
+    return hashlib.sha256(repr((parent_block_hash, tuple(curr_block_token_ids), extra_keys)).encode()).digest()
+
+
+@dataclass(eq=False)
+class KVCacheBlock:
+    """kv_cache_utils.KVCacheBlock: block_id, ref_cnt, block_hash (None until cached)."""
+
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: bytes | None = None
+
+
+class VllmPrefixOracle(VllmOracle):
+    """:class:`VllmOracle` with automatic prefix caching on (``enable_prefix_caching=True``).
+
+    Requests carry real token ids: ``add_request(rid, prompt_token_ids, max_tokens)``; the i-th
+    output token of request ``rid`` is ``output_token(rid, i)`` (distinct from every prompt token and
+    every other request's output: sampled tokens are the request's own).  Rules, from the source
+    (see also the module docstring's list of files):
+
+    P1. ``vllm/v1/request.py`` + ``kv_cache_utils.get_request_block_hasher``: ``request.block_hashes``
+        holds the chained hash of every *full* block of ``all_token_ids`` (prompt + outputs),
+        extended as output tokens are appended; block i's hash is
+        ``hash_block_tokens(block_hashes[i-1], tokens[i*bs:(i+1)*bs])``.
+    P2. ``block_pool.py`` @ c59cb7941357443da7c5eef75cfa8697d683d228 (``BlockPool``):
+        ``free_block_queue`` (FreeKVCacheBlockQueue) holds every free block, eviction candidates
+        included; ``get_num_free_blocks`` is its length.  ``get_new_blocks(n)``: ``popleft_n(n)``,
+        and for each ``_maybe_evict_cached_block`` (drop its hash from
+        ``cached_block_hash_to_block`` if it has one), ``ref_cnt += 1``.  ``touch``: a hit block with
+        ``ref_cnt == 0`` leaves the free queue; ``ref_cnt += 1``.  ``free_blocks(ordered)``: every
+        ``ref_cnt -= 1``; of those at 0, blocks with no hash are ``prepend_n``-ed (used first), cached
+        ones ``append_n``-ed (kept longest).  ``cache_full_blocks``: blocks already hashed (prefix
+        hits) are skipped, the others get ``request.block_hashes[i]`` and are inserted in
+        ``BlockHashToBlockMap`` (no de-duplication: identical blocks may be cached twice;
+        ``get_one_block`` returns the first inserted).  The older snapshot 002f3491 appended every
+        freed block at the back (D10).
+    P3. ``kv_cache_manager.py`` @ 003df296 ``get_computed_blocks``: ``max_cache_hit_length =
+        request.num_tokens - 1`` ("we must recompute the last token to obtain logits"), then
+        ``FullAttentionManager.find_longest_cache_hit`` (single_type_kv_cache_manager.py):
+        ``block_hashes[i]`` for ``i < max_length // block_size`` while ``get_cached_block`` finds
+        them; the hit is ``len(blocks) * block_size`` tokens.
+    P4. ``allocate_slots``: ``num_local_computed_tokens = num_computed_tokens +
+        num_new_computed_tokens``; ``get_num_blocks_to_allocate`` = ``cdiv(num_tokens, bs) -
+        len(new_computed_blocks) - len(req_blocks)`` plus the hit blocks with ``ref_cnt == 0``
+        ("an eviction candidate ... will be removed from the free queue when touched ..., so we must
+        count it in the free-capacity check"); the full-sequence gate with ``num_tokens =
+        request.num_tokens``, then the check for ``num_local_computed_tokens + num_new_tokens``; then
+        touch + append the hit blocks, ``allocate_new_blocks``, and ``cache_blocks(request,
+        min(num_local_computed_tokens + num_new_tokens, request.num_tokens))`` -- blocks are cached
+        when *scheduled*, so a request admitted later in the same step can hit them.
+    P5. ``KVCacheManager.free`` / ``SingleTypeKVCacheManager.free``: ``reversed(req_blocks)`` ("so
+        that the tail blocks are evicted first").  Preemption (``_preempt_request``) and finishing
+        (``_free_request``) both free; a preempted request later looks up its own blocks like any
+        waiting request (``num_computed_tokens == 0``).
+    P6. ``scheduler.py`` @ 003df296 waiting loop: ``num_new_tokens = request.num_tokens -
+        num_computed_tokens`` (after the hit), threshold and budget caps, ``allocate_slots(request,
+        num_new_tokens, num_new_computed_tokens=..., new_computed_blocks=...)``;
+        ``record_prefix_cache_stats`` at admission only (``PrefixCacheStats.record``: queries +=
+        num_tokens, hits += the hit, split by ``num_preemptions > 0``); ``request.num_computed_tokens``
+        = the hit.  The running loop never looks up (``new_computed_blocks`` empty).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.blocks = [KVCacheBlock(i) for i in range(self.num_gpu_blocks)]
+        # FreeKVCacheBlockQueue as an ordered dict block_id -> block (front = next popped)
+        self.free_block_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        _, self.null_block = self.free_block_queue.popitem(last=False)   # block 0
+        self.cached_block_hash_to_block: dict[bytes, dict[int, KVCacheBlock]] = {}
+        self.req_to_blocks: dict[int, list[KVCacheBlock]] = {}
+        self.num_cached_block: dict[int, int] = {}
+        self.token_ids: dict[int, list] = {}
+        self.block_hashes: dict[int, list[bytes]] = {}
+        self.evictions = 0
+        self.stats = {"requests": 0, "queries": 0, "hits": 0,
+                      "preempted_requests": 0, "preempted_queries": 0, "preempted_hits": 0}
+        self.hits_per_request: dict[int, list[int]] = {}   # rid -> the hit of each admission
+
+    # ------------------------------------------------------------------ tokens and hashes (P1)
+    @staticmethod
+    def output_token(rid: int, i: int) -> int:
+        return -(rid * 10_000_000 + i + 1)
+
+    def add_request(self, rid: int, prompt_token_ids, max_tokens: int) -> None:  # type: ignore[override]
+        super().add_request(rid, len(prompt_token_ids), max_tokens)
+        self.token_ids[rid] = list(prompt_token_ids)
+        self.block_hashes[rid] = []
+        self.hits_per_request[rid] = []
+        self._hash_new_blocks(rid)
+
+    def _hash_new_blocks(self, rid: int) -> None:
+        tokens, hashes, bs = self.token_ids[rid], self.block_hashes[rid], self.block_size
+        start = len(hashes) * bs
+        while start + bs <= len(tokens):
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens[start:start + bs]))
+            start += bs
+
+    def _on_output_token(self, req: OracleRequest) -> None:
+        self.token_ids[req.rid].append(self.output_token(req.rid, req.num_output_tokens - 1))
+        self._hash_new_blocks(req.rid)
+
+    # ------------------------------------------------------------------ block pool (P2)
+    def free_blocks(self) -> int:  # type: ignore[override]
+        return len(self.free_block_queue)
+
+    def cached_free_blocks(self) -> int:
+        return sum(1 for b in self.free_block_queue.values() if b.block_hash is not None)
+
+    def _get_new_blocks(self, n: int) -> list[KVCacheBlock]:
+        if n > len(self.free_block_queue):
+            raise ValueError(f"Cannot get {n} free blocks from the pool")
+        ret = [self.free_block_queue.popitem(last=False)[1] for _ in range(n)]
+        for block in ret:
+            self._maybe_evict_cached_block(block)
+            assert block.ref_cnt == 0
+            block.ref_cnt += 1
+        return ret
+
+    def _maybe_evict_cached_block(self, block: KVCacheBlock) -> bool:
+        if block.block_hash is None:
+            return False
+        same = self.cached_block_hash_to_block.get(block.block_hash)
+        if not same or same.pop(block.block_id, None) is None:
+            return False
+        if not same:
+            del self.cached_block_hash_to_block[block.block_hash]
+        block.block_hash = None
+        self.evictions += 1
+        return True
+
+    def _touch(self, blocks: list[KVCacheBlock]) -> None:
+        for block in blocks:
+            if block.ref_cnt == 0 and block is not self.null_block:
+                del self.free_block_queue[block.block_id]
+            block.ref_cnt += 1
+
+    def _free_block_list(self, ordered_blocks) -> None:
+        blocks_list = list(ordered_blocks)
+        for block in blocks_list:
+            block.ref_cnt -= 1
+        freeable = [b for b in blocks_list if b.ref_cnt == 0 and b is not self.null_block]
+        fresh = [b for b in freeable if b.block_hash is None]
+        cached = [b for b in freeable if b.block_hash is not None]
+        for block in reversed(fresh):   # prepend_n: the list, in order, at the front
+            self.free_block_queue[block.block_id] = block
+            self.free_block_queue.move_to_end(block.block_id, last=False)
+        for block in cached:            # append_n
+            self.free_block_queue[block.block_id] = block
+
+    def _get_cached_block(self, block_hash: bytes) -> KVCacheBlock | None:
+        same = self.cached_block_hash_to_block.get(block_hash)
+        return next(iter(same.values())) if same else None
+
+    def _cache_full_blocks(self, rid: int, num_cached_blocks: int, num_full_blocks: int) -> None:
+        if num_cached_blocks >= num_full_blocks:
+            return
+        blocks, hashes = self.req_to_blocks[rid], self.block_hashes[rid]
+        assert len(hashes) >= num_full_blocks
+        for i in range(num_cached_blocks, num_full_blocks):
+            blk = blocks[i]
+            if blk.block_hash is not None:
+                assert blk.block_hash == hashes[i], "Cached block has wrong hash"
+                continue
+            blk.block_hash = hashes[i]
+            self.cached_block_hash_to_block.setdefault(hashes[i], {})[blk.block_id] = blk
+
+    # ------------------------------------------------------------------ KV cache manager (P3-P5)
+    def _get_computed_blocks(self, req: OracleRequest) -> tuple[list, int]:
+        max_cache_hit_length = req.num_tokens - 1
+        hashes = self.block_hashes[req.rid]
+        computed: list[KVCacheBlock] = []
+        for i in range(max_cache_hit_length // self.block_size):
+            cached = self._get_cached_block(hashes[i])
+            if cached is None:
+                break
+            computed.append(cached)
+        return computed, len(computed) * self.block_size
+
+    def _num_blocks_to_allocate(self, req: OracleRequest, num_tokens: int,  # type: ignore[override]
+                                new_computed_blocks: list | None = None) -> int:
+        new_computed_blocks = new_computed_blocks or []
+        held = len(self.req_to_blocks.get(req.rid, ()))
+        num_new_blocks = max(cdiv(num_tokens, self.block_size) - len(new_computed_blocks) - held, 0)
+        evictable = sum(1 for b in new_computed_blocks if b.ref_cnt == 0 and b is not self.null_block)
+        return num_new_blocks + evictable
+
+    def _allocate_slots(self, req: OracleRequest, num_new_tokens: int, full_sequence_must_fit: bool,
+                        num_new_computed_tokens: int = 0, new_computed_blocks: list | None = None) -> bool:
+        assert num_new_tokens > 0
+        new_computed_blocks = new_computed_blocks or []
+        num_local_computed_tokens = req.num_computed_tokens + num_new_computed_tokens
+        free = len(self.free_block_queue)
+        if full_sequence_must_fit:
+            if self._num_blocks_to_allocate(req, req.num_tokens, new_computed_blocks) > free:
+                return False
+        need_slot = num_local_computed_tokens + num_new_tokens
+        if self._num_blocks_to_allocate(req, need_slot, new_computed_blocks) > free:
+            return False
+        req_blocks = self.req_to_blocks.setdefault(req.rid, [])
+        if req.rid not in self.num_cached_block:   # a new (or resumed) request: save its hit blocks
+            assert not req_blocks
+            self._touch(new_computed_blocks)
+            req_blocks.extend(new_computed_blocks)
+            self.num_cached_block[req.rid] = len(new_computed_blocks)
+        else:
+            assert not new_computed_blocks
+        n = cdiv(need_slot, self.block_size) - len(req_blocks)
+        if n > 0:
+            req_blocks.extend(self._get_new_blocks(n))
+        num_tokens_to_cache = min(num_local_computed_tokens + num_new_tokens, req.num_tokens)
+        num_full = num_tokens_to_cache // self.block_size
+        self._cache_full_blocks(req.rid, self.num_cached_block[req.rid], num_full)
+        self.num_cached_block[req.rid] = max(num_full, self.num_cached_block[req.rid])
+        req.num_blocks = len(req_blocks)
+        return True
+
+    def _free(self, req: OracleRequest) -> None:
+        blocks = self.req_to_blocks.pop(req.rid, [])
+        self._free_block_list(reversed(blocks))
+        self.num_cached_block.pop(req.rid, None)
+        req.num_blocks = 0
+
+    def _record_prefix_cache_stats(self, req: OracleRequest, num_hits: int) -> None:
+        self.hits_per_request[req.rid].append(num_hits)
+        key = "preempted_" if req.num_preemptions > 0 else ""
+        self.stats[key + "requests"] += 1
+        self.stats[key + "queries"] += req.num_tokens
+        self.stats[key + "hits"] += num_hits
+
+    # ------------------------------------------------------------------ checks
+    def check_invariants(self) -> None:
+        """Each unfinished request holds cdiv(computed, bs) blocks; ref counts = holders; every block
+        but the null block is free (in the queue, ref 0) or held; cached blocks are in the map."""
+        refs: dict[int, int] = {}
+        for req in (*self.running, *self.waiting):
+            blocks = self.req_to_blocks.get(req.rid, [])
+            assert len(blocks) == cdiv(req.num_computed_tokens, self.block_size), req
+            for b in blocks:
+                refs[b.block_id] = refs.get(b.block_id, 0) + 1
+        for bid, n in refs.items():
+            assert self.blocks[bid].ref_cnt == n
+            assert bid not in self.free_block_queue
+        for bid, b in self.free_block_queue.items():
+            assert b.ref_cnt == 0
+        assert len(refs) + len(self.free_block_queue) == self.num_gpu_blocks - 1
+        for h, same in self.cached_block_hash_to_block.items():
+            for bid, b in same.items():
+                assert b.block_hash == h and b.block_id == bid

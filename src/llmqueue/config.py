@@ -25,6 +25,7 @@ from typing import Any
 
 from llmqueue.model.batch_time import PAPER_STAIRCASE, make_batch_time
 from llmqueue.model.kv import make_kv
+from llmqueue.model.workload import make_shared_prefix
 from llmqueue.checks import boolean, integer, number
 from llmqueue.errors import ConfigError
 from llmqueue.schedulers import SCHEDULERS, custom, scheduler_class
@@ -41,9 +42,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "run": {"horizon_s": 1200.0, "seed": 0},
 }
 
-ENGINE_KEYS = {"scheduler", "token_budget", "max_batch_requests", "batch_time", "kv_blocks", "block_size", "kv_policy"}
+ENGINE_KEYS = {"scheduler", "token_budget", "max_batch_requests", "batch_time", "kv_blocks", "block_size", "kv_policy",
+               "prefix_caching"}
 WORKLOAD_KEYS = {"arrival", "rate", "load", "cv", "trace", "format", "time_scale", "max_tokens",
-                 "cap_mode", "on_bad_row", "prompt", "output"}
+                 "cap_mode", "on_bad_row", "prompt", "output", "shared_prefix"}
 RUN_KEYS = {"horizon_s", "requests", "seed", "drain", "record_batches", "verdict_tolerance", "method"}
 ARRIVALS = ("poisson", "deterministic", "gamma", "trace")
 TRACE_KEYS = {"trace", "format", "time_scale", "max_tokens", "cap_mode", "on_bad_row"}
@@ -208,6 +210,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     kv = make_kv(engine)   # KV memory (docs/memory.md): kv_blocks, block_size, kv_policy
     if kv is not None:
         engine.update(kv_blocks=kv.blocks, block_size=kv.block_size, kv_policy=kv.policy)
+        if kv.prefix_caching:   # docs/prefix_caching.md
+            engine["prefix_caching"] = True
     custom.build(cls, {k: v for k, v in engine.items() if k in options})  # validates options (and the plan)
 
     _check_keys(run, RUN_KEYS, "run")
@@ -239,6 +243,7 @@ def _workload_table(given: dict[str, Any]) -> dict[str, Any]:
     if arrival not in ARRIVALS:
         raise ConfigError("workload.arrival", arrival, f"one of {', '.join(ARRIVALS)}")
     _check_keys(given, WORKLOAD_KEYS, "workload")
+    make_shared_prefix(given.get("shared_prefix"))   # prefix caching (docs/prefix_caching.md)
     if arrival == "trace":
         if "trace" not in given:
             raise ConfigError("workload.trace", None, "a trace file path (required when arrival = \"trace\")")

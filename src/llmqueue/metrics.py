@@ -235,4 +235,36 @@ def kv_summary(result: Result) -> dict:
         "recompute_share": recomputed / work if work else 0.0,
         "memory_limited_batches": kv.memory_limited,
         "rejected_larger_than_cache": too_large,
+        **prefix_summary(result),
     }
+
+
+def prefix_summary(result: Result) -> dict:
+    """What prefix caching did (docs/prefix_caching.md), empty when it is off: vLLM's prefix-cache
+    counters (``PrefixCacheStats``: tokens queried = each admitted request's num_tokens, tokens hit;
+    admissions of preempted requests apart), the hit rate, the prefill tokens saved (every hit, the
+    re-admissions of preempted requests included) and their share of the work the engine would
+    have done without them, evictions and the cached blocks at the end."""
+    kv = result.kv
+    counters = getattr(kv, "prefix", None)
+    if counters is None:
+        return {}
+    saved = int(kv.hit_tokens.sum())
+    work = int(result.batch_tokens.sum())
+    queries, hits = counters["queries"], counters["hits"]
+    all_queries = queries + counters["preempted_queries"]
+    all_hits = hits + counters["preempted_hits"]
+    return {"prefix_caching": {
+        "queries": queries,
+        "hits": hits,
+        "hit_rate": hits / queries if queries else 0.0,
+        "preempted_queries": counters["preempted_queries"],
+        "preempted_hits": counters["preempted_hits"],
+        "hit_rate_all": all_hits / all_queries if all_queries else 0.0,
+        "saved_prefill_tokens": saved,
+        "saved_share": saved / (work + saved) if work + saved else 0.0,
+        "mean_hit_tokens": hits / counters["requests"] if counters["requests"] else 0.0,
+        "evictions": counters["evictions"],
+        "cached_blocks": counters["cached_blocks"],
+        "cached_free_blocks": counters["cached_free_blocks"],
+    }}

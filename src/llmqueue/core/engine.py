@@ -9,6 +9,12 @@ tokens any k_max requests could take, ``min(b_max, sum of the k_max largest shar
 With KV memory (``kv``, :mod:`llmqueue.model.kv`) the engine also holds blocks: it applies the
 plan's preemptions, takes the blocks of each scheduled token and frees a finished request's;
 a batch that memory kept smaller is counted in ``memory_limited``, not as a violation.
+
+With prefix caching (``kv.prefix_caching``, docs/prefix_caching.md) the blocks live in a
+:class:`~llmqueue.model.kv.PrefixPool` that the plan changes as it is made (vLLM's scheduler
+allocates while it schedules); tokens found in the cache leave the demand before the batch's
+work-conserving bound is taken.  ``contents`` (set by :func:`~llmqueue.core.simulator.simulate`) gives
+each request's content description by request id.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from llmqueue.model.batch import BatchPlan
 from llmqueue.model.batch_time import AssumptionWarning, BatchTime
 from llmqueue.checks import integer
 from llmqueue.errors import InternalError
-from llmqueue.model.kv import KVCache
+from llmqueue.model.kv import KVCache, PrefixPool
 from llmqueue.model.request import Request, apply_batch
 from llmqueue.schedulers import EngineState, Scheduler
 from llmqueue.schedulers.plan import seq_len
@@ -75,7 +81,9 @@ class Engine:
         if kv is not None and not isinstance(kv, KVCache):
             raise InternalError(f"engine kv must be a KVCache, not {kv!r}")
         self.kv = kv
-        self.state.kv = kv
+        self.pool = PrefixPool(kv) if kv is not None and kv.prefix_caching else None
+        self.state.kv = kv if self.pool is None else self.pool
+        self.contents = None     # prefix caching: request id -> content spans (or None)
         self.checks = CHECKS if checks is None else checks
         self._key = _RID if kv is None else _STAMP   # the decoding list's order: arrival, or admission
         self._stamps = 0
@@ -98,6 +106,11 @@ class Engine:
         if self.kv is not None and not self.kv.fits(request.num_prompt_tokens, request.num_output_tokens):
             self.rejected.append(request)   # larger than the whole cache: it could never finish
             return False
+        if self.pool is not None:
+            request.blocks = []
+            contents = self.contents
+            if contents is not None and request.content is None:
+                request.content = contents[request.rid]
         self.state.prefilling.append(request)
         self.state.total_prefill_left += request.num_prompt_tokens
         self.num_in_engine += 1
@@ -131,6 +144,9 @@ class Engine:
                 demand = self.demand()
                 bound = self.bound(demand)
                 plan = self.scheduler.plan(state)
+        if self.pool is not None:   # tokens found in the cache are no longer demand
+            demand = self.demand()
+            bound = self.bound(demand)
         tokens = plan.num_tokens
         if tokens < 1 or tokens > self.token_budget:
             raise InternalError(f"{self.scheduler!r} planned {tokens} tokens with demand {demand}")
@@ -150,7 +166,13 @@ class Engine:
         self.num_in_engine -= len(finished)
         if self.kv is not None:
             kv = self.kv
-            state.kv_used -= sum(kv.blocks_for(r.num_prompt_tokens + r.num_output_tokens) for r in finished)
+            pool = self.pool
+            if pool is None:
+                state.kv_used -= sum(kv.blocks_for(r.num_prompt_tokens + r.num_output_tokens) for r in finished)
+            else:   # freed in vLLM's order: the batch's scheduling order (admission order)
+                for r in sorted(finished, key=_STAMP) if len(finished) > 1 else finished:
+                    pool.free_request(r)
+                state.kv_used = pool.in_use
             if self.checks:
                 self.check()
         return Step(plan, now, end, demand, bound, finished)
@@ -162,9 +184,11 @@ class Engine:
         the waiting prompts, to recompute its whole sequence (vLLM's ``_preempt_request``)."""
         state = self.state
         kv = self.kv
+        pool = self.pool
         for victim in victims:
             held = seq_len(victim) - victim.prefill_left
-            state.kv_used -= kv.blocks_for(held)
+            if pool is None:
+                state.kv_used -= kv.blocks_for(held)   # (with prefix caching the plan freed them)
             victim.preemptions += 1
             if held > victim.peak:
                 victim.peak = held
@@ -189,6 +213,9 @@ class Engine:
 
     def _allocate(self, plan: BatchPlan) -> None:
         """Take the blocks of a planned batch (before it is applied); stamp newly admitted requests."""
+        if self.pool is not None:
+            self._allocate_prefix(plan)
+            return
         state = self.state
         kv = self.kv
         reserve = kv.policy == "reserve"
@@ -220,6 +247,27 @@ class Engine:
         self.kv_waste.append(waste)
         self.recomputed_tokens += waste
 
+    def _allocate_prefix(self, plan: BatchPlan) -> None:
+        """:meth:`_allocate` with prefix caching: the plan took the blocks; stamp the requests it
+        admitted and count the tokens computed again (the cached ones are not)."""
+        pool = self.pool
+        admitted = pool.admitted
+        waste = 0
+        for request, chunk in plan.prefill:
+            if id(request) in admitted:
+                self._stamps += 1
+                request.stamp = self._stamps
+            done = seq_len(request) - request.prefill_left
+            if done < request.peak:
+                again = min(done + chunk, request.peak) - done
+                request.recomputed += again
+                waste += again
+        admitted.clear()
+        used = self.state.kv_used = pool.in_use
+        self.kv_series.append(used)
+        self.kv_waste.append(waste)
+        self.recomputed_tokens += waste
+
     def check(self) -> None:
         """The invariants of the engine's state (with ``checks``): every request in its queue,
         tokens conserved, KV blocks in use = Σ blocks of the running requests <= kv_blocks − 1."""
@@ -240,6 +288,16 @@ class Engine:
             return
         if any(state.decoding[j].stamp >= state.decoding[j + 1].stamp for j in range(len(state.decoding) - 1)):
             raise InternalError("decoding is not in admission order")
+        if self.pool is not None:   # shared blocks counted once; cached free ones are free
+            holders = [r for r in requests if r.prefill_left != seq_len(r)]
+            for r in requests:
+                if len(r.blocks) != kv.blocks_for(seq_len(r) - r.prefill_left):
+                    raise InternalError(f"request {r.rid} holds {len(r.blocks)} blocks for "
+                                        f"{seq_len(r) - r.prefill_left} computed tokens")
+            self.pool.check(holders)
+            if state.kv_used != self.pool.in_use or self.pool.in_use + len(self.pool.lru) > kv.usable:
+                raise InternalError(f"KV blocks in use {state.kv_used}, pool {self.pool.in_use}")
+            return
         if kv.policy == "reserve":
             held = sum(kv.blocks_for(r.num_prompt_tokens + r.num_output_tokens) for r in requests
                        if r.prefill_left != seq_len(r))

@@ -98,6 +98,8 @@ def reason(engine: Engine, piecewise: bool = False) -> str | None:
     why = policy_reason(engine.scheduler, engine.batch_time)
     if why is not None:
         return why
+    if engine.kv is not None and engine.kv.prefix_caching:
+        return "prefix caching runs on the reference interpreter"
     if piecewise and engine.kv is not None:
         return "KV memory runs whole runs on the compiled core; streamed or stepped runs use the reference"
     if engine.num_in_engine or engine.rejected or engine.violations:

@@ -72,6 +72,9 @@ class KVRecord:
     preemptions: np.ndarray              # int64 per request
     recomputed: np.ndarray               # int64 per request
     memory_limited: int                  # batches memory kept below the work-conserving bound
+    # prefix caching (docs/prefix_caching.md); None when it is off
+    hit_tokens: np.ndarray | None = None  # int64 per request: tokens found in the cache (all admissions)
+    prefix: dict | None = None           # the pool's counters: vLLM's queries/hits, evictions, cached blocks
 
 
 METHODS = ("fast", "reference")
@@ -101,6 +104,8 @@ def simulate(engine: Engine, requests: Requests, *, horizon_s: float | None = No
         horizon = float(horizon_s)
     else:
         horizon = last
+    if getattr(engine, "pool", None) is not None:
+        engine.contents = getattr(requests, "content", None)   # who shares which prefix
     reason = fastcore.reason(engine) if method != "reference" else "selected"  # None: the compiled core
     if reason is None:
         ran = fastcore.run(engine, requests, horizon, record_batches, progress)
@@ -145,9 +150,17 @@ def kv_record(engine: Engine, admitted: Sequence[Request], n: int) -> KVRecord:
         if r.preemptions:
             preemptions[r.rid] = r.preemptions
             recomputed[r.rid] = r.recomputed
-    return KVRecord(kv.blocks, kv.block_size, kv.policy, np.asarray(engine.kv_starts, dtype=float),
-                    np.asarray(engine.kv_series, dtype=np.int64),
-                    np.asarray(engine.kv_waste, dtype=np.int64), preemptions, recomputed, engine.memory_limited)
+    record = KVRecord(kv.blocks, kv.block_size, kv.policy, np.asarray(engine.kv_starts, dtype=float),
+                      np.asarray(engine.kv_series, dtype=np.int64),
+                      np.asarray(engine.kv_waste, dtype=np.int64), preemptions, recomputed, engine.memory_limited)
+    if getattr(engine, "pool", None) is not None:
+        hits = np.zeros(n, dtype=np.int64)
+        for r in admitted:
+            if r.hit:
+                hits[r.rid] = r.hit
+        record.hit_tokens = hits
+        record.prefix = engine.pool.stats()
+    return record
 
 
 def request_times(admitted: Sequence[Request], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,10 @@ class Request:
         "preemptions",
         "peak",
         "recomputed",
+        "content",
+        "blocks",
+        "ncached",
+        "hit",
     )
 
     def __init__(self, rid: int, arrival_time: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
@@ -47,6 +51,12 @@ class Request:
         self.preemptions = 0
         self.peak = 0
         self.recomputed = 0
+        # prefix caching (model/kv.py, docs/prefix_caching.md): the spans its prompt starts with
+        # (None: all its tokens are its own), its blocks and how many are cached, tokens found cached
+        self.content = None
+        self.blocks = None
+        self.ncached = 0
+        self.hit = 0
 
     def __repr__(self) -> str:
         return (

@@ -6,7 +6,9 @@ requests arrive at rate ``λ`` (:attr:`Workload.arrival_rate`): Poisson, determi
 renewal arrivals, or the replay of a recorded trace (Azure LLM inference 2023, Vidur).
 
 One seed gives three independent streams (arrival times, prompt lengths, output lengths), so the
-same seed gives the same requests to every scheduler (common random numbers).
+same seed gives the same requests to every scheduler (common random numbers).  A shared system
+prompt (``shared_prefix``, docs/prefix_caching.md) draws each request's group from a fourth stream,
+so the other three are unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class Requests:
     arrival_time: np.ndarray       # float64, non-decreasing
     num_prompt_tokens: np.ndarray  # int64, >= 1
     num_output_tokens: np.ndarray  # int64, >= 0
+    # per request (by position) its content description for prefix caching: a tuple of spans
+    # ((key, length), ...) its prompt starts with (model/kv.py block_key); None: nothing shared
+    content: Any = None
 
     def __len__(self) -> int:
         return len(self.arrival_time)
@@ -655,6 +660,62 @@ def load_trace(path: str | Path, *, format: str = "auto", time_scale: float = 1.
                  reordered)
 
 
+# ---- shared prefixes (prefix caching, docs/prefix_caching.md) ----------------------------------
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Each request's first ``min(tokens, prompt)`` tokens are one of ``groups`` system prompts, drawn
+    uniformly from the seed's fourth stream; the rest of its prompt is its own."""
+
+    tokens: int
+    groups: int
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "groups": self.groups}
+
+
+class SharedPrefixContent:
+    """The content descriptions of a shared-prefix stream: request i's prompt starts with the span
+    ``(("system", group[i]), min(tokens, prompt[i]))`` (a tuple of spans, model/kv.py block_key)."""
+
+    __slots__ = ("tokens", "group", "prompt")
+
+    def __init__(self, tokens: int, group: np.ndarray, prompt: np.ndarray) -> None:
+        self.tokens = tokens
+        self.group = group
+        self.prompt = prompt
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def __getitem__(self, i: int) -> tuple:
+        return ((("system", int(self.group[i])), min(self.tokens, int(self.prompt[i]))),)
+
+
+def make_shared_prefix(spec: Any, field: str = "workload.shared_prefix") -> SharedPrefix | None:
+    """``{tokens = N, groups = G}`` as a :class:`SharedPrefix` (None: no shared prefix)."""
+    if spec is None:
+        return None
+    if isinstance(spec, SharedPrefix):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ConfigError(field, spec, "a table {tokens = N, groups = G}")
+    extra = sorted(set(spec) - {"tokens", "groups"})
+    if extra:
+        raise ConfigError(f"{field}.{extra[0]}", spec[extra[0]], "not a key (keys: tokens, groups)")
+    for key in ("tokens", "groups"):
+        if key not in spec:
+            raise ConfigError(f"{field}.{key}", None, "an integer >= 1 (required)")
+    return SharedPrefix(_integer(spec["tokens"], f"{field}.tokens", 1),
+                        _integer(spec["groups"], f"{field}.groups", 1))
+
+
+def shared_prefix_content(shared: SharedPrefix, seed: int, prompt: np.ndarray) -> SharedPrefixContent:
+    """The groups of ``len(prompt)`` requests from the fourth stream of ``seed``."""
+    rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(4)[3])
+    return SharedPrefixContent(shared.tokens, rng.integers(0, shared.groups, len(prompt)), prompt)
+
+
 # ---- composition -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -664,8 +725,11 @@ class Workload:
     arrivals: ArrivalProcess | Trace
     prompt: LengthDist | None = None
     output: LengthDist | None = None
+    shared_prefix: SharedPrefix | None = None
 
     def __post_init__(self) -> None:
+        if self.shared_prefix is not None:
+            object.__setattr__(self, "shared_prefix", make_shared_prefix(self.shared_prefix))
         if isinstance(self.arrivals, ArrivalProcess):
             for key in ("prompt", "output"):
                 if getattr(self, key) is None:
@@ -693,9 +757,10 @@ class Workload:
             times = self.arrivals.sample(arrival_rng, horizon_s=horizon_s, num_requests=num_requests)
             prompt = output = None
         n = len(times)
-        return Requests(times,
-                        prompt if self.prompt is None else self.prompt.sample(prompt_rng, n),
-                        output if self.output is None else self.output.sample(output_rng, n))
+        prompt = prompt if self.prompt is None else self.prompt.sample(prompt_rng, n)
+        content = None if self.shared_prefix is None else shared_prefix_content(self.shared_prefix, seed, prompt)
+        return Requests(times, prompt, output if self.output is None else self.output.sample(output_rng, n),
+                        content)
 
     @property
     def arrival_rate(self) -> float:

@@ -318,6 +318,7 @@ class Memory:
     """
 
     __slots__ = ("kv", "free", "running", "served", "gone", "preempted", "stopped", "limited", "reserve")
+    prefix = False    # PrefixMemory: prefix caching
 
     def __init__(self, state: EngineState) -> None:
         kv = state.kv
@@ -362,7 +363,7 @@ class Memory:
                 return request
         raise InternalError("no running request to preempt")
 
-    def admit(self, request, chunk: int) -> bool:
+    def admit(self, request, chunk: int, hits=None) -> bool:
         """Start a waiting request with a first chunk of ``chunk`` tokens, if memory allows."""
         if self.preempted:
             return False
@@ -373,6 +374,76 @@ class Memory:
             self.limited = True
             return False
         self.free -= whole if self.reserve else kv.blocks_for(chunk)
+        self.served.add(id(request))
+        self.running.append(request)
+        return True
+
+
+class PrefixMemory(Memory):
+    """:class:`Memory` with automatic prefix caching (``state.kv`` is a
+    :class:`~llmqueue.model.kv.PrefixPool`; docs/prefix_caching.md).  It changes the pool as it plans,
+    as vLLM's ``Scheduler.schedule`` does through ``KVCacheManager.allocate_slots``: a grown request
+    takes new blocks (fresh ones first, then cached free ones, evicted) and caches its blocks that
+    become full; a preempted one frees its blocks at once (its full ones stay cached); a waiting
+    request first looks up its longest cached prefix (:meth:`lookup`), and admitted takes those blocks
+    (counted against the free ones when they are free), and their tokens count as computed."""
+
+    __slots__ = ("pool", "state")
+    prefix = True
+
+    def __init__(self, state: EngineState) -> None:
+        super().__init__(state)
+        self.pool = state.kv
+        self.state = state
+
+    def grow(self, request, n: int) -> bool:
+        pool = self.pool
+        done = seq_len(request) - request.prefill_left
+        need = pool.blocks_for(done + n) - len(request.blocks)
+        while need > pool.free:
+            self.limited = True
+            victim = self._tail()
+            self.running.remove(victim)
+            self.gone.add(id(victim))
+            self.preempted.append(victim)
+            pool.free_request(victim)     # vLLM's _preempt_request frees at once
+            if victim is request:
+                self.stopped = True
+                return False
+        if need > 0:
+            pool.allocate(request, need)
+        pool.cache_blocks(request, done + n)
+        self.served.add(id(request))
+        return True
+
+    def lookup(self, request) -> list:
+        """The cached blocks a waiting request would start with (``get_computed_blocks``)."""
+        return self.pool.lookup(request, seq_len(request))
+
+    def admit(self, request, chunk: int, hits=None) -> bool:
+        """Admit a waiting request whose first ``len(hits)`` blocks are cached, with a first chunk of
+        ``chunk`` tokens after them: only if blocks for its whole sequence are free, the free hit
+        blocks counted as taken (``get_num_blocks_to_allocate``: new blocks + evictable hit blocks)."""
+        if self.preempted:
+            return False
+        pool = self.pool
+        hits = hits or []
+        tokens = seq_len(request)
+        found = len(hits)
+        taken = sum(1 for b in hits if b.ref == 0)
+        if pool.blocks_for(tokens) - found + taken > pool.free:
+            self.limited = True
+            return False
+        hit = found * pool.block_size
+        pool.touch(request, hits)
+        pool.allocate(request, pool.blocks_for(hit + chunk) - found)
+        pool.cache_blocks(request, hit + chunk)
+        pool.record(request, tokens, hit)
+        pool.admitted.add(id(request))
+        if hit:
+            request.prefill_left -= hit      # found in the cache: computed without being in a batch
+            request.hit += hit
+            self.state.total_prefill_left -= hit
         self.served.add(id(request))
         self.running.append(request)
         return True
@@ -413,7 +484,7 @@ def interpret_kv(plan: Plan, state: EngineState, load: LoadRule | None = None) -
     else:
         budget = state.token_budget
     batch = BatchBuilder(budget, state.max_batch_requests)
-    mem = Memory(state)
+    mem = PrefixMemory(state) if getattr(state.kv, "prefix_caching", False) else Memory(state)
     for step in plan.steps:
         if batch.full or mem.stopped:
             break
@@ -460,14 +531,18 @@ def _prefills_kv(batch: BatchBuilder, mem: Memory, prefilling, split: bool, max_
         if id(request) in mem.gone:
             return    # preempted in this batch: it waits, and so does everyone behind it
         left = request.prefill_left
+        hits = None
+        if mem.prefix and left == seq_len(request):   # waiting: its cached prefix is not computed
+            hits = mem.lookup(request)
+            left -= len(hits) * mem.pool.block_size
         want = left if max_chunk is None or max_chunk >= left else max_chunk
         chunk = want if want <= batch.room else batch.room
         if chunk < want and not split and not (want > token_budget and batch.room == token_budget):
             return
-        if left != seq_len(request):   # holds blocks: a started prompt
+        if request.prefill_left != seq_len(request):   # holds blocks: a started prompt
             if not mem.grow(request, chunk):
                 return
-        elif not mem.admit(request, chunk):
+        elif not mem.admit(request, chunk, hits):
             return
         batch.add_chunk(request, chunk)
         if chunk < want:
@@ -503,13 +578,17 @@ def _waiting_kv(batch: BatchBuilder, mem: Memory, state: EngineState, max_chunk:
             return
         request = prefilling[i]
         left = request.prefill_left
+        hits = None
+        if mem.prefix:   # vLLM's get_computed_blocks: the cached prefix is not computed
+            hits = mem.lookup(request)
+            left -= len(hits) * mem.pool.block_size
         want = left if max_chunk is None or max_chunk >= left else max_chunk
         chunk = want if want <= batch.room else batch.room
-        if not mem.admit(request, chunk):
+        if not mem.admit(request, chunk, hits):
             return
         batch.add_chunk(request, chunk)
 
 
 __all__ = ["DECODES", "MAX_WEIGHT_LOAD", "NO_LIMIT", "PREFILLS", "RUNNING", "WAITING", "Decodes", "LoadRule", "Plan",
-           "Memory", "Prefills", "Running", "Step", "Waiting", "interpret", "interpret_kv", "running_list", "seq_len",
+           "Memory", "PrefixMemory", "Prefills", "Running", "Step", "Waiting", "interpret", "interpret_kv", "running_list", "seq_len",
            "started_kv", "validate"]
