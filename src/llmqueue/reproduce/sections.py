@@ -1,4 +1,4 @@
-"""The seven sections of ``llmqueue reproduce``: each the paper's claim, its runs, and a verdict.
+"""The sections of ``llmqueue reproduce``: each the paper's claim, its runs, and a verdict.
 
 A section lists the simulation jobs it needs (:meth:`Section.jobs`, run by the driver in
 parallel and stored), and then :meth:`Section.assemble` turns their results into tables, plots
@@ -53,6 +53,9 @@ class Scale:
     lat_budgets: tuple[int, ...]
     lat_loads: tuple[float, ...]
     lat_horizon: float
+    mem_blocks: tuple[int, ...] = (1000, 2000, 3000)
+    mem_dc_horizon: float = 300.0
+    mem_seeds: int = 3
 
 
 SCALES = {
@@ -60,16 +63,19 @@ SCALES = {
                   thm2_seeds=10, thm2_horizon=3600.0, maxrate_seeds=3, maxrate_rel_tol=0.01, maxrate_horizon=3600.0,
                   sat_budgets=(128, 256, 384, 512, 768, 1024, 1536, 2048), sat_horizon=1200.0, pointc_horizon=3600.0,
                   rs_seeds=5, rs_horizon=6000.0, topo_seeds=3, topo_horizon=3600.0,
-                  lat_budgets=(128, 256, 512, 1024, 2048), lat_loads=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9), lat_horizon=1800.0),
+                  lat_budgets=(128, 256, 512, 1024, 2048), lat_loads=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9), lat_horizon=1800.0,
+                  mem_blocks=(1000, 2000, 2500, 3000), mem_dc_horizon=600.0, mem_seeds=3),
     "quick": Scale("quick", fig1_loads=FIG1_LOADS, fig1_seeds=2, fig1_horizon=1200.0, thm2_loads=(0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4),
                    thm2_seeds=3, thm2_horizon=1200.0, maxrate_seeds=2, maxrate_rel_tol=0.02, maxrate_horizon=3600.0,
                    sat_budgets=(128, 512, 1024, 2048), sat_horizon=600.0, pointc_horizon=1800.0,
                    rs_seeds=1, rs_horizon=6000.0, topo_seeds=1, topo_horizon=3600.0,
-                   lat_budgets=(128, 512, 2048), lat_loads=(0.3, 0.6, 0.8, 0.9), lat_horizon=1200.0),
+                   lat_budgets=(128, 512, 2048), lat_loads=(0.3, 0.6, 0.8, 0.9), lat_horizon=1200.0,
+                   mem_blocks=(1000, 2000, 3000), mem_dc_horizon=200.0, mem_seeds=2),
     "smoke": Scale("smoke", fig1_loads=FIG1_LOADS, fig1_seeds=1, fig1_horizon=60.0, thm2_loads=(0.6, 1.0, 1.4), thm2_seeds=1, thm2_horizon=60.0,
                    maxrate_seeds=1, maxrate_rel_tol=0.25, maxrate_horizon=60.0, sat_budgets=(128, 512), sat_horizon=30.0,
                    pointc_horizon=60.0, rs_seeds=1, rs_horizon=300.0, topo_seeds=1, topo_horizon=200.0,
-                   lat_budgets=(128, 512), lat_loads=(0.5, 0.8), lat_horizon=60.0),
+                   lat_budgets=(128, 512), lat_loads=(0.5, 0.8), lat_horizon=60.0,
+                   mem_blocks=(2000,), mem_dc_horizon=10.0, mem_seeds=1),
 }
 
 
@@ -742,8 +748,140 @@ class Latency(Section):
             plots=[("latency.png", "TTFT p99, TBT p50 and E2E p99 against the arrival rate, one line per budget.")])
 
 
+# ---- 8. KV-cache memory -----------------------------------------------------------------
+
+#: Dong & Cao's setting on the engine: one token per request per iteration (a constant iteration
+#: time, a budget that never binds), memory in tokens (block_size 1), M = 16,492 tokens.
+DONG_CAO = {
+    "engine": {"scheduler": "sarathi", "token_budget": 4096, "kv_blocks": 16493, "block_size": 1,
+               "batch_time": {"model": "constant", "duration_ms": 10.0}},
+    "workload": {"arrival": "poisson", "rate": 1000.0, "prompt": {"dist": "fixed", "value": 10},
+                 "output": {"dist": "uniform", "low": 20, "high": 60}},
+    "run": {"horizon_s": 300.0, "seed": 0},
+}
+MEM_POLICIES = ("recompute", "reserve")
+THRASH_SCHEDULERS = ("orca", "sarathi", "maxweight")
+
+
+class Memory(Section):
+    key, title = "memory", "8. KV-cache memory: the largest stable rate against the memory bounds"
+    claim = ("Beyond the paper, whose model has no memory. With a KV cache of M tokens a request of prompt l and "
+             "output o holds w = l·o + (o + o²)/2 token-iterations, so stability needs λ·E[w]·t̄ ≤ M (Dong & Cao, "
+             "arXiv 2604.11001): a necessary memory bound λ_mem next to Theorem 2's λ*. In a fluid model where memory "
+             "is never wasted, work-conserving policies are stable below λ_mem(1 − δ), δ = ess sup (l + o)/M (Nie, "
+             "Si & Zhou, arXiv 2605.04595). Checked: no largest stable rate found by simulation exceeds min(λ*, "
+             "λ_mem); in their setting (one token per request per iteration, bounded lengths) the bisection lands "
+             "between the two bounds.")
+
+    def searches(self, s):
+        out = [("dong-cao", {**DONG_CAO, "run": {"horizon_s": s.mem_dc_horizon, "seed": 0}})]
+        for blocks in s.mem_blocks:
+            for policy in MEM_POLICIES:
+                data = scenario_config("fig1", scheduler="sarathi", load=0.9, horizon=s.maxrate_horizon)
+                data["engine"].update(kv_blocks=blocks, kv_policy=policy)
+                out.append((f"fig1/{blocks}/{policy}", data))
+        return out
+
+    def jobs(self, s):
+        return [(f"thrash/{sched}", single_job(_thrash_config(sched, s.thm2_horizon)), seed)
+                for sched in THRASH_SCHEDULERS for seed in range(s.mem_seeds)]
+
+    def assemble(self, s, got, searched, plots):
+        from llmqueue.config import parse_config
+        from llmqueue.runner import build_workload, memory_of
+
+        rows, numbers, points = [], {}, []
+        for name, r in searched.items():
+            data = DONG_CAO if name == "dong-cao" else None
+            if data is None:
+                _, blocks, policy = name.split("/")
+                data = scenario_config("fig1", scheduler="sarathi", load=0.9)
+                data["engine"].update(kv_blocks=int(blocks), kv_policy=policy)
+            cfg = parse_config(data)
+            m = memory_of(cfg, build_workload(cfg))
+            bound = min(m.token_bound_rps, m.memory_necessary_blocks_rps)
+            d = {"label": name, "max_rate_rps": r.max_rate_rps, "failed_rate_rps": r.failed_rate_rps,
+                 "lambda_star_rps": m.token_bound_rps, "memory_bound_rps": m.memory_necessary_blocks_rps,
+                 "sufficient_rps": m.memory_sufficient_blocks_rps, "binding": m.binding,
+                 "ratio_to_bound": None if r.max_rate_rps is None else r.max_rate_rps / bound,
+                 "probes": len(r.probes)}
+            numbers[name] = d
+            points.append(d)
+            rows.append([name, num(m.token_bound_rps), num(m.memory_necessary_blocks_rps),
+                         num(m.memory_sufficient_blocks_rps), m.binding, num(r.max_rate_rps), num(r.failed_rate_rps),
+                         num(d["ratio_to_bound"], 3)])
+        if points:
+            figures.memory(points, plots / "memory_max_rate.png")
+        tol = s.maxrate_rel_tol
+        never_above = bool(points) and all(d["max_rate_rps"] is None or d["ratio_to_bound"] <= 1 + tol for d in points)
+        dc = numbers.get("dong-cao")
+        between = (dc is not None and dc["max_rate_rps"] is not None and dc["failed_rate_rps"] is not None
+                   and dc["sufficient_rps"] is not None
+                   and dc["failed_rate_rps"] >= dc["sufficient_rps"] * (1 - tol)
+                   and dc["max_rate_rps"] <= dc["memory_bound_rps"] * (1 + tol))
+        trows = []
+        for sched in THRASH_SCHEDULERS:
+            runs = [got(f"thrash/{sched}", seed) for seed in range(s.mem_seeds)]
+            ok = [r for r in runs if r]
+            kv = [r["kv"] for r in ok if "kv" in r]
+            numbers[f"thrash/{sched}"] = {"verdicts": verdict_counts(runs),
+                                          "preemptions": mean([k["preemptions"] for k in kv]),
+                                          "recompute_share": mean([k["recompute_share"] for k in kv])}
+            trows.append([sched, show_counts(verdict_counts(runs)), num(numbers[f"thrash/{sched}"]["preemptions"], 0),
+                          num(None if not kv else 100 * numbers[f"thrash/{sched}"]["recompute_share"], 1)])
+        verdict = REPRODUCED if never_above and between else DIFFERS
+        thrash = parse_config(_thrash_config("orca", s.thm2_horizon))
+        tw = build_workload(thrash)
+        tm = memory_of(thrash, tw)
+        numbers["thrash_bounds"] = {"arrival_rate_rps": tw.arrival_rate, "memory_bound_rps": tm.memory_necessary_blocks_rps,
+                                    "sufficient_rps": tm.memory_sufficient_blocks_rps}
+        text = ((f"In Dong & Cao's setting the bisection brackets [{num(dc['max_rate_rps'])}, {num(dc['failed_rate_rps'])}] "
+                 f"req/s against the sufficient {num(dc['sufficient_rps'])} and necessary {num(dc['memory_bound_rps'])} "
+                 f"memory bounds ({'agrees' if between else 'does NOT agree'}, λ* = {num(dc['lambda_star_rps'])} far above). "
+                 if dc else "Dong & Cao's setting was not searched. ")
+                + ("No largest stable rate is above min(λ*, λ_mem)" if never_above else
+                   "Some largest stable rate is ABOVE min(λ*, λ_mem)")
+                + f" (within the {tol:.0%} bracket). On the Fig. 1 engine (staircase batch time, unbounded lengths) "
+                "Sarathi reaches " + ", ".join(f"{d['label'].split('/', 1)[1]} {num(d['ratio_to_bound'], 2)}"
+                                               for d in points if d["label"] != "dong-cao")
+                + " of the bound: lumpy batches raise t̄ above the fixed point's and preempted requests recompute. "
+                "The theorem2 workload at half of λ* with 600 blocks (below both memory bounds) shows why nothing "
+                "is predicted below λ_mem: " + "; ".join(f"{r[0]} {r[1]}" for r in trows) + ".")
+        return self.result(
+            config="# Dong & Cao's setting on the engine (searched):\n" + _toml(DONG_CAO)
+                   + "\n\n" + _config_block("fig1", [f"engine.kv_blocks = {', '.join(map(str, s.mem_blocks))}",
+                                                     f"engine.kv_policy = {', '.join(MEM_POLICIES)}",
+                                                     "engine.scheduler = sarathi",
+                                                     f"bisection: {s.maxrate_seeds} seed(s), {s.maxrate_horizon:g} s "
+                                                     f"runs (Dong & Cao: {s.mem_dc_horizon:g} s), bracket "
+                                                     f"{s.maxrate_rel_tol:.0%}",
+                                                     "thrash runs: theorem2 scenario, kv_blocks = 600, load 0.5, "
+                                                     f"{s.thm2_horizon:g} s, seeds 0..{s.mem_seeds - 1}"]),
+            verdict=verdict, verdict_text=text, numbers=numbers,
+            tables=[Table("Largest stable rate by bisection (llmqueue max-rate) against the closed form (requests/s; "
+                          "memory bounds in blocks, as the engine allocates). ratio = max stable / min(λ*, λ_mem).",
+                          ["configuration", "λ* (Thm 2)", "λ_mem (necessary)", "sufficient (fluid)", "binding",
+                           "max stable", "fails at", "ratio"], rows),
+                    Table(f"Below both memory bounds: (l, o) = (100, 100) at 0.5·λ*, 600 blocks of 16 tokens (λ = "
+                          f"{num(tw.arrival_rate)} req/s, λ_mem = {num(tm.memory_necessary_blocks_rps)}, sufficient "
+                          f"{num(tm.memory_sufficient_blocks_rps)}). Verdicts over seeds, mean preemptions and the "
+                          "share of work recomputed.", ["scheduler", "verdicts", "preemptions", "recomputed %"], trows)],
+            plots=[("memory_max_rate.png", "Bisection brackets against λ_mem, the fluid sufficient bound and λ*.")])
+
+
+def _thrash_config(scheduler: str, horizon: float) -> dict:
+    data = scenario_config("theorem2", scheduler=scheduler, load=0.5, horizon=horizon)
+    data["engine"]["kv_blocks"] = 600
+    return data
+
+
+def _toml(data: dict) -> str:
+    from llmqueue.config import dumps
+    return dumps(data).strip()
+
+
 def _config_block(scenario: str, varied: list[str]) -> str:
     return scenario_text(scenario).strip() + "\n\n# varied:\n" + "\n".join(f"#   {v}" for v in varied)
 
 
-SECTIONS: list[Section] = [Fig8(), Fig1(), Theorem2(), BatchTimeModels(), Region(), Networks(), Latency()]
+SECTIONS: list[Section] = [Fig8(), Fig1(), Theorem2(), BatchTimeModels(), Region(), Networks(), Latency(), Memory()]
