@@ -22,6 +22,7 @@ from llmqueue.cli.common import (
 )
 from llmqueue.network import (
     analyze_network,
+    engine_memory,
     compare_policies,
     is_network_source,
     load_network,
@@ -56,15 +57,58 @@ def analysis_lines(net, a) -> list[str]:
              f"prediction: {a.prediction()}")]
 
 
+def memory_lines(net, a, memory: list) -> list[str]:
+    """``network capacity``'s KV-cache section: per engine with kv_blocks, the memory bounds of its
+    visits (docs/network.md, "KV-cache memory"), each number with where it comes from."""
+    rows, notes = [], []
+    for m in memory:
+        if m is None:
+            continue
+        wb = f"{m['work_blocks']:.1f}" + (" exact" if m["work_blocks_exact"] else
+                                           f" ±{m['work_blocks_se']:.2g} est." if m["work_blocks_se"] is not None
+                                           else " (tail)")
+        rows.append((m["engine"], f"{m['kv_blocks']}x{m['block_size']} {m['kv_policy']}", fmt(m["visit_rate"], 3),
+                     fmt(m["mean_visit_tokens"], 1), f"{m['work_tokens']:.0f} exact", wb,
+                     fmt(m["memory_necessary_blocks_visits_per_s"], 3), fmt(m["memory_rho"], 3),
+                     fmt(m["memory_scaling"], 4), fmt(m["token_scaling"], 4), m["binding"]))
+        suff = m["memory_sufficient_isolated_visits_per_s"]
+        notes.append(f"{m['engine']}: sufficient (isolated engine, Nie, Si & Zhou arXiv 2605.04595): "
+                     + (f"{suff:.4f} visits/s (δ_B = {m['delta_blocks']:.4g}); no guarantee inside a network"
+                        if suff is not None else m["sufficient_reason"]))
+        notes.extend(f"{m['engine']}: {n}" for n in m["notes"])
+    lines = ["", "KV-cache memory per engine (per visit; docs/network.md, \"KV-cache memory\")",
+             _table(("engine", "cache", "visits/s", "E[l+o]", "E[w] tok-it", "E[w_B] blk-it", "λ_mem visits/s",
+                     "memory ρ", "α_mem", "α tokens", "binding"), rows)]
+    scale = [m["memory_scaling"] for m in memory if m is not None]
+    if scale:
+        lines.append(f"memory allows scaling all rates by at most α_mem = {min(scale):.4f} (necessary; tokens: α* = "
+                     f"{a.max_scaling:.4f})")
+    lines += [
+        "visits/s, E[l+o]: traffic equations; E[w] = E[l]·E[o] + (E[o]+E[o²])/2 token-iterations per visit, exact "
+        "(reserve: E[l]·E[o] + E[o²]);",
+        "E[w_B] = E[Σ_j ceil((l+j)/B)] block-iterations: exact from the length laws where prompts do not grow, "
+        "estimated (± standard error) where they do;",
+        "λ_mem: Dong & Cao's necessary bound (arXiv 2604.11001) λ·E[w_B]·t̄ ≤ kv_blocks − 1 with t̄ at throughput "
+        "balance (docs/memory.md); memory ρ = λ·E[w_B]·t̄/(kv_blocks − 1) at the configured rates (> 1: unstable);",
+        "α_mem = λ_mem / visits/s, α tokens = Theorem 2's per-engine bound (arXiv 2504.07347 §3.2) / visits/s",
+    ]
+    lines.extend(f"note: {n}" for n in notes)
+    return lines
+
+
 def cmd_capacity(args: argparse.Namespace) -> int:
     net = load_network(args.config, args.set)
     a = analyze_network(net)
+    memory = engine_memory(net, a) if any(e.kv is not None for e in net.engines) else None
     if args.json:
-        print(json.dumps(a.to_dict()))
+        print(json.dumps(a.to_dict() if memory is None else {**a.to_dict(), "memory": memory}))
         return 0
     print(capacity_table(a))
     for line in analysis_lines(net, a):
         print(line)
+    if memory is not None:
+        for line in memory_lines(net, a, memory):
+            print(line)
     return 0
 
 
@@ -86,6 +130,26 @@ def summary_tables(s: dict) -> str:
                 "tokens/job (expected)"), classes),
         _table(("hop", "engine", "visits", "TTFT p50", "TTFT p99", "hop p50"), hops),
     ])
+
+
+def kv_table(s: dict) -> str | None:
+    """What KV memory did at each engine with kv_blocks (None: no engine has): the single-engine
+    ``kv`` summary of its visits (docs/memory.md)."""
+    rows = []
+    for e in s["engines"]:
+        kv = e.get("kv")
+        if kv is None:
+            continue
+        rows.append((e["engine"], f"{kv['kv_blocks']}x{kv['block_size']} {kv['kv_policy']}",
+                     f"{kv['mean_blocks']:.1f} / {kv['peak_blocks']}",
+                     f"{kv['mean_utilisation']:.3f} / {kv['peak_utilisation']:.3f}",
+                     f"{kv['preemptions']} ({kv['preempted_requests']})",
+                     f"{kv['recomputed_tokens']} ({kv['recompute_share']:.3f})", str(kv["memory_limited_batches"]),
+                     str(kv["rejected_larger_than_cache"])))
+    if not rows:
+        return None
+    return _table(("engine", "KV cache", "blocks mean/peak", "use mean/peak", "preemptions (visits)",
+                   "recomputed tok (share)", "memory-limited batches", "rejected > cache"), rows)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -125,6 +189,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{n['jobs_completed']} completed")
     print(f"network: {n['verdict']}  {n['verdict_reason']}; peak backlog {n['peak_backlog_tokens']} tokens\n")
     print(summary_tables(s))
+    kv = kv_table(s)
+    if kv is not None:
+        print("\nKV-cache memory (reference loop; docs/network.md)\n" + kv)
     if args.out:
         print(f"\nwrote {args.out}/config.json, summary.json, timeseries.csv, requests.csv")
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmqueue.errors import ConfigError
-from llmqueue.network.analysis import NetworkAnalysis, analyze_network
+from llmqueue.network.analysis import NetworkAnalysis, analyze_network, engine_memory
 from llmqueue.network.metrics import network_timeseries, summarize_network
 from llmqueue.network.model import (
     POLICIES,
@@ -51,7 +51,8 @@ def compare_policies(source: str, overrides: list[str], policies: list[str],
     return out
 
 
-__all__ = ["Network", "NetworkAnalysis", "NetworkResult", "analyze_network", "compare_policies", "is_network_data",
+__all__ = ["Network", "NetworkAnalysis", "NetworkResult", "analyze_network", "compare_policies", "engine_memory",
+           "is_network_data",
            "is_network_source",
            "load_network", "network_timeseries", "parse_network", "run_network", "simulate_network",
            "summarize_network"]

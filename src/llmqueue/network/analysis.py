@@ -21,6 +21,7 @@ Delay stations are infinite servers: they add latency, never a capacity limit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,3 +192,168 @@ def analyze_network(net: Network) -> NetworkAnalysis:
         visits_per_job=visits, max_scaling=float(1.0 / rho[top]) if rho[top] > 0 else float("inf"),
         bottleneck=net.engines[top].name, cyclic=engine_graph_cyclic(net), work_conserving=wc, classes=loads,
     )
+
+
+# ---- KV-cache memory per engine (docs/network.md, "KV-cache memory") ----------------------------
+
+#: jobs per class sampled to estimate the block rounding of growing prompts (E[w_B] at those hops)
+MEMORY_SAMPLES = 20_000
+MEMORY_SOURCES = {
+    "visit_rate": "traffic equations (this module): Σ_k λ_k v_{k,h} over the engine's hops h",
+    "work_tokens": ("exact: E[w] = E[l]·E[o] + (E[o] + E[o²])/2 per visit (Dong & Cao, arXiv 2604.11001; reserve: "
+                    "E[l]·E[o] + E[o²]), with E[l] per visit from the traffic equations (prompt growth included) and "
+                    "the hop's output law; a visit's output is drawn independently of its prompt"),
+    "work_blocks": ("E[w_B] = Σ_j ceil((l + j)/B): exact from the hop's length laws where the prompt does not grow "
+                    "(analysis.memory.length_stats); at a hop with add_previous_output the prompt's residue mod B "
+                    "depends on earlier hops, so E[w]/B (exact) plus the block rounding E[w_B − w/B] estimated from "
+                    "sampled jobs"),
+    "memory_necessary_blocks_visits_per_s": ("Dong & Cao's necessary bound for the engine's visits: "
+                                             "λ_j·E[w_B]·t̄ ≤ kv_blocks − 1, t̄ = t_b(b̄) at throughput balance; "
+                                             "λ_mem = max_{b ≤ b_mem} b/(E[l+o]·t_b(b)), b_mem = (kv_blocks − 1)·"
+                                             "E[l+o]/E[w_B] (analysis.memory.rate_under_load_cap, docs/memory.md)"),
+    "memory_sufficient_isolated_visits_per_s": ("Nie, Si & Zhou (arXiv 2605.04595) for an isolated engine fed "
+                                                "i.i.d. visits of this mix: μ(1 − δ_B); inside a network the visits "
+                                                "depend on the other engines, so this is no guarantee for the network "
+                                                "(paper arXiv 2504.07347 §5: with cyclic routing even ρ < 1 is not "
+                                                "sufficient)"),
+    "token_bound_visits_per_s": ("Theorem 2 (arXiv 2504.07347 §3.2) per engine: (b_max/t_{b_max})/E[l+o] visits/s "
+                                 "(ρ_j = 1)"),
+}
+
+
+def _visits_of(segment, engine: int, hops: set[int], out: dict[int, list[tuple[int, int]]]) -> None:
+    for v in segment.visits:
+        h = v.hop.index
+        if v.hop.engine == engine and h in hops:
+            out[h].append((v.num_prompt_tokens, v.num_output_tokens))
+    for branch in segment.branches:
+        _visits_of(branch, engine, hops, out)
+    if segment.join is not None:
+        _visits_of(segment.join, engine, hops, out)
+
+
+def _sampled_visits(net: Network, k: int, engine: int, hops: set[int], jobs: int) -> dict[int, np.ndarray]:
+    """(prompt, output) of the visits to ``hops`` (at ``engine``) of the first ``jobs`` jobs of class k, on
+    the class's own route stream (the jobs a run with seed run.seed samples, in order)."""
+    route = net.routes[k]
+    _, route_seq = np.random.SeedSequence([int(net.seed), k]).spawn(2)
+    streams = route.streams(route_seq)
+    out: dict[int, list[tuple[int, int]]] = {h: [] for h in hops}
+    for _ in range(jobs):
+        segment, _ = route.sample(streams)
+        _visits_of(segment, engine, hops, out)
+    return {h: np.asarray(rows, dtype=np.int64).reshape(-1, 2) for h, rows in out.items()}
+
+
+def engine_memory(net: Network, analysis: NetworkAnalysis, samples: int = MEMORY_SAMPLES) -> list[dict | None]:
+    """Per engine with ``kv_blocks`` (None for the others): the memory bounds of docs/memory.md for the
+    engine's visits, in visits/s and as a scaling of all arrival rates.  Every number says where it
+    comes from (``sources``; ``work_blocks_exact``: whether E[w_B] is exact or estimated)."""
+    from llmqueue.analysis.memory import (
+        block_iterations,
+        length_stats,
+        mean_batch_time,
+        rate_under_load_cap,
+        reserved_iterations,
+        token_iterations,
+    )
+    from llmqueue.model.kv import RESERVE
+
+    out: list[dict | None] = []
+    for j, spec in enumerate(net.engines):
+        kv = spec.kv
+        if kv is None:
+            out.append(None)
+            continue
+        reserve = kv.policy == RESERVE
+        B, usable = kv.block_size, kv.usable
+        rows = []            # (class, hop, visit rate, E[l], E[o], E[w], E[w_B], its SE, sup or None, exact, grows)
+        notes: list[str] = []
+        growing: dict[int, set[int]] = {}
+        for k, cls in enumerate(net.classes):
+            load = analysis.classes[k]
+            for h in cls.hops:
+                v = float(load.visits[h.index])
+                if h.engine != j or v <= 0:
+                    continue
+                el = float(load.prompt_tokens[h.index]) / v
+                eo, eo2 = h.output.mean, h.output.second_moment
+                w = el * eo + (eo2 if reserve else (eo + eo2) / 2)
+                grows = el - h.prompt.mean > 1e-9 * max(1.0, el)
+                if grows:
+                    growing.setdefault(k, set()).add(h.index)
+                    rows.append([k, h, analysis.rates[k] * v, el, eo, w, None, None, None, False, True])
+                else:
+                    st = length_stats(h.prompt, h.output, block_size=B, kv_policy=kv.policy)
+                    rows.append([k, h, analysis.rates[k] * v, el, eo, w, st.work_blocks, 0.0, st.max_request_tokens,
+                                 st.exact, False])
+        for k, hops in growing.items():
+            drawn = _sampled_visits(net, k, j, hops, samples)
+            for row in rows:
+                if row[0] != k or row[1].index not in hops:
+                    continue
+                lo = drawn[row[1].index]
+                l, o = lo[:, 0], lo[:, 1]
+                if reserve:
+                    corr = reserved_iterations(l, o, B) - reserved_iterations(l, o) / B
+                else:
+                    corr = block_iterations(l, o, B) - token_iterations(l, o) / B
+                row[6] = row[5] / B + float(corr.mean())
+                row[7] = float(corr.std(ddof=1) / np.sqrt(len(corr))) if len(corr) > 1 else float("nan")
+            where = ", ".join(f"{net.classes[k].name}.{net.classes[k].hops[h].id}" for h in sorted(hops))
+            notes.append(f"E[w_B] at hops with growing prompts ({where}): "
+                         f"E[w]/B exact plus the block rounding estimated from the first {samples} jobs of class "
+                         f"{net.classes[k].name!r} the run samples (seed {net.seed})")
+        rate = sum(r[2] for r in rows)
+        if rate <= 0:
+            out.append(None)
+            continue
+        pi = [r[2] / rate for r in rows]
+        m = sum(p * (r[3] + r[4]) for p, r in zip(pi, rows))
+        ew = sum(p * r[5] for p, r in zip(pi, rows))
+        ewb = sum(p * r[6] for p, r in zip(pi, rows))
+        se = float(np.sqrt(sum((p * r[7]) ** 2 for p, r in zip(pi, rows))))
+        exact = not growing and all(r[9] for r in rows)
+        if not growing and not all(r[9] for r in rows):
+            notes.append(f"block rounding: a length law's far tail is taken as evenly spread over residues mod {B} "
+                         "(analysis.memory.length_stats)")
+        cap = float(analysis.capacity_tokens_per_s[j])
+        token_bound = cap / m
+        cap_tokens = usable * B * m / ew if ew > 0 else float("inf")
+        cap_blocks = usable * m / ewb if ewb > 0 else float("inf")
+        nec = rate_under_load_cap(spec.batch_time, spec.token_budget, cap_tokens, m)
+        nec_b = rate_under_load_cap(spec.batch_time, spec.token_budget, cap_blocks, m)
+        suff = delta = None
+        if reserve:
+            reason = "not available: Nie, Si & Zhou's result is for memory allocated as tokens are computed (recompute)"
+        elif growing:
+            reason = "not computed: ess sup (l + o) of a growing prompt depends on the earlier hops"
+        elif any(r[8] is None for r in rows):
+            reason = "not available: a prompt or output law is unbounded, so δ is infinite; give the laws a max"
+        else:
+            need = math.ceil(max(r[8] for r in rows) / B)
+            delta = need / usable
+            if delta >= 1:
+                reason = f"not available: the longest visit needs {need} blocks, the cache holds {usable}"
+            else:
+                reason = None
+                suff = rate_under_load_cap(spec.batch_time, spec.token_budget, cap_blocks * (1 - delta), m)
+        t_bar, b_bar = mean_batch_time(spec.batch_time, spec.token_budget, rate, m)
+        out.append({
+            "engine": spec.name, "kv_blocks": kv.blocks, "block_size": B, "kv_policy": kv.policy,
+            "memory_tokens": kv.tokens, "visit_rate": rate, "mean_visit_tokens": m,
+            "work_tokens": ew, "work_blocks": ewb, "work_blocks_exact": exact,
+            "work_blocks_se": None if not growing else se,
+            "token_bound_visits_per_s": token_bound,
+            "memory_necessary_visits_per_s": nec, "memory_necessary_blocks_visits_per_s": nec_b,
+            "memory_load_cap_blocks_tokens": cap_blocks,
+            "delta_blocks": delta, "memory_sufficient_isolated_visits_per_s": suff, "sufficient_reason": reason,
+            "batch_time_s": t_bar, "batch_tokens": b_bar, "memory_rho": rate * ewb * t_bar / usable,
+            "memory_scaling": nec_b / rate, "token_scaling": token_bound / rate,
+            "binding": "memory" if nec_b < token_bound else "tokens",
+            "hops": [{"class": net.classes[r[0]].name, "hop": r[1].id, "visit_rate": r[2], "mean_prompt": r[3],
+                      "mean_output": r[4], "work_tokens": r[5], "work_blocks": r[6],
+                      "work_blocks_exact": r[9] and not r[10]} for r in rows],
+            "sources": dict(MEMORY_SOURCES), "notes": notes,
+        })
+    return out

@@ -37,6 +37,10 @@ AHEAD = 1.25
 
 def reason(engines: list[Engine]) -> str | None:
     """Why this network cannot run on the compiled core (None: it can)."""
+    with_kv = [j for j, engine in enumerate(engines) if engine.kv is not None]
+    if with_kv:   # the compiled network core has no memory (the single-engine core has)
+        which = ", ".join(map(str, with_kv))
+        return f"KV memory: network runs with kv_blocks use the reference loop (engine {which})"
     if fastcore.unavailable() is not None:
         return fastcore.unavailable()
     for j, engine in enumerate(engines):

@@ -2,7 +2,10 @@
 
 * per engine: the single-engine summary (:func:`llmqueue.metrics.summarize`) of its
   sub-requests and batches — utilisation, backlog trend and verdict, batch mix, TTFT,
-  work-conservation violations — against the load the traffic equations offer it;
+  work-conservation violations — against the load the traffic equations offer it; with
+  ``kv_blocks`` also its ``kv`` summary (:func:`llmqueue.metrics.kv_summary`: blocks in use,
+  preemptions, recomputed tokens, memory-limited batches, visits larger than the cache), and
+  the backlogs count recomputed tokens as no progress;
 * per class: jobs arrived, completed and rejected, throughput, job end-to-end latency (entry
   to final exit, joins and tool delays included), per-hop visits and TTFT, tokens per job
   (realised against the traffic equations' expectation);
@@ -124,7 +127,8 @@ def summarize_network(result: NetworkResult) -> dict:
     b = backlog(total, grid)
     q = _GRID // 4
     second, last = b[q:2 * q].max(initial=0), b[3 * q:].max(initial=0)
-    return {
+    engines = engine_summaries(result)
+    out = {
         "horizon_s": T,
         "seed": result.seed,
         "network": {
@@ -137,8 +141,22 @@ def summarize_network(result: NetworkResult) -> dict:
             "max_rho": a.max_rho, "max_scaling": a.max_scaling, "bottleneck": a.bottleneck, "cyclic": a.cyclic,
             "work_conserving_violations": int(sum(e.violations for e in result.engines)),
         },
-        "engines": engine_summaries(result),
+        "engines": engines,
         "classes": class_summaries(result),
         "analysis": a.to_dict(),
         "wall_s": result.wall_s,
     }
+    if result.kv:
+        out["network"]["kv"] = kv_totals(engines)
+    return out
+
+
+def kv_totals(engines: list[dict]) -> dict:
+    """The network's KV memory in one place: the engines with ``kv_blocks`` and the sums over them of
+    their ``kv`` summaries (each engine's own is :func:`llmqueue.metrics.kv_summary` of its visits)."""
+    kv = [e for e in engines if "kv" in e]
+    total = lambda key: int(sum(e["kv"][key] for e in kv))
+    return {"engines": [e["engine"] for e in kv], "preemptions": total("preemptions"),
+            "preempted_visits": total("preempted_requests"), "recomputed_tokens": total("recomputed_tokens"),
+            "memory_limited_batches": total("memory_limited_batches"),
+            "rejected_larger_than_cache": total("rejected_larger_than_cache")}

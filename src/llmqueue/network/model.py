@@ -23,13 +23,15 @@ from llmqueue.model.batch_time import PAPER_STAIRCASE, BatchTime, make_batch_tim
 from llmqueue.checks import boolean, integer, number
 from llmqueue.config import parse_override, read_toml, set_dotted
 from llmqueue.errors import ConfigError
+from llmqueue.model.kv import KVCache, make_kv
 from llmqueue.schedulers import SCHEDULERS, custom, scheduler_class
 from llmqueue.model.workload import ArrivalProcess, LengthDist, make_arrivals, make_length
 
 FCFS, PRIORITY, MAX_PRESSURE = "fcfs", "priority", "max-pressure"
 POLICIES = (FCFS, PRIORITY, MAX_PRESSURE)
 EXIT = -1            # route target: the job leaves the network
-ENGINE_KEYS = {"name", "scheduler", "token_budget", "max_batch_requests", "batch_time", "policy", "class_priority"}
+ENGINE_KEYS = {"name", "scheduler", "token_budget", "max_batch_requests", "batch_time", "policy", "class_priority",
+               "kv_blocks", "block_size", "kv_policy"}
 CLASS_KEYS = {"name", "arrival", "rate", "cv", "add_previous_output", "hops"}
 HOP_KEYS = {"id", "engine", "delay", "prompt", "output", "next", "p", "fork", "join", "loop", "rounds",
             "continue_p", "max_rounds", "add_previous_output"}
@@ -95,6 +97,7 @@ class EngineSpec:
     batch_time: BatchTime
     policy: str
     class_priority: tuple[int, ...]      # class indices, highest priority first
+    kv: KVCache | None = None            # KV-cache memory (kv_blocks, block_size, kv_policy); None: unlimited
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,12 @@ def _engine(t: dict, where: str, class_names: list[str], base_dir: Path | None =
         ranks = tuple(class_names.index(c) for c in order)
     else:  # kept (unused) so that --set engines.X.policy=fcfs works on a priority config
         ranks = ()
-    return EngineSpec(t["name"], name, options, budget, cap, batch_time, policy, ranks)
+    try:   # KV memory (docs/memory.md, docs/network.md): the keys and checks of a single [engine]
+        kv = make_kv(t)
+    except ConfigError as exc:  # re-word "engine.X" as "engines[i].X" (also in "set together with ...")
+        raise ConfigError(exc.field.replace("engine.", f"{where}.", 1), exc.value,
+                          exc.allowed.replace("engine.kv_blocks", f"{where}.kv_blocks")) from None
+    return EngineSpec(t["name"], name, options, budget, cap, batch_time, policy, ranks, kv)
 
 
 def _class(t: dict, where: str, engine_names: list[str], delay_names: list[str],

@@ -15,12 +15,17 @@ the order of arrival at each engine (the FCFS order the schedulers use).
 
 Horizon: batches start only before ``horizon_s``; events up to it are handled (a batch
 running at the horizon still completes its tokens, as in the single-engine simulator).
+
+KV memory: an engine with ``kv_blocks`` gets its :class:`~llmqueue.model.kv.KVCache`, with the
+single engine's rules (preemption, recompute, rejection of a visit larger than the cache); such
+a network runs on this loop (the compiled network core has no memory).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time as _time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +41,7 @@ from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressu
 from llmqueue.network.routes import Segment
 from llmqueue.model.request import Request
 from llmqueue.schedulers import make_scheduler
-from llmqueue.core.simulator import BATCH_COLUMNS, Result
+from llmqueue.core.simulator import BATCH_COLUMNS, KVRecord, Result
 from llmqueue.model.workload import make_arrivals
 
 ARRIVAL, BATCH_END, DELAY_END = 0, 1, 2
@@ -100,8 +105,38 @@ def buffers_of(net: Network) -> dict[tuple[int, int], int]:
     return ids
 
 
+def check_caches(net: Network, analysis: NetworkAnalysis) -> None:
+    """An engine's KV cache must hold a visit of mean size (prompt, growth included, + output) at each
+    of its hops, as a single engine's must hold a request of mean size: else most visits there would
+    be rejected (a larger visit is rejected, and its job counted as rejected)."""
+    for j, spec in enumerate(net.engines):
+        kv = spec.kv
+        if kv is None:
+            continue
+        worst = None
+        for k, cls in enumerate(net.classes):
+            load = analysis.classes[k]
+            for h in cls.hops:
+                if h.engine == j and load.visits[h.index] > 0:
+                    mean = float(load.tokens[h.index] / load.visits[h.index])
+                    if worst is None or mean > worst[0]:
+                        worst = (mean, cls, h)
+        if worst is None:
+            continue
+        mean, cls, h = worst
+        size = math.ceil(round(mean, 6))
+        if not kv.fits(size, 0):
+            raise ConfigError(f"engines[{j}].kv_blocks", kv.blocks,
+                              f"at least {kv.blocks_for(size) + 1} blocks of {kv.block_size} tokens: the cache must "
+                              f"hold a visit of mean size ({size} tokens, prompt + output, at hop {h.id!r} of class "
+                              f"{cls.name!r}, prompt growth included; block 0 is reserved); larger visits are "
+                              "rejected and their jobs counted as rejected")
+
+
 def build_engines(net: Network, analysis: NetworkAnalysis, counts: list[int]) -> list[Engine]:
-    """One Engine per [[engines]] entry, its scheduler wrapped by the engine's policy."""
+    """One Engine per [[engines]] entry, its scheduler wrapped by the engine's policy, its KV cache
+    (``kv_blocks``) checked against the mean visit (:func:`check_caches`)."""
+    check_caches(net, analysis)
     buffers = buffers_of(net)
     engines = []
     for j, spec in enumerate(net.engines):
@@ -115,7 +150,7 @@ def build_engines(net: Network, analysis: NetworkAnalysis, counts: list[int]) ->
         if spec.policy == PRIORITY:
             rank = {k: i for i, k in enumerate(spec.class_priority)}
             n = len(spec.class_priority)
-            scheduler = ClassPriority(scheduler, {(k, h): rank.get(k, n) for k, h in local}, n + 1)
+            scheduler = ClassPriority(scheduler, {(k, h): rank.get(k, n) for k, h in local}, n + 1, kv=spec.kv)
         elif spec.policy == MAX_PRESSURE:
             group_of = {kh: g for g, kh in enumerate(local)}
             downstream, mean_tokens = [], []
@@ -125,8 +160,8 @@ def build_engines(net: Network, analysis: NetworkAnalysis, counts: list[int]) ->
                 visits = load.visits[h]
                 mean_tokens.append(load.tokens[h] / visits if visits > 0 else 1.0)
             scheduler = MaxPressure(scheduler, group_of, [buffers[kh] for kh in local], downstream, mean_tokens,
-                                    counts)
-        engines.append(Engine(scheduler, spec.token_budget, spec.batch_time, spec.max_batch_requests))
+                                    counts, kv=spec.kv)
+        engines.append(Engine(scheduler, spec.token_budget, spec.batch_time, spec.max_batch_requests, spec.kv))
     return engines
 
 
@@ -157,6 +192,7 @@ class NetworkResult:
     seed: int = 0
     wall_s: float = 0.0
     meta: dict = field(default_factory=dict)
+    kv: list[KVRecord | None] = field(default_factory=list)   # per engine with kv_blocks (empty: none has)
 
     def engine_result(self, j: int) -> Result:
         """Engine j's sub-requests and batches as a single-engine :class:`Result` (for its metrics)."""
@@ -168,17 +204,20 @@ class NetworkResult:
                       num_output_tokens=self.num_output_tokens[m], first_token_time=self.first_token_time[m],
                       finish_time=self.finish_time[m], rejected=self.rejected[m], batch_end_time=b["end_time"],
                       batch_tokens=b["num_prefill_tokens"] + b["num_decode_tokens"], violations=engine.violations,
-                      batches=b)
+                      batches=b, kv=self.kv[j] if self.kv else None)
 
     def total_result(self) -> Result:
         """The whole network as one queue of jobs: backlog = unprocessed tokens of every job in it.
 
         A job brings all its tokens (every hop's prompt and output, sampled at entry) when it
         enters; every engine's batches take them away.  Rejected jobs count as never arrived
-        (the few tokens they were served before the rejection are not subtracted back).
+        (the few tokens they were served before the rejection are not subtracted back).  With KV
+        memory, tokens computed again after a preemption take nothing away (no progress).
         """
         ends = np.concatenate([b["end_time"] for b in self.batches])
-        tokens = np.concatenate([b["num_prefill_tokens"] + b["num_decode_tokens"] for b in self.batches])
+        tokens = np.concatenate([b["num_prefill_tokens"] + b["num_decode_tokens"]
+                                 - (0 if not self.kv or self.kv[j] is None else self.kv[j].batch_recomputed)
+                                 for j, b in enumerate(self.batches)])
         by_end = np.argsort(ends, kind="stable")
         n = len(self.job_entry_time)
         return Result(scheduler="network", token_budget=0, end_time=self.end_time,
@@ -247,6 +286,8 @@ class _Simulation:
         s = engine.step(now)
         if self.grouped[j] is not None:
             self.grouped[j].applied(s.plan, s.finished)
+            if engine.checks:   # LLMQUEUE_CHECKS: the groups still mirror the engine
+                self.grouped[j].check(engine.state)
         plan = s.plan
         self.records[j].append((s.start_time, s.end_time, plan.num_prefill_tokens, len(plan.decode),
                                 plan.num_requests, s.demand, s.bound))
@@ -304,7 +345,9 @@ def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float 
     (:mod:`llmqueue.network.fast`) where it can (else the reference loop); ``"reference"`` runs
     this module's loop over :meth:`Engine.step`.
     Both give identical results; ``result.meta["method"]`` says which ran ("fast" or
-    "reference (why)").
+    "reference (why)").  A network with an engine with ``kv_blocks`` always runs on the
+    reference loop (the compiled network core has no KV memory): ``"fast"`` falls back, with the
+    reason "KV memory: network runs with kv_blocks use the reference loop".
     """
     method = net.method if method is None else method
     if method not in METHODS:
@@ -354,6 +397,18 @@ def _collect(sim: _Simulation, analysis: NetworkAnalysis, end_time: float) -> Ne
     rejected = np.zeros(len(subs), dtype=bool)
     for engine in sim.engines:
         rejected[[r.rid for r in engine.rejected]] = True
+    kv: list[KVRecord | None] = []
+    if any(e.kv is not None for e in sim.engines):
+        for j, engine in enumerate(sim.engines):
+            if engine.kv is None:
+                kv.append(None)
+                continue
+            mine = [r for r in subs if r.hop.engine == j]   # by id, as engine_result's arrays
+            kv.append(KVRecord(engine.kv.blocks, engine.kv.block_size, engine.kv.policy,
+                               np.asarray(engine.kv_starts, dtype=float), np.asarray(engine.kv_series, dtype=np.int64),
+                               np.asarray(engine.kv_waste, dtype=np.int64),
+                               np.array([r.preemptions for r in mine], dtype=np.int64),
+                               np.array([r.recomputed for r in mine], dtype=np.int64), engine.memory_limited))
     return NetworkResult(
         network=sim.net, analysis=analysis, end_time=end_time, engines=sim.engines,
         sub_engine=np.array([r.hop.engine for r in subs], dtype=np.int64),
@@ -370,5 +425,5 @@ def _collect(sim: _Simulation, analysis: NetworkAnalysis, end_time: float) -> Ne
         job_entry_time=np.array([j.entry_time for j in jobs], dtype=float),
         job_exit_time=np.array([nan if j.exit_time is None else j.exit_time for j in jobs]),
         job_tokens=np.array([j.total_tokens for j in jobs], dtype=np.int64),
-        job_rejected=np.array([j.rejected for j in jobs], dtype=bool),
+        job_rejected=np.array([j.rejected for j in jobs], dtype=bool), kv=kv,
     )
