@@ -28,7 +28,7 @@ from llmqueue.errors import ConfigError
 from llmqueue.model.kv import DEFAULT_BLOCK_SIZE
 
 GIB = 1 << 30
-DEFAULT_UTILIZATION = 0.9        # vLLM's default --gpu-memory-utilization
+DEFAULT_UTILIZATION = 0.92       # vLLM's default (CacheConfig.gpu_memory_utilization, vllm/config/cache.py; 0.92 since at least 0.25, 0.9 earlier)
 DEFAULT_OVERHEAD_BYTES = 2 * GIB  # activations + non-torch memory: vLLM profiles it; a round allowance here
 
 
