@@ -44,10 +44,46 @@ def _ints(arg: str, flag: str) -> list[int]:
 def _real_line(summary: dict) -> str:
     r, m = summary["real"], summary["real"]["model"]
     source = r["hf_path"] or f"random weights, seed {m['seed']}"
+    pool = r.get("kv_pool", {})
+    if pool.get("kind") == "paged":
+        kv = (f"paged KV pool {pool['kv_blocks']} blocks of {pool['block_size']} tokens ({pool['usable_tokens']} "
+              f"usable, {pool['kv_policy']})")
+    else:
+        kv = f"KV pool {r['kv_capacity_tokens']} tokens"
     return (f"real engine: {m['num_params'] / 1e6:.1f} M params (hidden {m['hidden_size']}, {m['num_layers']} layers, "
             f"{m['num_heads']}/{m['num_kv_heads']} heads, {m['dtype']}, {source}); torch threads {r['torch_threads']}; "
-            f"clock {r['clock']} (timer {r['timer']}); KV pool {r['kv_capacity_tokens']} tokens "
-            f"({r['kv_pool_bytes'] / 2**20:.0f} MiB)")
+            f"clock {r['clock']} (timer {r['timer']}); {kv} ({r['kv_pool_bytes'] / 2**20:.0f} MiB)")
+
+
+#: (label, key of a summary's "kv" block, digits) of the KV quantities compared
+KV_QUANTITIES = (("preemptions", "preemptions", 0), ("preempted requests", "preempted_requests", 0),
+                 ("recomputed tokens", "recomputed_tokens", 0), ("blocks in use, peak", "peak_blocks", 0),
+                 ("blocks in use, mean", "mean_blocks", 1), ("memory-limited batches", "memory_limited_batches", 0))
+
+
+def _kv_table(rows: list[tuple[str, dict, dict[str, dict]]]) -> list[str]:
+    """Lines of a table of KV quantities: per scheduler, the real run next to each simulation
+    (``rows``: scheduler, the real summary, {label: simulated summary})."""
+    sims = list(rows[0][2])
+    head = ("scheduler", "KV quantity", "real", *(f"sim ({k})" for k in sims))
+    lines = [head]
+    for name, real, sim in rows:
+        for label, key, digits in KV_QUANTITIES:
+            lines.append((name, label, fmt(real["kv"].get(key), digits),
+                          *(fmt(sim[k]["kv"].get(key), digits) for k in sims)))
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
+    out = []
+    for i, x in enumerate(lines):
+        out.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(x, widths))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def _kv_head(summary: dict) -> str:
+    kv = summary["kv"]
+    return (f"KV memory: engine.kv_blocks = {kv['kv_blocks']} ({kv['kv_blocks'] - 1} usable) of {kv['block_size']} "
+            f"tokens, kv_policy {kv['kv_policy']}; the real engine's pool is paged and mirrors its memory model")
 
 
 def _setup(args: argparse.Namespace):
@@ -69,15 +105,23 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
     from llmqueue.runner import build_workload, generate
 
-    requests = generate(cfg, build_workload(cfg))   # the same arrivals for every scheduler
+    workload = build_workload(cfg)
+    requests = generate(cfg, workload)   # the same arrivals for every scheduler
     total = max(len(requests), 1)
     runs = []
+    sim_kv: dict[str, dict] = {}   # with engine.kv_blocks: the simulator's summary on the same requests
     interrupted = False
     try:
         for name in names:
             run = engine.run(cfg, name, requests, lambda now, n, name=name: progress(name, n / total))
             progress.done()
             runs.append(run)
+            if "kv" in run.summary:
+                from llmqueue.runner import build_engine, execute
+
+                sim = execute(cfg, build_engine(cfg, name), workload, requests).summary
+                sim_kv[name] = sim
+                run.summary["simulator_kv"] = sim["kv"]
             prefix = f"{name}_" if len(names) > 1 else ""
             write_requests_csv(out / f"{prefix}requests.csv", run.result)
             write_columns_csv(out / f"{prefix}batches.csv", run.result.batches)
@@ -95,14 +139,23 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
     else:
         print(_real_line(summaries[0]))
         print(analysis_line(runs[0]) + "  (from the config's batch-time model)")
-        print(f"horizon {runs[0].result.end_time:.0f} s of measured service time, seed {cfg.run.seed}, "
+        clock = {"measured": "measured service time", "wall": "wall time",
+                 "model": "model time (the config's batch-time model)"}[summaries[0]["real"]["clock"]]
+        print(f"horizon {runs[0].result.end_time:.0f} s of {clock}, seed {cfg.run.seed}, "
               f"{summaries[0]['arrived']} arrivals\n")
         print(table(summaries))
         for s in summaries:
             r = s["real"]
-            print(f"{s['scheduler']}: mean batch {r['mean_batch_ms']:.2f} ms, KV peak {r['kv_peak_reserved_tokens']} "
+            measured = (f" (model clock; measured {r['measured_s'] / max(s['batches'], 1) * 1e3:.2f} ms)"
+                        if r["clock"] == "model" else "")
+            print(f"{s['scheduler']}: mean batch {r['mean_batch_ms']:.2f} ms{measured}, KV peak {r['kv_peak_reserved_tokens']} "
                   f"tokens reserved, at most {r['peak_waiting_for_memory']} waiting for memory, "
                   f"{r['output_tokens']} output tokens, wall {s['wall_s']:.0f} s")
+        if sim_kv:
+            print("\n" + _kv_head(summaries[0]))
+            print("\n".join(_kv_table([(s["scheduler"], s, {"config": sim_kv[s["scheduler"]]}) for s in summaries
+                                       if s["scheduler"] in sim_kv])))
+            print("(sim (config): the simulator with the config's batch-time model on the same requests)")
     if not args.no_plot:
         from llmqueue.plots import plot_in_system
 
@@ -147,7 +200,9 @@ def cmd_engine_validate(args: argparse.Namespace) -> int:
         print(f"interrupted: {out / 'validation.json'} and the table hold the schedulers that finished",
               file=sys.stderr)
     if args.json:
-        print(json.dumps([{k: r[k] for k in ("scheduler", "relative_error")} for r in rows], default=float))
+        print(json.dumps([{**{k: r[k] for k in ("scheduler", "relative_error")},
+                           **({"kv": {"real": r["real"]["kv"], **{f"sim_{k}": s["kv"] for k, s in r["sim"].items()}}}
+                              if "kv" in r["real"] else {})} for r in rows], default=float))
         return 0
     print(_real_line(rows[0]["real"]))
     print(analysis_line(rows[0]["sim_runs"]["config"]))
@@ -164,6 +219,9 @@ def cmd_engine_validate(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(x, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if "kv" in rows[0]["real"]:
+        print("\n" + _kv_head(rows[0]["real"]))
+        print("\n".join(_kv_table([(r["scheduler"], r["real"], r["sim"]) for r in rows])))
     for r in rows:
         if "run_fit" in r["batch_time"]:
             bt = r["batch_time"]["run_fit"]

@@ -1,4 +1,4 @@
-"""Calibration: time the real model over a grid of batches (PAPER.md §7; docs/real_engine.md).
+"""Calibration: time the real model over a grid of batches (docs/real_engine.md).
 
 Each grid point is a batch of P prefill tokens (one chunk of a fresh prompt) and D decode
 tokens, one for each of D requests holding K tokens of context.  Every point is timed

@@ -1,4 +1,4 @@
-"""Fitting batch-time models to measured batches (PAPER.md §1 and §7: calibration).
+"""Fitting batch-time models to measured batches (docs/real_engine.md, Calibration).
 
 Input: :class:`Samples`, one row per measured batch — prefill tokens P, decode tokens D,
 attention pairs (see :func:`llmqueue.model.batch_time.attention_pairs`) and seconds.  Fitted:

@@ -5,7 +5,8 @@ attention and a SwiGLU MLP.  Weights are seeded random (no download) or read fro
 Hugging Face Llama folder.  :meth:`Transformer.forward` executes one packed batch: prefill
 chunks of some requests and one decode token of others, concatenated into one token matrix for
 every projection; attention runs per request against its KV run in the pool (causal within the
-request, positions continuing across chunks).  :meth:`Transformer.reference_logits` is a plain
+request, positions continuing across chunks; in a paged pool it gathers the request's slots
+through its block table).  :meth:`Transformer.reference_logits` is a plain
 unbatched forward pass without a cache, the baseline of the equivalence test.
 """
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llmqueue.checks import boolean, integer, number
-from llmqueue.errors import ConfigError
+from llmqueue.errors import ConfigError, InternalError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -107,10 +108,12 @@ def model_config(spec: Mapping | None, field: str = "real.model") -> ModelConfig
 
 
 class Chunk(NamedTuple):
-    """One request's part of a packed batch: its KV run starts at ``start`` in the pool,
-    ``context`` tokens of it are already computed, ``token_ids`` are the new tokens."""
+    """One request's part of a packed batch: ``context`` tokens of it are already computed,
+    ``token_ids`` are the new tokens.  ``start``: where its KV lives in the pool, either the
+    first slot of a contiguous run (an int) or, in a paged pool, the slot of each position
+    0 .. context + len(token_ids) - 1 (a 1-D integer tensor, from the request's block table)."""
 
-    start: int
+    start: int | torch.Tensor
     context: int
     token_ids: Sequence[int]
 
@@ -254,11 +257,20 @@ class Transformer:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        gathers: list[torch.Tensor | None] = []   # paged chunks: the slots their attention reads
         for start, context, token_ids in chunks:
             n = len(token_ids)
             ids.extend(token_ids)
             positions.extend(range(context, context + n))
-            slots.extend(range(start + context, start + context + n))
+            if isinstance(start, torch.Tensor):
+                index = start[: context + n]
+                if len(index) != context + n:
+                    raise InternalError(f"a paged chunk has {len(index)} slots for {context + n} positions")
+                slots.extend(index[context:].tolist())
+                gathers.append(index)
+            else:
+                slots.extend(range(start + context, start + context + n))
+                gathers.append(None)
         num_tokens = len(ids)
         if max(positions) >= c.max_position:
             raise ConfigError("real.model.max_position", c.max_position,
@@ -281,13 +293,16 @@ class Transformer:
             k_layer.index_copy_(1, slot_index, k.transpose(0, 1))
             v_layer.index_copy_(1, slot_index, v.transpose(0, 1))
             offset = 0
-            for (start, context, token_ids), mask in zip(chunks, masks):
+            for (start, context, token_ids), mask, index in zip(chunks, masks, gathers):
                 n = len(token_ids)
-                end = start + context + n
+                if index is None:   # a contiguous run: a view
+                    end = start + context + n
+                    keys, values = k_layer[:, start:end], v_layer[:, start:end]
+                else:               # paged: gather the request's slots through its block table
+                    keys, values = k_layer.index_select(1, index), v_layer.index_select(1, index)
                 out = F.scaled_dot_product_attention(
                     q[offset: offset + n].transpose(0, 1).unsqueeze(0),
-                    k_layer[:, start:end].unsqueeze(0), v_layer[:, start:end].unsqueeze(0),
-                    attn_mask=mask, enable_gqa=gqa)
+                    keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, enable_gqa=gqa)
                 attn[offset: offset + n] = out[0].transpose(0, 1)
                 offset += n
             x = x + F.linear(attn.view(num_tokens, h_q * d), w_o)
