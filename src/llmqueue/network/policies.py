@@ -203,12 +203,16 @@ class GroupedScheduler(Scheduler):
             view.prefilling, view.decoding, view.total_prefill_left = (self.prefilling[g], self.decoding[g],
                                                                        self.prefill_left[g])
             part = self.inner.plan(view)
-            if batch.add_decodes(part.decode) != len(part.decode):
-                raise InternalError(f"{self.name}: a group's decodes did not fit the room it was given")
-            for request, chunk in part.prefill:
-                if batch.add_prefill(request, split=True, max_chunk=chunk) != chunk:
-                    raise InternalError(f"{self.name}: a group's prefill chunk did not fit the room it was given")
+            self._add(batch, part)
         return batch.build()
+
+    def _add(self, batch, part: BatchPlan) -> None:
+        """A group's plan into the engine's batch; it was planned within the room left, so it fits."""
+        if batch.add_decodes(part.decode) != len(part.decode):
+            raise InternalError(f"{self.name}: a group's decodes did not fit the room it was given")
+        for request, chunk in part.prefill:
+            if batch.add_prefill(request, split=True, max_chunk=chunk) != chunk:
+                raise InternalError(f"{self.name}: a group's prefill chunk did not fit the room it was given")
 
     def _plan_kv(self, state: EngineState) -> BatchPlan:
         """:meth:`plan` with KV memory (module docstring): each group planned with the memory rules
@@ -247,11 +251,7 @@ class GroupedScheduler(Scheduler):
             view.prefilling, view.decoding, view.total_prefill_left = prefilling, decoding, left
             view.kv_used = used
             part = self.inner.plan(view)
-            if batch.add_decodes(part.decode) != len(part.decode):
-                raise InternalError(f"{self.name}: a group's decodes did not fit the room it was given")
-            for request, chunk in part.prefill:
-                if batch.add_prefill(request, split=True, max_chunk=chunk) != chunk:
-                    raise InternalError(f"{self.name}: a group's prefill chunk did not fit the room it was given")
+            self._add(batch, part)
             used += _blocks_taken(kv, part)
             for victim in part.preempted:
                 used -= kv.blocks_for(seq_len(victim) - victim.prefill_left)
