@@ -298,6 +298,8 @@ def test_bad_kv_input_is_the_simulators_error(tiny):
         _config(kv_blocks=1)
     with pytest.raises(ConfigError, match="engine.kv_policy"):
         _config(kv_policy="swap")
+    with pytest.raises(ConfigError, match="engine.prefix_caching.*real engine"):
+        RealEngine(settings, model=tiny).run(_config(prefix_caching=True))
 
 
 def test_engine_commands_print_kv_next_to_the_simulator(tmp_path, capsys):

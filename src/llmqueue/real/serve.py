@@ -513,6 +513,9 @@ class RealEngine:
         name = scheduler or config.engine["scheduler"]
         options = config.scheduler_options if name == config.engine["scheduler"] else {}
         kv = make_kv(config.engine)
+        if kv is not None and getattr(kv, "prefix_caching", False):
+            raise ConfigError("engine.prefix_caching", True, "false on the real engine (its paged pool gives every "
+                              "request its own blocks: no shared, cached prefix blocks); the simulator models it")
         timer = TIMERS[self.settings.timer]
         if kv is None:
             pool = self.pool = KVPool(self.model.config, self.settings.kv_capacity_tokens)  # empty pool per run

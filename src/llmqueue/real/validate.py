@@ -4,7 +4,9 @@ The real engine runs the config's generated requests with each scheduler; the si
 the same requests with the config's batch-time model (normally a grid calibration) and, with
 ``refit``, also with a ``prefill_decode`` + context model fitted to the real run's own batches
 (which separates the queueing model's error from the calibration's drift on a noisy
-machine).  Errors are relative: (sim − real) / real.
+machine).  Errors are relative: (sim − real) / real.  With ``engine.kv_blocks`` both sides
+have KV memory (the real engine a paged pool that mirrors the engine's memory model), and each
+summary's ``kv`` block (preemptions, recomputed tokens, blocks in use) is compared too.
 """
 
 from __future__ import annotations
