@@ -48,7 +48,7 @@ from llmqueue.real import split_engine_config
 from llmqueue.real.kvcache import KVPool, PagedKVPool, consecutive
 from llmqueue.real.model import Chunk, ModelConfig, Transformer, model_config
 from llmqueue.model.request import Request
-from llmqueue.runner import Run, _check_cache, analysis_of, batch_time_of, build_workload, generate
+from llmqueue.runner import Run, analysis_of, batch_time_of, build_workload, check_cache, generate
 from llmqueue.schedulers import make_scheduler
 from llmqueue.schedulers.plan import seq_len
 from llmqueue.core.simulator import BATCH_COLUMNS, Result, kv_record, request_times
@@ -526,7 +526,7 @@ class RealEngine:
         engine = Engine(make_scheduler(name, **options), config.engine["token_budget"],
                         MeasuredBatchTime(executor, batch_time_of(config), self.settings.clock),
                         config.engine.get("max_batch_requests"), kv)
-        _check_cache(engine, workload)   # the simulator's refusal of a cache too small for a mean request
+        check_cache(engine.kv, workload)   # the simulator's refusal of a cache too small for a mean request
         executor.warm_up(self.settings.warmup_batches, config.engine["token_budget"])
         rc = config.run
         result = serve(engine, executor, requests, clock=self.settings.clock, horizon_s=rc.horizon_s,
