@@ -289,3 +289,11 @@ def test_cli_prints_memory(capsys, tmp_path):
     assert main(["network", "simulate", str(path), "--set", "run.horizon_s=10"]) == 0
     out = capsys.readouterr().out
     assert "KV-cache memory (reference loop" in out and "preemptions (visits)" in out
+
+
+def test_unknown_engine_key_lists_every_key_an_engine_takes(capsys):
+    from llmqueue.cli import main
+
+    assert main(["simulate", "fork-join", "--set", "engines.0.foo=1"]) == 2
+    err = capsys.readouterr().err
+    assert "engines[0].foo = 1 is not allowed" in err and "kv_blocks" in err and "token_budget" in err

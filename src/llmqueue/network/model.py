@@ -249,7 +249,7 @@ def _engine(t: dict, where: str, class_names: list[str], base_dir: Path | None =
     if custom.is_reference(name) and name not in SCHEDULERS:
         name = custom.resolve(name, base_dir)   # absolute: the run may start in another folder
     options = {k: v for k, v in t.items() if k not in ENGINE_KEYS}
-    _check_keys(options, set(cls.options), where)
+    _check_keys(options, ENGINE_KEYS | set(cls.options), where)   # the message lists every key an engine takes
     try:
         custom.build(cls, options, f"{where}.scheduler")
     except ConfigError as exc:  # re-word "engine.X" as "engines[i].X"
