@@ -28,7 +28,7 @@ OUTPUT = make_length({"dist": "geometric", "mean": 50}, field="output", minimum=
 FIXED = make_length({"dist": "fixed", "value": 600}, field="prompt", minimum=1)
 
 
-def _run(requests, blocks, *, prefix, scheduler="vllm-v1", checks=False, **kw):
+def _run(requests, blocks, *, prefix, scheduler="vllm-v1", checks=None, **kw):
     engine = Engine(make_scheduler(scheduler), 512, BT, kv=KVCache(blocks, 16, prefix_caching=prefix),
                     checks=checks)
     return engine, simulate(engine, requests, **kw)
@@ -197,3 +197,35 @@ def test_expected_hit_and_capacity_against_simulation():
     assert served == pytest.approx(offered, rel=0.05)
     off = simulate(Engine(make_scheduler("vllm-v1"), 512, BT, kv=KVCache(20000, 16)), requests)
     assert np.isnan(off.finish_time).sum() > 10 * max(1, np.isnan(r.finish_time).sum())   # off is overloaded
+
+
+def test_stepper_with_content_matches_simulate(monkeypatch):
+    """A stepped run (the agent networks' engine interface) given the same content runs the same
+    batches as simulate; also under LLMQUEUE_CHECKS (the engine's CHECKS default)."""
+    from llmqueue.core import engine as engine_module
+    from llmqueue.core.stepper import Stepper
+
+    monkeypatch.setattr(engine_module, "CHECKS", True)
+    requests = Workload(PoissonArrivals(6.0), PROMPT, OUTPUT, SharedPrefix(256, 2)).generate(8, num_requests=150)
+    engine, r = _run(requests, 300, prefix=True, drain=True)
+    assert engine.checks
+    stepper = Stepper(Engine(make_scheduler("vllm-v1"), 512, BT, kv=KVCache(300, 16, prefix_caching=True)))
+    assert stepper.method == "reference (prefix caching runs on the reference interpreter)"
+    content = [requests.content[i] for i in range(len(requests))]
+    stepper.admit(requests.arrival_time, requests.num_prompt_tokens, requests.num_output_tokens, content)
+    done = stepper.advance(float("inf"))
+    np.testing.assert_array_equal(done.finish_time, r.finish_time[done.finished])
+    assert len(done.finished) == len(requests) and stepper.engine.pool.hits == r.kv.prefix["hits"] > 0
+    with pytest.raises(ConfigError, match="prefix_caching"):
+        Stepper(Engine(make_scheduler("vllm-v1"), 512, BT, kv=KVCache(300, 16))).admit([0.0], [10], [1], [None])
+
+
+def test_trace_with_shared_prefix():
+    from llmqueue.model.workload import Trace
+
+    base = Requests(np.array([0.0, 0.5, 1.0, 1.5]), np.array([100, 200, 50, 300]), np.array([5, 5, 5, 5]))
+    trace = Trace(base, "t.csv", "vidur", 4, 0, 0, 0, 0)
+    requests = Workload(trace, shared_prefix={"tokens": 64, "groups": 1}).generate(0)
+    assert [requests.content[i] for i in range(4)] == [((("system", 0), n),) for n in (64, 64, 50, 64)]
+    engine, r = _run(requests, 100, prefix=True, drain=True)
+    assert list(r.kv.hit_tokens) == [0, 64, 48, 64]   # ⌊min(64, l − 1)/16⌋·16 for l = 200, 50, 300

@@ -18,6 +18,7 @@ import numpy as np
 from llmqueue.core import fastcore
 from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
+from llmqueue.model.kv import check_content
 from llmqueue.model.request import Request
 
 
@@ -33,6 +34,13 @@ class Advanced:
     rejected: np.ndarray
     batch_end_time: np.ndarray
     batch_tokens: np.ndarray
+
+
+class _Contents(dict):
+    """Request id -> content, None for a request given none."""
+
+    def __missing__(self, rid):
+        return None
 
 
 class Stepper:
@@ -57,10 +65,11 @@ class Stepper:
         self._requests: dict[int, Request] = {}   # reference: requests inside the engine, by id
         self._durations = np.asarray(engine.durations, dtype=np.float64)
 
-    def admit(self, arrival_time, num_prompt_tokens, num_output_tokens) -> np.ndarray:
+    def admit(self, arrival_time, num_prompt_tokens, num_output_tokens, content=None) -> np.ndarray:
         """Queue requests that arrive at these times (non-decreasing, none before an earlier
         one); a request arriving before the engine's time joins its next batch boundary.
-        Returns their ids (0, 1, ... in admission order)."""
+        Returns their ids (0, 1, ... in admission order).  ``content`` (prefix caching,
+        docs/prefix_caching.md): one content description per request (a tuple of spans, or None)."""
         times = np.atleast_1d(np.asarray(arrival_time, dtype=np.float64))
         prompts = np.atleast_1d(np.asarray(num_prompt_tokens, dtype=np.int64))
         outputs = np.atleast_1d(np.asarray(num_output_tokens, dtype=np.int64))
@@ -75,6 +84,17 @@ class Stepper:
             raise ConfigError("admit.num_prompt_tokens", prompts.tolist()[:5],
                               "prompts of at least 1 token and outputs of at least 0")
         rids = np.arange(self._next_rid, self._next_rid + len(times), dtype=np.int64)
+        if content is not None:
+            if getattr(self.engine, "pool", None) is None:
+                raise ConfigError("admit.content", "given", "an engine with prefix_caching = true (else "
+                                  "nothing is shared and the content has no effect)")
+            if len(content) != len(times):
+                raise ConfigError("admit.content", len(content), f"one content per request ({len(times)})")
+            if self.engine.contents is None:
+                self.engine.contents = _Contents()
+            for rid, c, prompt in zip(rids.tolist(), content, prompts.tolist()):
+                if c is not None:
+                    self.engine.contents[rid] = check_content(c, prompt, "admit.content")
         self._next_rid += len(times)
         self._last_arrival = float(times[-1])
         self._arrivals.append(times)

@@ -398,21 +398,23 @@ class PrefixMemory(Memory):
 
     def grow(self, request, n: int) -> bool:
         pool = self.pool
-        done = seq_len(request) - request.prefill_left
-        need = pool.blocks_for(done + n) - len(request.blocks)
-        while need > pool.free:
-            self.limited = True
-            victim = self._tail()
-            self.running.remove(victim)
-            self.gone.add(id(victim))
-            self.preempted.append(victim)
-            pool.free_request(victim)     # vLLM's _preempt_request frees at once
-            if victim is request:
-                self.stopped = True
-                return False
+        size = pool.block_size
+        end = seq_len(request) - request.prefill_left + n
+        need = -(-end // size) - len(request.blocks)
         if need > 0:
+            while need > pool.fresh + len(pool.lru):
+                self.limited = True
+                victim = self._tail()
+                self.running.remove(victim)
+                self.gone.add(id(victim))
+                self.preempted.append(victim)
+                pool.free_request(victim)     # vLLM's _preempt_request frees at once
+                if victim is request:
+                    self.stopped = True
+                    return False
             pool.allocate(request, need)
-        pool.cache_blocks(request, done + n)
+        if end // size > request.ncached:   # a block became full: cache it
+            pool.cache_blocks(request, end)
         self.served.add(id(request))
         return True
 
