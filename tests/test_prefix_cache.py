@@ -229,3 +229,13 @@ def test_trace_with_shared_prefix():
     assert [requests.content[i] for i in range(4)] == [((("system", 0), n),) for n in (64, 64, 50, 64)]
     engine, r = _run(requests, 100, prefix=True, drain=True)
     assert list(r.kv.hit_tokens) == [0, 64, 48, 64]   # ⌊min(64, l − 1)/16⌋·16 for l = 200, 50, 300
+
+
+def test_eviction_takes_fresh_blocks_first_then_the_tail():
+    """The engine on the oracle's hand-checked case (tests/test_vllm_oracle.py): 5 usable blocks of 4;
+    the second request evicts the tail of the first one's cached prompt, so the third finds one block."""
+    same = Requests(np.array([0.0, 1.0, 2.0]), np.array([10, 13, 10]), np.array([0, 0, 0]),
+                    [(("P", 10),), None, (("P", 10),)])
+    engine = Engine(make_scheduler("vllm-v1"), 64, BT, kv=KVCache(6, 4, prefix_caching=True), checks=True)
+    r = simulate(engine, same, drain=True)
+    assert list(r.kv.hit_tokens) == [0, 0, 4] and r.kv.prefix["evictions"] == 2   # 1 by each later request

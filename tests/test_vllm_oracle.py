@@ -351,3 +351,45 @@ def test_oracle_invariants_step_by_step():
         n_steps += 1
     assert all(r.status == FINISHED for r in o.requests.values())
     assert sum(r.num_preemptions for r in o.requests.values()) > 50
+
+
+# ---- the prefix-caching oracle on hand-checked cases ---------------------------------------------
+
+def _serve(oracle, rid):
+    """Schedule and run steps until request ``rid`` finishes."""
+    while oracle.requests[rid].status != "FINISHED":
+        record = oracle.schedule()
+        oracle.update_from_output(record)
+        oracle.check_invariants()
+
+
+def test_prefix_oracle_hits_at_most_num_tokens_minus_one():
+    from tests.vllm_oracle import VllmPrefixOracle
+
+    o = VllmPrefixOracle(num_gpu_blocks=20, block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
+    o.add_request(0, list(range(1, 11)), 1)          # 10 tokens: blocks [1-4], [5-8] cached
+    _serve(o, 0)
+    o.add_request(1, list(range(1, 9)) + [100, 101], 1)
+    o.add_request(2, list(range(1, 9)), 1)           # exactly 2 blocks: the last token is computed
+    o.add_request(3, [1, 2, 3, 9, 9, 9], 1)          # differs inside block 0: no hit
+    _serve(o, 1), _serve(o, 2), _serve(o, 3)
+    assert o.hits_per_request == {0: [0], 1: [8], 2: [4], 3: [0]}
+    assert o.stats["queries"] == 10 + 10 + 8 + 6 and o.stats["hits"] == 12
+
+
+def test_prefix_oracle_evicts_fresh_first_then_tail_first():
+    """5 usable blocks of 4.  Request 0 (10 tokens) leaves 2 cached free blocks and 3 fresh ones;
+    request 1 needs 4 new blocks: the 3 fresh ones, then it evicts the *tail* of request 0 (freed
+    in reverse order), so request 0's prompt again finds only its first block."""
+    from tests.vllm_oracle import VllmPrefixOracle
+
+    o = VllmPrefixOracle(num_gpu_blocks=6, block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
+    o.add_request(0, list(range(1, 11)), 1)
+    _serve(o, 0)
+    assert o.free_blocks() == 5 and o.cached_free_blocks() == 2 and o.evictions == 0
+    o.add_request(1, list(range(50, 63)), 1)         # 13 tokens: 4 blocks
+    _serve(o, 1)
+    assert o.evictions == 1
+    o.add_request(2, list(range(1, 11)), 1)
+    _serve(o, 2)
+    assert o.hits_per_request[2] == [4] and o.evictions == 2   # its second block: one fresh, one evicted
