@@ -117,3 +117,63 @@ def test_python_planned_policy_with_memory_is_a_clear_error(capsys):
     err = capsys.readouterr().err
     assert code == 2 and "engine.kv_blocks = 2000 is not allowed" in err and "plans in Python" in err
     assert "Traceback" not in err
+
+
+PREFIX = {
+    "engine": {"scheduler": "sarathi", "token_budget": 512, "kv_blocks": 3000, "prefix_caching": True},
+    "workload": {"arrival": "poisson", "rate": 8.0, "shared_prefix": {"tokens": 512, "groups": 4},
+                 "prompt": {"dist": "uniform", "low": 300, "high": 900}, "output": {"dist": "geometric", "mean": 50}},
+    "run": {"horizon_s": 120.0, "seed": 0},
+}
+
+
+def _prefix_run(**engine):
+    import copy
+
+    from llmqueue.config import parse_config
+
+    data = copy.deepcopy(PREFIX)
+    data["engine"].update(engine)
+    return run_config(parse_config(data))
+
+
+def test_shared_prefix_from_the_config_is_found_cached_and_is_not_backlog():
+    """8 req/s is 1.56x λ* without the cache (5.14) but below λ* with it (18.71): the run keeps up,
+    and tokens found in the cache never count as backlog."""
+    on = _prefix_run()
+    s = on.summary
+    pc = s["kv"]["prefix_caching"]
+    assert pc["hit_rate"] > 0.5 and pc["saved_prefill_tokens"] > 0
+    assert s["predicted"] == "not predicted (prefix caching)"
+    assert s["prefix"]["max_stable_rate_rps"] == pytest.approx(5.1429, abs=1e-3)
+    assert s["prefix"]["max_stable_rate_prefix_rps"] == pytest.approx(18.715, abs=1e-3)
+    assert s["verdict"] == "stable" and abs(s["backlog_slope_tokens_per_s"]) < 20
+    first = on.result.kv.first_hit_tokens
+    assert first.sum() <= on.result.kv.hit_tokens.sum() and first.sum() > 0
+    off = _prefix_run(prefix_caching=False).summary
+    assert off["predicted"] == "unstable" and off["verdict"] == "unstable"
+
+
+def test_prefix_prediction_above_the_cached_bound_is_unstable():
+    import copy
+
+    from llmqueue.config import parse_config
+
+    data = copy.deepcopy(PREFIX)
+    data["workload"]["rate"] = 20.0
+    data["run"]["horizon_s"] = 30.0
+    s = run_config(parse_config(data)).summary
+    assert s["predicted"] == "unstable" and "even with every shared block" in s["prefix"]["reason"]
+
+
+def test_capacity_reports_the_prefix_bound_not_the_memory_bounds(tmp_path, capsys):
+    from llmqueue.config import dumps
+
+    cfg = tmp_path / "pc.toml"
+    cfg.write_text(dumps(PREFIX))
+    assert main(["capacity", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "Prefix caching" in out and "18.7146 requests/s" in out and "KV-cache memory" not in out
+    assert main(["capacity", str(cfg), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["prefix"]["mean_hit"] == pytest.approx(471.37, abs=0.01) and "memory" not in d

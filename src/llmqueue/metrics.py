@@ -56,7 +56,10 @@ class _Backlog:
     def __init__(self, result: Result) -> None:
         keep = _served(result)
         self.arrivals = result.arrival_time[keep]
-        self.arrived = np.concatenate(([0], np.cumsum(result.num_prompt_tokens[keep] + result.num_output_tokens[keep])))
+        work = result.num_prompt_tokens[keep] + result.num_output_tokens[keep]
+        if result.kv is not None and result.kv.first_hit_tokens is not None:   # found cached: never processed
+            work = work - result.kv.first_hit_tokens[keep]
+        self.arrived = np.concatenate(([0], np.cumsum(work)))
         self.ends = result.batch_end_time
         useful = result.batch_tokens if result.kv is None else result.batch_tokens - result.kv.batch_recomputed
         self.processed = np.concatenate(([0], np.cumsum(useful)))   # recomputed tokens are no progress

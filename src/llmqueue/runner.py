@@ -27,6 +27,7 @@ from llmqueue.model.workload import (
     load_trace,
     make_arrivals,
     make_length,
+    make_shared_prefix,
 )
 
 Progress = Callable[[str, float], None]  # (scheduler, fraction done)
@@ -67,7 +68,7 @@ def build_workload(config: Config) -> Workload:
                            on_bad_row=w.get("on_bad_row", "error"))
         prompt = make_length(w["prompt"], field="workload.prompt", minimum=1, base_dir=config.base_dir) if "prompt" in w else None
         output = make_length(w["output"], field="workload.output", minimum=0, base_dir=config.base_dir) if "output" in w else None
-        return Workload(trace, prompt, output)
+        return Workload(trace, prompt, output, make_shared_prefix(w.get("shared_prefix")))
     prompt = make_length(w["prompt"], field="workload.prompt", minimum=1, base_dir=config.base_dir)
     output = make_length(w["output"], field="workload.output", minimum=0, base_dir=config.base_dir)
     rate = w.get("rate")
@@ -75,7 +76,7 @@ def build_workload(config: Config) -> Workload:
         analysis = analyze(batch_time_of(config), config.engine["token_budget"], 1.0, prompt.mean, output.mean)
         rate = w["load"] * analysis.max_stable_rate_rps
     spec = {"arrival": w["arrival"], "rate": rate, **({"cv": w["cv"]} if "cv" in w else {})}
-    return Workload(make_arrivals(spec), prompt, output)
+    return Workload(make_arrivals(spec), prompt, output, make_shared_prefix(w.get("shared_prefix")))
 
 
 def analysis_of(config: Config, workload: Workload) -> Analysis:
@@ -130,6 +131,9 @@ def _memory_prediction(config: Config, summary: dict, workload: Workload, analys
     """
     if config.engine.get("kv_blocks") is None:
         return
+    if config.engine.get("prefix_caching"):
+        _prefix_prediction(config, summary, workload, analysis)
+        return
     m = memory_of(config, workload)
     lam = analysis.arrival_rate
     nec, suff = m.memory_necessary_blocks_rps, m.memory_sufficient_blocks_rps
@@ -157,6 +161,40 @@ def _memory_prediction(config: Config, summary: dict, workload: Workload, analys
                          "binding": m.binding, "max_stable_rate_rps": m.max_stable_rate_rps,
                          "memory_rho": m.memory_rho, "memory_bound_tokens_per_s": nec * m.mean_request_tokens,
                          "reason": reason}
+
+
+def prefix_of(config: Config, workload: Workload):
+    """Theorem 2's λ* with the tokens a shared prefix finds in the cache (docs/prefix_caching.md),
+    for a config with ``engine.prefix_caching``; E[h] = 0 without ``workload.shared_prefix``."""
+    from llmqueue.analysis.prefix import expected_hit, prefix_capacity
+    from llmqueue.model.kv import DEFAULT_BLOCK_SIZE
+
+    shared = workload.shared_prefix
+    hit = 0.0
+    if shared is not None:
+        prompt = workload.prompt if workload.prompt is not None else workload.arrivals.requests.num_prompt_tokens
+        hit = expected_hit(prompt, shared.tokens, config.engine.get("block_size", DEFAULT_BLOCK_SIZE))
+    return prefix_capacity(batch_time_of(config), config.engine["token_budget"], workload.mean_prompt_len,
+                           workload.mean_output_len, hit)
+
+
+def _prefix_prediction(config: Config, summary: dict, workload: Workload, analysis: Analysis) -> None:
+    """With prefix caching, requests share blocks and skip the cached part of their prompts, so
+    neither Theorem 2's λ* nor the memory bound applies as it stands.  Even if every request found
+    its group's whole prefix cached, λ above (b_max/t_{b_max}) / (m_p + m_d − E[h]) is unstable;
+    below it nothing is predicted."""
+    p = prefix_of(config, workload)
+    lam = analysis.arrival_rate
+    if lam > p.max_stable_rate_prefix_rps:
+        summary["predicted"] = UNSTABLE
+        reason = (f"λ = {lam:.4g} req/s is above λ* = {p.max_stable_rate_prefix_rps:.4g} req/s even with every "
+                  f"shared block found in the cache (E[h] = {p.mean_hit:.1f} tokens per request)")
+    else:
+        summary["predicted"] = "not predicted (prefix caching)"
+        reason = (f"λ = {lam:.4g} req/s is below λ* = {p.max_stable_rate_prefix_rps:.4g} req/s with every shared "
+                  f"block found in the cache (E[h] = {p.mean_hit:.1f}; without the cache λ* = "
+                  f"{p.max_stable_rate_rps:.4g}); shared blocks must stay cached and memory binds: the simulator decides")
+    summary["prefix"] = {**p.to_dict(), "reason": reason}
 
 
 def check_cache(kv, workload: Workload) -> None:
@@ -212,4 +250,5 @@ def compare(config: Config, schedulers: Iterable[str], progress: Progress | None
     return runs
 
 
-__all__ = ["Run", "build_engine", "build_workload", "check_cache", "compare", "execute", "memory_of", "run_config"]
+__all__ = ["Run", "build_engine", "build_workload", "check_cache", "compare", "execute", "memory_of", "prefix_of",
+           "run_config"]

@@ -121,12 +121,15 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 def table(summaries: Sequence[dict]) -> str:
     """One row per run; with KV memory also preemptions, mean cache use and the share of work
-    recomputed, and a rejected column whenever a run rejected anything."""
+    recomputed (with prefix caching the hit rate of vLLM's counters), and a rejected column
+    whenever a run rejected anything."""
     head = ["scheduler", "verdict", "theory", "req/s", "tok/s", "slope tok/s", "in-sys mean",
             "in-sys final", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "violations"]
     kv = any("kv" in s for s in summaries)
+    prefix = any("prefix_caching" in s.get("kv", {}) for s in summaries)
     rejected = any(s.get("rejected") for s in summaries)
     head += ["preempt", "KV use", "recomp"] if kv else []
+    head += ["prefix hit"] if prefix else []
     head += ["rejected"] if rejected else []
     rows = [tuple(head)]
     for s in summaries:
@@ -139,6 +142,9 @@ def table(summaries: Sequence[dict]) -> str:
             k = s.get("kv")
             row += ([str(k["preemptions"]), f"{k['mean_utilisation']:.0%}", f"{k['recompute_share']:.1%}"]
                     if k else ["-", "-", "-"])
+        if prefix:
+            p = s.get("kv", {}).get("prefix_caching")
+            row.append(f"{p['hit_rate']:.0%}" if p else "-")
         if rejected:
             arrived = max(s["arrived"], 1)
             row.append(f"{s['rejected']} ({s['rejected'] / arrived:.0%})" if s["rejected"] else "0")
@@ -159,6 +165,10 @@ def analysis_line(run) -> str:
 
 def _memory_note(summary: dict) -> str:
     """With KV memory: the memory bound next to Theorem 2's, and what the prediction rests on."""
+    p = summary.get("prefix")
+    if p is not None:
+        return (f"\nprefix caching: E[h] = {p['mean_hit']:.1f} tokens per request found cached at best, "
+                f"λ* = {p['max_stable_rate_prefix_rps']:.3f} req/s with them; {p['reason']}")
     m = summary.get("memory")
     if m is None:
         return ""

@@ -127,7 +127,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_capacity(args: argparse.Namespace) -> int:
     if network.is_network_source(args.config):  # [[engines]]: traffic equations (PAPER.md §6)
         return network.cmd_capacity(args)
-    from llmqueue.runner import analysis_of, build_workload
+    from llmqueue.runner import analysis_of, build_workload, prefix_of
 
     cfg = config_from(args.config, args.set)
     workload = build_workload(cfg)
@@ -136,9 +136,13 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         from llmqueue.cli.region import capacity_report
 
         return capacity_report(cfg, a, args.json)
-    memory = memory_of(cfg, workload) if cfg.engine.get("kv_blocks") is not None else None  # docs/memory.md
+    prefix = prefix_of(cfg, workload) if cfg.engine.get("prefix_caching") else None      # docs/prefix_caching.md
+    # the memory bounds count every request's blocks as its own: with shared blocks they bound nothing
+    memory = memory_of(cfg, workload) if cfg.engine.get("kv_blocks") is not None and prefix is None else None
     if args.json:
-        print(json.dumps(a.to_dict() if memory is None else {**a.to_dict(), "memory": memory.to_dict()}))
+        extra = {**({"memory": memory.to_dict()} if memory is not None else {}),
+                 **({"prefix": prefix.to_dict()} if prefix is not None else {})}
+        print(json.dumps({**a.to_dict(), **extra}))
         return 0
     rows = [("token budget b_max", f"{a.token_budget}"),
             ("batch time t(b_max)", f"{a.batch_time_s * 1e3:.3f} ms"),
@@ -162,6 +166,20 @@ def cmd_capacity(args: argparse.Namespace) -> int:
             print(f"{k:<{width}}  {v}")
         for note in memory.notes:
             print(f"note: {note}")
+    if prefix is not None:
+        print("\nPrefix caching (docs/prefix_caching.md)")
+        shared = workload.shared_prefix
+        rows = [("shared prefix", "none: only a preempted request's own blocks can be found again" if shared is None
+                 else f"{shared.tokens} tokens, one of {shared.groups} per request"),
+                ("found cached E[h]", f"{prefix.mean_hit:.2f} tokens per request (steady state, every group cached)"),
+                ("computed per request", f"{prefix.computed_per_request:.2f} tokens (m_p + m_d − E[h])"),
+                ("λ* with the cache", f"{prefix.max_stable_rate_prefix_rps:.4f} requests/s ({prefix.gain:.3f}x; "
+                                      "necessary: above it no scheduler is stable)")]
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+        print("note: no memory bounds: they count every request's blocks as its own, but shared blocks are held "
+              "once (docs/memory.md)")
     return 0
 
 

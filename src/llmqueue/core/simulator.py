@@ -74,6 +74,7 @@ class KVRecord:
     memory_limited: int                  # batches memory kept below the work-conserving bound
     # prefix caching (docs/prefix_caching.md); None when it is off
     hit_tokens: np.ndarray | None = None  # int64 per request: tokens found in the cache (all admissions)
+    first_hit_tokens: np.ndarray | None = None  # int64 per request: found at its first admission
     prefix: dict | None = None           # the pool's counters: vLLM's queries/hits, evictions, cached blocks
 
 
@@ -159,6 +160,10 @@ def kv_record(engine: Engine, admitted: Sequence[Request], n: int) -> KVRecord:
             if r.hit:
                 hits[r.rid] = r.hit
         record.hit_tokens = hits
+        first = np.zeros(n, dtype=np.int64)
+        for rid, hit in engine.pool.first_hits.items():
+            first[rid] = hit
+        record.first_hit_tokens = first
         record.prefix = engine.pool.stats()
     return record
 

@@ -223,6 +223,9 @@ class PrefixPool:
         self.requests = self.queries = self.hits = 0
         self.preempted_requests = self.preempted_queries = self.preempted_hits = 0
         self.evictions = 0
+        # tokens each request found cached at its first admission (rid -> tokens): work it never
+        # has to do, unlike a preempted request's hits, which spare a recompute (metrics' backlog)
+        self.first_hits: dict[int, int] = {}
 
     # the KVCache interface
     def blocks_for(self, tokens: int) -> int:

@@ -445,6 +445,8 @@ class PrefixMemory(Memory):
         if hit:
             request.prefill_left -= hit      # found in the cache: computed without being in a batch
             request.hit += hit
+            if not request.preemptions:
+                pool.first_hits[request.rid] = hit
             self.state.total_prefill_left -= hit
         self.served.add(id(request))
         self.running.append(request)
