@@ -488,3 +488,25 @@ def test_stepper_refuses_bad_admissions():
         stepper.admit([3.0], [0], [1])
     step = stepper.advance(float("inf"))
     assert step.finished.tolist() == [0, 1] and stepper.num_in_engine == 0
+
+
+@needs_core
+@pytest.mark.parametrize("kv", [{}, {"kv_blocks": 600}], ids=["no-kv", "kv"])
+def test_an_overloaded_compiled_run_leaves_the_queues_lazily_and_exactly(kv):
+    """The compiled run's final queues become Request objects when first read (fastcore.LazyQueues):
+    the same state as the reference loop's, and stepping on from it gives the same batches."""
+    data = {"engine": {"scheduler": "sarathi", **kv}, "workload": {"load": 1.3}, "run": {"horizon_s": 120.0, "seed": 2}}
+    cfg = parse_config(data)
+    requests = generate(cfg, build_workload(cfg))
+    fast, ref = build_engine(cfg), build_engine(cfg)
+    simulate(fast, requests, horizon_s=120.0)
+    simulate(ref, requests, horizon_s=120.0, method="reference")
+    assert isinstance(fast.state, fastcore.LazyQueues) and fast.state._pending is not None
+    assert engine_state(fast) == engine_state(ref) and len(fast.state.prefilling) > 50
+    assert fast.state._pending is None and fast.state.kv_used == ref.state.kv_used
+    now_f = now_r = 120.5
+    for _ in range(20):
+        a, b = fast.step(now_f), ref.step(now_r)
+        assert (a.end_time, a.plan.num_tokens) == (b.end_time, b.plan.num_tokens)
+        now_f, now_r = a.end_time, b.end_time
+    assert engine_state(fast) == engine_state(ref)

@@ -24,7 +24,7 @@ import numpy as np
 
 from llmqueue.core.engine import Engine
 from llmqueue.errors import InternalError
-from llmqueue.schedulers import Scheduler
+from llmqueue.schedulers import EngineState, Scheduler
 from llmqueue.schedulers.plan import NO_LIMIT
 from llmqueue.model.request import Request
 from llmqueue.model.workload import Requests
@@ -231,33 +231,65 @@ def call(engine: Engine, arrivals: np.ndarray, prompts: np.ndarray, outputs: np.
 
 def _requests(c: Call, local: np.ndarray) -> list[Request]:
     """``Request`` objects for these requests of a call, in their state at its end."""
+    return _build(_slice(c, local))
+
+
+def _slice(c: Call, local: np.ndarray) -> tuple:
+    """What :func:`_build` needs of these requests of a call, as arrays of their own (the call's
+    arrays can then go)."""
+    k = c.kv
+    kv = None if k is None else tuple(a[local] for a in (k.stamp, k.preemptions, k.peak, k.recomputed))
+    return (c.rid[local], c.arrival_time[local], c.num_prompt_tokens[local], c.num_output_tokens[local],
+            c.prefill_left[local], c.decode_left[local], c.first_token_time[local], kv)
+
+
+def _build(sliced: tuple) -> list[Request]:
+    rid, arrival, p, o, pl, dl, f, kv = sliced
     # perf: an unstable run can end with most requests still queued; build them with map()
     # and set state only on those that moved (started prefill or decode).
-    p, o = c.num_prompt_tokens[local], c.num_output_tokens[local]
-    out = list(map(Request, c.rid[local].tolist(), c.arrival_time[local].tolist(), p.tolist(), o.tolist()))
-    pl, dl, f = c.prefill_left[local], c.decode_left[local], c.first_token_time[local]
+    out = list(map(Request, rid.tolist(), arrival.tolist(), p.tolist(), o.tolist()))
     for j in np.flatnonzero((pl != p) | (dl != o)).tolist():
         out[j].prefill_left = int(pl[j])
         out[j].decode_left = int(dl[j])
     for j in np.flatnonzero(~np.isnan(f)).tolist():  # prefill done: it has its first token
         out[j].first_token_time = float(f[j])
-    if c.kv is not None:   # KV memory: admission order, preemptions, peak, recomputed tokens
-        k = c.kv
+    if kv is not None:   # KV memory: admission order, preemptions, peak, recomputed tokens
+        stamp, preemptions, peak, recomputed = kv
         # perf: only requests ever admitted have any (an overloaded run leaves a long queue)
-        for j in np.flatnonzero(k.stamp[local] != 0).tolist():
-            i = int(local[j])
-            out[j].stamp, out[j].preemptions = int(k.stamp[i]), int(k.preemptions[i])
-            out[j].peak, out[j].recomputed = int(k.peak[i]), int(k.recomputed[i])
+        for j in np.flatnonzero(stamp != 0).tolist():
+            out[j].stamp, out[j].preemptions = int(stamp[j]), int(preemptions[j])
+            out[j].peak, out[j].recomputed = int(peak[j]), int(recomputed[j])
     return out
+
+
+class LazyQueues(EngineState):
+    """The engine state a compiled run leaves: its queues become ``Request`` objects only when
+    first read (an overloaded run can leave 100,000 requests queued, and most callers only want
+    the result).  After that it is an ordinary :class:`EngineState`: ``__getattr__`` runs only for
+    the two queues, and only until they exist."""
+
+    __slots__ = ("_pending",)
+
+    def __getattr__(self, name: str):
+        if name not in ("prefilling", "decoding"):
+            raise AttributeError(name)
+        pre, dec = self._pending
+        self.prefilling = deque(_build(pre))
+        self.decoding = _build(dec)
+        self._pending = None
+        return getattr(self, name)
 
 
 def leave_state(engine: Engine, c: Call) -> None:
     """Leave ``engine`` as reference stepping would after ``c``: the same queues and counters
     (its violations and rejected requests are added by each call, see :func:`count`)."""
-    state = engine.state
-    state.prefilling = deque(_requests(c, c.pre))
-    state.decoding = _requests(c, c.dec)
+    old = engine.state
+    state = LazyQueues.__new__(LazyQueues)
+    state.token_budget, state.max_batch_requests, state.kv = old.token_budget, old.max_batch_requests, old.kv
+    state.kv_used = old.kv_used
+    state._pending = (_slice(c, c.pre), _slice(c, c.dec))
     state.total_prefill_left = c.total_prefill
+    engine.state = state
     engine.num_in_engine = c.in_engine
     if c.kv is not None:
         state.kv_used = c.kv.used
