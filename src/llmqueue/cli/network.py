@@ -1,4 +1,4 @@
-"""Network commands (PAPER.md §6): ``llmqueue network simulate|capacity|compare CONFIG``.
+"""Network commands (arXiv 2504.07347 §5): ``llmqueue network simulate|capacity|compare CONFIG``.
 
 ``llmqueue simulate`` and ``llmqueue capacity`` hand a network config (one with
 ``[[engines]]``) to these commands, so either spelling works.
@@ -23,6 +23,8 @@ from llmqueue.cli.common import (
 from llmqueue.network import (
     analyze_network,
     engine_memory,
+    engine_prefix,
+    prefix_scaling,
     compare_policies,
     is_network_source,
     load_network,
@@ -96,18 +98,48 @@ def memory_lines(net, a, memory: list) -> list[str]:
     return lines
 
 
+def prefix_lines(net, a, prefix: list) -> list[str]:
+    """``network capacity``'s prefix-caching section: per engine with prefix_caching, the token load
+    without caching and with every context block cached (a necessary bound), with the sources."""
+    rows = [(p["engine"], fmt(p["capacity_tokens_per_s"], 1), fmt(p["offered_tokens_per_s"], 1),
+             fmt(p["context_tokens_per_s"], 1), fmt(p["min_offered_tokens_per_s"], 1), fmt(p["rho"], 4),
+             fmt(p["rho_min"], 4), fmt(p["token_scaling"], 4), fmt(p["prefix_scaling"], 4))
+            for p in prefix if p is not None]
+    lines = ["", "Prefix caching per engine (docs/network.md, \"Prefix caching in networks\")",
+             _table(("engine", "capacity tok/s", "offered tok/s", "context tok/s", "all cached tok/s", "ρ",
+                     "ρ all cached", "α tokens", "α all cached"), rows),
+             (f"with every context block cached all rates scale by at most {prefix_scaling(a, prefix):.4f} "
+              f"(necessary: above it unstable; without caching α* = {a.max_scaling:.4f}); below it the simulator "
+              "decides (the context must still be cached when the next visit comes)"),
+             "offered, context: traffic equations (exact); all cached = offered − context: a visit can hit at most "
+             "its context (its own tokens are unique to it), so the engine computes at least this;",
+             "capacity: Theorem 2 (arXiv 2504.07347 §3.2) b_max/t_{b_max}; α = capacity / load; only full blocks are "
+             "cached, so a visit hits up to B − 1 tokens less than its context",
+             "note: KV-memory bounds are left out at engines with prefix caching (a cached prefix needs no "
+             "iterations and shared blocks are held once, so Dong & Cao's bound is not necessary there)"]
+    return lines
+
+
 def cmd_capacity(args: argparse.Namespace) -> int:
     net = load_network(args.config, args.set)
     a = analyze_network(net)
     memory = engine_memory(net, a) if any(e.kv is not None for e in net.engines) else None
+    prefix = engine_prefix(net, a) if any(e.prefix_caching for e in net.engines) else None
     if args.json:
-        print(json.dumps(a.to_dict() if memory is None else {**a.to_dict(), "memory": memory}))
+        out = a.to_dict() if memory is None else {**a.to_dict(), "memory": memory}
+        if prefix is not None:
+            out["prefix"] = prefix
+            out["prefix_scaling"] = prefix_scaling(a, prefix)
+        print(json.dumps(out))
         return 0
     print(capacity_table(a))
     for line in analysis_lines(net, a):
         print(line)
-    if memory is not None:
+    if memory is not None and any(m is not None for m in memory):
         for line in memory_lines(net, a, memory):
+            print(line)
+    if prefix is not None:
+        for line in prefix_lines(net, a, prefix):
             print(line)
     return 0
 
@@ -152,6 +184,23 @@ def kv_table(s: dict) -> str | None:
                    "recomputed tok (share)", "memory-limited batches", "rejected > cache"), rows)
 
 
+def prefix_table(s: dict) -> str | None:
+    """What prefix caching did at each engine with prefix_caching (None: no engine has): the
+    ``prefix_caching`` part of its ``kv`` summary (docs/prefix_caching.md)."""
+    rows = []
+    for e in s["engines"]:
+        p = e.get("kv", {}).get("prefix_caching")
+        if p is None:
+            continue
+        rows.append((e["engine"], str(p["queries"]), str(p["hits"]), f"{p['hit_rate']:.3f}",
+                     f"{p['saved_prefill_tokens']} ({p['saved_share']:.3f})", f"{p['mean_hit_tokens']:.1f}",
+                     str(p["evictions"]), f"{p['cached_blocks']} ({p['cached_free_blocks']} free)"))
+    if not rows:
+        return None
+    return _table(("engine", "queried tok", "hit tok", "hit rate", "saved prefill tok (share)", "hit/visit",
+                   "evictions", "cached blocks at end"), rows)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     net = load_network(args.config, args.set)
     progress = Progress(sys.stderr.isatty() and not args.json)
@@ -192,6 +241,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     kv = kv_table(s)
     if kv is not None:
         print("\nKV-cache memory (reference loop; docs/network.md)\n" + kv)
+    pre = prefix_table(s)
+    if pre is not None:
+        print("\nPrefix caching (first admissions; tokens found cached are no backlog; docs/prefix_caching.md)\n"
+              + pre)
     if args.out:
         print(f"\nwrote {args.out}/config.json, summary.json, timeseries.csv, requests.csv")
     return 0

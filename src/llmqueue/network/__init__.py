@@ -1,5 +1,5 @@
 """Networks of LLM engines and delay stations: multi-class routes with forks, joins and loops
-(PAPER.md §6, paper §5).  docs/network.md documents the config, the policies and the analysis.
+(arXiv 2504.07347 §5).  docs/network.md documents the config, the policies and the analysis.
 
     net = load_network("rybko-stolyar")          # a file or a built-in scenario, --set style overrides
     print(analyze_network(net).bottleneck)       # traffic equations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmqueue.errors import ConfigError
-from llmqueue.network.analysis import NetworkAnalysis, analyze_network, engine_memory
+from llmqueue.network.analysis import NetworkAnalysis, analyze_network, engine_memory, engine_prefix, prefix_scaling
 from llmqueue.network.metrics import network_timeseries, summarize_network
 from llmqueue.network.model import (
     POLICIES,
@@ -52,6 +52,7 @@ def compare_policies(source: str, overrides: list[str], policies: list[str],
 
 
 __all__ = ["Network", "NetworkAnalysis", "NetworkResult", "analyze_network", "compare_policies", "engine_memory",
+           "engine_prefix", "prefix_scaling",
            "is_network_data",
            "is_network_source",
            "load_network", "network_timeseries", "parse_network", "run_network", "simulate_network",

@@ -1,12 +1,15 @@
-"""Traffic equations of a network of engines (PAPER.md §6, paper §5).
+"""Traffic equations of a network of engines (arXiv 2504.07347 §5).
 
 For each class k the route is a finite Markov chain on (hop, round counters) plus forks and
 joins (:mod:`llmqueue.network.routes`).  The expected visits v per job solve
 ``v = e_first + Wᵀ v`` — a fork sends one branch to each listed hop, a join runs once per
 fork (each arriving branch counts 1/n) — and the expected carried output (for hops with
-``add_previous_output``) solves the same kind of linear system.  Then per job
+``add_previous_output``) solves the same kind of linear system, as does the expected *context*
+(``add_previous_context``: the previous LLM visit's whole sequence; its prompt may itself hold a
+context, so the system feeds an engine state's context through it).  Then per job
 
-    T_{k,j} = Σ_{hops h of k at engine j} v_h (m_p,h + m_d,h) + [grows_h] E[carried output into h],
+    T_{k,j} = Σ_{hops h of k at engine j} v_h (m_p,h + m_d,h) + [grows_h] E[carried output into h]
+                                                           + [context_h] E[context into h],
 
 and engine j is offered ``Σ_k λ_k T_{k,j}`` tokens/s against its capacity b_max / t_{b_max}
 (:func:`llmqueue.analysis.capacity`).  ρ_j = offered / capacity; the largest stable scaling
@@ -42,6 +45,7 @@ class ClassLoad:
     prompt_tokens: np.ndarray     # expected prompt tokens per hop (incl. growth)
     delay_s: float                # expected seconds spent in delay stations (service time only)
     succ: dict                    # hop -> {engine hop: expected visits right after (through delays)}
+    context_tokens: np.ndarray | None = None   # expected context tokens per hop (add_previous_context)
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,18 @@ def class_load(route) -> ClassLoad:
     m_p = np.array([h.prompt.mean if h.is_engine else 0.0 for h in hops])
     m_d = np.array([h.output.mean if h.is_engine else 0.0 for h in hops])
     prompt = h_visits * m_p + h_carry
+    h_context = np.zeros(len(hops))
+    ctx = np.array([hops[h].context for h in hop_of], dtype=bool)
+    if ctx.any():
+        # context (add_previous_context): x_in = Wcᵀ (sequence out of engine states + x_in through delay states),
+        # where an engine state's sequence is v(m_p + m_d) + its carried output (grow) + its context (context)
+        own = np.where(is_engine, visits * (m_p[hop_of] + m_d[hop_of]) + np.where(grow, carried, 0.0), 0.0)
+        wc = sparse.csc_matrix(([w for *_, w in route.edges], ([b for _, b, _, _ in route.edges],
+                                [a for a, _, _, _ in route.edges])), shape=(n, n))
+        context = _solve(n, [(a, b, w) for a, b, _, w in route.edges], wc @ own,
+                         diag=np.where(is_engine, ctx.astype(float), 1.0))
+        h_context = np.bincount(hop_of, np.where(ctx, context, 0.0), minlength=len(hops))
+        prompt = prompt + h_context
     delay = sum(h_visits[h.index] * route.network.delays[h.delay].time.mean for h in hops if not h.is_engine)
     # Expected engine hops right after each hop (looking through delay hops): max-pressure's routing.
     flow: dict[int, dict[int, float]] = {}
@@ -142,7 +158,7 @@ def class_load(route) -> ClassLoad:
             else:
                 todo.extend((u, p * q) for u, q in step.get(t, {}).items() if u != t)
         succ[h] = out
-    return ClassLoad(h_visits, prompt + h_visits * m_d, prompt, float(delay), succ)
+    return ClassLoad(h_visits, prompt + h_visits * m_d, prompt, float(delay), succ, h_context)
 
 
 def engine_graph_cyclic(net: Network) -> bool:
@@ -262,8 +278,8 @@ def engine_memory(net: Network, analysis: NetworkAnalysis, samples: int = MEMORY
     out: list[dict | None] = []
     for j, spec in enumerate(net.engines):
         kv = spec.kv
-        if kv is None:
-            out.append(None)
+        if kv is None or kv.prefix_caching:   # with prefix caching: engine_prefix (a visit's hits need no
+            out.append(None)                  # iterations and shared blocks are held once: these bounds do not hold)
             continue
         reserve = kv.policy == RESERVE
         B, usable = kv.block_size, kv.usable
@@ -357,3 +373,65 @@ def engine_memory(net: Network, analysis: NetworkAnalysis, samples: int = MEMORY
             "sources": dict(MEMORY_SOURCES), "notes": notes,
         })
     return out
+
+
+# ---- prefix caching per engine (docs/network.md, "Prefix caching in networks") -----------------
+
+PREFIX_SOURCES = {
+    "offered_tokens_per_s": "traffic equations (this module): Σ_k λ_k T_{k,j}, every prompt and output token computed",
+    "context_tokens_per_s": ("traffic equations: Σ_k λ_k Σ_h E[context tokens into h] over the engine's hops with "
+                             "add_previous_context (exact, the same linear system as the visits)"),
+    "min_offered_tokens_per_s": ("offered − context: the tokens the engine must compute if every context token "
+                                 "were found cached; a visit can hit at most its context (its own tokens are unique "
+                                 "to it), so this is a lower bound on the work and ρ_min = min_offered / capacity < 1 "
+                                 "is NECESSARY for stability (above it unstable); only full blocks are cached, so at "
+                                 "most ⌊context/B⌋·B tokens are hit, up to B − 1 fewer per visit"),
+    "capacity_tokens_per_s": "Theorem 2 (arXiv 2504.07347 §3.2): b_max / t_{b_max}",
+    "prefix_scaling": "1 / ρ_min: the largest scaling of all arrival rates this bound allows",
+}
+
+
+def engine_prefix(net: Network, analysis: NetworkAnalysis) -> list[dict | None]:
+    """Per engine with ``prefix_caching`` (None for the others): the token load without caching and with
+    every context block found cached (a necessary bound: above it unstable), each with its source."""
+    out: list[dict | None] = []
+    for j, spec in enumerate(net.engines):
+        if not spec.prefix_caching:
+            out.append(None)
+            continue
+        context = 0.0
+        hops = []
+        for k, cls in enumerate(net.classes):
+            load = analysis.classes[k]
+            for h in cls.hops:
+                if h.engine != j or not h.context or load.context_tokens is None:
+                    continue
+                rate = analysis.rates[k] * float(load.context_tokens[h.index])
+                visits = float(load.visits[h.index])
+                context += rate
+                hops.append({"class": cls.name, "hop": h.id, "context_tokens_per_s": rate,
+                             "mean_context_tokens": float(load.context_tokens[h.index]) / visits if visits else 0.0})
+        cap = float(analysis.capacity_tokens_per_s[j])
+        offered = float(analysis.offered_tokens_per_s[j])
+        low = offered - context
+        out.append({
+            "engine": spec.name, "kv_blocks": spec.kv.blocks, "block_size": spec.kv.block_size,
+            "capacity_tokens_per_s": cap, "offered_tokens_per_s": offered, "rho": offered / cap,
+            "context_tokens_per_s": context, "min_offered_tokens_per_s": low, "rho_min": low / cap,
+            "token_scaling": cap / offered if offered > 0 else float("inf"),
+            "prefix_scaling": cap / low if low > 0 else float("inf"),
+            "hops": hops, "sources": dict(PREFIX_SOURCES),
+        })
+    return out
+
+
+def prefix_scaling(analysis: NetworkAnalysis, prefix: list[dict | None]) -> float:
+    """The largest scaling of all arrival rates with every context block cached at the engines with prefix
+    caching (and no saving elsewhere): min over engines of capacity / (offered − context).  Necessary."""
+    best = float("inf")
+    for j, cap in enumerate(analysis.capacity_tokens_per_s):
+        p = prefix[j] if j < len(prefix) else None
+        low = float(analysis.offered_tokens_per_s[j]) if p is None else p["min_offered_tokens_per_s"]
+        if low > 0:
+            best = min(best, float(cap) / low)
+    return best

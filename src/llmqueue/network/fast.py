@@ -37,6 +37,10 @@ AHEAD = 1.25
 
 def reason(engines: list[Engine]) -> str | None:
     """Why this network cannot run on the compiled core (None: it can)."""
+    with_prefix = [j for j, engine in enumerate(engines) if engine.kv is not None and engine.kv.prefix_caching]
+    if with_prefix:   # the compiled cores have no prefix cache (docs/prefix_caching.md)
+        which = ", ".join(map(str, with_prefix))
+        return f"prefix caching: network runs with prefix_caching use the reference loop (engine {which})"
     with_kv = [j for j, engine in enumerate(engines) if engine.kv is not None]
     if with_kv:   # the compiled network core has no memory (the single-engine core has)
         which = ", ".join(map(str, with_kv))

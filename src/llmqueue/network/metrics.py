@@ -1,11 +1,13 @@
-"""Metrics of a network run: per engine, per class, and the network verdict (PAPER.md §6–7).
+"""Metrics of a network run: per engine, per class, and the network verdict (arXiv 2504.07347 §5).
 
 * per engine: the single-engine summary (:func:`llmqueue.metrics.summarize`) of its
   sub-requests and batches — utilisation, backlog trend and verdict, batch mix, TTFT,
   work-conservation violations — against the load the traffic equations offer it; with
   ``kv_blocks`` also its ``kv`` summary (:func:`llmqueue.metrics.kv_summary`: blocks in use,
   preemptions, recomputed tokens, memory-limited batches, visits larger than the cache), and
-  the backlogs count recomputed tokens as no progress;
+  the backlogs count recomputed tokens as no progress; with ``prefix_caching`` the ``kv`` summary
+  holds ``prefix_caching`` (:func:`llmqueue.metrics.prefix_summary`: hit rate, saved prefill tokens,
+  evictions), and tokens a visit finds cached at its first admission are no backlog;
 * per class: jobs arrived, completed and rejected, throughput, job end-to-end latency (entry
   to final exit, joins and tool delays included), per-hop visits and TTFT, tokens per job
   (realised against the traffic equations' expectation);
@@ -159,4 +161,17 @@ def kv_totals(engines: list[dict]) -> dict:
     return {"engines": [e["engine"] for e in kv], "preemptions": total("preemptions"),
             "preempted_visits": total("preempted_requests"), "recomputed_tokens": total("recomputed_tokens"),
             "memory_limited_batches": total("memory_limited_batches"),
-            "rejected_larger_than_cache": total("rejected_larger_than_cache")}
+            "rejected_larger_than_cache": total("rejected_larger_than_cache"),
+            **prefix_totals(kv)}
+
+
+def prefix_totals(kv: list[dict]) -> dict:
+    """Prefix caching over the engines that have it (empty when none has): vLLM's counters summed."""
+    pre = [e["kv"]["prefix_caching"] for e in kv if "prefix_caching" in e["kv"]]
+    if not pre:
+        return {}
+    total = lambda key: int(sum(p[key] for p in pre))
+    queries, hits = total("queries"), total("hits")
+    return {"prefix_caching": {"engines": [e["engine"] for e in kv if "prefix_caching" in e["kv"]],
+                               "queries": queries, "hits": hits, "hit_rate": hits / queries if queries else 0.0,
+                               "saved_prefill_tokens": total("saved_prefill_tokens"), "evictions": total("evictions")}}

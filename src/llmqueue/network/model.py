@@ -1,4 +1,4 @@
-"""The network's schema: engines, delay stations, classes and their routes (PAPER.md §6, paper §5).
+"""The network's schema: engines, delay stations, classes and their routes (arXiv 2504.07347 §5).
 
 A network config is TOML with ``[[engines]]``, ``[[delays]]``, ``[[classes]]`` (each class
 with its ``[[classes.hops]]``), an optional ``[network]`` table and ``[run]``; docs/network.md
@@ -31,10 +31,10 @@ FCFS, PRIORITY, MAX_PRESSURE = "fcfs", "priority", "max-pressure"
 POLICIES = (FCFS, PRIORITY, MAX_PRESSURE)
 EXIT = -1            # route target: the job leaves the network
 ENGINE_KEYS = {"name", "scheduler", "token_budget", "max_batch_requests", "batch_time", "policy", "class_priority",
-               "kv_blocks", "block_size", "kv_policy"}
-CLASS_KEYS = {"name", "arrival", "rate", "cv", "add_previous_output", "hops"}
+               "kv_blocks", "block_size", "kv_policy", "prefix_caching"}
+CLASS_KEYS = {"name", "arrival", "rate", "cv", "add_previous_output", "add_previous_context", "hops"}
 HOP_KEYS = {"id", "engine", "delay", "prompt", "output", "next", "p", "fork", "join", "loop", "rounds",
-            "continue_p", "max_rounds", "add_previous_output"}
+            "continue_p", "max_rounds", "add_previous_output", "add_previous_context"}
 RUN_KEYS = {"horizon_s", "seed", "drain", "verdict_tolerance", "method"}
 NETWORK_KEYS = {"load"}
 TOP_KEYS = {"network", "engines", "delays", "classes", "run"}
@@ -97,7 +97,12 @@ class EngineSpec:
     batch_time: BatchTime
     policy: str
     class_priority: tuple[int, ...]      # class indices, highest priority first
-    kv: KVCache | None = None            # KV-cache memory (kv_blocks, block_size, kv_policy); None: unlimited
+    kv: KVCache | None = None            # KV-cache memory (kv_blocks, block_size, kv_policy, prefix_caching);
+                                         # None: unlimited
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.kv is not None and self.kv.prefix_caching
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,9 @@ class Hop:
     rounds: int | None                    # ... until `rounds` rounds are done, or
     continue_p: float | None              # ... with probability continue_p each round,
     max_rounds: int | None                # ... at most max_rounds rounds
+    # add_previous_context: the prompt starts with the job's context, the previous LLM visit's whole
+    # sequence (its prompt + output; after a join the branches' contexts one after another)
+    context: bool = False
 
     @property
     def is_engine(self) -> bool:
@@ -296,6 +304,7 @@ def _class(t: dict, where: str, engine_names: list[str], delay_names: list[str],
         raise ConfigError(f"{where}.rate", None, "jobs/s (relative weights when [network] load is given)")
     arrivals = make_arrivals(spec, field=where)
     grow_default = boolean(t.get("add_previous_output", False), f"{where}.add_previous_output")
+    context_default = boolean(t.get("add_previous_context", False), f"{where}.add_previous_context")
     raw_hops = t.get("hops")
     if not isinstance(raw_hops, list) or not raw_hops or not all(isinstance(h, dict) for h in raw_hops):
         raise ConfigError(f"{where}.hops", raw_hops, "at least one [[classes.hops]] table")
@@ -306,7 +315,7 @@ def _class(t: dict, where: str, engine_names: list[str], delay_names: list[str],
             raise ConfigError(f"{where}.hops[{i}].id", hid, "a string unique within the class, other than 'exit'")
         ids[hid] = i
     hops = tuple(_hop(h, i, f"{where}.hops[{i}]", ids, len(raw_hops), engine_names, delay_names, grow_default,
-                      base_dir) for i, h in enumerate(raw_hops))
+                      context_default, base_dir) for i, h in enumerate(raw_hops))
     return ClassSpec(t["name"], arrivals, hops, where)
 
 
@@ -319,7 +328,7 @@ def _target(value: Any, field: str, ids: dict[str, int]) -> int:
 
 
 def _hop(h: dict, i: int, where: str, ids: dict[str, int], n: int, engine_names: list[str],
-         delay_names: list[str], grow_default: bool, base_dir: Path | None) -> Hop:
+         delay_names: list[str], grow_default: bool, context_default: bool, base_dir: Path | None) -> Hop:
     _check_keys(h, HOP_KEYS, where)
     if ("engine" in h) == ("delay" in h):
         raise ConfigError(f"{where}.engine", h.get("engine"), "exactly one of engine = NAME or delay = NAME per hop")
@@ -339,10 +348,17 @@ def _hop(h: dict, i: int, where: str, ids: dict[str, int], n: int, engine_names:
             allowed = ", ".join(delay_names) or "none defined: add a [[delays]] table"
             raise ConfigError(f"{where}.delay", h["delay"], f"a delay-station name ({allowed})")
         delay = delay_names.index(h["delay"])
-        for key in ("prompt", "output", "add_previous_output"):
+        for key in ("prompt", "output", "add_previous_output", "add_previous_context"):
             if key in h:
                 raise ConfigError(f"{where}.{key}", h[key], "omitted on a delay hop (it processes no tokens)")
     grow = boolean(h.get("add_previous_output", grow_default), f"{where}.add_previous_output")
+    context = boolean(h.get("add_previous_context", context_default), f"{where}.add_previous_context")
+    if engine is None:
+        context = False   # a delay hop passes the context on
+    if grow and context:
+        raise ConfigError(f"{where}.add_previous_context", True,
+                          "false when add_previous_output = true on the same hop (the context already holds the "
+                          "previous output; set add_previous_output = false here)")
     fork: tuple[int, ...] = ()
     if "fork" in h:
         if "next" in h or "p" in h:
@@ -400,7 +416,7 @@ def _hop(h: dict, i: int, where: str, ids: dict[str, int], n: int, engine_names:
     if "max_rounds" in h and rounds is not None:
         raise ConfigError(f"{where}.max_rounds", h["max_rounds"], "only allowed with continue_p")
     return Hop(i, h.get("id", f"hop{i}"), engine, delay, prompt, output, grow, targets, probs, fork, join,
-               loop, rounds, continue_p, max_rounds)
+               loop, rounds, continue_p, max_rounds, context)
 
 
 # ---- loading and overrides ---------------------------------------------------------------

@@ -46,6 +46,14 @@ starts in a batch after a preemption: once a group has preempted, the later grou
 their running requests (a group planned before it may have started some).  The groups mirror
 the engine's preemptions (:meth:`GroupedScheduler._sync`) and, with memory, keep their
 decoders in admission order (``stamp``), as the engine does.
+
+**Prefix caching** (``prefix_caching``; docs/prefix_caching.md).  The view holds the engine's
+:class:`~llmqueue.model.kv.PrefixPool`, so each group is planned with
+:class:`~llmqueue.schedulers.plan.PrefixMemory`: its waiting visits look up their cached prefix
+in the one pool that every group shares, take new blocks from it (evicting cached free blocks
+when no fresh one is left) and cache their full blocks as they are scheduled, so a later group
+of the same batch can already hit them, as in vLLM.  The tokens a group's visits find cached
+leave the group's and the engine's prefill left (PrefixMemory subtracts them from the view).
 """
 
 from __future__ import annotations
@@ -217,7 +225,8 @@ class GroupedScheduler(Scheduler):
     def _plan_kv(self, state: EngineState) -> BatchPlan:
         """:meth:`plan` with KV memory (module docstring): each group planned with the memory rules
         on the blocks the earlier groups left; no new prompt starts after a preemption."""
-        if state.kv != self.kv:
+        pool = state.kv if getattr(state.kv, "prefix_caching", False) else None   # a PrefixPool
+        if (state.kv if pool is None else pool.cache) != self.kv:
             raise InternalError(f"{self.name}: built for cache {self.kv!r}, planning for {state.kv!r}")
         self._sync()
         kv = state.kv
@@ -252,9 +261,18 @@ class GroupedScheduler(Scheduler):
             view.kv_used = used
             part = self.inner.plan(view)
             self._add(batch, part)
-            used += _blocks_taken(kv, part)
-            for victim in part.preempted:
-                used -= kv.blocks_for(seq_len(victim) - victim.prefill_left)
+            if pool is not None:
+                # PrefixMemory took the blocks from the shared pool as it planned (and freed the victims'),
+                # and the tokens its admitted requests found cached left the view's prefill: mirror them
+                used = pool.in_use
+                hit = left - view.total_prefill_left
+                if hit:
+                    state.total_prefill_left -= hit
+                    self.prefill_left[g] -= hit
+            else:
+                used += _blocks_taken(kv, part)
+                for victim in part.preempted:
+                    used -= kv.blocks_for(seq_len(victim) - victim.prefill_left)
             if used > kv.usable:
                 raise InternalError(f"{self.name}: {used} KV blocks planned, {kv.usable} usable")
             preempted.extend(part.preempted)

@@ -1,4 +1,4 @@
-"""Routes: what a job does after each hop, the route's static checks, and job sampling (PAPER.md §6).
+"""Routes: what a job does after each hop, the route's static checks, and job sampling (arXiv 2504.07347 §5).
 
 After a hop a job (or one branch of it) moves on by the hop's rules, applied in this order:
 
@@ -23,7 +23,10 @@ A job's route is sampled whole when it arrives (:meth:`Route.sample`): branch ch
 counts, token lengths and delay times come from the class's own random streams in job order,
 so every policy sees the same jobs (common random numbers).  A hop with
 ``add_previous_output`` adds the previous LLM hop's output length to its prompt (after a
-join: the sum of the branches' last outputs; delay hops pass it on).
+join: the sum of the branches' last outputs; delay hops pass it on).  A hop with
+``add_previous_context`` starts its prompt with the job's *context*: the previous LLM visit's
+whole sequence, its prompt + output (after a join: the branches' contexts one after another, so
+their sum; delay hops pass it on), as an agent that re-sends its conversation does.
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ class Route:
     def sample(self, streams: dict) -> tuple[Segment, int]:
         """One job's whole route: its root segment and its total tokens."""
         total = [0]
-        seg, _, end = self._walk(0, (), 0, streams, total)
+        seg, _, _, end = self._walk(0, (), 0, 0, streams, total)
         if end != EXIT:
             raise InternalError(f"{self.field}: a sampled route ended at hop {end}, not at exit")
         return seg, total[0]
@@ -332,18 +335,24 @@ class Route:
                 return o
         return outcomes[-1]
 
-    def _walk(self, h: int, counters: Counters, carry: int, s: dict, total: list[int]) -> tuple[Segment, int, int]:
-        """Visits from hop ``h`` until exit or the enclosing join; returns (segment, carry, end)."""
+    def _walk(self, h: int, counters: Counters, carry: int, context: int, s: dict,
+              total: list[int]) -> tuple[Segment, int, int, int]:
+        """Visits from hop ``h`` until exit or the enclosing join; returns (segment, carry, context, end).
+
+        ``carry`` is the previous LLM visit's output (``add_previous_output``), ``context`` its whole
+        sequence, prompt + output (``add_previous_context``); after a join both are the sums over the
+        branches, in the fork's order."""
         seg = Segment()
         hops = self.hops
         while True:
             hop = hops[h]
             if hop.engine is not None:
-                prompt = s[("p", h)]() + (carry if hop.grow else 0)
+                prompt = s[("p", h)]() + (carry if hop.grow else 0) + (context if hop.context else 0)
                 output = s[("o", h)]()
                 seg.visits.append(Visit(hop, prompt, output, 0.0))
                 total[0] += prompt + output
                 carry = output
+                context = prompt + output
             else:
                 seg.visits.append(Visit(hop, 0, 0, s[("d", h)]()))
             outcomes = self._moves.get((h, counters))
@@ -351,14 +360,15 @@ class Route:
                 outcomes = self._moves[(h, counters)] = self.outcomes(h, counters)
             o = outcomes[0] if len(outcomes) == 1 else self._choose(outcomes, s["u"]())
             if o.fork:
-                joined, end = 0, EXIT
+                joined, joined_context, end = 0, 0, EXIT
                 for t in o.targets:
-                    branch, branch_carry, end = self._walk(t, o.counters, carry, s, total)
+                    branch, branch_carry, branch_context, end = self._walk(t, o.counters, carry, context, s, total)
                     seg.branches.append(branch)
                     joined += branch_carry
-                seg.join, carry, after = self._walk(end, o.counters, joined, s, total)
-                return seg, carry, after
+                    joined_context += branch_context
+                seg.join, carry, context, after = self._walk(end, o.counters, joined, joined_context, s, total)
+                return seg, carry, context, after
             t = o.targets[0]
             if t == EXIT or (hops[t].join and not o.loop):
-                return seg, carry, t
+                return seg, carry, context, t
             h, counters = t, o.counters

@@ -39,6 +39,7 @@ from llmqueue.network.analysis import NetworkAnalysis, analyze_network
 from llmqueue.network.model import FCFS, MAX_PRESSURE, PRIORITY, Network
 from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
 from llmqueue.network.routes import Segment
+from llmqueue.model.kv import check_content, own_key
 from llmqueue.model.request import Request
 from llmqueue.schedulers import make_scheduler
 from llmqueue.core.simulator import BATCH_COLUMNS, KVRecord, Result
@@ -51,7 +52,7 @@ Jobs = list[list[tuple[float, Segment, int]]]   # per class: (entry time, root s
 class SubRequest(Request):
     """A request for one hop of a job at one engine."""
 
-    __slots__ = ("buffer", "group", "hop", "job", "token")
+    __slots__ = ("buffer", "covered", "group", "hop", "job", "spans", "token")
 
 
 class Job:
@@ -67,19 +68,24 @@ class Job:
 
 
 class _Token:
-    """Where one branch of a job is: its segment, the next visit, and the join it reports to."""
+    """Where one branch of a job is: its segment, the next visit, and the join it reports to; with
+    ``add_previous_context`` hops also which branch of that join it is and the job's context so far
+    as content spans (``spans``: the previous LLM visit's whole sequence, docs/network.md)."""
 
-    __slots__ = ("job", "join", "pos", "segment")
+    __slots__ = ("branch", "job", "join", "pos", "segment", "spans")
 
-    def __init__(self, job: Job, segment: Segment, join: _Join | None) -> None:
+    def __init__(self, job: Job, segment: Segment, join: _Join | None, branch: int = 0, spans: tuple = ()) -> None:
         self.job, self.segment, self.pos, self.join = job, segment, 0, join
+        self.branch, self.spans = branch, spans
 
 
 class _Join:
-    __slots__ = ("parent", "remaining", "segment")
+    __slots__ = ("branch", "parent", "remaining", "segment", "spans")
 
-    def __init__(self, remaining: int, segment: Segment, parent: _Join | None) -> None:
+    def __init__(self, remaining: int, segment: Segment, parent: _Join | None, branch: int = 0) -> None:
         self.remaining, self.segment, self.parent = remaining, segment, parent
+        self.branch = branch                 # the forking branch's place in its own join
+        self.spans: list[tuple] = [()] * remaining   # each branch's context when it arrives, in fork order
 
 
 def generate_jobs(net: Network, seed: int, horizon_s: float) -> Jobs:
@@ -212,7 +218,9 @@ class NetworkResult:
         A job brings all its tokens (every hop's prompt and output, sampled at entry) when it
         enters; every engine's batches take them away.  Rejected jobs count as never arrived
         (the few tokens they were served before the rejection are not subtracted back).  With KV
-        memory, tokens computed again after a preemption take nothing away (no progress).
+        memory, tokens computed again after a preemption take nothing away (no progress).  With prefix
+        caching, the tokens a visit finds cached at its first admission are work the job never brings
+        (as one engine's backlog, metrics._Backlog): they leave the job's tokens.
         """
         ends = np.concatenate([b["end_time"] for b in self.batches])
         tokens = np.concatenate([b["num_prefill_tokens"] + b["num_decode_tokens"]
@@ -220,8 +228,14 @@ class NetworkResult:
                                  for j, b in enumerate(self.batches)])
         by_end = np.argsort(ends, kind="stable")
         n = len(self.job_entry_time)
+        work = self.job_tokens
+        hits = [(j, r.first_hit_tokens) for j, r in enumerate(self.kv) if r is not None and r.first_hit_tokens is not None]
+        if hits:
+            work = work.copy()
+            for j, first in hits:
+                np.subtract.at(work, self.sub_job[self.sub_engine == j], first)
         return Result(scheduler="network", token_budget=0, end_time=self.end_time,
-                      arrival_time=self.job_entry_time, num_prompt_tokens=self.job_tokens,
+                      arrival_time=self.job_entry_time, num_prompt_tokens=work,
                       num_output_tokens=np.zeros(n, dtype=np.int64), first_token_time=np.full(n, np.nan),
                       finish_time=self.job_exit_time, rejected=self.job_rejected, batch_end_time=ends[by_end],
                       batch_tokens=tokens[by_end], violations=sum(e.violations for e in self.engines))
@@ -240,6 +254,9 @@ class _Simulation:
         self.jobs: list[Job] = []
         self.heap: list[tuple] = []
         self.seq = itertools.count()
+        # add_previous_context: follow each branch's context as content spans (docs/network.md)
+        self.track = any(h.context for c in net.classes for h in c.hops)
+        self.prefix = [spec.prefix_caching for spec in net.engines]
 
     def advance(self, token: _Token, now: float) -> None:
         """Move a branch on from where it is: to its next visit, a fork, its join, or out."""
@@ -255,6 +272,14 @@ class _Simulation:
                     return
                 r = SubRequest(len(self.subs), now, visit.num_prompt_tokens, visit.num_output_tokens)
                 r.job, r.token, r.hop = job, token, hop
+                if self.track:
+                    spans = token.spans if hop.context else ()
+                    r.spans = spans
+                    r.covered = sum(n for _, n in spans)
+                    if spans and self.prefix[hop.engine]:   # its prompt starts with the context's tokens
+                        if self.engines[hop.engine].checks:
+                            check_content(spans, r.num_prompt_tokens - 1, "visit content")
+                        r.content = spans
                 r.buffer = self.buffer[(job.cls, hop.index)]
                 self.subs.append(r)
                 grouped = self.grouped[hop.engine]
@@ -268,18 +293,21 @@ class _Simulation:
                     job.rejected = True
                 return
             if seg.branches:
-                join = _Join(len(seg.branches), seg.join, token.join)
-                for branch in seg.branches:
-                    self.advance(_Token(job, branch, join), now)
+                join = _Join(len(seg.branches), seg.join, token.join, token.branch)
+                for i, branch in enumerate(seg.branches):
+                    self.advance(_Token(job, branch, join, i, token.spans), now)
                 return
             join = token.join
             if join is None:
                 job.exit_time = now
                 return
             join.remaining -= 1
+            if self.track:
+                join.spans[token.branch] = token.spans
             if join.remaining:
                 return
-            token = _Token(job, join.segment, join.parent)
+            spans = tuple(span for branch in join.spans for span in branch) if self.track else ()
+            token = _Token(job, join.segment, join.parent, join.branch, spans)
 
     def start(self, j: int, now: float) -> None:
         engine = self.engines[j]
@@ -319,6 +347,9 @@ class _Simulation:
                     busy[j] = False
                     for r in finished:
                         self.counts[r.buffer] -= 1
+                        if self.track:   # the context is now this visit's whole sequence
+                            r.token.spans = (*r.spans, (own_key(r), r.num_prompt_tokens - r.covered
+                                                        + r.num_output_tokens))
                         self.advance(r.token, now)
                 else:
                     self.advance(payload, now)
@@ -362,6 +393,8 @@ def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float 
     why = fast.reason(sim.engines) if method == "fast" else "selected"
     if why is None:
         groups = fast.groups_of(sim.engines)
+        if jobs is None and sim.track:   # the compiled sampler does not grow contexts: the same jobs from Python
+            jobs = generate_jobs(net, seed, horizon_s)
         if jobs is None:
             flat = fast.sample(net, analysis, seed, horizon_s, sim.buffer, groups)
         else:
@@ -404,11 +437,17 @@ def _collect(sim: _Simulation, analysis: NetworkAnalysis, end_time: float) -> Ne
                 kv.append(None)
                 continue
             mine = [r for r in subs if r.hop.engine == j]   # by id, as engine_result's arrays
-            kv.append(KVRecord(engine.kv.blocks, engine.kv.block_size, engine.kv.policy,
-                               np.asarray(engine.kv_starts, dtype=float), np.asarray(engine.kv_series, dtype=np.int64),
-                               np.asarray(engine.kv_waste, dtype=np.int64),
-                               np.array([r.preemptions for r in mine], dtype=np.int64),
-                               np.array([r.recomputed for r in mine], dtype=np.int64), engine.memory_limited))
+            record = KVRecord(engine.kv.blocks, engine.kv.block_size, engine.kv.policy,
+                              np.asarray(engine.kv_starts, dtype=float), np.asarray(engine.kv_series, dtype=np.int64),
+                              np.asarray(engine.kv_waste, dtype=np.int64),
+                              np.array([r.preemptions for r in mine], dtype=np.int64),
+                              np.array([r.recomputed for r in mine], dtype=np.int64), engine.memory_limited)
+            if engine.pool is not None:   # prefix caching: tokens found cached, per visit (docs/prefix_caching.md)
+                first = engine.pool.first_hits
+                record.hit_tokens = np.array([r.hit for r in mine], dtype=np.int64)
+                record.first_hit_tokens = np.array([first.get(r.rid, 0) for r in mine], dtype=np.int64)
+                record.prefix = engine.pool.stats()
+            kv.append(record)
     return NetworkResult(
         network=sim.net, analysis=analysis, end_time=end_time, engines=sim.engines,
         sub_engine=np.array([r.hop.engine for r in subs], dtype=np.int64),
