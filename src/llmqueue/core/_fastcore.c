@@ -1040,6 +1040,24 @@ static inline int engine_admit(Engine *E, int64_t r) {
 /* Plan, time and apply one batch starting at `now` (Engine.step); its end in *end_out. */
 static int engine_batch_kv(Engine *E, double now, double *end_out);
 
+/* The end of applying a batch: its prompt chunks (after its decodes), and its end time and
+ * tokens recorded (engine_batch and engine_batch_kv). */
+static int end_batch(Engine *E, Py_ssize_t nch, int64_t prefill_tokens, double end, int64_t num_tokens,
+                     double *end_out) {
+    if (nch) {
+        E->total_prefill -= prefill_tokens;
+        if (apply_chunks(E, nch, end)) return -1;
+    }
+    if (buf_reserve(&E->ends, sizeof(double)) || buf_reserve(&E->tokens, sizeof(int64_t))) return -1;
+    ((double *)E->ends.data)[E->batches] = end;
+    ((int64_t *)E->tokens.data)[E->batches] = num_tokens;
+    E->ends.size += sizeof(double);
+    E->tokens.size += sizeof(int64_t);
+    E->batches++;
+    *end_out = end;
+    return 0;
+}
+
 static int engine_batch(Engine *E, double now, double *end_out) {
     if (E->kv) return engine_batch_kv(E, now, end_out);
     E->turns++;
@@ -1075,18 +1093,7 @@ static int engine_batch(Engine *E, double now, double *end_out) {
         int g = E->order[o];
         if (E->n_of[g] && apply_decodes(E, &E->q[g], E->n_of[g], end)) return -1;
     }
-    if (nch) {
-        E->total_prefill -= prefill_tokens;
-        if (apply_chunks(E, nch, end)) return -1;
-    }
-    if (buf_reserve(&E->ends, sizeof(double)) || buf_reserve(&E->tokens, sizeof(int64_t))) return -1;
-    ((double *)E->ends.data)[E->batches] = end;
-    ((int64_t *)E->tokens.data)[E->batches] = num_tokens;
-    E->ends.size += sizeof(double);
-    E->tokens.size += sizeof(int64_t);
-    E->batches++;
-    *end_out = end;
-    return 0;
+    return end_batch(E, nch, prefill_tokens, end, num_tokens, end_out);
 }
 
 /* ---- KV memory while applying a batch (Engine._preempt, _allocate) ------------------------- */
@@ -1219,18 +1226,7 @@ static int engine_batch_kv(Engine *E, double now, double *end_out) {
     if (kv_allocate(E, Q, n, nch, now)) return -1;
     E->pfin.size = E->dfin.size = 0;
     if (n && apply_decodes(E, Q, n, end)) return -1;
-    if (nch) {
-        E->total_prefill -= prefill_tokens;
-        if (apply_chunks(E, nch, end)) return -1;
-    }
-    if (buf_reserve(&E->ends, sizeof(double)) || buf_reserve(&E->tokens, sizeof(int64_t))) return -1;
-    ((double *)E->ends.data)[E->batches] = end;
-    ((int64_t *)E->tokens.data)[E->batches] = num_tokens;
-    E->ends.size += sizeof(double);
-    E->tokens.size += sizeof(int64_t);
-    E->batches++;
-    *end_out = end;
-    return 0;
+    return end_batch(E, nch, prefill_tokens, end, num_tokens, end_out);
 }
 
 /* Decode-only rounds from *nowp while batches start before `lim`.  While the plan is "the n
