@@ -177,3 +177,17 @@ def test_capacity_reports_the_prefix_bound_not_the_memory_bounds(tmp_path, capsy
     assert main(["capacity", str(cfg), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["prefix"]["mean_hit"] == pytest.approx(471.37, abs=0.01) and "memory" not in d
+
+
+def test_max_rate_with_prefix_caching_starts_at_the_cached_bound(tmp_path):
+    from llmqueue.config import parse_config
+    from llmqueue.sweep.executors import LocalExecutor
+    from llmqueue.sweep.maxrate import max_rate
+    from llmqueue.sweep.store import Store
+
+    base = parse_config({**PREFIX, "run": {"horizon_s": 60.0, "seed": 0}})
+    with Store(tmp_path / "m.db") as store:
+        (r,) = max_rate([((), base)], [0], store, LocalExecutor(1), rel_tol=0.1)
+    assert r.lambda_star_rps == pytest.approx(18.715, abs=1e-3) and r.memory_bound_rps is None
+    assert r.probes[0].rate_rps == pytest.approx(18.715, abs=1e-3) and "prefix caching" in r.notes[-1]
+    assert 5.143 < r.max_rate_rps <= r.lambda_star_rps

@@ -28,7 +28,7 @@ from typing import Any
 
 from llmqueue.config import Config, parse_config, set_dotted
 from llmqueue.errors import ConfigError, LlmqueueError
-from llmqueue.runner import analysis_of, build_workload, memory_of
+from llmqueue.runner import analysis_of, build_workload, memory_of, prefix_of
 from llmqueue.sweep.driver import run_tasks
 from llmqueue.sweep.executors import OK, Task
 from llmqueue.sweep.grid import config_hash
@@ -213,7 +213,13 @@ def max_rate(bases: list[tuple[tuple[tuple[str, Any], ...], Config]], seeds: lis
         lam = check_searchable(base, f"grid point {where}: " if where else "")
         workload = build_workload(base)
         notes = [n for n in analysis_of(base, workload).notes]
-        memory = memory_of(base, workload).memory_necessary_blocks_rps if base.engine.get("kv_blocks") else None
+        memory = None
+        if base.engine.get("prefix_caching"):   # shared blocks: the memory bounds do not apply, λ* moves
+            lam = prefix_of(base, workload).max_stable_rate_prefix_rps
+            notes.append("prefix caching: λ* is Theorem 2's with every shared block found in the cache "
+                         "(docs/prefix_caching.md)")
+        elif base.engine.get("kv_blocks"):
+            memory = memory_of(base, workload).memory_necessary_blocks_rps
         result = MaxRate(overrides, None, None, lam, list(seeds), slos, rel_tol, notes=notes,
                          tolerance=base.run.verdict_tolerance, memory_bound_rps=memory)
         searches.append((base, Bisection(result.bound_rps, rel_tol), result))   # start at the binding bound
