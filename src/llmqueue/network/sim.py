@@ -19,6 +19,11 @@ running at the horizon still completes its tokens, as in the single-engine simul
 KV memory: an engine with ``kv_blocks`` gets its :class:`~llmqueue.model.kv.KVCache`, with the
 single engine's rules (preemption, recompute, rejection of a visit larger than the cache); such
 a network runs on this loop (the compiled network core has no memory).
+
+Prefix caching (``prefix_caching``; docs/network.md, "Prefix caching in networks"): each branch
+of a job carries its context as content spans (the previous LLM visit's spans and its own span,
+``own_key``); a visit with ``add_previous_context`` at an engine with prefix caching gets them as
+its ``content``, so it finds the previous visit's full blocks if they are still cached there.
 """
 
 from __future__ import annotations
