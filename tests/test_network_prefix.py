@@ -285,17 +285,24 @@ def test_fork_join_branches_share_the_plan(checks):
     plan = r.num_prompt_tokens[(r.sub_engine == 0) & (r.sub_hop == 0)]
     assert np.all(first[hop == 2] > 0) and np.all(first[hop == 2] <= prompt[hop == 2] - 1)
     assert first[hop == 2].mean() > 0.8 * (plan.mean() + 60)
-    # the summary starts with the first branch's context (W): nothing of it was computed on P but the plan
-    assert np.all(first[hop == 3] >= 16 * ((plan.min() + 0) // 16) - 16)
+    # the summary starts with the first branch's context, a W visit whose prompt starts with the plan's
+    # sequence: the plan's full blocks (computed on P) are found, W's own tokens are not on P
+    on_p = r.sub_engine == 0
+    job = r.sub_job[on_p]
+    seq = (r.num_prompt_tokens + r.num_output_tokens)[on_p]
+    plan_seq = dict(zip(job[hop == 0].tolist(), seq[hop == 0].tolist()))
+    summarised = [(j, f) for j, f in zip(job[hop == 3].tolist(), first[hop == 3].tolist())]
+    assert summarised and all(f == 16 * (plan_seq[j] // 16) for j, f in summarised)
 
 
 def test_priority_and_max_pressure_match_fcfs_when_one_group():
     """With one class and one hop per group order the grouped policies plan as the plain scheduler."""
     data = _chain()
     base = simulate_network(parse_network(data))
-    for policy in ("max-pressure",):
+    for policy in ("priority", "max-pressure"):
         other = copy.deepcopy(data)
         other["engines"][0]["policy"] = policy
+        other["engines"][0]["class_priority"] = ["a"]
         r = simulate_network(parse_network(other))
         np.testing.assert_array_equal(r.kv[0].first_hit_tokens, base.kv[0].first_hit_tokens)
         assert r.engines[0].violations == 0
