@@ -61,7 +61,8 @@ def agent(prefix: bool = False, kv_blocks: int | None = 4000, rate: float = 0.3,
                  "prompt": {"dist": "poisson", "mean": 20}, "output": {"dist": "poisson", "mean": 80}},
             ]},
             {"name": "chat", "rate": 2 * rate, "hops": [
-                {"engine": "llm", "prompt": {"dist": "poisson", "mean": 129}, "output": {"dist": "poisson", "mean": 112}}]},
+                {"engine": "llm", "prompt": {"dist": "poisson", "mean": 129},
+                 "output": {"dist": "poisson", "mean": 112}}]},
         ],
         "run": {"horizon_s": 300.0, "seed": 1},
     }
@@ -192,7 +193,8 @@ def test_simulated_tokens_match_the_equations():
     for k in range(2):
         tokens = r.job_tokens[r.job_class == k]
         expected = a.tokens_per_job[k].sum()
-        assert abs(tokens.mean() - expected) <= 4 * tokens.std(ddof=1) / np.sqrt(len(tokens)), (k, tokens.mean(), expected)
+        se = tokens.std(ddof=1) / np.sqrt(len(tokens))
+        assert abs(tokens.mean() - expected) <= 4 * se, (k, tokens.mean(), expected)
     s = summarize_network(r)
     c = s["classes"][0]
     assert c["expected_tokens_per_job"] == pytest.approx(a.tokens_per_job[0].sum())

@@ -378,7 +378,8 @@ def engine_memory(net: Network, analysis: NetworkAnalysis, samples: int = MEMORY
 # ---- prefix caching per engine (docs/network.md, "Prefix caching in networks") -----------------
 
 PREFIX_SOURCES = {
-    "offered_tokens_per_s": "traffic equations (this module): Σ_k λ_k T_{k,j}, every prompt and output token computed",
+    "offered_tokens_per_s": ("traffic equations (this module): Σ_k λ_k T_{k,j}, every prompt and output token "
+                             "computed"),
     "context_tokens_per_s": ("traffic equations: Σ_k λ_k Σ_h E[context tokens into h] over the engine's hops with "
                              "add_previous_context (exact, the same linear system as the visits)"),
     "min_offered_tokens_per_s": ("offered − context: the tokens the engine must compute if every context token "

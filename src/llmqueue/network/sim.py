@@ -234,7 +234,8 @@ class NetworkResult:
         by_end = np.argsort(ends, kind="stable")
         n = len(self.job_entry_time)
         work = self.job_tokens
-        hits = [(j, r.first_hit_tokens) for j, r in enumerate(self.kv) if r is not None and r.first_hit_tokens is not None]
+        hits = [(j, r.first_hit_tokens) for j, r in enumerate(self.kv)
+                if r is not None and r.first_hit_tokens is not None]
         if hits:
             work = work.copy()
             for j, first in hits:
