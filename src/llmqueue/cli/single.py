@@ -153,17 +153,13 @@ def cmd_capacity(args: argparse.Namespace) -> int:
             ("offered load λ(m_p+m_d)", f"{a.offered_tokens_per_s:.2f} tokens/s"),
             ("utilisation ρ", f"{a.rho:.4f}"),
             ("fluid backlog growth", f"{a.fluid_growth_tokens_per_s:.2f} tokens/s")]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    _print_rows(rows)
     for note in a.notes:
         print(f"note: {note}")
     if memory is not None:
         print("\nKV-cache memory (docs/memory.md)")
         rows = memory_rows(memory)
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"{k:<{width}}  {v}")
+        _print_rows(rows)
         for note in memory.notes:
             print(f"note: {note}")
     if prefix is not None:
@@ -175,12 +171,17 @@ def cmd_capacity(args: argparse.Namespace) -> int:
                 ("computed per request", f"{prefix.computed_per_request:.2f} tokens (m_p + m_d − E[h])"),
                 ("λ* with the cache", f"{prefix.max_stable_rate_prefix_rps:.4f} requests/s ({prefix.gain:.3f}x; "
                                       "necessary: above it no scheduler is stable)")]
-        width = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            print(f"{k:<{width}}  {v}")
+        _print_rows(rows)
         print("note: no memory bounds: they count every request's blocks as its own, but shared blocks are held "
               "once (docs/memory.md)")
     return 0
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    """``label  value`` lines, the values aligned."""
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
 
 
 def cmd_policies(args: argparse.Namespace) -> int:

@@ -217,17 +217,21 @@ def validate(plan: Plan) -> None:
                               "another rule is a policy that plans in Python: override plan(state)")
 
 
+def _budget(state: EngineState, load: LoadRule | None) -> tuple[int, int | None]:
+    """The batch's token budget and the most decodes it may hold: the load rule's choice, or the
+    engine's budget and no limit."""
+    if load is not None:
+        return load.choose(state)
+    return state.token_budget, None
+
+
 def interpret(plan: Plan, state: EngineState, load: LoadRule | None = None) -> BatchPlan:
     """The reference interpreter: the batch ``plan`` makes from ``state`` (``load``: the plan's
     load rule, bound to the engine's batch time)."""
     if state.kv is not None:
         return interpret_kv(plan, state, load)
     prefilling, decoding = state.prefilling, state.decoding
-    most_decodes = None
-    if load is not None:
-        budget, most_decodes = load.choose(state)
-    else:
-        budget = state.token_budget
+    budget, most_decodes = _budget(state, load)
     batch = BatchBuilder(budget, state.max_batch_requests)
     for step in plan.steps:
         if batch.full:
@@ -482,11 +486,7 @@ def running_list(state: EngineState) -> list:
 def interpret_kv(plan: Plan, state: EngineState, load: LoadRule | None = None) -> BatchPlan:
     """:func:`interpret` with KV memory: the same steps, each token's blocks found by :class:`Memory`."""
     prefilling, decoding = state.prefilling, state.decoding
-    most_decodes = None
-    if load is not None:
-        budget, most_decodes = load.choose(state)
-    else:
-        budget = state.token_budget
+    budget, most_decodes = _budget(state, load)
     batch = BatchBuilder(budget, state.max_batch_requests)
     mem = PrefixMemory(state) if getattr(state.kv, "prefix_caching", False) else Memory(state)
     for step in plan.steps:
