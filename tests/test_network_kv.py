@@ -297,3 +297,13 @@ def test_unknown_engine_key_lists_every_key_an_engine_takes(capsys):
     assert main(["simulate", "fork-join", "--set", "engines.0.foo=1"]) == 2
     err = capsys.readouterr().err
     assert "engines[0].foo = 1 is not allowed" in err and "kv_blocks" in err and "token_budget" in err
+
+
+def test_the_shipped_kv_example_runs(capsys):
+    from pathlib import Path
+
+    from llmqueue.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "network_kv.toml"
+    assert main(["network", "capacity", str(example)]) == 0
+    assert "kv" in capsys.readouterr().out.lower()
