@@ -157,8 +157,12 @@ def prediction(analysis: Analysis, work_conserving: bool) -> str:
 
 
 def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
-              tolerance: float = DEFAULT_TOLERANCE) -> dict:
-    """The run's summary as a JSON-able dict (keys documented in docs/config.md)."""
+              tolerance: float = DEFAULT_TOLERANCE, servable_tokens_per_s: float | None = None) -> dict:
+    """The run's summary as a JSON-able dict (keys documented in docs/config.md).
+
+    The verdict's tolerance is ``tolerance`` times what the engine can serve: its capacity, or
+    ``servable_tokens_per_s`` where that is lower (with KV memory binding, the memory-bound
+    throughput: docs/memory.md)."""
     T = result.end_time
     keep = _served(result)
     arrival = result.arrival_time
@@ -171,8 +175,11 @@ def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
     curve = _Backlog(result)  # perf: the cumulative sums once, not once per use (millions of batches)
     processed = int(curve.processed_by(np.asarray([T]))[0])
     trend = backlog_trend(result, curve=curve)
-    tol = tolerance * analysis.capacity_tokens_per_s
-    verdict_name, reason = verdict(trend, tol, arrived)
+    serve = analysis.capacity_tokens_per_s
+    by_memory = servable_tokens_per_s is not None and servable_tokens_per_s < serve
+    verdict_name, reason = verdict(trend, tolerance * (servable_tokens_per_s if by_memory else serve), arrived)
+    if by_memory and trend is not None:
+        reason += " (tolerance: a share of the memory-bound throughput)"
     with_output = done & (result.num_output_tokens > 0)
     tbt = (finish[with_output] - first[with_output]) / result.num_output_tokens[with_output]
     return {

@@ -16,7 +16,7 @@ from llmqueue.config import Config
 from llmqueue.errors import ConfigError
 from llmqueue.core.engine import Engine
 from llmqueue.model.kv import make_kv
-from llmqueue.metrics import STABLE, UNSTABLE, Trend, summarize, verdict
+from llmqueue.metrics import STABLE, UNSTABLE, summarize
 from llmqueue.analysis.region import stability_region
 from llmqueue.schedulers import make_scheduler
 from llmqueue.core.simulator import Result, simulate
@@ -100,14 +100,21 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
     result = simulate(engine, requests, horizon_s=rc.horizon_s, drain=rc.drain,
                       record_batches=rc.record_batches, progress=hook, method=rc.method)
     analysis = analysis_of(config, workload)
+    e = config.engine
+    memory = memory_of(config, workload) if e.get("kv_blocks") is not None and not e.get("prefix_caching") else None
     summary = summarize(result, analysis, work_conserving=engine.scheduler.work_conserving,
-                        tolerance=rc.verdict_tolerance)
+                        tolerance=rc.verdict_tolerance,
+                        servable_tokens_per_s=None if memory is None else
+                        memory.memory_necessary_blocks_rps * memory.mean_request_tokens)
     if isinstance(workload.arrivals, Trace):
         summary["trace"] = workload.arrivals.summary()
     if analysis.notes:
         summary["notes"] = list(analysis.notes)
     _region_prediction(config, summary, analysis)
-    _memory_prediction(config, summary, workload, analysis)
+    if e.get("prefix_caching"):
+        _prefix_prediction(config, summary, workload, analysis)
+    elif memory is not None:
+        _memory_prediction(summary, memory, analysis)
     return Run(result, summary, analysis)
 
 
@@ -121,7 +128,7 @@ def memory_of(config: Config, workload: Workload):
                            block_size=e.get("block_size", DEFAULT_BLOCK_SIZE), kv_policy=e.get("kv_policy", RECOMPUTE))
 
 
-def _memory_prediction(config: Config, summary: dict, workload: Workload, analysis: Analysis) -> None:
+def _memory_prediction(summary: dict, m, analysis: Analysis) -> None:
     """With KV memory, Theorem 2 alone no longer decides (docs/memory.md, "Memory-aware capacity").
 
     Above the memory bound λ_mem (necessary, Dong & Cao) no policy is stable: ``unstable``.  Below
@@ -129,12 +136,6 @@ def _memory_prediction(config: Config, summary: dict, workload: Workload, analys
     that is never wasted, while admission as vLLM does it can thrash (preempt and recompute) far
     below it, and lumpy batches raise t̄ above the fixed point's.
     """
-    if config.engine.get("kv_blocks") is None:
-        return
-    if config.engine.get("prefix_caching"):
-        _prefix_prediction(config, summary, workload, analysis)
-        return
-    m = memory_of(config, workload)
     lam = analysis.arrival_rate
     nec, suff = m.memory_necessary_blocks_rps, m.memory_sufficient_blocks_rps
     if lam > nec:
@@ -148,15 +149,6 @@ def _memory_prediction(config: Config, summary: dict, workload: Workload, analys
                   "not sufficient: preemption and recompute can thrash below it")
         if suff is not None:
             reason += f" (the fluid sufficient bound of Nie, Si & Zhou is {suff:.4g} req/s)"
-    # The verdict's tolerance is a share of what the engine can serve: with memory binding, of the
-    # memory-bound throughput λ_mem·E[l + o], not of the token capacity (which memory never lets it reach).
-    serve = min(summary["capacity_tokens_per_s"], nec * m.mean_request_tokens)
-    if serve < summary["capacity_tokens_per_s"] and summary["backlog_slope_ci"] is not None:
-        low, high = summary["backlog_slope_ci"]
-        summary["verdict"], summary["verdict_reason"] = verdict(
-            Trend(summary["backlog_slope_tokens_per_s"], low, high, (0.0, 0.0)),
-            config.run.verdict_tolerance * serve, summary["arrived"])
-        summary["verdict_reason"] += " (tolerance: a share of the memory-bound throughput)"
     summary["memory"] = {"necessary_rps": nec, "sufficient_rps": suff, "token_bound_rps": m.token_bound_rps,
                          "binding": m.binding, "max_stable_rate_rps": m.max_stable_rate_rps,
                          "memory_rho": m.memory_rho, "memory_bound_tokens_per_s": nec * m.mean_request_tokens,
@@ -207,11 +199,6 @@ def check_cache(kv, workload: Workload) -> None:
         raise ConfigError("engine.kv_blocks", kv.blocks, f"at least {need} blocks of {kv.block_size} tokens: the "
                           f"cache must hold a request of mean size ({mean} tokens, prompt + output; block 0 is "
                           "reserved); larger requests are rejected and counted")
-
-
-def _check_cache(engine: Engine, workload: Workload) -> None:
-    """:func:`check_cache` for an engine."""
-    check_cache(engine.kv, workload)
 
 
 def _region_prediction(config: Config, summary: dict, analysis: Analysis) -> None:

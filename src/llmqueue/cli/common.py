@@ -178,13 +178,6 @@ def _memory_note(summary: dict) -> str:
             f"{'memory' if m['binding'] == 'memory' else 'token budget'}; {m['reason']}")
 
 
-def memory_of(cfg, workload):
-    """The KV-cache memory bounds of ``capacity`` (docs/memory.md) for a config with ``engine.kv_blocks``."""
-    from llmqueue.runner import memory_of as bounds
-
-    return bounds(cfg, workload)
-
-
 def memory_rows(m) -> list[tuple[str, str]]:
     """``capacity``'s rows for the memory bounds: the cache, both necessary bounds, the sufficient one, which binds."""
     suff = (f"{m.memory_sufficient_blocks_rps:.4f} requests/s (tokens: {m.memory_sufficient_rps:.4f}; "

@@ -13,7 +13,6 @@ from llmqueue.cli.common import (
     add_overrides,
     analysis_line,
     config_from,
-    memory_of,
     memory_rows,
     rejection_warnings,
     scheduler_names,
@@ -127,7 +126,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_capacity(args: argparse.Namespace) -> int:
     if network.is_network_source(args.config):  # [[engines]]: traffic equations (PAPER.md §6)
         return network.cmd_capacity(args)
-    from llmqueue.runner import analysis_of, build_workload, prefix_of
+    from llmqueue.runner import analysis_of, build_workload, memory_of, prefix_of
 
     cfg = config_from(args.config, args.set)
     workload = build_workload(cfg)
