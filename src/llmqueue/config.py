@@ -44,11 +44,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 ENGINE_KEYS = {"scheduler", "token_budget", "max_batch_requests", "batch_time", "kv_blocks", "block_size", "kv_policy",
                "prefix_caching"}
-WORKLOAD_KEYS = {"arrival", "rate", "load", "cv", "trace", "format", "time_scale", "max_tokens",
+WORKLOAD_KEYS = {"arrival", "rate", "load", "cv", "trace", "format", "time_scale", "loop", "max_tokens",
                  "cap_mode", "on_bad_row", "prompt", "output", "shared_prefix"}
 RUN_KEYS = {"horizon_s", "requests", "seed", "drain", "record_batches", "verdict_tolerance", "method"}
 ARRIVALS = ("poisson", "deterministic", "gamma", "trace")
-TRACE_KEYS = {"trace", "format", "time_scale", "max_tokens", "cap_mode", "on_bad_row"}
+TRACE_KEYS = {"trace", "format", "time_scale", "loop", "max_tokens", "cap_mode", "on_bad_row"}
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,9 @@ def _workload_table(given: dict[str, Any]) -> dict[str, Any]:
         for key in ("rate", "load", "cv"):
             if key in given:
                 raise ConfigError(f"workload.{key}", given[key], "omitted for a trace (use time_scale)")
+        if "loop" in given:   # replays of the trace back to back (load_trace also caps the replayed count)
+            given["loop"] = integer(given["loop"], "workload.loop", 1,
+                                    what="the number of times the trace is replayed")
         return {"arrival": arrival, **given}
     extra = sorted(TRACE_KEYS & set(given))
     if extra:

@@ -592,10 +592,17 @@ class Trace:
     rows_clipped: int       # rows shortened to max_tokens (cap_mode = "clip")
     rows_dropped_long: int  # rows longer than max_tokens dropped (cap_mode = "drop")
     rows_reordered: int     # rows earlier than the row before them (the trace is then stably sorted)
+    loops: int = 1          # copies replayed back to back (load_trace's loop); requests holds them all
+
+    @property
+    def span_s(self) -> float:
+        """Seconds from the first to the last arrival of ONE copy of the trace."""
+        times = self.requests.arrival_time
+        return float(times[len(times) // self.loops - 1] - times[0])
 
     def summary(self) -> dict:
         return {"path": self.path, "format": self.format, "num_requests": len(self.requests),
-                "rows_read": self.rows_read, "rows_skipped_bad": self.rows_skipped_bad,
+                "loops": self.loops, "rows_read": self.rows_read, "rows_skipped_bad": self.rows_skipped_bad,
                 "rows_clipped": self.rows_clipped, "rows_dropped_long": self.rows_dropped_long,
                 "rows_reordered": self.rows_reordered}
 
@@ -606,17 +613,25 @@ def _choice(value: Any, field: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+_MAX_LOOP_REQUESTS = 100_000_000  # most requests a looped trace may replay
+
+
 def load_trace(path: str | Path, *, format: str = "auto", time_scale: float = 1.0, max_tokens: int | None = None,
-               cap_mode: str = "clip", on_bad_row: str = "error") -> Trace:
+               cap_mode: str = "clip", on_bad_row: str = "error", loop: int = 1) -> Trace:
     """Load an Azure 2023 or Vidur trace as requests.
 
     Azure arrival times are seconds since the earliest timestamp (the first row in a sorted file);
     Vidur's ``arrived_at`` is taken as is.  Both are multiplied by ``time_scale``.  ``max_tokens``
     caps prompt + output as Vidur does: "clip" shortens the prompt (and, if the output alone
     reaches the cap, the output to max_tokens - 1 with a 1-token prompt); "drop" drops the row.
+
+    ``loop = k`` replays the (scaled, capped, sorted) requests k times back to back, lengths
+    repeated: copy j's arrivals are shifted by j·P, P = span + mean gap between arrivals (so the
+    seam gap is a typical one); with one row, or all rows at one instant, P = time_scale seconds.
     """
     _choice(format, "format", ("auto", *_FORMATS))
     time_scale = _number(time_scale, "time_scale", above=0.0)
+    loop = _integer(loop, "loop", 1, what="the number of times the trace is replayed")
     if max_tokens is not None:
         max_tokens = _integer(max_tokens, "max_tokens", 2)
     _choice(cap_mode, "cap_mode", ("clip", "drop"))
@@ -654,10 +669,19 @@ def load_trace(path: str | Path, *, format: str = "auto", time_scale: float = 1.
                 raise TraceError(f"{table.path}: every row is longer than max_tokens = {max_tokens}")
     order = np.argsort(times, kind="stable")
     arrays = [times[order] * time_scale, prompt[order].astype(np.int64), output[order].astype(np.int64)]
+    if loop > 1:
+        n = len(arrays[0])
+        if n * loop > _MAX_LOOP_REQUESTS:
+            raise ConfigError("loop", loop, f"at most {_MAX_LOOP_REQUESTS // n} for this trace ({n} requests a "
+                              f"copy; a loop may replay at most {_MAX_LOOP_REQUESTS:,} requests)")
+        span = float(arrays[0][-1] - arrays[0][0])
+        period = span * n / (n - 1) if span > 0 else time_scale  # span + span / (n - 1): span + mean gap
+        shifts = np.arange(loop, dtype=np.float64) * period
+        arrays = [(arrays[0][None, :] + shifts[:, None]).ravel(), np.tile(arrays[1], loop), np.tile(arrays[2], loop)]
     for a in arrays:
         a.flags.writeable = False  # shared by every replay of this trace
     return Trace(Requests(*arrays), table.path, table.format, len(table.rows), skipped, clipped, dropped,
-                 reordered)
+                 reordered, loop)
 
 
 # ---- shared prefixes (prefix caching, docs/prefix_caching.md) ----------------------------------
