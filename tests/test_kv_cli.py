@@ -44,10 +44,10 @@ def test_unbounded_lengths_leave_stability_unpredicted():
 def test_table_shows_kv_and_rejections():
     with_kv = _run("fig1", "engine.kv_blocks=2000", "run.horizon_s=30").summary
     text = table([with_kv])
-    assert text.splitlines()[0].split()[-4:] == ["preempt", "KV", "use", "recomp"]
+    assert text.splitlines()[0].split()[-5:] == ["preempt", "KV", "use", "recomp", "rejected"]
     row = text.splitlines()[2]
     assert str(with_kv["kv"]["preemptions"]) in row.split()
-    assert "rejected" not in text
+    assert row.split()[-1] == "0"                      # the rejected column, always there
     rejected = dict(with_kv, rejected=5, arrived=50)
     assert table([rejected]).splitlines()[2].endswith("5 (10%)")
     assert "preempt" not in table([_run("fig1", "run.horizon_s=10").summary])
@@ -63,7 +63,8 @@ def test_cli_writes_kv_outputs_and_warns_about_oversized_requests(tmp_path, caps
     summary = json.loads((out / "summary.json").read_text())
     n = summary["kv"]["rejected_larger_than_cache"]
     assert n > 0 and summary["rejected"] >= n
-    assert f"warning: sarathi: {n} of {summary['arrived']} requests need more than the KV cache" in captured.err
+    assert f"warning: sarathi: {n} of {summary['arrived']} requests rejected" in captured.err
+    assert f"{n} larger than the KV cache" in captured.err and "raise engine.kv_blocks to at least" in captured.err
     assert (out / "kv_blocks.png").stat().st_size > 0
     rows = list(csv.DictReader((out / "requests.csv").open()))
     assert {"preemptions", "recomputed_tokens"} <= set(rows[0])

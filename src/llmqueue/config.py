@@ -8,7 +8,7 @@ A config has three tables (all keys optional, defaults are the paper's Fig. 1 se
 * ``[workload]`` arrival (poisson | deterministic | gamma | trace), rate (requests/s) or
   load (a fraction of Theorem 2's λ*), cv (gamma), trace options, and the
   ``[workload.prompt]`` / ``[workload.output]`` length distributions;
-* ``[run]``     horizon_s or requests, seed, drain, record_batches, verdict_tolerance, method
+* ``[run]``     horizon_s or requests, seed, drain, record_batches, verdict_tolerance, reject_tolerance, method
   (``fast``: the compiled core where it can run, or ``reference``: one engine step per batch).
 
 Every error names the dotted field, the value and what is allowed.
@@ -46,7 +46,8 @@ ENGINE_KEYS = {"scheduler", "token_budget", "max_batch_requests", "batch_time", 
                "prefix_caching"}
 WORKLOAD_KEYS = {"arrival", "rate", "load", "cv", "trace", "format", "time_scale", "loop", "max_tokens",
                  "cap_mode", "on_bad_row", "prompt", "output", "shared_prefix"}
-RUN_KEYS = {"horizon_s", "requests", "seed", "drain", "record_batches", "verdict_tolerance", "method"}
+RUN_KEYS = {"horizon_s", "requests", "seed", "drain", "record_batches", "verdict_tolerance", "reject_tolerance",
+            "method"}
 ARRIVALS = ("poisson", "deterministic", "gamma", "trace")
 TRACE_KEYS = {"trace", "format", "time_scale", "loop", "max_tokens", "cap_mode", "on_bad_row"}
 
@@ -60,6 +61,7 @@ class RunConfig:
     record_batches: bool
     verdict_tolerance: float
     method: str = "fast"          # simulator loop: "fast" or "reference" (identical results)
+    reject_tolerance: float = 0.001   # share of arrivals rejected above which the verdict is "rejects"
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
         record_batches=boolean(run.get("record_batches", False), "run.record_batches"),
         verdict_tolerance=number(run.get("verdict_tolerance", 0.01), "run.verdict_tolerance", above=0),
         method=_method(run.get("method", "fast")),
+        reject_tolerance=number(run.get("reject_tolerance", 0.001), "run.reject_tolerance", at_least=0, at_most=1),
     )
     resolved = {"engine": engine, "workload": workload, "run": run}
     return Config(resolved, base_dir, rc)

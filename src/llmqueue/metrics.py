@@ -4,14 +4,26 @@ Latency: TTFT = first token − arrival (the batch finishing the prompt emits th
 token), TBT = (finish − first token) / v_d (mean time between a request's output tokens,
 vLLM's TPOT), E2E = finish − arrival; statistics over the requests that got there by T.
 
-Verdict: the backlog B(t) (unprocessed tokens of requests in the system) is sampled on a
-grid over the second half of the arrival period, cut into ``blocks`` consecutive blocks whose means
-are regressed on time; block means tame the strong autocorrelation of a queue, the rest is
-absorbed by an AR(1) inflation of the standard error, and the slope's 95 % confidence
-interval uses Student's t with blocks − 2 degrees of freedom.
-``unstable`` if the interval lies above 0 and the slope exceeds the tolerance (a fraction
-of the engine's capacity, default 1 %); ``stable`` if the interval lies below the
-tolerance; otherwise ``inconclusive`` (too close to the boundary for this horizon).
+Verdict (docs/model.md, "The stability verdict"): the backlog B(t) (unprocessed tokens of
+requests in the system) is sampled on an even grid over the arrival period [0, t₁].
+1. Warm-up: a run starts empty, and a stable system's backlog first rises to its steady level.
+   MSER-5 (White 1997; White, Cobb & Spratt 2000) drops the initial stretch that minimises the
+   standard error of the rest, searched over the first half of the run; at least one relaxation
+   time (step 3) is dropped.
+2. Trend: the rest is cut into ``blocks`` consecutive blocks whose means are regressed on time;
+   block means tame a queue's autocorrelation, an AR(1) inflation of the standard error absorbs
+   what is left, and the slope's 98 % interval uses Student's t with blocks − 2 degrees of freedom.
+3. Relaxation: a verdict needs arrivals over at least ``RELAXATIONS`` relaxation times, the time a
+   request takes through the engine plus the time in which the backlog's drift beats its random
+   fluctuation, 2σ²/μ² (the relaxation time of reflected Brownian motion, Abate & Whitt 1987; σ² the
+   variance rate of the arriving work, μ the distance of the offered load from capacity, or the
+   backlog's growth over the second half if larger, and at least the tolerance).  A shorter run cannot tell a warm-up from growth: ``inconclusive``, with the
+   horizon that would decide.
+4. ``unstable`` if the interval lies above the tolerance (a fraction of what the engine can
+   serve, default 1 %), ``stable`` if it lies below; otherwise ``inconclusive`` (too close to the
+   boundary for this horizon, with the horizon that would decide if the slope held).
+5. ``rejects`` where more than a small share of the arrivals was rejected (and the backlog does
+   not grow): a run that turns requests away does not keep up with its load.
 """
 
 from __future__ import annotations
@@ -24,10 +36,16 @@ from scipy import stats
 from llmqueue.analysis import Analysis
 from llmqueue.core.simulator import Result
 
-STABLE, UNSTABLE, INCONCLUSIVE = "stable", "unstable", "inconclusive"
+STABLE, UNSTABLE, INCONCLUSIVE, REJECTS = "stable", "unstable", "inconclusive", "rejects"
 DEFAULT_TOLERANCE = 0.01
+DEFAULT_REJECT_TOLERANCE = 0.001   # share of arrivals a run may reject and still be called stable
 DEFAULT_BLOCKS = 20
-_GRID = 400
+MIN_ARRIVALS = 100
+CONFIDENCE = 0.98                  # of the slope's interval (each verdict errs at most 1 % one-sided)
+MIN_BLOCKS = 5                     # blocks of one relaxation time each the window must hold
+_GRID = 1000                       # backlog samples over the arrival period: 200 MSER-5 batches
+_MSER_BATCH = 5
+_VARIANCE_BINS = 20                # bins of the arriving work for its long-run variance rate
 
 
 @dataclass(frozen=True)
@@ -35,7 +53,19 @@ class Trend:
     slope: float          # tokens/s over the window
     ci_low: float
     ci_high: float
-    window: tuple[float, float]
+    window: tuple[float, float]   # (end of the warm-up MSER-5 dropped, end of the arrival period)
+    settled: bool = True  # MSER-5's minimum lies inside the first half (a steady stretch was found)
+    blocks: int = DEFAULT_BLOCKS  # below MIN_BLOCKS: too short a window for a slope (NaN)
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """The time scale a verdict must outlast (docs/model.md): passage through the engine plus the
+    backlog's relaxation 2σ²/μ²."""
+    seconds: float
+    passage_s: float             # a request's time through the engine at the run's batch pace
+    queueing_s: float            # 2σ²/μ² (reflected Brownian motion, Abate & Whitt 1987)
+    variance_rate: float         # σ², tokens²/s, of the arriving work
 
 
 def latency_stats(values: np.ndarray) -> dict:
@@ -59,6 +89,7 @@ class _Backlog:
         work = result.num_prompt_tokens[keep] + result.num_output_tokens[keep]
         if result.kv is not None and result.kv.first_hit_tokens is not None:   # found cached: never processed
             work = work - result.kv.first_hit_tokens[keep]
+        self.work = work
         self.arrived = np.concatenate(([0], np.cumsum(work)))
         self.ends = result.batch_end_time
         useful = result.batch_tokens if result.kv is None else result.batch_tokens - result.kv.batch_recomputed
@@ -106,20 +137,51 @@ def kv_blocks_at(result: Result, times: np.ndarray) -> np.ndarray:
     return np.where(running, kv.batch_blocks[safe], 0).astype(np.int64)
 
 
-def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS, curve: _Backlog | None = None) -> Trend | None:
-    """Slope of the backlog over the second half of the arrival period, with a 95 % interval.
-
-    The window ends at the last arrival (or T if earlier): a drained run's emptying tail
-    says nothing about whether the engine kept up while requests were arriving.
-    """
+def arrival_period(result: Result) -> float:
+    """t₁: the last arrival (or T if earlier); the verdict looks at [0, t₁] only, since a drained
+    run's emptying tail says nothing about whether the engine kept up while requests arrived."""
     last_arrival = float(result.arrival_time[-1]) if len(result.arrival_time) else 0.0
-    t1 = min(result.end_time, last_arrival)
-    t0 = t1 / 2
-    if not t1 > t0:
+    return min(result.end_time, last_arrival)
+
+
+def mser5(y: np.ndarray) -> tuple[int, bool]:
+    """MSER-5 truncation (White 1997; White, Cobb & Spratt 2000) of an evenly sampled series:
+    the number of leading samples to drop, a multiple of 5 chosen among the first half's to
+    minimise Σ (z_j − z̄)² / (k − d)² over the batch means z of 5 samples left, and whether the
+    minimum lies inside that half (False: no steady stretch, the series still trends)."""
+    k = len(y) // _MSER_BATCH
+    if k < 4:
+        return 0, False
+    z = y[:k * _MSER_BATCH].reshape(k, _MSER_BATCH).mean(axis=1)
+    z = z - z.mean()                                    # numerics: the sums below on centred values
+    s1, s2 = np.cumsum(z[::-1])[::-1], np.cumsum((z * z)[::-1])[::-1]   # suffix sums from d
+    last = k // 2
+    n = k - np.arange(last + 1)
+    mser = (s2[:last + 1] - s1[:last + 1] ** 2 / n) / n ** 2
+    d = int(np.argmin(mser))
+    return d * _MSER_BATCH, d < last
+
+
+def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS, curve: _Backlog | None = None,
+                  block_s: float = 0.0) -> Trend | None:
+    """Slope of the backlog after its warm-up (MSER-5) up to the end of the arrival period, with a
+    98 % interval (module note).  ``block_s`` is the relaxation time: at least that much is dropped,
+    and the blocks are no shorter (fewer than ``blocks`` if need be; below MIN_BLOCKS the slope
+    is NaN)."""
+    t1 = arrival_period(result)
+    if not t1 > 0:
         return None
-    grid = np.linspace(t0, t1, _GRID)
-    y = (curve or _Backlog(result)).at(grid).astype(float).reshape(blocks, -1).mean(axis=1)
-    x = grid.reshape(blocks, -1).mean(axis=1)
+    grid = np.linspace(0.0, t1, _GRID)
+    series = (curve or _Backlog(result)).at(grid).astype(float)
+    cut, settled = mser5(series)
+    cut = min(max(cut, int(np.searchsorted(grid, block_s))), _GRID - 1)   # a warm-up lasts a relaxation time
+    grid, series = grid[cut:], series[cut:]
+    if block_s > 0:
+        blocks = min(blocks, int((t1 - grid[0]) / block_s))
+    if blocks < MIN_BLOCKS:
+        return Trend(np.nan, np.nan, np.nan, (float(grid[0]), float(t1)), settled, blocks)
+    y = np.array([part.mean() for part in np.array_split(series, blocks)])
+    x = np.array([part.mean() for part in np.array_split(grid, blocks)])
     fit = stats.linregress(x, y)
     # Near the boundary even block means stay correlated, which would make the interval
     # too narrow (a run at ρ = 1.01 was called stable): inflate the standard error by the
@@ -128,21 +190,136 @@ def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS, curve: _Backlog 
     r = 0.0
     if residuals.std() > 0:
         r = float(np.clip(np.corrcoef(residuals[:-1], residuals[1:])[0, 1], 0.0, 0.95))
-    half = stats.t.ppf(0.975, blocks - 2) * fit.stderr * np.sqrt((1 + r) / (1 - r))
-    return Trend(float(fit.slope), float(fit.slope - half), float(fit.slope + half), (float(t0), float(t1)))
+    stderr = fit.stderr if np.ptp(y) > 0 else 0.0          # a constant backlog (nothing served): exact
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, blocks - 2) * stderr * np.sqrt((1 + r) / (1 - r))
+    return Trend(float(fit.slope), float(fit.slope - half), float(fit.slope + half),
+                 (float(grid[0]), float(t1)), settled, blocks)
 
 
-def verdict(trend: Trend | None, tolerance_tokens_per_s: float, num_arrived: int) -> tuple[str, str]:
-    """``stable`` / ``unstable`` / ``inconclusive`` and the reason, from the backlog trend."""
-    if trend is None or num_arrived < 100:
-        return INCONCLUSIVE, "run too short for a verdict (fewer than 100 arrivals)"
-    detail = (f"backlog slope {trend.slope:.1f} tokens/s, 95% CI [{trend.ci_low:.1f}, {trend.ci_high:.1f}], "
-              f"tolerance {tolerance_tokens_per_s:.1f}")
-    if trend.ci_low > 0 and trend.slope > tolerance_tokens_per_s:
-        return UNSTABLE, detail + ": the backlog grows"
+def growth_rate(result: Result, curve: _Backlog | None = None) -> float:
+    """The backlog's least-squares slope (tokens/s) over the second half of the arrival period, no
+    interval: the drift a growing run shows, for its relaxation time."""
+    t1 = arrival_period(result)
+    if not t1 > 0:
+        return 0.0
+    grid = np.linspace(t1 / 2, t1, _GRID // 2)
+    return float(np.polyfit(grid, (curve or _Backlog(result)).at(grid).astype(float), 1)[0])
+
+
+def passage_time(result: Result) -> float:
+    """A request's time through the engine at the run's pace: its mean number of batches (output
+    tokens, plus prompt chunks of one budget each) times the median time between batch ends."""
+    keep = _served(result)
+    if len(result.batch_end_time) < 2 or not keep.any():
+        return 0.0
+    gap = float(np.median(np.diff(result.batch_end_time)))
+    chunks = np.ceil(result.num_prompt_tokens[keep] / max(result.token_budget, 1))
+    return float((result.num_output_tokens[keep] + chunks).mean()) * gap
+
+
+def relaxation_time(result: Result, distance_tokens_per_s: float, *, passage_s: float | None = None,
+                    curve: _Backlog | None = None) -> Relaxation:
+    """The relaxation time of a run (module note, step 3): ``passage_s`` (default
+    :func:`passage_time`) plus 2σ²/μ², with σ² the variance rate of the work that arrived in
+    [0, t₁] (from 20 equal bins) and μ = ``distance_tokens_per_s`` (> 0)."""
+    curve = curve or _Backlog(result)
+    t1 = arrival_period(result)
+    sigma2 = 0.0
+    if t1 > 0 and len(curve.arrivals) > 1:
+        width = t1 / _VARIANCE_BINS
+        work, _ = np.histogram(curve.arrivals, bins=_VARIANCE_BINS, range=(0.0, t1), weights=curve.work)
+        sigma2 = float(work.var(ddof=1)) / width
+    queueing = 2.0 * sigma2 / distance_tokens_per_s ** 2
+    passage = passage_time(result) if passage_s is None else float(passage_s)
+    return Relaxation(passage + queueing, passage, queueing, sigma2)
+
+
+def _seconds(x: float) -> str:
+    """A duration rounded up to two significant figures, for "run at least ..." advice."""
+    if not np.isfinite(x) or x <= 0:
+        return f"{x:g} s"
+    step = 10.0 ** (np.floor(np.log10(x)) - 1)
+    return f"{np.ceil(x / step) * step:,.0f} s" if x >= 10 else f"{np.ceil(x / step) * step:.2g} s"
+
+
+def verdict(trend: Trend | None, tolerance_tokens_per_s: float, num_arrived: int,
+            relaxation: Relaxation | None = None) -> tuple[str, str, float | None]:
+    """``stable`` / ``unstable`` / ``inconclusive``, the reason, and for ``inconclusive`` the period
+    of arrivals (s) that would likely decide (None if unknown), from the backlog trend (module
+    note); without ``relaxation`` the run is taken to be long enough."""
+    if trend is None or num_arrived < MIN_ARRIVALS:
+        need = None
+        if trend is not None and num_arrived > 0:
+            need = trend.window[1] * MIN_ARRIVALS / num_arrived
+        return INCONCLUSIVE, f"run too short for a verdict (fewer than {MIN_ARRIVALS} arrivals)", need
+    t0, t1 = trend.window
+    warm = ("" if t0 <= 0 else f"warm-up {t0:.3g} s dropped (MSER-5)" if trend.settled else
+            f"no steady level in the first half (MSER-5): its {t0:.3g} s dropped")
+    if trend.blocks < MIN_BLOCKS:
+        tau = relaxation.seconds if relaxation is not None else float("nan")
+        need = t0 + MIN_BLOCKS * tau if trend.settled else 2 * MIN_BLOCKS * tau
+        parts = (f": {relaxation.passage_s:.3g} s through the engine + {relaxation.queueing_s:.3g} s for the "
+                 "backlog's drift to beat its noise") if relaxation is not None else ""
+        return INCONCLUSIVE, (
+            f"after the warm-up the arrivals span {t1 - t0:.3g} s, under {MIN_BLOCKS} relaxation times of this "
+            f"system ({tau:.3g} s{parts}), so a backlog still settling cannot be told from growth "
+            f"({warm or 'no warm-up dropped'}); run at least {_seconds(need)} to decide"), need
+    detail = (f"{warm + '; ' if warm else ''}backlog slope {trend.slope:.1f} tokens/s, "
+              f"{CONFIDENCE:.0%} CI [{trend.ci_low:.1f}, {trend.ci_high:.1f}], tolerance {tolerance_tokens_per_s:.1f}")
+    if trend.ci_low > tolerance_tokens_per_s:
+        return UNSTABLE, detail + ": the backlog grows", None
     if trend.ci_high < tolerance_tokens_per_s:
-        return STABLE, detail + ": no growth beyond the tolerance"
-    return INCONCLUSIVE, detail + ": run longer to decide"
+        return STABLE, detail + ": no growth beyond the tolerance", None
+    need = _longer(trend, tolerance_tokens_per_s)
+    advice = (f"about {_seconds(need)} of arrivals if the slope held" if need is not None else
+              "the slope sits at the tolerance: near the stability boundary no horizon may decide")
+    return INCONCLUSIVE, detail + f": run longer to decide ({advice})", need
+
+
+def _longer(trend: Trend, tolerance: float) -> float | None:
+    """The arrival period that would narrow the interval enough to decide if the slope held (the
+    interval of a trend narrows as (window length)^-3/2); None where the slope sits at the tolerance."""
+    t0, t1 = trend.window
+    half = (trend.ci_high - trend.ci_low) / 2
+    margin = abs(trend.slope - tolerance)
+    if half <= 0 or margin <= half / 30:
+        return None
+    return t0 + (t1 - t0) * (half / margin) ** (2 / 3)
+
+
+def rejection_causes(result: Result, splits_prompts: bool | None = None) -> list[str]:
+    """Why a run's rejected requests were turned away, each cause with the option that fixes it."""
+    rejected = result.rejected
+    causes = []
+    long_prompt = rejected & (result.num_prompt_tokens > result.token_budget)
+    if splits_prompts is True:
+        long_prompt[:] = False
+    if long_prompt.any():
+        largest = int(result.num_prompt_tokens[long_prompt].max())
+        causes.append(f"{int(long_prompt.sum())} with a prompt longer than the token budget "
+                      f"{result.token_budget} that {result.scheduler} does not split (largest {largest}): "
+                      f"raise engine.token_budget to at least {largest} or use a scheduler that splits "
+                      "prompts (sarathi, vllm-v1)")
+    rest = rejected & ~long_prompt
+    if rest.any() and result.kv is not None:
+        need = int((-(-(result.num_prompt_tokens + result.num_output_tokens)[rest] // result.kv.block_size)).max())
+        causes.append(f"{int(rest.sum())} larger than the KV cache ({result.kv.blocks - 1} usable blocks of "
+                      f"{result.kv.block_size} tokens; the largest needs {need}): raise engine.kv_blocks to "
+                      f"at least {need + 1}")
+    elif rest.any():
+        causes.append(f"{int(rest.sum())} the engine can never serve")
+    return causes
+
+
+def rejection_verdict(result: Result, num_arrived: int, share_allowed: float,
+                      splits_prompts: bool | None = None) -> str | None:
+    """The reason a run is judged ``rejects`` (more than ``share_allowed`` of its arrivals turned
+    away), naming the cause and the option that fixes it; None when it is within the allowance."""
+    n = int(np.count_nonzero(result.rejected))
+    if n == 0 or n <= share_allowed * max(num_arrived, 1):
+        return None
+    return (f"{n} of {num_arrived} arrivals ({n / max(num_arrived, 1):.1%}) rejected, above the allowed "
+            f"{share_allowed:.1%}: " + "; ".join(rejection_causes(result, splits_prompts)))
 
 
 def prediction(analysis: Analysis, work_conserving: bool) -> str:
@@ -157,12 +334,15 @@ def prediction(analysis: Analysis, work_conserving: bool) -> str:
 
 
 def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
-              tolerance: float = DEFAULT_TOLERANCE, servable_tokens_per_s: float | None = None) -> dict:
+              tolerance: float = DEFAULT_TOLERANCE, servable_tokens_per_s: float | None = None,
+              reject_tolerance: float = DEFAULT_REJECT_TOLERANCE, splits_prompts: bool | None = None,
+              passage_s: float | None = None) -> dict:
     """The run's summary as a JSON-able dict (keys documented in docs/config.md).
 
     The verdict's tolerance is ``tolerance`` times what the engine can serve: its capacity, or
     ``servable_tokens_per_s`` where that is lower (with KV memory binding, the memory-bound
-    throughput: docs/memory.md)."""
+    throughput: docs/memory.md).  More than ``reject_tolerance`` of the arrivals rejected makes
+    the verdict ``rejects`` unless the backlog grows."""
     T = result.end_time
     keep = _served(result)
     arrival = result.arrival_time
@@ -174,12 +354,23 @@ def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
     completed = int(np.count_nonzero(done))
     curve = _Backlog(result)  # perf: the cumulative sums once, not once per use (millions of batches)
     processed = int(curve.processed_by(np.asarray([T]))[0])
-    trend = backlog_trend(result, curve=curve)
     serve = analysis.capacity_tokens_per_s
     by_memory = servable_tokens_per_s is not None and servable_tokens_per_s < serve
-    verdict_name, reason = verdict(trend, tolerance * (servable_tokens_per_s if by_memory else serve), arrived)
+    basis = servable_tokens_per_s if by_memory else serve
+    tol = tolerance * basis
+    relax = relaxation_time(result, max(abs(basis - analysis.offered_tokens_per_s), tol, growth_rate(result, curve)),
+                            passage_s=passage_s, curve=curve)
+    trend = backlog_trend(result, curve=curve, block_s=relax.seconds)
+    verdict_name, reason, need = verdict(trend, tol, arrived, relax)
     if by_memory and trend is not None:
         reason += " (tolerance: a share of the memory-bound throughput)"
+    rejected = int(np.count_nonzero(result.rejected))
+    turned_away = rejection_verdict(result, arrived, reject_tolerance, splits_prompts)
+    if turned_away is not None and verdict_name == UNSTABLE:
+        reason = f"{reason}; and {turned_away}"
+    elif turned_away is not None:
+        served = f"; the backlog of the requests served: {verdict_name}" if rejected < arrived else ""
+        verdict_name, reason, need = REJECTS, turned_away + served, None
     with_output = done & (result.num_output_tokens > 0)
     tbt = (finish[with_output] - first[with_output]) / result.num_output_tokens[with_output]
     return {
@@ -188,16 +379,21 @@ def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
         "horizon_s": T,
         "arrived": arrived,
         "completed": completed,
-        "rejected": int(np.count_nonzero(result.rejected)),
+        "rejected": rejected,
+        "rejected_share": rejected / arrived if arrived else 0.0,
+        "rejected_causes": rejection_causes(result, splits_prompts) if rejected else [],
         "throughput_rps": completed / T if T > 0 else 0.0,
         "token_throughput": processed / T if T > 0 else 0.0,
         "mean_in_system": float(sojourn[keep & (arrival <= T)].sum() / T) if T > 0 else 0.0,
         "final_in_system": int(in_system(result, np.asarray([T]))[0]),
         "final_backlog_tokens": int(curve.at(np.asarray([T]))[0]),
-        "backlog_slope_tokens_per_s": trend.slope if trend else None,
-        "backlog_slope_ci": [trend.ci_low, trend.ci_high] if trend else None,
+        "backlog_slope_tokens_per_s": trend.slope if trend and trend.blocks >= MIN_BLOCKS else None,
+        "backlog_slope_ci": [trend.ci_low, trend.ci_high] if trend and trend.blocks >= MIN_BLOCKS else None,
         "verdict": verdict_name,
         "verdict_reason": reason,
+        "verdict_needs_arrivals_s": need,
+        "warmup_s": trend.window[0] if trend else None,
+        "relaxation_s": relax.seconds,
         "predicted": prediction(analysis, work_conserving),
         "capacity_tokens_per_s": analysis.capacity_tokens_per_s,
         "offered_tokens_per_s": analysis.offered_tokens_per_s,

@@ -16,7 +16,7 @@ from llmqueue.config import Config
 from llmqueue.errors import ConfigError
 from llmqueue.core.engine import Engine
 from llmqueue.model.kv import make_kv
-from llmqueue.metrics import STABLE, UNSTABLE, summarize
+from llmqueue.metrics import INCONCLUSIVE, STABLE, UNSTABLE, summarize
 from llmqueue.analysis.region import stability_region
 from llmqueue.schedulers import make_scheduler
 from llmqueue.core.simulator import Result, simulate
@@ -65,7 +65,7 @@ def build_workload(config: Config) -> Workload:
     if w["arrival"] == "trace":
         trace = load_trace(config.resolve(w["trace"]), format=w.get("format", "auto"), time_scale=w.get("time_scale", 1.0),
                            max_tokens=w.get("max_tokens"), cap_mode=w.get("cap_mode", "clip"),
-                           on_bad_row=w.get("on_bad_row", "error"))
+                           on_bad_row=w.get("on_bad_row", "error"), loop=w.get("loop", 1))
         prompt = make_length(w["prompt"], field="workload.prompt", minimum=1, base_dir=config.base_dir) if "prompt" in w else None
         output = make_length(w["output"], field="workload.output", minimum=0, base_dir=config.base_dir) if "output" in w else None
         return Workload(trace, prompt, output, make_shared_prefix(w.get("shared_prefix")))
@@ -103,11 +103,13 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
     e = config.engine
     memory = memory_of(config, workload) if e.get("kv_blocks") is not None and not e.get("prefix_caching") else None
     summary = summarize(result, analysis, work_conserving=engine.scheduler.work_conserving,
-                        tolerance=rc.verdict_tolerance,
+                        tolerance=rc.verdict_tolerance, reject_tolerance=rc.reject_tolerance,
+                        splits_prompts=engine.scheduler.splits_prompts,
                         servable_tokens_per_s=None if memory is None else
                         memory.memory_necessary_blocks_rps * memory.mean_request_tokens)
     if isinstance(workload.arrivals, Trace):
         summary["trace"] = workload.arrivals.summary()
+        finite_trace(summary, workload.arrivals, rc.horizon_s)
     if analysis.notes:
         summary["notes"] = list(analysis.notes)
     _region_prediction(config, summary, analysis)
@@ -116,6 +118,26 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
     elif memory is not None:
         _memory_prediction(summary, memory, analysis)
     return Run(result, summary, analysis)
+
+
+def finite_trace(summary: dict, trace: Trace, horizon_s: float | None) -> None:
+    """A trace cannot run longer than its arrivals: where the verdict needs more, say what this
+    trace can show and how many replays (``workload.loop``) would decide."""
+    need = summary.get("verdict_needs_arrivals_s")
+    if summary["verdict"] != INCONCLUSIVE or need is None:
+        return
+    span = trace.span_s * trace.loops
+    if horizon_s is not None and horizon_s < span and need <= horizon_s:
+        return
+    if need <= span:
+        summary["verdict_reason"] += (f"; the trace's arrivals span {span:,.0f} s: give run.horizon_s of at least "
+                                      f"{math.ceil(need):,d} s (or drop run.requests)")
+        return
+    loops = math.ceil(need / max(trace.span_s, 1e-9))
+    summary["verdict_reason"] += (
+        f"; the trace's arrivals span only {span:,.0f} s, so it cannot show whether this load is sustained: "
+        f"replay it with workload.loop = {loops} (or more) for a verdict on its load repeated, or scale "
+        "workload.time_scale to study another load")
 
 
 def memory_of(config: Config, workload: Workload):

@@ -120,17 +120,16 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 
 def table(summaries: Sequence[dict]) -> str:
-    """One row per run; with KV memory also preemptions, mean cache use and the share of work
-    recomputed (with prefix caching the hit rate of vLLM's counters), and a rejected column
-    whenever a run rejected anything."""
+    """One row per run, with the requests rejected (count and share of arrivals); with KV memory also
+    preemptions, mean cache use and the share of work recomputed (with prefix caching the hit rate
+    of vLLM's counters)."""
     head = ["scheduler", "verdict", "theory", "req/s", "tok/s", "slope tok/s", "in-sys mean",
             "in-sys final", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "violations"]
     kv = any("kv" in s for s in summaries)
     prefix = any("prefix_caching" in s.get("kv", {}) for s in summaries)
-    rejected = any(s.get("rejected") for s in summaries)
     head += ["preempt", "KV use", "recomp"] if kv else []
     head += ["prefix hit"] if prefix else []
-    head += ["rejected"] if rejected else []
+    head += ["rejected"]
     rows = [tuple(head)]
     for s in summaries:
         theory = s["predicted"] if s["predicted"] in ("stable", "unstable") else "-"
@@ -145,9 +144,7 @@ def table(summaries: Sequence[dict]) -> str:
         if prefix:
             p = s.get("kv", {}).get("prefix_caching")
             row.append(f"{p['hit_rate']:.0%}" if p else "-")
-        if rejected:
-            arrived = max(s["arrived"], 1)
-            row.append(f"{s['rejected']} ({s['rejected'] / arrived:.0%})" if s["rejected"] else "0")
+        row.append(rejected_cell(s["rejected"], s["arrived"]))
         rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
@@ -225,17 +222,20 @@ def write_requests_csv(path: Path, result) -> None:
            else {})})
 
 
+def rejected_cell(rejected: int, arrived: int) -> str:
+    """A table's rejected column: the count and its share of the arrivals."""
+    if not rejected:
+        return "0"
+    share = rejected / max(arrived, 1)
+    return f"{rejected} ({share:.1%})" if share < 0.1 else f"{rejected} ({share:.0%})"
+
+
 def rejection_warnings(summaries: Sequence[dict]) -> list[str]:
-    """One line per run that rejected requests larger than its KV cache (they are counted, not run)."""
-    lines = []
-    for s in summaries:
-        n = s.get("kv", {}).get("rejected_larger_than_cache", 0)
-        if n:
-            k = s["kv"]
-            lines.append(f"warning: {s['scheduler']}: {n} of {s['arrived']} requests need more than the KV cache "
-                         f"({k['kv_blocks'] - 1} usable blocks of {k['block_size']} tokens) and were rejected; "
-                         "raise engine.kv_blocks to serve them")
-    return lines
+    """One line per run that rejected anything (rejected requests are counted, never run), with
+    the causes and the options that fix them."""
+    return [f"warning: {s['scheduler']}: {s['rejected']} of {s['arrived']} requests rejected "
+            f"({s['rejected'] / max(s['arrived'], 1):.1%}): " + "; ".join(s.get("rejected_causes") or ["never servable"])
+            for s in summaries if s.get("rejected")]
 
 
 def write_columns_csv(path: Path, columns: dict) -> None:

@@ -17,6 +17,7 @@ from llmqueue.cli.common import (
     Progress,
     add_overrides,
     fmt,
+    rejected_cell,
     write_columns_csv,
     write_json,
 )
@@ -144,20 +145,30 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def network_rejection_warnings(s: dict) -> list[str]:
+    """One line per engine that rejected visits (their jobs are counted, never finish), with the
+    causes and the options that fix them."""
+    where = f"{s['policy']}: " if "policy" in s else ""
+    return [f"warning: {where}engine {e['engine']}: {e['rejected']} of {e['arrived']} visits rejected: "
+            + "; ".join(e.get("rejected_causes") or ["never servable"]) for e in s["engines"] if e.get("rejected")]
+
+
 def summary_tables(s: dict) -> str:
     engines = [(e["engine"], e["policy"], e["scheduler"], fmt(e["rho"], 3), fmt(e["busy_fraction"], 3),
                 fmt(e["token_throughput"], 0), fmt(e["backlog_slope_tokens_per_s"], 1), e["verdict"],
                 str(e["peak_backlog_tokens"]), fmt(e["mean_prefill_tokens"], 1), fmt(e["mean_decode_tokens"], 1),
-                fmt(e["ttft_s"]["p50"], 3), fmt(e["ttft_s"]["p99"], 3), str(e["work_conserving_violations"]))
+                fmt(e["ttft_s"]["p50"], 3), fmt(e["ttft_s"]["p99"], 3), str(e["work_conserving_violations"]),
+                rejected_cell(e["rejected"], e["arrived"]))
                for e in s["engines"]]
-    classes = [(c["class"], fmt(c["rate_jps"], 3), str(c["arrived"]), str(c["completed"]), str(c["rejected"]),
+    classes = [(c["class"], fmt(c["rate_jps"], 3), str(c["arrived"]), str(c["completed"]),
+                rejected_cell(c["rejected"], c["arrived"]),
                 fmt(c["throughput_jps"], 3), fmt(c["e2e_s"]["p50"], 2), fmt(c["e2e_s"]["p99"], 2),
                 f"{fmt(c['tokens_per_job'], 1)} ({c['expected_tokens_per_job']:.1f})") for c in s["classes"]]
     hops = [(f"{c['class']}.{h['hop']}", h["engine"], str(h["visits"]), fmt(h["ttft_s"]["p50"], 3),
              fmt(h["ttft_s"]["p99"], 3), fmt(h["hop_latency_s"]["p50"], 2)) for c in s["classes"] for h in c["hops"]]
     return "\n\n".join([
         _table(("engine", "policy", "scheduler", "ρ", "busy", "tok/s", "slope tok/s", "verdict", "peak backlog",
-                "prefill/batch", "decode/batch", "TTFT p50", "TTFT p99", "violations"), engines),
+                "prefill/batch", "decode/batch", "TTFT p50", "TTFT p99", "violations", "rejected"), engines),
         _table(("class", "jobs/s", "arrived", "completed", "rejected", "done/s", "E2E p50", "E2E p99",
                 "tokens/job (expected)"), classes),
         _table(("hop", "engine", "visits", "TTFT p50", "TTFT p99", "hop p50"), hops),
@@ -237,6 +248,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"horizon {s['horizon_s']:g} s, seed {s['seed']}, {n['jobs_arrived']} jobs arrived, "
           f"{n['jobs_completed']} completed")
     print(f"network: {n['verdict']}  {n['verdict_reason']}; peak backlog {n['peak_backlog_tokens']} tokens\n")
+    for line in network_rejection_warnings(s):
+        print(line, file=sys.stderr)
     print(summary_tables(s))
     kv = kv_table(s)
     if kv is not None:
@@ -275,10 +288,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps({"runs": done}, default=float))
         return 0
     classes = [c["class"] for c in done[0]["classes"]]
-    head = ("policy", "verdict", "slope tok/s", "peak backlog", "jobs done",
+    head = ("policy", "verdict", "slope tok/s", "peak backlog", "jobs done", "jobs rejected",
             *(f"{c} E2E p50/p99" for c in classes))
+    for s in done:
+        for line in network_rejection_warnings(s):
+            print(line, file=sys.stderr)
     rows = [(s["policy"], s["network"]["verdict"], fmt(s["network"]["backlog_slope_tokens_per_s"], 1),
              str(s["network"]["peak_backlog_tokens"]), str(s["network"]["jobs_completed"]),
+             rejected_cell(s["network"]["jobs_rejected"], s["network"]["jobs_arrived"]),
              *(f"{fmt(c['e2e_s']['p50'])} / {fmt(c['e2e_s']['p99'])}" for c in s["classes"])) for s in done]
     print(f"horizon {done[0]['horizon_s']:g} s, seed {done[0]['seed']}, {done[0]['network']['jobs_arrived']} jobs "
           "(the same for every policy)\n")

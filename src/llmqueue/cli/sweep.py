@@ -195,7 +195,8 @@ def _results_table(rows: list[dict], max_rate: bool) -> str:
     keys = varying(rows)
     rows = sorted(rows, key=lambda r: [_order(r.get(k)) for k in (*keys, "seed")])
     tail = (("max_rate_rps", "failed_rate_rps", "lambda_star_rps") if max_rate else
-            ("seed", "status", "verdict", "rho", "throughput_rps", "ttft_s.p99", "e2e_s.p99"))
+            ("seed", "status", "verdict", "rho", "throughput_rps", "rejected", "rejected_share", "ttft_s.p99",
+             "e2e_s.p99"))
     cols = [*keys, *tail]
     cells = [cols] + [[_cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]

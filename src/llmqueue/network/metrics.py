@@ -23,10 +23,17 @@ import numpy as np
 
 from llmqueue.analysis import analyze
 from llmqueue.metrics import (
+    MIN_BLOCKS,
+    REJECTS,
+    UNSTABLE,
     backlog,
     backlog_trend,
+    growth_rate,
     in_system,
     latency_stats,
+    passage_time,
+    rejection_causes,
+    relaxation_time,
     summarize,
     verdict,
 )
@@ -52,7 +59,9 @@ def engine_summaries(result: NetworkResult) -> list[dict]:
         engine = result.engines[j]
         r = result.engine_result(j)
         s = summarize(r, single, work_conserving=engine.scheduler.work_conserving,
-                      tolerance=net.verdict_tolerance)
+                      tolerance=net.verdict_tolerance, reject_tolerance=net.reject_tolerance,
+                      splits_prompts=engine.scheduler.splits_prompts)
+        s["passage_s"] = passage_time(r)
         b = r.batches
         started = b["start_time"] < result.end_time
         busy = float((np.minimum(b["end_time"][started], result.end_time) - b["start_time"][started]).sum())
@@ -120,23 +129,39 @@ def summarize_network(result: NetworkResult) -> dict:
     net, a = result.network, result.analysis
     T = result.end_time
     total = result.total_result()
-    trend = backlog_trend(total)
     bottleneck = a.engines.index(a.bottleneck)
     tol = net.verdict_tolerance * float(a.capacity_tokens_per_s[bottleneck])
     arrived = int((result.job_entry_time <= T).sum())
-    name, reason = verdict(trend, tol, arrived)
+    engines = engine_summaries(result)
+    distance = float(np.min(np.abs(a.capacity_tokens_per_s - a.offered_tokens_per_s)))
+    relax = relaxation_time(total, max(distance, tol, growth_rate(total)), passage_s=job_passage(result, engines))
+    trend = backlog_trend(total, block_s=relax.seconds)
+    name, reason, need = verdict(trend, tol, arrived, relax)
+    rejected = int(result.job_rejected.sum())
+    if rejected > net.reject_tolerance * max(arrived, 1):
+        causes = "; ".join(f"at {e['engine']}: {c}" for j, e in enumerate(engines)
+                           for c in rejection_causes(result.engine_result(j), result.engines[j].scheduler.splits_prompts))
+        turned_away = (f"{rejected} of {arrived} jobs ({rejected / max(arrived, 1):.1%}) rejected, above the allowed "
+                       f"{net.reject_tolerance:.1%}: {causes}")
+        if name == UNSTABLE:
+            reason = f"{reason}; and {turned_away}"
+        else:
+            served = f"; the backlog of the jobs served: {name}" if rejected < arrived else ""
+            name, reason, need = REJECTS, turned_away + served, None
     grid = np.linspace(0.0, T, _GRID)
     b = backlog(total, grid)
     q = _GRID // 4
     second, last = b[q:2 * q].max(initial=0), b[3 * q:].max(initial=0)
-    engines = engine_summaries(result)
     out = {
         "horizon_s": T,
         "seed": result.seed,
         "network": {
             "verdict": name, "verdict_reason": reason, "predicted": a.prediction(),
-            "backlog_slope_tokens_per_s": trend.slope if trend else None,
-            "backlog_slope_ci": [trend.ci_low, trend.ci_high] if trend else None,
+            "verdict_needs_arrivals_s": need, "warmup_s": trend.window[0] if trend else None,
+            "relaxation_s": relax.seconds, "jobs_rejected": rejected,
+            "jobs_rejected_share": rejected / arrived if arrived else 0.0,
+            "backlog_slope_tokens_per_s": trend.slope if trend and trend.blocks >= MIN_BLOCKS else None,
+            "backlog_slope_ci": [trend.ci_low, trend.ci_high] if trend and trend.blocks >= MIN_BLOCKS else None,
             "peak_backlog_tokens": int(b.max(initial=0)), "final_backlog_tokens": int(b[-1]) if len(b) else 0,
             "peak_growth": float(last / second) if second > 0 else None,
             "jobs_arrived": arrived, "jobs_completed": int((result.job_exit_time <= T).sum()),
@@ -151,6 +176,20 @@ def summarize_network(result: NetworkResult) -> dict:
     if result.kv:
         out["network"]["kv"] = kv_totals(engines)
     return out
+
+
+def job_passage(result: NetworkResult, engines: list[dict]) -> float:
+    """A job's time through the network at the run's pace: over the classes, the most of the
+    expected visits to each engine times that engine's passage time, plus the delay stations."""
+    a = result.analysis
+    longest = 0.0
+    for k, cls in enumerate(result.network.classes):
+        t = a.classes[k].delay_s
+        for h in cls.hops:
+            if h.is_engine:
+                t += float(a.classes[k].visits[h.index]) * engines[h.engine]["passage_s"]
+        longest = max(longest, t)
+    return longest
 
 
 def kv_totals(engines: list[dict]) -> dict:

@@ -35,7 +35,7 @@ ENGINE_KEYS = {"name", "scheduler", "token_budget", "max_batch_requests", "batch
 CLASS_KEYS = {"name", "arrival", "rate", "cv", "add_previous_output", "add_previous_context", "hops"}
 HOP_KEYS = {"id", "engine", "delay", "prompt", "output", "next", "p", "fork", "join", "loop", "rounds",
             "continue_p", "max_rounds", "add_previous_output", "add_previous_context"}
-RUN_KEYS = {"horizon_s", "seed", "drain", "verdict_tolerance", "method"}
+RUN_KEYS = {"horizon_s", "seed", "drain", "verdict_tolerance", "reject_tolerance", "method"}
 NETWORK_KEYS = {"load"}
 TOP_KEYS = {"network", "engines", "delays", "classes", "run"}
 MAX_ROUNDS = 10_000
@@ -159,6 +159,7 @@ class Network:
     seed: int = 0
     drain: bool = False
     verdict_tolerance: float = 0.01
+    reject_tolerance: float = 0.001        # share of jobs rejected above which the verdict is "rejects"
     method: str = "fast"                   # "fast" (the compiled core where it can run) or "reference"
     data: dict = field(default_factory=dict)   # the resolved TOML
 
@@ -238,6 +239,7 @@ def parse_network(data: Mapping[str, Any], base_dir: Path | None = None) -> Netw
         seed=integer(run.get("seed", 0), "run.seed", 0),
         drain=boolean(run.get("drain", False), "run.drain"),
         verdict_tolerance=number(run.get("verdict_tolerance", 0.01), "run.verdict_tolerance", above=0),
+        reject_tolerance=number(run.get("reject_tolerance", 0.001), "run.reject_tolerance", at_least=0, at_most=1),
         method=_method(run.get("method", "fast")),
         data=dict(data),
     )

@@ -133,7 +133,7 @@ prompt = {{ dist = "poisson", mean = 50 }}    # plus the three workers' outputs
 output = {{ dist = "poisson", mean = 100 }}
 
 [run]
-horizon_s = 1200.0
+horizon_s = 3600.0    # an hour: the warm-up and five relaxation times (about 200 s) for a verdict
 seed = 0
 """,
     ),
@@ -260,7 +260,7 @@ prompt = {{ dist = "poisson", mean = 129 }}
 output = {{ dist = "poisson", mean = 112 }}
 
 [run]
-horizon_s = 1200.0
+horizon_s = 3600.0    # an hour: the warm-up and five relaxation times (about 170 s) for a verdict
 seed = 0
 """,
     ),
@@ -313,7 +313,7 @@ prompt = {{ dist = "poisson", mean = 32 }}
 output = {{ dist = "poisson", mean = 16 }}
 
 [run]
-horizon_s = 1200.0
+horizon_s = 3600.0    # an hour: near 0.9 of capacity a verdict needs more than 20 minutes
 seed = 0
 """,
     ),
