@@ -234,6 +234,11 @@ def relaxation_time(result: Result, distance_tokens_per_s: float, *, passage_s: 
     return Relaxation(passage + queueing, passage, queueing, sigma2)
 
 
+def _duration(x: float) -> str:
+    """A duration for a reason: three significant figures, thousands grouped."""
+    return f"{x:,.0f} s" if abs(x) >= 1000 else f"{x:.3g} s"
+
+
 def _seconds(x: float) -> str:
     """A duration rounded up to two significant figures, for "run at least ..." advice."""
     if not np.isfinite(x) or x <= 0:
@@ -253,16 +258,16 @@ def verdict(trend: Trend | None, tolerance_tokens_per_s: float, num_arrived: int
             need = trend.window[1] * MIN_ARRIVALS / num_arrived
         return INCONCLUSIVE, f"run too short for a verdict (fewer than {MIN_ARRIVALS} arrivals)", need
     t0, t1 = trend.window
-    warm = ("" if t0 <= 0 else f"warm-up {t0:.3g} s dropped (MSER-5)" if trend.settled else
-            f"no steady level in the first half (MSER-5): its {t0:.3g} s dropped")
+    warm = ("" if t0 <= 0 else f"warm-up {_duration(t0)} dropped (MSER-5)" if trend.settled else
+            f"no steady level in the first half (MSER-5): its {_duration(t0)} dropped")
     if trend.blocks < MIN_BLOCKS:
         tau = relaxation.seconds if relaxation is not None else float("nan")
         need = t0 + MIN_BLOCKS * tau if trend.settled else 2 * MIN_BLOCKS * tau
-        parts = (f": {relaxation.passage_s:.3g} s through the engine + {relaxation.queueing_s:.3g} s for the "
+        parts = (f": {_duration(relaxation.passage_s)} through the engine + {_duration(relaxation.queueing_s)} for the "
                  "backlog's drift to beat its noise") if relaxation is not None else ""
         return INCONCLUSIVE, (
-            f"after the warm-up the arrivals span {t1 - t0:.3g} s, under {MIN_BLOCKS} relaxation times of this "
-            f"system ({tau:.3g} s{parts}), so a backlog still settling cannot be told from growth "
+            f"after the warm-up the arrivals span {_duration(t1 - t0)}, under {MIN_BLOCKS} relaxation times of this "
+            f"system ({_duration(tau)}{parts}), so a backlog still settling cannot be told from growth "
             f"({warm or 'no warm-up dropped'}); run at least {_seconds(need)} to decide"), need
     detail = (f"{warm + '; ' if warm else ''}backlog slope {trend.slope:.1f} tokens/s, "
               f"{CONFIDENCE:.0%} CI [{trend.ci_low:.1f}, {trend.ci_high:.1f}], tolerance {tolerance_tokens_per_s:.1f}")

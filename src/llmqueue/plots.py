@@ -105,7 +105,7 @@ def plot_region(region, position, achieved: Sequence[dict], path: str | Path, ti
 
 # ---- sweeps (docs/sweeps.md): tidy rows from llmqueue.sweep.results.tidy ---------------
 
-_VERDICT_COLORS = {"stable": "tab:green", "unstable": "tab:red", "mixed": "tab:orange"}
+_VERDICT_COLORS = {"stable": "tab:green", "unstable": "tab:red", "rejects": "tab:purple", "mixed": "tab:orange"}
 
 
 def _arrival_rate(row: dict) -> float:
@@ -130,7 +130,8 @@ def save_figure(fig, path: str | Path) -> Path:
 def plot_stability_map(rows: Sequence[dict], path: str | Path) -> Path:
     """Phase map of verdicts: arrival rate × token budget, one panel per scheduler, with
     Theorem 2's λ* at each budget (paper Fig. 1 / Theorem 2). A point is green when every
-    seed was stable, red when every seed was unstable, orange otherwise."""
+    seed was stable, red when every seed was unstable, purple when every seed rejected more
+    than the allowed share of its arrivals, orange otherwise."""
     groups = _by_scheduler(rows)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4.2), dpi=120, sharey=True, squeeze=False)
     for ax, (name, group) in zip(axes[0], groups.items()):
@@ -139,7 +140,7 @@ def plot_stability_map(rows: Sequence[dict], path: str | Path) -> Path:
         for r in group:
             cells.setdefault((round(_arrival_rate(r), 9), r["token_budget"]), []).append(r["verdict"])
             star[r["token_budget"]] = r["max_stable_rate_rps"]
-        state = {cell: v[0] if len(set(v)) == 1 and v[0] in ("stable", "unstable") else "mixed"
+        state = {cell: v[0] if len(set(v)) == 1 and v[0] in ("stable", "unstable", "rejects") else "mixed"
                  for cell, v in cells.items()}
         for kind, color in _VERDICT_COLORS.items():
             pts = [cell for cell, s in state.items() if s == kind]

@@ -378,7 +378,7 @@ class Theorem2(Section):
             + f"\n\n# largest stable rate: the fig1 scenario, bisection with {s.maxrate_seeds} seed(s), "
               f"{s.maxrate_horizon:g} s runs, bracket {s.maxrate_rel_tol:.0%} (llmqueue max-rate)",
             verdict=verdict, verdict_text=text, numbers=numbers,
-            tables=[Table("Backlog growth (tokens/s, second half of each run): mean ± 95 % half-width over seeds · "
+            tables=[Table("Backlog growth (tokens/s, after each run's warm-up): mean ± 95 % half-width over seeds · "
                           "verdicts. Fluid = max(0, λ(m_p + m_d) − b/t_b).",
                           ["load (·λ*)", "fluid tokens/s", *(f"{sc}: slope · verdicts" for sc in THM2_SCHEDULERS)], rows),
                     Table("Largest stable arrival rate found by simulation (a rate passes when every seed is judged "
@@ -671,7 +671,7 @@ class Networks(Section):
               f"run.horizon_s = {s.topo_horizon:g}, seeds 0..{s.topo_seeds - 1}; `llmqueue scenarios show dag`",
             verdict=verdict, verdict_text=text, numbers=numbers,
             tables=[Table("Rybko–Stolyar at ρ = 0.9: network verdict per seed, peak backlog, backlog slope (tokens/s, "
-                          "second half), work-conservation violations.",
+                          "after the warm-up), work-conservation violations.",
                           ["policy at both engines", "verdicts", "peak backlog", "slope tokens/s", "violations"], rows),
                     Table("DAG and fork-join at a fraction of the traffic equations' capacity.",
                           ["scenario", "scheduler", "load", "max ρ", "verdicts", "slope tokens/s", "bottleneck",

@@ -1,16 +1,17 @@
 """The largest stable arrival rate, found by bisection over simulated runs (PAPER.md §4).
 
 Each probed rate λ runs the same ``n`` seeds. A rate **passes** when every seed's verdict
-is ``stable`` (the 95 % interval of the backlog's growth lies below the tolerance, a
-fraction of capacity; metrics.verdict) and, with SLOs, every seed meets them. An
-``unstable`` or ``inconclusive`` verdict or a missed SLO makes the rate fail: inconclusive
-means "not shown stable", so the search is conservative. A run that fails with an error
+is ``stable`` (after the warm-up, the 98 % interval of the backlog's growth lies below the
+tolerance, a fraction of capacity; metrics.verdict) and, with SLOs, every seed meets them. An
+``unstable``, ``inconclusive`` or ``rejects`` verdict or a missed SLO makes the rate fail:
+inconclusive means "not shown stable" (a horizon too short for the system's relaxation time
+gives it), so the search is conservative. A run that fails with an error
 stops the search (an error says nothing about stability); failed probes are retried by the
 next search, finished ones reused.
 
 Confidence: for a rate whose true backlog growth exceeds the tolerance, each seed calls it
-stable with probability at most 2.5 % (the upper end of a two-sided 95 % interval), so all
-``n`` independent seeds do with probability at most 0.025**n (1.6e-5 for 3 seeds). The
+stable with probability at most 1 % (the upper end of a two-sided 98 % interval), so all
+``n`` independent seeds do with probability at most 0.01**n (1e-6 for 3 seeds). The
 search starts at the closed-form λ* (Theorem 2; with KV memory the smaller of λ* and the memory
 bound λ_mem, docs/memory.md), halves or doubles until it brackets the
 boundary, then bisects until the bracket [passing, failing] is narrower than ``rel_tol``
@@ -28,6 +29,7 @@ from typing import Any
 
 from llmqueue.config import Config, parse_config, set_dotted
 from llmqueue.errors import ConfigError, LlmqueueError
+from llmqueue.metrics import CONFIDENCE
 from llmqueue.runner import analysis_of, build_workload, memory_of, prefix_of
 from llmqueue.sweep.driver import run_tasks
 from llmqueue.sweep.executors import OK, Task
@@ -37,7 +39,7 @@ from llmqueue.sweep.store import Store
 SLO_METRICS = {"ttft": "ttft_s", "tbt": "tbt_s", "e2e": "e2e_s"}
 SLO_STATS = ("mean", "p50", "p90", "p99")
 MAX_EXPANSIONS = 10  # halvings (or doublings) of the start rate before giving up
-PER_SEED_MISS = 0.025
+PER_SEED_MISS = (1 - CONFIDENCE) / 2
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,10 @@ class MaxRate:
         n = len(self.seeds)
         slo = " and meets every SLO" if self.slos else ""
         basis = "capacity" if self.memory_bound_rps is None else "capacity or of the memory-bound throughput"
-        return (f"a rate passes when each of {n} seeds is judged stable (95% interval of the backlog growth "
-                f"below {self.tolerance:.0%} of {basis}){slo}; an inconclusive verdict fails. A rate whose "
-                f"growth exceeds that tolerance passes with probability <= 0.025^{n} = {PER_SEED_MISS ** n:.1e}; "
+        return (f"a rate passes when each of {n} seeds is judged stable ({CONFIDENCE:.0%} interval of the backlog "
+                f"growth after the warm-up below {self.tolerance:.0%} of {basis}){slo}; an inconclusive or rejects "
+                f"verdict fails. A rate whose growth exceeds that tolerance passes with probability <= "
+                f"{PER_SEED_MISS:g}^{n} = {PER_SEED_MISS ** n:.1e}; "
                 f"the bracket is narrowed to {self.rel_tol:.1%}")
 
     def to_row(self, config: dict) -> dict:
