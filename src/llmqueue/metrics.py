@@ -42,7 +42,8 @@ DEFAULT_REJECT_TOLERANCE = 0.001   # share of arrivals a run may reject and stil
 DEFAULT_BLOCKS = 20
 MIN_ARRIVALS = 100
 CONFIDENCE = 0.98                  # of the slope's interval (each verdict errs at most 1 % one-sided)
-MIN_BLOCKS = 5                     # blocks of one relaxation time each the window must hold
+MIN_BLOCKS = 4                     # blocks the window after the warm-up must hold, each at least
+BLOCK_RELAXATIONS = 1.0            # this many relaxation times long
 _GRID = 1000                       # backlog samples over the arrival period: 200 MSER-5 batches
 _MSER_BATCH = 5
 _VARIANCE_BINS = 20                # bins of the arriving work for its long-run variance rate
@@ -177,7 +178,7 @@ def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS, curve: _Backlog 
     cut = min(max(cut, int(np.searchsorted(grid, block_s))), _GRID - 1)   # a warm-up lasts a relaxation time
     grid, series = grid[cut:], series[cut:]
     if block_s > 0:
-        blocks = min(blocks, int((t1 - grid[0]) / block_s))
+        blocks = min(blocks, int((t1 - grid[0]) / (BLOCK_RELAXATIONS * block_s)))
     if blocks < MIN_BLOCKS:
         return Trend(np.nan, np.nan, np.nan, (float(grid[0]), float(t1)), settled, blocks)
     y = np.array([part.mean() for part in np.array_split(series, blocks)])
@@ -218,17 +219,23 @@ def passage_time(result: Result) -> float:
 
 
 def relaxation_time(result: Result, distance_tokens_per_s: float, *, passage_s: float | None = None,
-                    curve: _Backlog | None = None) -> Relaxation:
-    """The relaxation time of a run (module note, step 3): ``passage_s`` (default
-    :func:`passage_time`) plus 2σ²/μ², with σ² the variance rate of the work that arrived in
-    [0, t₁] (from 20 equal bins) and μ = ``distance_tokens_per_s`` (> 0)."""
+                    curve: _Backlog | None = None, gap_cv2: float | None = None) -> Relaxation:
+    """The relaxation time of a run (module note, step 2): ``passage_s`` (default
+    :func:`passage_time`) plus 2σ²/μ² with μ = ``distance_tokens_per_s`` (> 0).  σ² is the
+    variance rate of the work that arrived in [0, t₁]: for renewal arrivals whose gaps have
+    squared coefficient of variation ``gap_cv2`` (1 Poisson, cv² gamma, 0 deterministic)
+    λ(Var w + c² E[w]²) from the run's requests, else from 20 equal bins of the arriving work."""
     curve = curve or _Backlog(result)
     t1 = arrival_period(result)
     sigma2 = 0.0
-    if t1 > 0 and len(curve.arrivals) > 1:
-        width = t1 / _VARIANCE_BINS
-        work, _ = np.histogram(curve.arrivals, bins=_VARIANCE_BINS, range=(0.0, t1), weights=curve.work)
-        sigma2 = float(work.var(ddof=1)) / width
+    inside = curve.arrivals <= t1
+    if t1 > 0 and np.count_nonzero(inside) > 1:
+        work = curve.work[inside].astype(float)
+        if gap_cv2 is not None:
+            sigma2 = len(work) / t1 * (work.var() + gap_cv2 * work.mean() ** 2)
+        else:
+            binned, _ = np.histogram(curve.arrivals[inside], bins=_VARIANCE_BINS, range=(0.0, t1), weights=work)
+            sigma2 = float(binned.var(ddof=1)) / (t1 / _VARIANCE_BINS)
     queueing = 2.0 * sigma2 / distance_tokens_per_s ** 2
     passage = passage_time(result) if passage_s is None else float(passage_s)
     return Relaxation(passage + queueing, passage, queueing, sigma2)
@@ -262,12 +269,13 @@ def verdict(trend: Trend | None, tolerance_tokens_per_s: float, num_arrived: int
             f"no steady level in the first half (MSER-5): its {_duration(t0)} dropped")
     if trend.blocks < MIN_BLOCKS:
         tau = relaxation.seconds if relaxation is not None else float("nan")
-        need = t0 + MIN_BLOCKS * tau if trend.settled else 2 * MIN_BLOCKS * tau
+        span = MIN_BLOCKS * BLOCK_RELAXATIONS * tau        # the window the slope needs
+        need = t0 + span if trend.settled else max(2 * span, span + tau)
         parts = (f": {_duration(relaxation.passage_s)} through the engine + {_duration(relaxation.queueing_s)} for the "
                  "backlog's drift to beat its noise") if relaxation is not None else ""
         return INCONCLUSIVE, (
-            f"after the warm-up the arrivals span {_duration(t1 - t0)}, under {MIN_BLOCKS} relaxation times of this "
-            f"system ({_duration(tau)}{parts}), so a backlog still settling cannot be told from growth "
+            f"after the warm-up the arrivals span {_duration(t1 - t0)}, under {MIN_BLOCKS * BLOCK_RELAXATIONS:g} "
+            f"relaxation times of this system ({_duration(tau)}{parts}), so a backlog still settling cannot be told from growth "
             f"({warm or 'no warm-up dropped'}); run at least {_seconds(need)} to decide"), need
     detail = (f"{warm + '; ' if warm else ''}backlog slope {trend.slope:.1f} tokens/s, "
               f"{CONFIDENCE:.0%} CI [{trend.ci_low:.1f}, {trend.ci_high:.1f}], tolerance {tolerance_tokens_per_s:.1f}")
@@ -341,13 +349,14 @@ def prediction(analysis: Analysis, work_conserving: bool) -> str:
 def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
               tolerance: float = DEFAULT_TOLERANCE, servable_tokens_per_s: float | None = None,
               reject_tolerance: float = DEFAULT_REJECT_TOLERANCE, splits_prompts: bool | None = None,
-              passage_s: float | None = None) -> dict:
+              passage_s: float | None = None, gap_cv2: float | None = None) -> dict:
     """The run's summary as a JSON-able dict (keys documented in docs/config.md).
 
     The verdict's tolerance is ``tolerance`` times what the engine can serve: its capacity, or
     ``servable_tokens_per_s`` where that is lower (with KV memory binding, the memory-bound
     throughput: docs/memory.md).  More than ``reject_tolerance`` of the arrivals rejected makes
-    the verdict ``rejects`` unless the backlog grows."""
+    the verdict ``rejects`` unless the backlog grows.  ``gap_cv2``: the arrivals' gap variability
+    for the relaxation time (None: estimated from the arrivals, e.g. for a trace)."""
     T = result.end_time
     keep = _served(result)
     arrival = result.arrival_time
@@ -364,7 +373,7 @@ def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
     basis = servable_tokens_per_s if by_memory else serve
     tol = tolerance * basis
     relax = relaxation_time(result, max(abs(basis - analysis.offered_tokens_per_s), tol, growth_rate(result, curve)),
-                            passage_s=passage_s, curve=curve)
+                            passage_s=passage_s, curve=curve, gap_cv2=gap_cv2)
     trend = backlog_trend(result, curve=curve, block_s=relax.seconds)
     verdict_name, reason, need = verdict(trend, tol, arrived, relax)
     if by_memory and trend is not None:

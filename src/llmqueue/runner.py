@@ -105,6 +105,7 @@ def execute(config: Config, engine: Engine, workload: Workload, requests: Reques
     summary = summarize(result, analysis, work_conserving=engine.scheduler.work_conserving,
                         tolerance=rc.verdict_tolerance, reject_tolerance=rc.reject_tolerance,
                         splits_prompts=engine.scheduler.splits_prompts,
+                        gap_cv2=getattr(workload.arrivals, "gap_cv2", None),
                         servable_tokens_per_s=None if memory is None else
                         memory.memory_necessary_blocks_rps * memory.mean_request_tokens)
     if isinstance(workload.arrivals, Trace):

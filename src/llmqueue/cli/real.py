@@ -17,6 +17,7 @@ from llmqueue.cli.common import (
     add_overrides,
     analysis_line,
     fmt,
+    rejection_warnings,
     scheduler_names,
     table,
     timeseries_columns,
@@ -144,6 +145,8 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
         print(f"horizon {runs[0].result.end_time:.0f} s of {clock}, seed {cfg.run.seed}, "
               f"{summaries[0]['arrived']} arrivals\n")
         print(table(summaries))
+        for line in rejection_warnings(summaries):
+            print(line, file=sys.stderr)
         for s in summaries:
             r = s["real"]
             measured = (f" (model clock; measured {r['measured_s'] / max(s['batches'], 1) * 1e3:.2f} ms)"

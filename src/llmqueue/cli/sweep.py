@@ -75,7 +75,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         bar.close()
         print(_report(stats, configs, args.seeds, executor.describe(), time.monotonic() - start, store.path))
         keys = {(p.config_hash, p.seed) for p in points}
-        failed = [r for r in store.runs() if r["status"] != "ok" and (r["config_hash"], r["seed"]) in keys]
+        mine = [r for r in store.runs() if (r["config_hash"], r["seed"]) in keys]
+        failed = [r for r in mine if r["status"] != "ok"]
+    rejecting = [r for r in mine if r["status"] == "ok" and (r["summary"] or {}).get("rejected")]
+    if rejecting:
+        print(f"warning: {len(rejecting)} of {len(mine)} runs rejected requests (`llmqueue results {args.store}` "
+              "shows the rejected column; runs above run.reject_tolerance have the verdict rejects)", file=sys.stderr)
     for run in failed[:5]:
         print(f"  failed: seed {run['seed']} config {run['config_hash']}: {run['error']}", file=sys.stderr)
     if failed:
@@ -121,7 +126,8 @@ def cmd_max_rate(args: argparse.Namespace) -> int:
                            "ratio_to_lambda_star": r.max_rate_rps / r.lambda_star_rps if r.max_rate_rps else None,
                            "memory_bound_rps": r.memory_bound_rps, "bound_rps": r.bound_rps,
                            "ratio_to_bound": r.max_rate_rps / r.bound_rps if r.max_rate_rps else None,
-                           "confidence": r.confidence, "probes": [p.__dict__ for p in r.probes]} for r in results]))
+                           "confidence": r.confidence, "notes": list(r.notes),
+                           "probes": [p.__dict__ for p in r.probes]} for r in results]))
         return 0
     print(_max_rate_table(results))
     print(f"\nconfidence: {results[0].confidence}")

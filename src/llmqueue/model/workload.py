@@ -409,6 +409,7 @@ class PoissonArrivals(ArrivalProcess):
     """Exponential gaps with mean 1/rate."""
 
     name = "poisson"
+    gap_cv2 = 1.0   # squared coefficient of variation of the gaps (the verdict's relaxation time uses it)
 
     def _gaps(self, rng, n):
         return rng.exponential(1.0 / self.rate, n)
@@ -418,6 +419,7 @@ class DeterministicArrivals(ArrivalProcess):
     """Arrivals at 1/rate, 2/rate, ... (computed as k/rate, no accumulated rounding)."""
 
     name = "deterministic"
+    gap_cv2 = 0.0
 
     def _gaps(self, rng, n):
         return np.full(n, 1.0 / self.rate)
@@ -442,6 +444,7 @@ class GammaArrivals(ArrivalProcess):
     def __init__(self, rate: float, cv: float, *, field: str = "workload") -> None:
         super().__init__(rate, field=field)
         self.cv = _number(cv, f"{field}.cv", above=0.0)
+        self.gap_cv2 = self.cv ** 2
 
     def _gaps(self, rng, n):
         shape = 1.0 / self.cv**2

@@ -133,7 +133,7 @@ prompt = {{ dist = "poisson", mean = 50 }}    # plus the three workers' outputs
 output = {{ dist = "poisson", mean = 100 }}
 
 [run]
-horizon_s = 3600.0    # an hour: the warm-up and five relaxation times (about 200 s) for a verdict
+horizon_s = 3600.0    # an hour: a warm-up and four relaxation times (about 200 s each) for a verdict
 seed = 0
 """,
     ),
@@ -260,7 +260,7 @@ prompt = {{ dist = "poisson", mean = 129 }}
 output = {{ dist = "poisson", mean = 112 }}
 
 [run]
-horizon_s = 3600.0    # an hour: the warm-up and five relaxation times (about 170 s) for a verdict
+horizon_s = 3600.0    # an hour: a warm-up and four relaxation times (about 150 s each) for a verdict
 seed = 0
 """,
     ),

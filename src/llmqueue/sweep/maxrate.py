@@ -29,7 +29,7 @@ from typing import Any
 
 from llmqueue.config import Config, parse_config, set_dotted
 from llmqueue.errors import ConfigError, LlmqueueError
-from llmqueue.metrics import CONFIDENCE
+from llmqueue.metrics import CONFIDENCE, REJECTS
 from llmqueue.runner import analysis_of, build_workload, memory_of, prefix_of
 from llmqueue.sweep.driver import run_tasks
 from llmqueue.sweep.executors import OK, Task
@@ -90,8 +90,11 @@ class Bisection:
     rel_tol: float
     lo: float | None = None
     hi: float | None = None
+    stopped: bool = False   # no rate can pass (every seed rejects requests: the rate does not matter)
 
     def next_rate(self) -> float | None:
+        if self.stopped:
+            return None
         if self.lo is None and self.hi is None:
             return _round(self.start)
         if self.lo is None:
@@ -251,6 +254,10 @@ def max_rate(bases: list[tuple[tuple[tuple[str, Any], ...], Config]], seeds: lis
                                     "stored and the next search reuses them")
             passed, counts, reason = judge(runs, slos)
             bisect.record(rate, passed)
+            if counts.get(REJECTS) == len(runs) and bisect.lo is None:
+                bisect.stopped = True     # rejections come from request sizes, not from the rate
+                result.notes.append(f"every seed rejects requests at {rate:g} req/s, and no rate changes that: "
+                                    + runs[0]["summary"]["verdict_reason"].split("; the backlog of")[0])
             probe = Probe(rate, passed, counts, reason)
             result.probes.append(probe)
             if on_probe is not None:
