@@ -6,23 +6,22 @@ vLLM's TPOT), E2E = finish − arrival; statistics over the requests that got th
 
 Verdict (docs/model.md, "The stability verdict"): the backlog B(t) (unprocessed tokens of
 requests in the system) is sampled on an even grid over the arrival period [0, t₁].
-1. Warm-up: a run starts empty, and a stable system's backlog first rises to its steady level.
-   MSER-5 (White 1997; White, Cobb & Spratt 2000) drops the initial stretch that minimises the
-   standard error of the rest, searched over the first half of the run; at least one relaxation
-   time (step 3) is dropped.
-2. Trend: the rest is cut into ``blocks`` consecutive blocks whose means are regressed on time;
-   block means tame a queue's autocorrelation, an AR(1) inflation of the standard error absorbs
-   what is left, and the slope's 98 % interval uses Student's t with blocks − 2 degrees of freedom.
-3. Relaxation: a verdict needs arrivals over at least ``RELAXATIONS`` relaxation times, the time a
-   request takes through the engine plus the time in which the backlog's drift beats its random
-   fluctuation, 2σ²/μ² (the relaxation time of reflected Brownian motion, Abate & Whitt 1987; σ² the
-   variance rate of the arriving work, μ the distance of the offered load from capacity, or the
-   backlog's growth over the second half if larger, and at least the tolerance).  A shorter run cannot tell a warm-up from growth: ``inconclusive``, with the
-   horizon that would decide.
-4. ``unstable`` if the interval lies above the tolerance (a fraction of what the engine can
-   serve, default 1 %), ``stable`` if it lies below; otherwise ``inconclusive`` (too close to the
-   boundary for this horizon, with the horizon that would decide if the slope held).
-5. ``rejects`` where more than a small share of the arrivals was rejected (and the backlog does
+1. Warm-up: every run starts empty, and a stable system's backlog first rises to its steady
+   level.  MSER-5 (White 1997; White, Cobb & Spratt 2000) drops the initial stretch that
+   minimises the standard error of the rest, searched over the first half; at least one
+   relaxation time is dropped.
+2. Relaxation time τ: a request's passage through the engine plus the time in which the
+   backlog's drift beats its random fluctuation, 2σ²/μ² (reflected Brownian motion, Abate &
+   Whitt 1987; σ² the variance rate of the arriving work, μ the distance of the offered load
+   from capacity, or the backlog's growth over the second half if larger, at least the tolerance).
+3. Long enough: the slope is fitted over blocks of at least τ; fewer than MIN_BLOCKS of them
+   cannot tell a backlog still settling from growth: ``inconclusive``, with the horizon that
+   would decide.
+4. Trend: the block means are regressed on time, with an AR(1) inflation of the standard error
+   and a 98 % Student-t interval.
+5. ``unstable`` if the interval lies above the tolerance (a fraction of what the engine can
+   serve, default 1 %), ``stable`` if it lies below, else ``inconclusive``.
+6. ``rejects`` where more than a small share of the arrivals was rejected (and the backlog does
    not grow): a run that turns requests away does not keep up with its load.
 """
 
@@ -39,7 +38,7 @@ from llmqueue.core.simulator import Result
 STABLE, UNSTABLE, INCONCLUSIVE, REJECTS = "stable", "unstable", "inconclusive", "rejects"
 DEFAULT_TOLERANCE = 0.01
 DEFAULT_REJECT_TOLERANCE = 0.001   # share of arrivals a run may reject and still be called stable
-DEFAULT_BLOCKS = 20
+DEFAULT_BLOCKS = 20                # blocks of the slope's regression, at most
 MIN_ARRIVALS = 100
 CONFIDENCE = 0.98                  # of the slope's interval (each verdict errs at most 1 % one-sided)
 MIN_BLOCKS = 4                     # blocks the window after the warm-up must hold, each at least
@@ -164,21 +163,21 @@ def mser5(y: np.ndarray) -> tuple[int, bool]:
 
 
 def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS, curve: _Backlog | None = None,
-                  block_s: float = 0.0) -> Trend | None:
+                  relaxation_s: float = 0.0) -> Trend | None:
     """Slope of the backlog after its warm-up (MSER-5) up to the end of the arrival period, with a
-    98 % interval (module note).  ``block_s`` is the relaxation time: at least that much is dropped,
-    and the blocks are no shorter (fewer than ``blocks`` if need be; below MIN_BLOCKS the slope
-    is NaN)."""
+    98 % interval (module note).  At least ``relaxation_s`` is dropped, and the blocks are no
+    shorter than BLOCK_RELAXATIONS of it (fewer than ``blocks`` if need be; below MIN_BLOCKS the
+    slope is NaN)."""
     t1 = arrival_period(result)
     if not t1 > 0:
         return None
     grid = np.linspace(0.0, t1, _GRID)
     series = (curve or _Backlog(result)).at(grid).astype(float)
     cut, settled = mser5(series)
-    cut = min(max(cut, int(np.searchsorted(grid, block_s))), _GRID - 1)   # a warm-up lasts a relaxation time
+    cut = min(max(cut, int(np.searchsorted(grid, relaxation_s))), _GRID - 1)   # a warm-up lasts that long
     grid, series = grid[cut:], series[cut:]
-    if block_s > 0:
-        blocks = min(blocks, int((t1 - grid[0]) / (BLOCK_RELAXATIONS * block_s)))
+    if relaxation_s > 0:
+        blocks = min(blocks, int((t1 - grid[0]) / (BLOCK_RELAXATIONS * relaxation_s)))
     if blocks < MIN_BLOCKS:
         return Trend(np.nan, np.nan, np.nan, (float(grid[0]), float(t1)), settled, blocks)
     y = np.array([part.mean() for part in np.array_split(series, blocks)])
@@ -374,7 +373,7 @@ def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
     tol = tolerance * basis
     relax = relaxation_time(result, max(abs(basis - analysis.offered_tokens_per_s), tol, growth_rate(result, curve)),
                             passage_s=passage_s, curve=curve, gap_cv2=gap_cv2)
-    trend = backlog_trend(result, curve=curve, block_s=relax.seconds)
+    trend = backlog_trend(result, curve=curve, relaxation_s=relax.seconds)
     verdict_name, reason, need = verdict(trend, tol, arrived, relax)
     if by_memory and trend is not None:
         reason += " (tolerance: a share of the memory-bound throughput)"

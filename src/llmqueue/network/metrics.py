@@ -135,7 +135,7 @@ def summarize_network(result: NetworkResult) -> dict:
     engines = engine_summaries(result)
     distance = float(np.min(np.abs(a.capacity_tokens_per_s - a.offered_tokens_per_s)))
     relax = relaxation_time(total, max(distance, tol, growth_rate(total)), passage_s=job_passage(result, engines))
-    trend = backlog_trend(total, block_s=relax.seconds)
+    trend = backlog_trend(total, relaxation_s=relax.seconds)
     name, reason, need = verdict(trend, tol, arrived, relax)
     rejected = int(result.job_rejected.sum())
     if rejected > net.reject_tolerance * max(arrived, 1):
