@@ -212,6 +212,20 @@ def test_overload_is_found_over_seeds(scheduler):
     assert counts[UNSTABLE] >= 9 and counts[STABLE] == 0, counts
 
 
+def test_network_rejections_make_the_verdict_rejects(tmp_path, capsys):
+    assert main(["scenarios", "show", "tandem"]) == 0
+    text = capsys.readouterr().out.replace('name = "E2"\nscheduler = "sarathi"\ntoken_budget = 1024',
+                                           'name = "E2"\nscheduler = "vllm"\ntoken_budget = 192', 1)
+    assert 'scheduler = "vllm"' in text
+    (tmp_path / "net.toml").write_text(text)
+    assert main(["network", "simulate", str(tmp_path / "net.toml"), "--set", "run.horizon_s=300", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    n, e2 = s["network"], s["engines"][1]
+    assert n["verdict"] == REJECTS and n["jobs_rejected"] > 0
+    assert n["jobs_rejected_share"] == pytest.approx(n["jobs_rejected"] / n["jobs_arrived"])
+    assert "engine E2's token_budget" in n["verdict_reason"] and e2["rejected"] > 0 and e2["verdict"] == REJECTS
+
+
 # ---- sweeps and max-rate ------------------------------------------------------------------------
 
 def test_sweep_warns_and_results_show_rejections(tmp_path, capsys):

@@ -299,8 +299,10 @@ def _longer(trend: Trend, tolerance: float) -> float | None:
     return t0 + (t1 - t0) * (half / margin) ** (2 / 3)
 
 
-def rejection_causes(result: Result, splits_prompts: bool | None = None) -> list[str]:
-    """Why a run's rejected requests were turned away, each cause with the option that fixes it."""
+def rejection_causes(result: Result, splits_prompts: bool | None = None, engine: str = "engine") -> list[str]:
+    """Why a run's rejected requests were turned away, each cause with the option that fixes it
+    (``engine``: where the options live, ``engine`` or a network engine's name)."""
+    where = "engine." if engine == "engine" else f"engine {engine}'s "
     rejected = result.rejected
     causes = []
     long_prompt = rejected & (result.num_prompt_tokens > result.token_budget)
@@ -310,13 +312,13 @@ def rejection_causes(result: Result, splits_prompts: bool | None = None) -> list
         largest = int(result.num_prompt_tokens[long_prompt].max())
         causes.append(f"{int(long_prompt.sum())} with a prompt longer than the token budget "
                       f"{result.token_budget} that {result.scheduler} does not split (largest {largest}): "
-                      f"raise engine.token_budget to at least {largest} or use a scheduler that splits "
+                      f"raise {where}token_budget to at least {largest} or use a scheduler that splits "
                       "prompts (sarathi, vllm-v1)")
     rest = rejected & ~long_prompt
     if rest.any() and result.kv is not None:
         need = int((-(-(result.num_prompt_tokens + result.num_output_tokens)[rest] // result.kv.block_size)).max())
         causes.append(f"{int(rest.sum())} larger than the KV cache ({result.kv.blocks - 1} usable blocks of "
-                      f"{result.kv.block_size} tokens; the largest needs {need}): raise engine.kv_blocks to "
+                      f"{result.kv.block_size} tokens; the largest needs {need}): raise {where}kv_blocks to "
                       f"at least {need + 1}")
     elif rest.any():
         causes.append(f"{int(rest.sum())} the engine can never serve")
@@ -324,14 +326,14 @@ def rejection_causes(result: Result, splits_prompts: bool | None = None) -> list
 
 
 def rejection_verdict(result: Result, num_arrived: int, share_allowed: float,
-                      splits_prompts: bool | None = None) -> str | None:
+                      splits_prompts: bool | None = None, engine: str = "engine") -> str | None:
     """The reason a run is judged ``rejects`` (more than ``share_allowed`` of its arrivals turned
     away), naming the cause and the option that fixes it; None when it is within the allowance."""
     n = int(np.count_nonzero(result.rejected))
     if n == 0 or n <= share_allowed * max(num_arrived, 1):
         return None
     return (f"{n} of {num_arrived} arrivals ({n / max(num_arrived, 1):.1%}) rejected, above the allowed "
-            f"{share_allowed:.1%}: " + "; ".join(rejection_causes(result, splits_prompts)))
+            f"{share_allowed:.1%}: " + "; ".join(rejection_causes(result, splits_prompts, engine)))
 
 
 def prediction(analysis: Analysis, work_conserving: bool) -> str:
@@ -348,14 +350,15 @@ def prediction(analysis: Analysis, work_conserving: bool) -> str:
 def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
               tolerance: float = DEFAULT_TOLERANCE, servable_tokens_per_s: float | None = None,
               reject_tolerance: float = DEFAULT_REJECT_TOLERANCE, splits_prompts: bool | None = None,
-              passage_s: float | None = None, gap_cv2: float | None = None) -> dict:
+              passage_s: float | None = None, gap_cv2: float | None = None, engine: str = "engine") -> dict:
     """The run's summary as a JSON-able dict (keys documented in docs/config.md).
 
     The verdict's tolerance is ``tolerance`` times what the engine can serve: its capacity, or
     ``servable_tokens_per_s`` where that is lower (with KV memory binding, the memory-bound
     throughput: docs/memory.md).  More than ``reject_tolerance`` of the arrivals rejected makes
     the verdict ``rejects`` unless the backlog grows.  ``gap_cv2``: the arrivals' gap variability
-    for the relaxation time (None: estimated from the arrivals, e.g. for a trace)."""
+    for the relaxation time (None: estimated from the arrivals, e.g. for a trace); ``engine``: a
+    network engine's name, for the options the rejection causes name."""
     T = result.end_time
     keep = _served(result)
     arrival = result.arrival_time
@@ -378,7 +381,7 @@ def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
     if by_memory and trend is not None:
         reason += " (tolerance: a share of the memory-bound throughput)"
     rejected = int(np.count_nonzero(result.rejected))
-    turned_away = rejection_verdict(result, arrived, reject_tolerance, splits_prompts)
+    turned_away = rejection_verdict(result, arrived, reject_tolerance, splits_prompts, engine)
     if turned_away is not None and verdict_name == UNSTABLE:
         reason = f"{reason}; and {turned_away}"
     elif turned_away is not None:
@@ -394,7 +397,7 @@ def summarize(result: Result, analysis: Analysis, *, work_conserving: bool,
         "completed": completed,
         "rejected": rejected,
         "rejected_share": rejected / arrived if arrived else 0.0,
-        "rejected_causes": rejection_causes(result, splits_prompts) if rejected else [],
+        "rejected_causes": rejection_causes(result, splits_prompts, engine) if rejected else [],
         "throughput_rps": completed / T if T > 0 else 0.0,
         "token_throughput": processed / T if T > 0 else 0.0,
         "mean_in_system": float(sojourn[keep & (arrival <= T)].sum() / T) if T > 0 else 0.0,

@@ -32,7 +32,6 @@ from llmqueue.metrics import (
     in_system,
     latency_stats,
     passage_time,
-    rejection_causes,
     relaxation_time,
     summarize,
     verdict,
@@ -60,7 +59,7 @@ def engine_summaries(result: NetworkResult) -> list[dict]:
         r = result.engine_result(j)
         s = summarize(r, single, work_conserving=engine.scheduler.work_conserving,
                       tolerance=net.verdict_tolerance, reject_tolerance=net.reject_tolerance,
-                      splits_prompts=engine.scheduler.splits_prompts)
+                      splits_prompts=engine.scheduler.splits_prompts, engine=spec.name)
         s["passage_s"] = passage_time(r)
         b = r.batches
         started = b["start_time"] < result.end_time
@@ -139,8 +138,7 @@ def summarize_network(result: NetworkResult) -> dict:
     name, reason, need = verdict(trend, tol, arrived, relax)
     rejected = int(result.job_rejected.sum())
     if rejected > net.reject_tolerance * max(arrived, 1):
-        causes = "; ".join(f"at {e['engine']}: {c}" for j, e in enumerate(engines)
-                           for c in rejection_causes(result.engine_result(j), result.engines[j].scheduler.splits_prompts))
+        causes = "; ".join(c for e in engines for c in e["rejected_causes"])   # each names its engine
         turned_away = (f"{rejected} of {arrived} jobs ({rejected / max(arrived, 1):.1%}) rejected, above the allowed "
                        f"{net.reject_tolerance:.1%}: {causes}")
         if name == UNSTABLE:
