@@ -114,7 +114,7 @@ def tables(rows: list[dict], args) -> str:
     if rs:
         out.append(f"Rybko–Stolyar, two Sarathi engines (b_max = 768, t ≡ 1 s), horizon {args.rs_horizon:g} s, "
                    f"seeds 0–{args.seeds - 1}; per seed: network verdict, peak backlog (tokens), backlog slope "
-                   "(tokens/s, second half), peak growth (largest backlog in the last quarter / second quarter)\n")
+                   "(tokens/s, after the warm-up), peak growth (largest backlog in the last quarter / second quarter)\n")
         out.append("| ρ | policy | verdicts | peak backlog | slope tokens/s | peak growth |")
         out.append("|---|---|---|---|---|---|")
         for load in sorted({r["load"] for r in rs}):
