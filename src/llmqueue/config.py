@@ -17,6 +17,7 @@ Every error names the dotted field, the value and what is allowed.
 from __future__ import annotations
 
 import copy
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,14 +102,46 @@ class Config:
 
 # ---- loading ---------------------------------------------------------------------------
 
-def read_toml(path: Path, missing: str = "an existing TOML file") -> dict[str, Any]:
-    """A TOML file's tables; unreadable or malformed files raise a ConfigError naming the file."""
+#: Largest config file read (bytes): a config is a few kB; anything bigger is not one (docs/config.md).
+MAX_CONFIG_BYTES = 10 * 2**20
+#: Deepest nesting of tables and arrays a config may have (docs/config.md).
+MAX_TOML_DEPTH = 100
+
+
+def check_input_file(path: Path, field: str, what: str, limit: int = MAX_CONFIG_BYTES) -> None:
+    """Refuse, before reading it, an input that is not a regular file (a folder, ``/dev/zero``, a
+    FIFO) or is larger than ``limit`` bytes; a missing or unstat-able file is left to the reader.
+    ``what`` names the file's kind, e.g. ``"TOML file"``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        st = path.stat()
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise ConfigError(field, str(path), f"a regular {what}, not {kind}")
+    if st.st_size > limit:
+        raise ConfigError(field, str(path), f"a {what} of at most {_size(limit)} (this one has {_size(st.st_size)})")
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MB" if n % 2**20 == 0 else f"{n:,} bytes"
+
+
+def read_toml(path: Path, missing: str = "an existing TOML file") -> dict[str, Any]:
+    """A TOML file's tables; unreadable, malformed, non-regular or oversized (MAX_CONFIG_BYTES) files
+    raise a ConfigError naming the file."""
+    check_input_file(path, "config", "TOML file")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)   # bounded even if the file grows meanwhile
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError("config", str(path), missing) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("config", str(path), f"a readable UTF-8 TOML file ({exc.__class__.__name__})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("config", str(path), f"a TOML file of at most {_size(MAX_CONFIG_BYTES)}")
     return parse_toml(text, str(path))
 
 
@@ -132,10 +165,32 @@ EXCLUSIVE = {"run.requests": "run.horizon_s", "run.horizon_s": "run.requests",
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """TOML text as tables; malformed or too deeply nested text (MAX_TOML_DEPTH) raises a ConfigError."""
+    too_deep = f"TOML nested at most {MAX_TOML_DEPTH} levels deep (tables and arrays)"
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", source, f"valid TOML ({exc})") from None
+    except RecursionError:   # tomllib recurses once per nested array or inline table
+        raise ConfigError("config", source, too_deep) from None
+    if _depth(data) > MAX_TOML_DEPTH:
+        raise ConfigError("config", source, too_deep)
+    return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of tables and arrays (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level + 1)
+        if level + 1 > MAX_TOML_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -148,6 +203,10 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise ConfigError("--set", item, f"a value nested at most {MAX_TOML_DEPTH} levels deep") from None
+    if _depth(value) > MAX_TOML_DEPTH - key.count(".") - 1:
+        raise ConfigError("--set", item, f"a value nested at most {MAX_TOML_DEPTH} levels deep")
     return key, value
 
 
@@ -233,6 +292,20 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     )
     resolved = {"engine": engine, "workload": workload, "run": run}
     return Config(resolved, base_dir, rc)
+
+
+def trace_shortfall(cfg: Config, generated: int) -> str | None:
+    """A warning when ``run.requests`` asks more requests than a trace (with its loops) holds
+    (``generated``): the run replays all of them and stops, shorter than asked (docs/config.md)."""
+    wanted = cfg.run.requests
+    if wanted is None or cfg.workload.get("arrival") != "trace" or generated >= wanted:
+        return None
+    loops = int(cfg.workload.get("loop", 1))
+    per_copy = max(generated // loops, 1)
+    need = -(-wanted // per_copy)
+    return (f"run.requests = {wanted} is more than the trace {cfg.workload['trace']} holds ({generated} requests"
+            f"{f' in {loops} loops' if loops > 1 else ''}): the run has only {generated}; set workload.loop = {need} "
+            f"to replay the trace, or lower run.requests")
 
 
 def _method(value: Any) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,11 +35,7 @@ def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: in
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_kv_blocks(runs: Sequence[Run], path: str | Path, title: str, points: int = 1200,
@@ -60,11 +58,7 @@ def plot_kv_blocks(runs: Sequence[Run], path: str | Path, title: str, points: in
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_region(region, position, achieved: Sequence[dict], path: str | Path, title: str) -> Path:
@@ -96,11 +90,7 @@ def plot_region(region, position, achieved: Sequence[dict], path: str | Path, ti
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- sweeps (docs/sweeps.md): tidy rows from llmqueue.sweep.results.tidy ---------------
@@ -120,10 +110,22 @@ def _by_scheduler(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 
 def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write and close ``fig``: under a temporary name in the same folder, renamed when
+    whole (removed if the write fails or is interrupted), in the format of the file's suffix."""
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, format=path.suffix[1:].lower() or "png")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 

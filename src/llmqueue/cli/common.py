@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +21,9 @@ from llmqueue.config import (
     parse_config,
     parse_override,
     set_dotted,
+    trace_shortfall,
 )
-from llmqueue.errors import LlmqueueError
+from llmqueue.errors import ConfigError, LlmqueueError
 from llmqueue.metrics import timeseries
 from llmqueue.scenarios import SCENARIOS, scenario_data
 
@@ -102,17 +105,115 @@ def clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """``kill PID`` stops a long run like Ctrl-C does: workers stopped, finished runs kept."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (``kill PID``) as a KeyboardInterrupt that knows its signal: every
+    command stops the same way, says what it kept and exits 128 + the signal (130, 143)."""
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def signal_of(exc: BaseException) -> int:
+    """The signal behind an interrupt: a plain KeyboardInterrupt is Ctrl-C's SIGINT."""
+    return getattr(exc, "signum", signal.SIGINT)
+
+
+def interrupted(exc: BaseException, kept: str) -> int:
+    """Print the one line of an interrupted command (``kept``: what it kept) and return its exit
+    status: 130 for SIGINT, 143 for SIGTERM."""
+    signum = signal_of(exc)
+    print(f"llmqueue: interrupted by {signal.Signals(signum).name}: {kept}", file=sys.stderr)
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """While the block runs, SIGINT and SIGTERM raise :class:`Interrupted` (workers stopped, finished
+    runs kept), unless the signal is ignored (e.g. SIGINT of a background job) or already handled by
+    someone else (a nested block, an embedding program). Only the main thread can install handlers."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                previous[sig] = signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+sigterm_as_interrupt = signals_as_interrupts   # the former name: ``kill PID`` stops a run like Ctrl-C
+
+
+# ---- output files ----------------------------------------------------------------------
+
+#: Every file the running command has written (complete: each is renamed into place when whole),
+#: in order; an interrupted command names them (``llmqueue: interrupted by SIGINT: kept ...``).
+WRITTEN: list[Path] = []
+
+
+def kept_files(prefix: str = "kept ") -> str:
+    """``kept a, b`` of the files written so far, or ``nothing written``."""
+    return prefix + ", ".join(map(str, dict.fromkeys(WRITTEN))) if WRITTEN else "nothing written"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """A temporary name next to ``path`` (same suffix) to write; renamed over ``path`` when the block
+    ends, removed if it fails or is interrupted, so ``path`` is never half-written. A failed write
+    (e.g. a full disk) names ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        if exc.filename in (None, str(tmp)):   # e.g. a full disk: name the file meant, not the temporary
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
+    except BaseException:
+        _discard(tmp)
+        raise
+    WRITTEN.append(path)
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def saved(path: Path) -> Path:
+    """Record a file written elsewhere (a plot, already renamed into place) as kept."""
+    WRITTEN.append(Path(path))
+    return Path(path)
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def plot_path(arg: str | None, flag: str, name: str, default: str | None = None) -> Path:
+    """Where a plot goes: ``arg`` (a file ending in .png, .pdf or .svg; an existing folder or one
+    ending in ``/`` gets ``name``), else ``default``."""
+    if arg is None:
+        return Path(default or name)
+    path = Path(arg)
+    if arg.endswith(("/", os.sep)) or path.is_dir():
+        return path / name
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise ConfigError(flag, arg, f"a file ending in {', '.join(PLOT_SUFFIXES)}, or a folder (then "
+                                     f"FOLDER/{name})")
+    return path
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -208,7 +309,7 @@ def _region_note(summary: dict) -> str:
 
 
 def write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
 def write_requests_csv(path: Path, result) -> None:
@@ -240,7 +341,7 @@ def rejection_warnings(summaries: Sequence[dict]) -> list[str]:
 
 def write_columns_csv(path: Path, columns: dict) -> None:
     names = list(columns)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(names)
         w.writerows(zip(*(c.tolist() if isinstance(c, np.ndarray) else c for c in columns.values())))
@@ -264,7 +365,9 @@ def scheduler_names(arg: str | None, default: list[str]) -> list[str]:
     policy file ``path/to/policy.py:Class`` (relative to the working folder; returned absolute)."""
     from llmqueue.schedulers import SCHEDULERS, allowed, custom, scheduler_class
 
-    names = [n.strip() for n in arg.split(",") if n.strip()] if arg else list(default)
+    names = [n.strip() for n in arg.split(",") if n.strip()] if arg is not None else list(default)
+    if not names:
+        raise ConfigError("--schedulers", arg, f"a comma-separated list of at least one scheduler: {allowed()}")
     out = []
     for n in names:
         if n not in SCHEDULERS and not custom.is_reference(n):

@@ -17,11 +17,15 @@ from llmqueue.cli.common import (
     Progress,
     add_overrides,
     fmt,
+    interrupted,
+    kept_files,
     rejected_cell,
     write_columns_csv,
     write_json,
 )
+from llmqueue.errors import ConfigError
 from llmqueue.network import (
+    POLICIES,
     analyze_network,
     engine_memory,
     engine_prefix,
@@ -217,9 +221,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
     try:
         result = simulate_network(net, progress=lambda now: progress("network", min(now / net.horizon_s, 1.0)))
-    except KeyboardInterrupt:
-        print("interrupted before the run finished (nothing written)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        progress.done()
+        return interrupted(exc, "the run did not finish: nothing written")
     finally:
         progress.done()
     s = summarize_network(result)
@@ -265,6 +269,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    if not policies:
+        raise ConfigError("--policies", args.policies, f"a comma-separated list of at least one of config, {', '.join(POLICIES)}")
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -277,16 +283,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if out:  # rewritten as each policy finishes: an interrupted comparison keeps what finished
             write_json(out / "summary.json", {"runs": done})
 
+    stop = None
     try:
         compare_policies(args.config, args.set, policies, on_done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: what finished is printed and kept
+        stop = exc
         progress.done()
-        print("interrupted: the table shows the policies that finished", file=sys.stderr)
     if not done:
-        return 130
+        return interrupted(stop or KeyboardInterrupt(), "no policy finished: nothing written")
+    if stop is not None and out:
+        write_json(out / "summary.json", {"runs": done})   # in case the signal came while it was being rewritten
+
+    def end() -> int:
+        if stop is None:
+            return 0
+        return interrupted(stop, f"{len(done)} of {len(policies)} policies finished "
+                                 f"({', '.join(s['policy'] for s in done)}), shown in the table; {kept_files()}")
+
     if args.json:
         print(json.dumps({"runs": done}, default=float))
-        return 0
+        return end()
     classes = [c["class"] for c in done[0]["classes"]]
     head = ("policy", "verdict", "slope tok/s", "peak backlog", "jobs done", "jobs rejected",
             *(f"{c} E2E p50/p99" for c in classes))
@@ -300,7 +316,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"horizon {done[0]['horizon_s']:g} s, seed {done[0]['seed']}, {done[0]['network']['jobs_arrived']} jobs "
           "(the same for every policy)\n")
     print(_table(head, rows))
-    return 0
+    return end()
 
 
 def register(sub) -> None:

@@ -10,22 +10,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from llmqueue.cli.common import (
     Progress,
     add_overrides,
     analysis_line,
+    atomic_path,
     fmt,
+    interrupted,
+    kept_files,
     rejection_warnings,
+    saved,
     scheduler_names,
     table,
     timeseries_columns,
+    trace_shortfall,
     write_columns_csv,
     write_json,
     write_requests_csv,
+    write_text,
 )
-from llmqueue.config import dumps
+from llmqueue.config import MAX_CONFIG_BYTES, check_input_file, dumps
 from llmqueue.errors import LlmqueueError
 from llmqueue.real import require_torch
 
@@ -87,10 +94,16 @@ def _kv_head(summary: dict) -> str:
             f"tokens, kv_policy {kv['kv_policy']}; the real engine's pool is paged and mirrors its memory model")
 
 
+def _check_config_file(source: str) -> None:
+    """A config path that is a device, a folder or too large is refused before it is read."""
+    check_input_file(Path(source), "config", "TOML file", MAX_CONFIG_BYTES)
+
+
 def _setup(args: argparse.Namespace):
     """The config and [real] settings, the schedulers to run, the real engine and the out folder."""
     from llmqueue.real.serve import RealEngine, load_engine_config
 
+    _check_config_file(args.config)
     cfg, settings = load_engine_config(args.config, args.set)
     names = scheduler_names(args.schedulers, [cfg.engine["scheduler"]])
     engine = RealEngine(settings, cfg.base_dir)
@@ -102,16 +115,19 @@ def _setup(args: argparse.Namespace):
 def cmd_engine_run(args: argparse.Namespace) -> int:
     require_torch()
     cfg, settings, names, engine, out = _setup(args)
-    (out / "config.toml").write_text(dumps({**cfg.portable(), "real": settings.to_table()}))
+    write_text(out / "config.toml", dumps({**cfg.portable(), "real": settings.to_table()}))
     progress = Progress(sys.stderr.isatty() and not args.json)
     from llmqueue.runner import build_workload, generate
 
     workload = build_workload(cfg)
     requests = generate(cfg, workload)   # the same arrivals for every scheduler
+    shortfall = trace_shortfall(cfg, len(requests.arrival_time))
+    if shortfall:
+        warnings.warn(shortfall)
     total = max(len(requests), 1)
     runs = []
     sim_kv: dict[str, dict] = {}   # with engine.kv_blocks: the simulator's summary on the same requests
-    interrupted = False
+    stop = None
     try:
         for name in names:
             run = engine.run(cfg, name, requests, lambda now, n, name=name: progress(name, n / total))
@@ -127,12 +143,13 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
             write_requests_csv(out / f"{prefix}requests.csv", run.result)
             write_columns_csv(out / f"{prefix}batches.csv", run.result.batches)
             write_json(out / "summary.json", {"config": cfg.portable(), "runs": [r.summary for r in runs]})
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: what finished is printed and kept
+        stop = exc
         progress.done()
     if not runs:
-        print("interrupted before any scheduler finished", file=sys.stderr)
-        return 130
+        return interrupted(stop or KeyboardInterrupt(), f"no scheduler finished; {kept_files()}")
+    if stop is not None:   # in case the signal came while it was being rewritten
+        write_json(out / "summary.json", {"config": cfg.portable(), "runs": [r.summary for r in runs]})
     summaries = [r.summary for r in runs]
     write_columns_csv(out / "timeseries.csv", timeseries_columns(runs))
     if args.json:
@@ -163,15 +180,16 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
         from llmqueue.plots import plot_in_system
 
         a = runs[0].analysis
-        png = plot_in_system(runs, out / "number_in_system.png",
+        png = saved(plot_in_system(runs, out / "number_in_system.png",
                              f"Real engine: requests in system, λ = {a.arrival_rate:.2f} req/s "
                              f"(ρ = {a.rho:.2f} by the config's model), b_max = {a.token_budget}",
-                             xlabel="engine clock (s): measured service time or wall clock, as configured")
+                             xlabel="engine clock (s): measured service time or wall clock, as configured"))
         if not args.json:
             print(f"\nwrote {png}, {out / 'summary.json'}, timeseries.csv, requests.csv, batches.csv")
-    if interrupted:
-        print("interrupted: the table shows the schedulers that finished", file=sys.stderr)
-        return 130
+    if stop is not None:
+        done = ", ".join(r.summary["scheduler"] for r in runs)
+        return interrupted(stop, f"{len(runs)} of {len(names)} schedulers finished ({done}), shown in the table; "
+                                 + kept_files())
     return 0
 
 
@@ -194,19 +212,18 @@ def cmd_engine_validate(args: argparse.Namespace) -> int:
         rows.append(row)
         write_json(out / "validation.json", {"config": cfg.portable(), "rows": [{k: r[k] for k in keys} for r in rows]})
 
+    stop = None
     try:
         validate(cfg, engine, names, refit=not args.no_refit, on_done=on_done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: what finished is printed and kept
         if not rows:
-            print("interrupted before any scheduler finished", file=sys.stderr)
-            return 130
-        print(f"interrupted: {out / 'validation.json'} and the table hold the schedulers that finished",
-              file=sys.stderr)
+            return interrupted(exc, f"no scheduler finished; {kept_files()}")
+        stop = exc
     if args.json:
         print(json.dumps([{**{k: r[k] for k in ("scheduler", "relative_error")},
                            **({"kv": {"real": r["real"]["kv"], **{f"sim_{k}": s["kv"] for k, s in r["sim"].items()}}}
                               if "kv" in r["real"] else {})} for r in rows], default=float))
-        return 0
+        return _validate_end(stop, rows, names)
     print(_real_line(rows[0]["real"]))
     print(analysis_line(rows[0]["sim_runs"]["config"]))
     sims = list(rows[0]["sim"])
@@ -232,7 +249,14 @@ def cmd_engine_validate(args: argparse.Namespace) -> int:
                   f"R² {bt['r2']:.3f}: c {bt['c_ms']:.3f} ms, prefill {bt['prefill_ms_per_token']:.4f}, decode "
                   f"{bt['decode_ms_per_token']:.4f} ms/token, context {bt['context_ms_per_token']:.3g} ms/pair")
     print(f"\nwrote {out / 'validation.json'}")
-    return 0
+    return _validate_end(stop, rows, names)
+
+
+def _validate_end(stop, rows: list[dict], names: list[str]) -> int:
+    if stop is None:
+        return 0
+    return interrupted(stop, f"{len(rows)} of {len(names)} schedulers finished "
+                             f"({', '.join(r['scheduler'] for r in rows)}), shown in the table; {kept_files()}")
 
 
 def _grid_line(prefill: list[int], decode: list[int], context: list[int], budget: int) -> str:
@@ -255,12 +279,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             from llmqueue.cli.common import config_from
             from llmqueue.real import split_engine_config
 
+            if Path(args.config).exists():
+                _check_config_file(args.config)
             cfg = split_engine_config(args.config, args.set)[0] if Path(args.config).exists() \
                 else config_from(args.config, args.set)
         else:
             require_torch()
             from llmqueue.real.serve import load_engine_config
 
+            _check_config_file(args.config)
             cfg, settings = load_engine_config(args.config, args.set)
     budget = args.max_tokens or (cfg.engine["token_budget"] if cfg else 512)
     if args.samples:
@@ -302,10 +329,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         try:
             samples = measure(model, points, TIMERS[settings.timer], repeats=args.repeats, seed=args.seed,
                               progress=lambda done, total: progress("calibration", done / total))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             progress.done()
-            print("interrupted: nothing fitted (measurements are kept only for a finished grid)", file=sys.stderr)
-            return 130
+            return interrupted(exc, "nothing fitted, nothing written (measurements are kept only for a finished "
+                                    "grid)")
         progress.done()
         c = model.config
         header.append(f"measured by llmqueue calibrate on the real CPU engine: {c.num_params / 1e6:.1f} M params, "
@@ -325,16 +352,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     best = max(fits, key=lambda f: f.r2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples.write_csv(out / "samples.csv")
+    with atomic_path(out / "samples.csv") as tmp:
+        samples.write_csv(tmp)
     for fit in fits:
-        (out / f"batch_time_{fit.name.replace('+', '_')}.toml").write_text(batch_time_toml(fit, header))
-    (out / "batch_time.toml").write_text(batch_time_toml(best, [*header, "the fit with the highest R²"]))
+        write_text(out / f"batch_time_{fit.name.replace('+', '_')}.toml", batch_time_toml(fit, header))
+    write_text(out / "batch_time.toml", batch_time_toml(best, [*header, "the fit with the highest R²"]))
     write_json(out / "fits.json", {"header": header, "samples": len(samples), "token_budget": budget,
                                    "fits": [f.to_dict() for f in fits], "best": best.name})
     if not args.no_plot:
         from llmqueue.real.plots import plot_residuals
 
-        plot_residuals(samples, fits, out / "residuals.png", header[0][:110])
+        saved(plot_residuals(samples, fits, out / "residuals.png", header[0][:110]))
     if args.json:
         print(json.dumps({"fits": [f.to_dict() for f in fits], "best": best.name}, default=float))
         return 0

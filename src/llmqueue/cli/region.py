@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from llmqueue.cli.common import Progress, add_overrides, config_from, scheduler_names
+from llmqueue.cli.common import Progress, add_overrides, config_from, plot_path, saved, scheduler_names
 from llmqueue.analysis.region import Position, Region, served_rates, stability_region
 
 
@@ -99,7 +99,8 @@ def capacity_report(cfg, analysis, as_json: bool) -> int:
 def cmd_region(args: argparse.Namespace) -> int:
     from llmqueue.runner import analysis_of, build_workload, compare
 
-    simulate = bool(args.plot) and not args.no_simulate
+    plot = plot_path(args.plot, "--plot", "region.png") if args.plot else None   # checked before any work
+    simulate = plot is not None and not args.no_simulate
     cfg = config_from(args.config, [*args.set, *(["run.record_batches=true"] if simulate else [])])
     names = scheduler_names(args.schedulers, [cfg.engine["scheduler"]])  # checked even without --plot
     workload = build_workload(cfg)
@@ -131,8 +132,9 @@ def cmd_region(args: argparse.Namespace) -> int:
     if args.plot:
         from llmqueue.plots import plot_region
 
-        path = plot_region(region, pos, achieved, args.plot,
-                           f"Stability region: b_max = {region.token_budget}, k_max = {region.max_batch_requests}")
+        path = saved(plot_region(region, pos, achieved, plot,
+                                 f"Stability region: b_max = {region.token_budget}, k_max = "
+                                 f"{region.max_batch_requests}"))
         if not args.json:
             print(f"wrote {path}")
     return 0
@@ -143,7 +145,8 @@ def register(sub) -> None:
     r.add_argument("config", help="TOML config or scenario name (e.g. point-c)")
     add_overrides(r)
     r.add_argument("--json", action="store_true", help="print vertices and position as JSON")
-    r.add_argument("--plot", metavar="FILE.png", help="draw the region, the workload and the rates schedulers achieve")
+    r.add_argument("--plot", metavar="FILE.png", help="draw the region, the workload and the rates schedulers achieve "
+                   "(a .png, .pdf or .svg file, or a folder for region.png)")
     r.add_argument("--schedulers", help="with --plot: simulate these (comma-separated; default the config's)")
     r.add_argument("--max-chunk", type=int, metavar="TOKENS",
                    help="most prefill tokens one request gives a batch (e.g. a fixed prompt length; beyond the paper)")

@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from llmqueue.cli.common import Bar, clock, sigterm_as_interrupt
+from llmqueue.cli.common import Bar, clock, interrupted
 from llmqueue.errors import LlmqueueError
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130   # SIGINT; SIGTERM gives 143
 DEFAULT_OUT = "llmqueue_output/reproduce"
 
 
@@ -29,15 +29,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             sys.stderr.write("\n")
         print(f"  {msg}", file=sys.stderr)
 
-    try:
-        with sigterm_as_interrupt():
-            doc = reproduce(out, mode=mode, jobs=args.jobs, fresh=args.fresh, on_start=bar.begin,
-                            on_result=bar.step, log=log)
-    except KeyboardInterrupt:
+    try:   # main() turns SIGTERM into an interrupt like Ctrl-C
+        doc = reproduce(out, mode=mode, jobs=args.jobs, fresh=args.fresh, on_start=bar.begin,
+                        on_result=bar.step, log=log)
+    except KeyboardInterrupt as exc:
         bar.close()
-        print(f"interrupted: the finished runs are in {out / STORE_NAME}; run the same command again to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupted(exc, f"the finished runs are in {out / STORE_NAME}; run the same command again to resume")
     bar.close()
     width = max(len(s["title"]) for s in doc["sections"])
     for s in doc["sections"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from llmqueue.cli import network
@@ -13,25 +14,37 @@ from llmqueue.cli.common import (
     add_overrides,
     analysis_line,
     config_from,
+    interrupted,
+    kept_files,
     memory_rows,
     rejection_warnings,
+    saved,
     scheduler_names,
     table,
     timeseries_columns,
+    trace_shortfall,
     write_columns_csv,
     write_json,
     write_requests_csv,
+    write_text,
 )
 from llmqueue.config import dumps
-from llmqueue.errors import LlmqueueError
+from llmqueue.errors import ConfigError, LlmqueueError
 from llmqueue.scenarios import DEFAULT_SCENARIO, SCENARIOS, scenario_text
 from llmqueue.schedulers import SCHEDULERS
+
+
+#: compare's flags that replace each other (as their config keys do): given together, refused
+COMPARE_EXCLUSIVE = (("requests", "horizon"), ("rate", "load"))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from llmqueue.plots import plot_in_system, plot_kv_blocks
     from llmqueue.runner import compare
 
+    for a, b in COMPARE_EXCLUSIVE:
+        if getattr(args, a) is not None and getattr(args, b) is not None:
+            raise ConfigError(f"--{a}", getattr(args, a), f"omitted when --{b} is given (choose one)")
     overrides = list(args.set)
     for flag, key in (("load", "workload.load"), ("rate", "workload.rate"), ("budget", "engine.token_budget"),
                       ("horizon", "run.horizon_s"), ("requests", "run.requests"), ("seed", "run.seed")):
@@ -45,20 +58,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr.isatty() and not args.json)
     finished: list = []
 
+    def write_summary() -> None:
+        write_json(out / "summary.json", {"config": cfg.portable(), "runs": [r.summary for r in finished]})
+
     def on_done(run) -> None:
         progress.done()
         finished.append(run)
-        write_json(out / "summary.json", {"config": cfg.portable(), "runs": [r.summary for r in finished]})
+        write_summary()   # rewritten as each scheduler finishes: an interrupted comparison keeps them
 
-    interrupted = False
+    stop = None
     try:
         compare(cfg, names, progress, on_done)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: what finished is printed and kept
+        stop = exc
         progress.done()
     if not finished:
-        print("interrupted before any scheduler finished", file=sys.stderr)
-        return 130
+        return interrupted(stop or KeyboardInterrupt(), "no scheduler finished: nothing written")
+    if stop is not None:
+        write_summary()   # in case the signal came while it was being rewritten
+    shortfall = trace_shortfall(cfg, len(finished[0].result.arrival_time))
+    if shortfall:
+        warnings.warn(shortfall)
     summaries = [r.summary for r in finished]
     if args.json:
         print(json.dumps({"runs": summaries}, default=float))
@@ -73,14 +93,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.no_plot:
         a = finished[0].analysis
         title = f"ρ = {a.rho:.2f} (λ = {a.arrival_rate:.2f} req/s), b_max = {a.token_budget}"
-        pngs = [plot_in_system(finished, out / "number_in_system.png", f"Requests in system: {title}")]
+        pngs = [saved(plot_in_system(finished, out / "number_in_system.png", f"Requests in system: {title}"))]
         if finished[0].result.kv is not None:
-            pngs.append(plot_kv_blocks(finished, out / "kv_blocks.png", f"KV-cache use: {title}"))
+            pngs.append(saved(plot_kv_blocks(finished, out / "kv_blocks.png", f"KV-cache use: {title}")))
         if not args.json:
             print(f"\nwrote {', '.join(map(str, pngs))}, {out / 'summary.json'} and {out / 'timeseries.csv'}")
-    if interrupted:
-        print("interrupted: the table shows the schedulers that finished", file=sys.stderr)
-        return 130
+    if stop is not None:
+        done = ", ".join(r.result.scheduler for r in finished)
+        return interrupted(stop, f"{len(finished)} of {len(names)} schedulers finished ({done}), shown in the table; "
+                                 + kept_files())
     return 0
 
 
@@ -95,10 +116,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         run = run_config(cfg, progress)
     finally:
         progress.done()
+    shortfall = trace_shortfall(cfg, len(run.result.arrival_time))
+    if shortfall:
+        warnings.warn(shortfall)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(dumps(cfg.portable()))
+        write_text(out / "config.toml", dumps(cfg.portable()))
         write_json(out / "summary.json", run.summary)
         write_requests_csv(out / "requests.csv", run.result)
         if run.result.batches is not None:
@@ -106,7 +130,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         write_columns_csv(out / "timeseries.csv", timeseries_columns([run]))
         if run.result.kv is not None:
             from llmqueue.plots import plot_kv_blocks
-            plot_kv_blocks([run], out / "kv_blocks.png", f"KV-cache use: {run.result.scheduler}")
+            saved(plot_kv_blocks([run], out / "kv_blocks.png", f"KV-cache use: {run.result.scheduler}"))
     if args.json:
         print(json.dumps(run.summary, default=float))
         return 0

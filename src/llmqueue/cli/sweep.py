@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ from llmqueue.cli.common import (
     clock,
     config_from,
     fmt,
-    sigterm_as_interrupt,
+    interrupted,
+    plot_path,
+    saved,
 )
 from llmqueue.errors import LlmqueueError
 from llmqueue.sweep import (
@@ -28,6 +31,7 @@ from llmqueue.sweep import (
     seed_list,
 )
 from llmqueue.sweep.driver import SweepStats, sweep
+from llmqueue.sweep.grid import MAX_GRID_POINTS, check_grid_size
 from llmqueue.sweep.results import (
     flatten,
     tidy,
@@ -37,7 +41,7 @@ from llmqueue.sweep.results import (
     write_parquet,
 )
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130   # SIGINT; SIGTERM gives 143
 PLOT_KINDS = ("stability-map", "latency-vs-load", "max-rate-vs-budget")
 
 
@@ -47,16 +51,36 @@ def _executor(args):
     return make_executor(args.jobs, args.ray)
 
 
-def _interrupted(store: Store) -> int:
-    n = len(store.statuses())
-    print(f"interrupted: {n} runs are in {store.path}; run the same command again to resume", file=sys.stderr)
-    return EXIT_INTERRUPTED
+def _stored(store: Store) -> str:
+    try:
+        n = len(store.statuses())
+    except sqlite3.Error:
+        return f"the runs stored before are in {store.path}"
+    return f"{n} run{'s' if n != 1 else ''} {'are' if n != 1 else 'is'} in {store.path}"
+
+
+def _interrupted(store: Store, exc: BaseException) -> int:
+    return interrupted(exc, f"{_stored(store)}; run the same command again to resume")
+
+
+def _store_failed(store: Store, exc: sqlite3.Error) -> LlmqueueError:
+    """A store that cannot be written mid-sweep (a full disk, a locked or read-only file): one line
+    naming it; every run committed before stays."""
+    return LlmqueueError(f"store {store.path}: {exc}; {_stored(store)}; free the disk or the file and run the "
+                         "same command again to resume")
+
+
+def _max_points(args) -> int:
+    if args.max_points < 1:
+        raise LlmqueueError(f"--max-points = {args.max_points} is not allowed: an integer >= 1")
+    return args.max_points
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     base = config_from(args.config, args.set)
     axes = parse_grid(args.grid)
-    points = expand(base, axes, seed_list(args.seeds, base.run.seed))  # validates every point first
+    seeds = seed_list(args.seeds, base.run.seed)
+    points = expand(base, axes, seeds, _max_points(args))  # counts the grid, then validates every point
     configs = len(points) // args.seeds
     if args.dry_run:
         print(f"{len(points)} runs ({configs} configs x {args.seeds} seeds); every point is valid")
@@ -65,13 +89,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     bar = Bar(sys.stderr.isatty())
     start = time.monotonic()
     executor.connect()  # a bad --ray address fails before the store is created
-    with contextlib.closing(executor), Store(args.store) as store, sigterm_as_interrupt():
+    with contextlib.closing(executor), Store(args.store) as store:
         try:
             stats = sweep(points, store, executor, retry_failed=args.retry_failed, on_start=bar.begin,
                           on_result=bar.step)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             bar.close()
-            return _interrupted(store)
+            return _interrupted(store, exc)
+        except sqlite3.Error as exc:
+            bar.close()
+            raise _store_failed(store, exc) from None
         bar.close()
         print(_report(stats, configs, args.seeds, executor.describe(), time.monotonic() - start, store.path))
         keys = {(p.config_hash, p.seed) for p in points}
@@ -108,17 +135,21 @@ def cmd_max_rate(args: argparse.Namespace) -> int:
                                 "grid over other keys (e.g. engine.scheduler, engine.token_budget)")
     slos = [parse_slo(s) for s in args.slo]
     seeds = seed_list(args.seeds, base.run.seed)
-    bases = [(p.overrides, p.config) for p in expand(base, axes, [base.run.seed])]
+    check_grid_size(axes, len(seeds), _max_points(args))   # searches x seeds: the runs of one probe each
+    bases = [(p.overrides, p.config) for p in expand(base, axes, [base.run.seed], _max_points(args))]
     executor = _executor(args)
     bar = Bar(sys.stderr.isatty() and not args.json)
     executor.connect()
-    with contextlib.closing(executor), Store(args.store) as store, sigterm_as_interrupt():
+    with contextlib.closing(executor), Store(args.store) as store:
         try:
             results = max_rate(bases, seeds, store, executor, slos=slos, rel_tol=args.rel_tol,
                                on_start=bar.begin, on_result=bar.step)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             bar.close()
-            return _interrupted(store)
+            return _interrupted(store, exc)
+        except sqlite3.Error as exc:
+            bar.close()
+            raise _store_failed(store, exc) from None
         bar.close()
     if args.json:
         print(json.dumps([{"point": dict(r.overrides), "max_rate_rps": r.max_rate_rps,
@@ -161,14 +192,23 @@ def _max_rate_table(results) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+    """A store that fails while being read (e.g. locked by a writer for too long): one line naming it."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise LlmqueueError(f"store {path}: {exc}") from None
+
+
 def _rows(args) -> list[dict]:
-    with Store(args.store, readonly=True) as store:
+    with _reading(args.store), Store(args.store, readonly=True) as store:
         return where(tidy(store.runs()), args.where)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     if args.max_rate:
-        with Store(args.store, readonly=True) as store:
+        with _reading(args.store), Store(args.store, readonly=True) as store:
             rows = store.max_rates()
         flat = [{**_flat_config(r["config"]), "seeds": json.dumps(r["seeds"]),
                  "slos": json.dumps(r["slos"]), "rel_tol": r["rel_tol"], "max_rate_rps": r["max_rate_rps"],
@@ -229,11 +269,11 @@ def _cell(v) -> str:
 def cmd_plot(args: argparse.Namespace) -> int:
     from llmqueue import plots
 
-    out = Path(args.out or f"llmqueue_output/{args.kind}.png")
+    out = plot_path(args.out, "--out", f"{args.kind}.png", f"llmqueue_output/{args.kind}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [r for r in _rows(args) if r["status"] == "ok"]
     if args.kind == "max-rate-vs-budget":
-        with Store(args.store, readonly=True) as store:
+        with _reading(args.store), Store(args.store, readonly=True) as store:
             searches = store.max_rates()
         if not searches and not rows:
             raise LlmqueueError(f"store {args.store}: no max-rate searches and no successful runs to plot")
@@ -244,7 +284,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         path = plots.plot_stability_map(rows, out)
     else:
         path = plots.plot_latency_vs_load(rows, out)
-    print(f"wrote {path}")
+    print(f"wrote {saved(path)}")
     return 0
 
 
@@ -256,6 +296,12 @@ def _add_executor(p) -> None:
     p.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite results store (default {DEFAULT_STORE})")
 
 
+def _add_max_points(p) -> None:
+    p.add_argument("--max-points", type=int, default=MAX_GRID_POINTS, metavar="N",
+                   help=f"refuse grids of more than N runs, points x seeds (default {MAX_GRID_POINTS:,}); "
+                        "counted before any point is built")
+
+
 def register(sub) -> None:
     s = sub.add_parser("sweep", help="run a grid of configs x seeds into a resumable SQLite store")
     s.add_argument("config", help="TOML config or scenario name: the base of every point")
@@ -265,6 +311,7 @@ def register(sub) -> None:
     _add_executor(s)
     s.add_argument("--retry-failed", action="store_true", help="run stored failed points again")
     s.add_argument("--dry-run", action="store_true", help="validate the grid and print its size, run nothing")
+    _add_max_points(s)
     add_overrides(s)
     s.set_defaults(func=cmd_sweep)
 
@@ -277,6 +324,7 @@ def register(sub) -> None:
     m.add_argument("--grid", action="append", default=[], metavar="KEY=VALUES",
                    help="one search per point, e.g. engine.scheduler=orca,sarathi (repeatable)")
     m.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_max_points(m)
     _add_executor(m)
     add_overrides(m)
     m.set_defaults(func=cmd_max_rate)
@@ -294,6 +342,7 @@ def register(sub) -> None:
     p = sub.add_parser("plot", help="standard plots of a store")
     p.add_argument("store", help="the SQLite store written by sweep or max-rate")
     p.add_argument("--kind", required=True, choices=PLOT_KINDS)
-    p.add_argument("--out", help="PNG file (default llmqueue_output/KIND.png)")
+    p.add_argument("--out", help="a .png, .pdf or .svg file, or a folder for KIND.png (default "
+                   "llmqueue_output/KIND.png)")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN OP VALUE", help="filter runs first")
     p.set_defaults(func=cmd_plot)

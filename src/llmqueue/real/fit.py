@@ -16,6 +16,8 @@ every sample, token-only models predicting from P + D alone.  numpy/scipy only.
 from __future__ import annotations
 
 import csv
+import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from llmqueue.errors import LlmqueueError
 SAMPLE_COLUMNS = ("prefill_tokens", "decode_tokens", "context_tokens", "attention_pairs", "seconds")
 #: a real run's batches.csv (``llmqueue engine run``) can be fitted too
 BATCHES_COLUMNS = ("num_prefill_tokens", "num_decode_tokens", "attention_pairs", "duration")
+#: Largest samples CSV read (bytes): a calibration grid is a few thousand rows (docs/config.md).
+MAX_SAMPLES_BYTES = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -67,17 +71,61 @@ class Samples:
 
     @classmethod
     def read_csv(cls, path: str | Path) -> Samples:
-        with Path(path).open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        """A samples CSV (or a real run's batches.csv); anything else, e.g. a binary file, a
+        device or a row that is not numbers, is one LlmqueueError naming the file."""
+        from llmqueue.config import check_input_file
+
+        p = Path(path)
+        need = (f"a samples CSV needs the columns {', '.join(SAMPLE_COLUMNS)} "
+                f"(or a real run's batches.csv: {', '.join(BATCHES_COLUMNS)})")
+        check_input_file(p, "--samples", "CSV file", MAX_SAMPLES_BYTES)
+        try:
+            with p.open("rb") as f:
+                raw = f.read(MAX_SAMPLES_BYTES + 1)
+        except OSError as exc:
+            raise LlmqueueError(f"--samples {path}: cannot be read ({exc.strerror or exc})") from None
+        if len(raw) > MAX_SAMPLES_BYTES:
+            raise LlmqueueError(f"--samples {path}: larger than {MAX_SAMPLES_BYTES // 2**20} MB: {need}")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise LlmqueueError(f"--samples {path}: not a UTF-8 text file (byte {exc.start} is "
+                                f"{raw[exc.start]:#04x}): {need}") from None
+        if "\0" in text:
+            raise LlmqueueError(f"--samples {path}: not a text file (it holds NUL bytes): {need}")
+        try:
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as exc:
+            raise LlmqueueError(f"--samples {path}: not a readable CSV ({exc}): {need}") from None
         if rows and all(c in rows[0] for c in BATCHES_COLUMNS):   # a real run's batches.csv
             rows = [{"prefill_tokens": r["num_prefill_tokens"], "decode_tokens": r["num_decode_tokens"],
                      "context_tokens": 0, "attention_pairs": r["attention_pairs"], "seconds": r["duration"]}
                     for r in rows]
         missing = [c for c in SAMPLE_COLUMNS if rows and c not in rows[0]]
         if not rows or missing:
-            raise LlmqueueError(f"{path}: a samples CSV needs the columns {', '.join(SAMPLE_COLUMNS)} "
-                                f"(or a real run's batches.csv: {', '.join(BATCHES_COLUMNS)})")
-        return cls.from_rows([[float(r[c]) for c in SAMPLE_COLUMNS] for r in rows])
+            raise LlmqueueError(f"{path}: {need}")
+        values = []
+        for line, r in enumerate(rows, start=2):
+            try:
+                row = [float(r[c]) for c in SAMPLE_COLUMNS]
+            except (TypeError, ValueError):
+                bad = next(c for c in SAMPLE_COLUMNS if not _is_number(r[c]))
+                raise LlmqueueError(f"--samples {path}: line {line}: {bad} = {r[bad]!r} is not allowed: a finite "
+                                    "number >= 0") from None
+            if not all(math.isfinite(x) and x >= 0 for x in row):
+                bad = next(c for c, x in zip(SAMPLE_COLUMNS, row) if not (math.isfinite(x) and x >= 0))
+                raise LlmqueueError(f"--samples {path}: line {line}: {bad} = {r[bad]!r} is not allowed: a finite "
+                                    "number >= 0")
+            values.append(row)
+        return cls.from_rows(values)
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)

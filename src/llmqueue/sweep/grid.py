@@ -15,15 +15,20 @@ import itertools
 import json
 import math
 import tomllib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from llmqueue.config import Config, parse_config, set_dotted
+from llmqueue.config import Config, parse_config, set_dotted, trace_shortfall
 from llmqueue.errors import ConfigError, LlmqueueError
 from llmqueue.model.kv import make_kv
+from llmqueue.model.workload import Trace
 from llmqueue.runner import build_workload, check_cache
 
 MAX_RANGE_POINTS = 100_000
+#: Most runs (grid points x seeds) one sweep expands unless --max-points raises it (docs/config.md):
+#: each is validated before anything runs, so a larger grid would take minutes and gigabytes first.
+MAX_GRID_POINTS = 100_000
 RESERVED = {"run.seed": "use --seeds to choose the seeds"}
 
 
@@ -115,16 +120,34 @@ def parse_grid(items: list[str]) -> list[Axis]:
     return axes
 
 
-def expand(base: Config, axes: list[Axis], seeds: list[int]) -> list[Point]:
+def grid_size(axes: list[Axis], seeds: int = 1) -> int:
+    """Runs of the grid: the product of the axes' lengths times the seeds (nothing built)."""
+    return math.prod(len(a.values) for a in axes) * seeds
+
+
+def check_grid_size(axes: list[Axis], seeds: int, max_points: int = MAX_GRID_POINTS) -> int:
+    """The grid's size, or a LlmqueueError naming it and the cap when it is larger than ``max_points``."""
+    size = grid_size(axes, seeds)
+    if size > max_points:
+        shape = " x ".join(f"{len(a.values)} {a.key}" for a in axes) or "1 point"
+        raise LlmqueueError(f"grid size = {size:,} runs ({shape} x {seeds} seed{'s' if seeds != 1 else ''}) is not "
+                            f"allowed: at most {max_points:,} runs (narrow the grid, or raise the cap with "
+                            f"--max-points {size})")
+    return size
+
+
+def expand(base: Config, axes: list[Axis], seeds: list[int], max_points: int = MAX_GRID_POINTS) -> list[Point]:
     """Every grid point for every seed, each validated; the first axis varies slowest.
 
-    Raises a ConfigError naming the point and the bad field before anything runs.
+    Raises a ConfigError naming the point and the bad field before anything runs, and a
+    LlmqueueError when the grid has more than ``max_points`` runs (counted before any is built).
     """
     if not seeds:
         raise ConfigError("--seeds", 0, "at least one seed")
+    check_grid_size(axes, len(seeds), max_points)
     data = base.portable()
     points = []
-    workloads: set[str] = set()
+    workloads: dict[str, int | None] = {}
     for combo in itertools.product(*(a.values for a in axes)):
         overrides = tuple(zip((a.key for a in axes), combo))
         for seed in seeds:
@@ -142,17 +165,20 @@ def expand(base: Config, axes: list[Axis], seeds: list[int]) -> list[Point]:
     return points
 
 
-def _check_workload(config: Config, seen: set[str]) -> None:
+def _check_workload(config: Config, seen: dict[str, int | None]) -> None:
     """Length laws and traces are checked when the workload is built, a KV cache against the
     workload's mean request: check each distinct pair once here, so that a bad one fails before
-    any run, not in a worker."""
+    any run, not in a worker. A ``run.requests`` larger than a trace holds is warned about."""
     kv = {k: config.engine.get(k) for k in ("kv_blocks", "block_size", "kv_policy")}
     key = json.dumps([config.workload, config.engine["token_budget"], config.engine["batch_time"], kv],
                      sort_keys=True, default=str)
     if key not in seen:
         workload = build_workload(config)
         check_cache(make_kv(config.engine), workload)
-        seen.add(key)
+        seen[key] = len(workload.arrivals.requests) if isinstance(workload.arrivals, Trace) else None
+    rows = seen[key]
+    if rows is not None and config.run.requests is not None and config.run.requests > rows:
+        warnings.warn(trace_shortfall(config, rows))
 
 
 def _show(value: Any) -> str:

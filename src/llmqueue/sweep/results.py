@@ -3,7 +3,7 @@
 Config keys keep their dotted names (``engine.scheduler``, ``workload.rate``); summary values
 keep theirs, nested ones dotted (``ttft_s.p99``); lists are written as JSON text. ``--where``
 filters rows with ``COLUMN OP VALUE`` (OP one of ``= != < <= > >=``), numbers compared as
-numbers, anything else as text.
+numbers, anything else as text (only ``=`` and ``!=``: an order needs a number).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -65,16 +66,20 @@ def varying(rows: list[dict], prefixes: tuple[str, ...] = ("engine.", "workload.
 
 def _number(text: str) -> float | None:
     try:
-        return float(text)
+        x = float(text)
     except ValueError:
         return None
+    return None if x != x else x   # NaN orders nothing
 
 
 def parse_where(item: str) -> tuple[str, str, str]:
     m = _WHERE.match(item)
     if not m:
         raise ConfigError("--where", item, "COLUMN OP VALUE with OP one of = != < <= > >=, e.g. engine.scheduler=orca")
-    return m.group(1), m.group(2), m.group(3).strip("\"'")
+    col, op, wanted = m.group(1), m.group(2), m.group(3).strip("\"'")
+    if op not in ("=", "!=") and _number(wanted) is None:
+        raise ConfigError("--where", item, f"a number after {op} (e.g. {col}{op}10); text compares only with = and !=")
+    return col, op, wanted
 
 
 def _compare(value: Any, op: str, wanted: str) -> bool:
@@ -103,12 +108,29 @@ def where(rows: list[dict], conditions: Iterable[str]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], out: str) -> None:
-    """All columns; ``-`` writes to standard output."""
-    with contextlib.ExitStack() as stack:
-        f = sys.stdout if out == "-" else stack.enter_context(open(out, "w", newline=""))
-        w = csv.DictWriter(f, fieldnames=columns(rows), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    """All columns; ``-`` writes to standard output. A file is written under a temporary name and
+    renamed when whole (removed if the write fails, e.g. on a full disk)."""
+    if out == "-":
+        _write_rows(rows, sys.stdout)
+        return
+    path = Path(out)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            _write_rows(rows, f)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
+
+
+def _write_rows(rows: list[dict], f) -> None:
+    w = csv.DictWriter(f, fieldnames=columns(rows), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
 
 
 def write_parquet(rows: list[dict], out: str) -> None:
