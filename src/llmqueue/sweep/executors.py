@@ -4,7 +4,10 @@ Both executors take :class:`Task` objects and yield ``(task, outcome)`` pairs as
 finish (in completion order). A task that raises comes back as a ``failed`` outcome with
 its error; a worker process that dies (a crash, the OOM killer, ``kill -9``) is recorded
 as a failed point too, and the rest of the sweep goes on. The caller writes outcomes to
-the store; the executors never touch it, so only one process writes the database.
+the store; the executors never touch it, so only the driver process writes the database.
+Tasks are taken from the iterable only when they can start (a worker is free, or Ray has
+room in flight): the driver's iterable claims each point in the store as it is taken, so
+a point is leased when it starts, not when the sweep does.
 
 The local pool is a few lines over :mod:`multiprocessing` rather than
 :class:`concurrent.futures.ProcessPoolExecutor` because the latter cannot say *which* task
@@ -19,7 +22,6 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -139,19 +141,26 @@ class LocalExecutor:
         """Nothing to release: each :meth:`run` stops its workers."""
 
     def run(self, tasks: Iterable[Task], fn: TaskFn = run_point) -> Iterator[tuple[Task, Outcome]]:
-        pending = deque(tasks)
-        idle = [_Worker(self.ctx, fn) for _ in range(min(self.jobs, len(pending)))]
+        source = iter(tasks)
+        more = True  # whether ``source`` may have tasks left
+        idle: list[_Worker] = []
         busy: list[_Worker] = []
         try:
-            while pending or busy:
-                while pending and idle:
-                    worker, task = idle.pop(), pending.popleft()
+            while more or busy:
+                while more and (idle or len(busy) < self.jobs):
+                    task = next(source, None)  # taken only now that it can start
+                    if task is None:
+                        more = False
+                        break
+                    worker = idle.pop() if idle else _Worker(self.ctx, fn)  # started when first needed
                     worker.task = task
                     busy.append(worker)
                     try:
                         worker.conn.send(task)
                     except OSError:
                         pass  # a dead worker: noticed below through its sentinel
+                if not busy:
+                    break
                 ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
                 for worker in [w for w in busy if w.conn in ready or w.process.sentinel in ready]:
                     task, outcome = worker.task, self._collect(worker)
@@ -160,9 +169,7 @@ class LocalExecutor:
                     if outcome is None:
                         outcome = failed(f"worker process died (exit code {worker.process.exitcode}) "
                                          "while running this point")
-                        worker.stop(force=True)
-                        if pending:
-                            idle.append(_Worker(self.ctx, fn))
+                        worker.stop(force=True)  # a fresh one starts when the next task needs it
                     else:
                         idle.append(worker)
                     yield task, outcome
@@ -234,15 +241,21 @@ class RayExecutor:
         ray = import_ray()
         self.connect()
         remote = ray.remote(num_cpus=1, max_retries=1)(call)
-        pending = deque(tasks)
+        source = iter(tasks)
+        more = True
         inflight: dict[Any, Task] = {}
         try:
             # A bounded number in flight: an interrupted sweep has little to cancel.
             limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-            while pending or inflight:
-                while pending and len(inflight) < limit:
-                    task = pending.popleft()
+            while more or inflight:
+                while more and len(inflight) < limit:
+                    task = next(source, None)  # taken only now that it can start
+                    if task is None:
+                        more = False
+                        break
                     inflight[remote.remote(fn, task)] = task
+                if not inflight:
+                    break
                 done, _ = ray.wait(list(inflight), num_returns=1)
                 for ref in done:
                     task = inflight.pop(ref)

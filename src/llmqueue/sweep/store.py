@@ -3,16 +3,32 @@
 Each finished run is written in its own transaction as soon as it finishes, in WAL mode
 with ``synchronous = FULL``: a sweep killed at any moment (Ctrl-C, ``kill -9``, a power cut)
 keeps every committed run and never leaves a half-written row; the next sweep skips what is
-stored. Only the driver process writes; workers return their outcomes to it.
+stored. Only driver processes write; workers return their outcomes to theirs.
+
+Several drivers (two ``llmqueue sweep`` on one store) share the work through **leases**: a
+driver claims a point in one ``BEGIN IMMEDIATE`` transaction before it runs it (the row
+names its owner: host, process id, a random token, and an expiry it renews while it runs),
+other drivers skip a point leased by a live owner, and a lease whose owner died (past its
+expiry, or its process gone on this machine) is taken over. A finished run is stored only
+if nobody stored the point first, so a point is never stored twice (docs/sweeps.md).
 
 Tables: ``runs`` (config JSON, seed, summary JSON, status ok/failed, error, package version,
-wall seconds, finish time) and ``max_rate`` (one row per capacity search of ``max-rate``).
+wall seconds, finish time), ``max_rate`` (one row per capacity search of ``max-rate``) and
+``leases`` (the points being run now, schema version 2). Older stores are migrated in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
+import socket
 import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -20,10 +36,13 @@ from typing import Any, Self
 from llmqueue import __version__
 from llmqueue.errors import LlmqueueError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_STORE = "llmqueue_output/sweep.db"
+LEASE_S = 60.0          # a lease not renewed for this long is stale (its owner is taken for dead)
 
-_SCHEMA = """
+# Migrations: the statements that take a store from version i - 1 to i (each idempotent).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("""
 CREATE TABLE IF NOT EXISTS runs (
     config_hash TEXT NOT NULL,
     seed        INTEGER NOT NULL,
@@ -35,7 +54,7 @@ CREATE TABLE IF NOT EXISTS runs (
     wall_s      REAL,
     finished_at TEXT NOT NULL,
     PRIMARY KEY (config_hash, seed)
-);
+)""", """
 CREATE TABLE IF NOT EXISTS max_rate (
     search_hash     TEXT PRIMARY KEY,
     config          TEXT NOT NULL,
@@ -49,8 +68,23 @@ CREATE TABLE IF NOT EXISTS max_rate (
     probes          TEXT NOT NULL,
     version         TEXT NOT NULL,
     finished_at     TEXT NOT NULL
-);
-"""
+)"""),
+    2: ("""
+CREATE TABLE IF NOT EXISTS leases (
+    config_hash TEXT NOT NULL,
+    seed        INTEGER NOT NULL,
+    owner       TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    machine     TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    claimed_at  TEXT NOT NULL,
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (config_hash, seed)
+)""", "CREATE INDEX IF NOT EXISTS leases_owner ON leases (owner)"),
+}
+assert max(_MIGRATIONS) == SCHEMA_VERSION
+
+CLAIMED, RECLAIMED, STORED, BUSY = "claimed", "reclaimed", "stored", "busy"
 
 
 def _now() -> str:
@@ -59,6 +93,98 @@ def _now() -> str:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=float)
+
+
+def _machine() -> str:
+    """What makes a process id meaningful: this boot of this kernel, this pid namespace."""
+    parts = []  # empty where there is no /proc (macOS): the host name alone, then
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return "/".join(parts)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie, killed but not yet reaped, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    with contextlib.suppress(OSError, ValueError, IndexError):  # no /proc: kill(0) alone
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2] in "ZX":
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a lease: ``host:pid:token`` (the token tells apart two holders that reuse a pid)."""
+
+    host: str
+    machine: str
+    pid: int
+    token: str
+
+    @classmethod
+    def me(cls) -> Owner:
+        return cls(socket.gethostname(), _machine(), os.getpid(), secrets.token_hex(8))
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}:{self.pid}:{self.token}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A point another process is running: its key, owner and expiry (UNIX time)."""
+
+    config_hash: str
+    seed: int
+    owner: str
+    host: str
+    pid: int
+    expires_at: float
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.config_hash, self.seed
+
+
+def _live(row: tuple, me: Owner, now: float) -> bool:
+    """Whether a lease row (owner, host, machine, pid, expires_at) still stands."""
+    _, host, machine, pid, expires_at = row
+    if expires_at <= now:
+        return False
+    if host == me.host and machine == me.machine:  # a process id we can check: gone means dead
+        return pid_alive(pid)
+    return True
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction, its lock taken at the start (no other writer between read and write)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.commit()
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level None: no implicit transactions; every write below says where it begins.
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
 
 
 class Store:
@@ -73,21 +199,32 @@ class Store:
                 self.conn = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, timeout=30)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.conn = sqlite3.connect(self.path, timeout=30)
-                self.conn.execute("PRAGMA journal_mode = WAL")
-                self.conn.execute("PRAGMA synchronous = FULL")
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise LlmqueueError(f"store {self.path}: schema version {version} is newer than this llmqueue "
-                                    f"({__version__}) reads ({SCHEMA_VERSION})")
-            if not readonly:
-                with self.conn:
-                    self.conn.executescript(_SCHEMA)
-                    self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version == 0:
+                self.conn = _connect(self.path)
+            self.version = self._check_version()
+            if not readonly and self.version < SCHEMA_VERSION:
+                self._migrate()
+            elif readonly and self.version == 0:
                 raise LlmqueueError(f"store {self.path}: not an llmqueue store (no runs table)")
         except sqlite3.DatabaseError as exc:
             raise LlmqueueError(f"store {self.path}: not a usable SQLite database ({exc})") from None
+
+    def _check_version(self) -> int:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LlmqueueError(f"store {self.path}: schema version {version} is newer than this llmqueue "
+                                f"({__version__}) reads ({SCHEMA_VERSION})")
+        return version
+
+    def _migrate(self) -> None:
+        """Bring the store to :data:`SCHEMA_VERSION` in one transaction (two processes opening an
+        old store at once: the second finds it done)."""
+        with _immediate(self.conn):
+            version = self._check_version()
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target]:
+                    self.conn.execute(statement)
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.version = SCHEMA_VERSION
 
     def close(self) -> None:
         self.conn.close()
@@ -105,18 +242,121 @@ class Store:
         rows = self.conn.execute("SELECT config_hash, seed, status FROM runs")
         return {(h, s): status for h, s, status in rows}
 
-    def record(self, config_hash: str, seed: int, config: dict, outcome: dict) -> None:
-        """Store one finished run in its own transaction (a retried point replaces its row)."""
+    def states(self) -> dict[tuple[str, int], tuple[str, str]]:
+        """(config hash, seed) -> (status, finished_at) for every stored run: what :meth:`claim`
+        compares against to see that another process stored (or replaced) a run meanwhile."""
+        rows = self.conn.execute("SELECT config_hash, seed, status, finished_at FROM runs")
+        return {(h, s): (status, t) for h, s, status, t in rows}
+
+    def _write(self, config_hash: str, seed: int, config: dict, outcome: dict) -> None:
         summary = outcome.get("summary")
-        with self.conn:
+        self.conn.execute(
+            "INSERT INTO runs (config_hash, seed, config, summary, status, error, version, wall_s, finished_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (config_hash, seed) DO UPDATE SET config = excluded.config, summary = excluded.summary, "
+            "status = excluded.status, error = excluded.error, version = excluded.version, "
+            "wall_s = excluded.wall_s, finished_at = excluded.finished_at",
+            (config_hash, seed, _dumps(config), None if summary is None else _dumps(summary), outcome["status"],
+             outcome.get("error"), outcome.get("version", __version__), outcome.get("wall_s"), _now()))
+
+    def record(self, config_hash: str, seed: int, config: dict, outcome: dict) -> None:
+        """Store one finished run in its own transaction (a retried point replaces its row),
+        whoever holds its lease; sweeps use :meth:`finish`."""
+        with _immediate(self.conn):
+            self._write(config_hash, seed, config, outcome)
+
+    # ---- leases ------------------------------------------------------------------------
+
+    def claim(self, key: tuple[str, int], owner: Owner, expected: tuple[str, str] | None,
+              lease_s: float = LEASE_S) -> str:
+        """Try to take the lease of point ``key`` for ``owner``, atomically. ``expected`` is the
+        stored (status, finished_at) the caller decided to run it from (None: not stored).
+
+        Returns :data:`STORED` (another process stored or replaced the run since: nothing to do),
+        :data:`BUSY` (a live owner holds it), :data:`CLAIMED`, or :data:`RECLAIMED` (taken over
+        from an owner that died)."""
+        now = time.time()
+        with _immediate(self.conn):
+            row = self.conn.execute("SELECT status, finished_at FROM runs WHERE config_hash = ? AND seed = ?",
+                                    key).fetchone()
+            if (None if row is None else tuple(row)) != (None if expected is None else tuple(expected)):
+                return STORED
+            lease = self.conn.execute("SELECT owner, host, machine, pid, expires_at FROM leases "
+                                      "WHERE config_hash = ? AND seed = ?", key).fetchone()
+            if lease is not None and lease[0] != owner.id and _live(lease, owner, now):
+                return BUSY
             self.conn.execute(
-                "INSERT INTO runs (config_hash, seed, config, summary, status, error, version, wall_s, finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (config_hash, seed) DO UPDATE SET config = excluded.config, summary = excluded.summary, "
-                "status = excluded.status, error = excluded.error, version = excluded.version, "
-                "wall_s = excluded.wall_s, finished_at = excluded.finished_at",
-                (config_hash, seed, _dumps(config), None if summary is None else _dumps(summary), outcome["status"],
-                 outcome.get("error"), outcome.get("version", __version__), outcome.get("wall_s"), _now()))
+                "INSERT OR REPLACE INTO leases (config_hash, seed, owner, host, machine, pid, claimed_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, owner.id, owner.host, owner.machine, owner.pid, _now(), now + lease_s))
+        return RECLAIMED if lease is not None and lease[0] != owner.id else CLAIMED
+
+    def finish(self, config_hash: str, seed: int, config: dict, outcome: dict, owner: Owner) -> bool:
+        """Store a run this owner finished and drop its lease, in one transaction. The run is
+        written when the point is not stored, or replaces a failed run when the lease is still
+        this owner's (a retry); a point another process stored first keeps that row (the same
+        result: runs are deterministic). Returns whether it was written."""
+        key = (config_hash, seed)
+        with _immediate(self.conn):
+            row = self.conn.execute("SELECT status FROM runs WHERE config_hash = ? AND seed = ?", key).fetchone()
+            lease = self.conn.execute("SELECT owner FROM leases WHERE config_hash = ? AND seed = ?", key).fetchone()
+            mine = lease is not None and lease[0] == owner.id
+            write = row is None or (row[0] == "failed" and mine)
+            if write:
+                self._write(config_hash, seed, config, outcome)
+            if mine:
+                self.conn.execute("DELETE FROM leases WHERE config_hash = ? AND seed = ?", key)
+        return write
+
+    def release(self, owner: Owner) -> None:
+        """Give up every lease ``owner`` holds: others may run those points now."""
+        with _immediate(self.conn):
+            self.conn.execute("DELETE FROM leases WHERE owner = ?", (owner.id,))
+
+    def leases(self) -> list[Lease]:
+        """Every lease row (live or stale), oldest claim first; an empty list for a store from before leases."""
+        if self.version < 2:
+            return []
+        rows = self.conn.execute("SELECT config_hash, seed, owner, host, pid, expires_at FROM leases "
+                                 "ORDER BY claimed_at, config_hash, seed")
+        return [Lease(*r) for r in rows]
+
+    def lease_of(self, key: tuple[str, int]) -> Lease | None:
+        row = self.conn.execute("SELECT config_hash, seed, owner, host, pid, expires_at FROM leases "
+                                "WHERE config_hash = ? AND seed = ?", key).fetchone()
+        return None if row is None else Lease(*row)
+
+    @contextlib.contextmanager
+    def holding(self, owner: Owner, lease_s: float = LEASE_S) -> Iterator[None]:
+        """While the block runs, a thread renews ``owner``'s leases every ``lease_s / 4`` seconds
+        (its own connection); at the end, however it ends, the leases left are released."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            conn = None
+            try:
+                while not stop.wait(lease_s / 4):
+                    try:
+                        if conn is None:  # a connection of its own: sqlite3's are not shared by threads
+                            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                        with _immediate(conn):  # only this owner's rows: a lease taken over stays taken
+                            conn.execute("UPDATE leases SET expires_at = ? WHERE owner = ?",
+                                         (time.time() + lease_s, owner.id))
+                    except sqlite3.Error:  # a busy or full disk: the next beat tries again
+                        pass
+            finally:
+                if conn is not None:
+                    conn.close()
+
+        thread = threading.Thread(target=beat, name="llmqueue-lease-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            with contextlib.suppress(sqlite3.Error):  # a dead owner's leases go stale anyway
+                self.release(owner)
 
     def get(self, config_hash: str, seed: int) -> dict | None:
         row = self.conn.execute("SELECT * FROM runs WHERE config_hash = ? AND seed = ?", (config_hash, seed))
@@ -138,7 +378,7 @@ class Store:
     # ---- capacity searches -------------------------------------------------------------
 
     def record_max_rate(self, search_hash: str, row: dict) -> None:
-        with self.conn:
+        with _immediate(self.conn):
             self.conn.execute(
                 "INSERT OR REPLACE INTO max_rate (search_hash, config, seeds, slos, rel_tol, max_rate_rps, "
                 "failed_rate_rps, lambda_star_rps, confidence, probes, version, finished_at) "
