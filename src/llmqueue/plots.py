@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from llmqueue.files import atomic_path  # noqa: E402
 from llmqueue.metrics import in_system, kv_blocks_at  # noqa: E402
 from llmqueue.runner import Run  # noqa: E402
 
@@ -114,16 +113,9 @@ def save_figure(fig, path: str | Path) -> Path:
     whole (removed if the write fails or is interrupted), in the format of the file's suffix."""
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, format=path.suffix[1:].lower() or "png")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix[1:].lower() or "png")
     finally:
         plt.close(fig)
     return path

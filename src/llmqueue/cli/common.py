@@ -23,6 +23,7 @@ from llmqueue.config import (
     set_dotted,
     trace_shortfall,
 )
+from llmqueue import files
 from llmqueue.errors import ConfigError, LlmqueueError
 from llmqueue.metrics import timeseries
 from llmqueue.scenarios import SCENARIOS, scenario_data
@@ -164,28 +165,10 @@ def kept_files(prefix: str = "kept ") -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """A temporary name next to ``path`` (same suffix) to write; renamed over ``path`` when the block
-    ends, removed if it fails or is interrupted, so ``path`` is never half-written. A failed write
-    (e.g. a full disk) names ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
+    """:func:`llmqueue.files.atomic_path`, and the file recorded as kept once it is whole."""
+    with files.atomic_path(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    except OSError as exc:
-        _discard(tmp)
-        if exc.filename in (None, str(tmp)):   # e.g. a full disk: name the file meant, not the temporary
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-        raise
-    except BaseException:
-        _discard(tmp)
-        raise
-    WRITTEN.append(path)
-
-
-def _discard(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
+    WRITTEN.append(Path(path))
 
 
 def write_text(path: Path, text: str) -> None:

@@ -8,10 +8,8 @@ numbers, anything else as text (only ``=`` and ``!=``: an order needs a number).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
 import re
 import sys
 from collections.abc import Iterable
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmqueue.errors import ConfigError, LlmqueueError
+from llmqueue.files import atomic_path
 
 RUN_COLUMNS = ("config_hash", "seed", "status", "error", "version", "wall_s", "finished_at")
 _WHERE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(!=|<=|>=|=|<|>)\s*(.*?)\s*$")
@@ -113,18 +112,8 @@ def write_csv(rows: list[dict], out: str) -> None:
     if out == "-":
         _write_rows(rows, sys.stdout)
         return
-    path = Path(out)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        with open(tmp, "w", newline="") as f:
-            _write_rows(rows, f)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-        raise
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        _write_rows(rows, f)
 
 
 def _write_rows(rows: list[dict], f) -> None:
