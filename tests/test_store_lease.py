@@ -370,3 +370,20 @@ def test_a_worker_killed_mid_sweep_loses_nothing_to_its_partner(tmp_path, refere
     assert _rows(path, "summary") == reference and _leases(path) == []
     by = _by_worker(path)
     assert by["partner"] == stats["ok"] and by.get("killed", 0) + stats["ok"] == N
+
+
+def test_cli_report_counts_runs_of_another_process(capsys, tmp_path):
+    """The CLI line says how many points another process stored meanwhile and prints who holds the
+    points it waits for (only when some are held)."""
+    from types import SimpleNamespace
+
+    from llmqueue.cli import sweep as cli_sweep
+    from llmqueue.sweep.driver import SweepStats
+
+    cli_sweep._waiting([])
+    cli_sweep._waiting([SimpleNamespace(pid=42, host="h")])
+    err = capsys.readouterr().err
+    assert err.strip() == "waiting for 1 point(s) that another process is running (pid 42 on h)"
+    line = cli_sweep._report(SweepStats(points=3, skipped=2, ok=1, elsewhere=2, reclaimed=1), 3, 1, "x", 1.0,
+                             tmp_path / "s.db")
+    assert "2 already stored (2 by another process meanwhile), 1 ran ok, 1 taken over" in line

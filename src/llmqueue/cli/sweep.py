@@ -92,7 +92,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with contextlib.closing(executor), Store(args.store) as store:
         try:
             stats = sweep(points, store, executor, retry_failed=args.retry_failed, on_start=bar.begin,
-                          on_result=bar.step)
+                          on_result=bar.step, on_wait=_waiting)
         except KeyboardInterrupt as exc:
             bar.close()
             return _interrupted(store, exc)
@@ -117,11 +117,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _waiting(leases) -> None:
+    """Another process holds points of this sweep (docs/sweeps.md, "Several sweeps on one store")."""
+    if not leases:
+        return
+    owners = sorted({f"pid {lease.pid} on {lease.host}" for lease in leases})
+    print(f"waiting for {len(leases)} point(s) that another process is running ({', '.join(owners)})",
+          file=sys.stderr)
+
+
 def _report(stats: SweepStats, configs: int, seeds: int, where: str, seconds: float, path: Path) -> str:
     ran = stats.ok + stats.failed
-    return (f"sweep: {stats.points} runs ({configs} configs x {seeds} seeds): {stats.skipped} already stored, "
-            f"{stats.ok} ran ok, {stats.failed} failed, in {clock(seconds)} on {where if ran else 'nothing'}; "
-            f"store {path}")
+    elsewhere = f" ({stats.elsewhere} by another process meanwhile)" if stats.elsewhere else ""
+    reclaimed = f", {stats.reclaimed} taken over from a process that died" if stats.reclaimed else ""
+    return (f"sweep: {stats.points} runs ({configs} configs x {seeds} seeds): {stats.skipped} already stored"
+            f"{elsewhere}, {stats.ok} ran ok{reclaimed}, {stats.failed} failed, in {clock(seconds)} on "
+            f"{where if ran else 'nothing'}; store {path}")
 
 
 def cmd_max_rate(args: argparse.Namespace) -> int:
