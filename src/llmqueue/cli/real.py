@@ -17,7 +17,6 @@ from llmqueue.cli.common import (
     Progress,
     add_overrides,
     analysis_line,
-    atomic_path,
     fmt,
     interrupted,
     kept_files,
@@ -352,8 +351,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     best = max(fits, key=lambda f: f.r2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "samples.csv") as tmp:
-        samples.write_csv(tmp)
+    samples.write_csv(out / "samples.csv")      # written whole (llmqueue.files)
+    saved(out / "samples.csv")
     for fit in fits:
         write_text(out / f"batch_time_{fit.name.replace('+', '_')}.toml", batch_time_toml(fit, header))
     write_text(out / "batch_time.toml", batch_time_toml(best, [*header, "the fit with the highest R²"]))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import nnls
 
+from llmqueue.files import atomic_path
 from llmqueue.model.batch_time import (
     BatchTime,
     PiecewiseLinear,
@@ -63,7 +64,7 @@ class Samples:
         return cls(*(arr[:, j] for j in range(len(SAMPLE_COLUMNS))))
 
     def write_csv(self, path: str | Path) -> None:
-        with Path(path).open("w", newline="") as f:
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(SAMPLE_COLUMNS)
             for row in zip(*(getattr(self, c) for c in SAMPLE_COLUMNS)):

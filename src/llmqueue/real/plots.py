@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from llmqueue.files import atomic_path
 from llmqueue.real.fit import Fit, Samples
 
 
@@ -29,6 +30,9 @@ def plot_residuals(samples: Samples, fits: Sequence[Fit], path: str | Path, titl
     fig.colorbar(points, ax=axes, label="decode share of tokens")
     fig.suptitle(title, fontsize=10, y=1.04)
     path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, bbox_inches="tight", format=path.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
     return path

@@ -12,11 +12,11 @@ import base64
 import html
 import json
 import math
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from llmqueue.files import atomic_path
 from llmqueue.reproduce.sections import BEYOND, DIFFERS, NOT_RUN, REPRODUCED, Result
 
 BADGE = {REPRODUCED: "#1a7f37", DIFFERS: "#b35900", BEYOND: "#0b5cad", NOT_RUN: "#a40e26"}
@@ -58,9 +58,8 @@ def _clean(obj: Any) -> Any:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_report(out: Path, results: list[Result], meta: dict, costs: list[dict]) -> dict[str, Any]:
