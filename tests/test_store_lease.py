@@ -386,4 +386,4 @@ def test_cli_report_counts_runs_of_another_process(capsys, tmp_path):
     assert err.strip() == "waiting for 1 point(s) that another process is running (pid 42 on h)"
     line = cli_sweep._report(SweepStats(points=3, skipped=2, ok=1, elsewhere=2, reclaimed=1), 3, 1, "x", 1.0,
                              tmp_path / "s.db")
-    assert "2 already stored (2 by another process meanwhile), 1 ran ok, 1 taken over" in line
+    assert "2 already stored (2 by another process meanwhile), 1 ran ok, 0 failed (1 taken over" in line

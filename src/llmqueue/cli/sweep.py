@@ -129,9 +129,9 @@ def _waiting(leases) -> None:
 def _report(stats: SweepStats, configs: int, seeds: int, where: str, seconds: float, path: Path) -> str:
     ran = stats.ok + stats.failed
     elsewhere = f" ({stats.elsewhere} by another process meanwhile)" if stats.elsewhere else ""
-    reclaimed = f", {stats.reclaimed} taken over from a process that died" if stats.reclaimed else ""
+    reclaimed = f" ({stats.reclaimed} taken over from a process that died)" if stats.reclaimed else ""
     return (f"sweep: {stats.points} runs ({configs} configs x {seeds} seeds): {stats.skipped} already stored"
-            f"{elsewhere}, {stats.ok} ran ok{reclaimed}, {stats.failed} failed, in {clock(seconds)} on "
+            f"{elsewhere}, {stats.ok} ran ok, {stats.failed} failed{reclaimed}, in {clock(seconds)} on "
             f"{where if ran else 'nothing'}; store {path}")
 
 
