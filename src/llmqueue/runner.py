@@ -15,6 +15,7 @@ from llmqueue.model.batch_time import BatchTime, make_batch_time
 from llmqueue.config import Config
 from llmqueue.errors import ConfigError
 from llmqueue.core.engine import Engine
+from llmqueue.limits import check_length_file, check_run, check_trace_file
 from llmqueue.model.kv import make_kv
 from llmqueue.metrics import INCONCLUSIVE, STABLE, UNSTABLE, summarize
 from llmqueue.analysis.region import stability_region
@@ -60,9 +61,14 @@ def build_engine(config: Config, scheduler: str | None = None) -> Engine:
 
 
 def build_workload(config: Config) -> Workload:
-    """Arrival process (rate, or load as a fraction of λ*) or trace, and length laws."""
+    """Arrival process (rate, or load as a fraction of λ*) or trace, and length laws.  A trace file
+    (or an empirical law's) that is not a regular file, is over 2 GB or would not fit in memory is
+    refused before it is read (:func:`llmqueue.limits.check_trace_file`)."""
     w = config.workload
+    for key in ("prompt", "output"):   # an empirical law's CSV file: refused before it is read if it cannot be
+        check_length_file(w.get(key), f"workload.{key}", config.base_dir)
     if w["arrival"] == "trace":
+        check_trace_file(config.resolve(w["trace"]), "workload.trace", w.get("loop", 1))
         trace = load_trace(config.resolve(w["trace"]), format=w.get("format", "auto"), time_scale=w.get("time_scale", 1.0),
                            max_tokens=w.get("max_tokens"), cap_mode=w.get("cap_mode", "clip"),
                            on_bad_row=w.get("on_bad_row", "error"), loop=w.get("loop", 1))
@@ -84,8 +90,12 @@ def analysis_of(config: Config, workload: Workload) -> Analysis:
                    workload.mean_prompt_len, workload.mean_output_len, config.engine.get("max_batch_requests"))
 
 
-def generate(config: Config, workload: Workload) -> Requests:
+def generate(config: Config, workload: Workload, schedulers: Iterable[str] | None = None) -> Requests:
+    """The run's requests; first its size (arrivals, batches, memory: :mod:`llmqueue.limits`) is
+    estimated for a run of each of ``schedulers`` (default: the configured one), and refused when it
+    cannot fit."""
     rc = config.run
+    check_run(config, workload, None if schedulers is None else list(schedulers))
     return workload.generate(rc.seed, horizon_s=rc.horizon_s, num_requests=rc.requests)
 
 
@@ -249,10 +259,11 @@ def run_config(config: Config, progress: Progress | None = None) -> Run:
 def compare(config: Config, schedulers: Iterable[str], progress: Progress | None = None,
             on_done: Callable[[Run], None] | None = None) -> list[Run]:
     """Each scheduler on the same generated requests (common random numbers)."""
+    names = list(schedulers)
     workload = build_workload(config)
-    requests = generate(config, workload)
+    requests = generate(config, workload, names)
     runs = []
-    for name in schedulers:
+    for name in names:
         run = execute(config, build_engine(config, name), workload, requests, progress)
         runs.append(run)
         if on_done is not None:

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from llmqueue.errors import ConfigError
+from llmqueue.limits import check_network
 from llmqueue.network.analysis import NetworkAnalysis, analyze_network, engine_memory, engine_prefix, prefix_scaling
 from llmqueue.network.metrics import network_timeseries, summarize_network
 from llmqueue.network.model import (
@@ -21,7 +23,18 @@ from llmqueue.network.model import (
     load_network,
     parse_network,
 )
-from llmqueue.network.sim import NetworkResult, simulate_network
+from llmqueue.network import sim as _sim
+from llmqueue.network.sim import NetworkResult
+
+
+@functools.wraps(_sim.simulate_network)
+def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float | None = None,
+                     drain: bool | None = None, jobs=None, progress: Callable[[float], None] | None = None,
+                     method: str | None = None) -> NetworkResult:
+    # First the run's size (jobs, batches, memory: llmqueue.limits), refused when it cannot fit.
+    check_network(net, analyze_network(net), horizon_s=horizon_s, drain=drain, jobs=jobs, method=method)
+    return _sim.simulate_network(net, seed=seed, horizon_s=horizon_s, drain=drain, jobs=jobs, progress=progress,
+                                 method=method)
 
 
 def run_network(net: Network, **kwargs) -> dict:

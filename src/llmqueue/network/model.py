@@ -23,6 +23,7 @@ from llmqueue.model.batch_time import PAPER_STAIRCASE, BatchTime, make_batch_tim
 from llmqueue.checks import boolean, integer, number
 from llmqueue.config import parse_override, read_toml, set_dotted
 from llmqueue.errors import ConfigError
+from llmqueue.limits import check_length_file, check_token_budget
 from llmqueue.model.kv import KVCache, make_kv
 from llmqueue.schedulers import SCHEDULERS, custom, scheduler_class
 from llmqueue.model.workload import ArrivalProcess, LengthDist, make_arrivals, make_length
@@ -272,6 +273,7 @@ def _engine(t: dict, where: str, class_names: list[str], base_dir: Path | None =
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}.batch_time", spec, "a table with a model and its parameters")
     batch_time = make_batch_time(spec, f"{where}.batch_time")
+    check_token_budget(budget, f"{where}.token_budget")   # before the table that the budget sizes
     batch_time.table(budget)
     policy = t.get("policy", FCFS)
     if policy not in POLICIES:
@@ -343,6 +345,7 @@ def _hop(h: dict, i: int, where: str, ids: dict[str, int], n: int, engine_names:
         for key in ("prompt", "output"):
             if key not in h:
                 raise ConfigError(f"{where}.{key}", None, "a length distribution table, e.g. {dist = \"poisson\", mean = 32}")
+            check_length_file(h[key], f"{where}.{key}", base_dir)   # an empirical law's CSV: before it is read
         prompt = make_length(h["prompt"], field=f"{where}.prompt", minimum=1, base_dir=base_dir)
         output = make_length(h["output"], field=f"{where}.output", minimum=0, base_dir=base_dir)
     else:
