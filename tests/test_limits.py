@@ -59,6 +59,15 @@ def test_too_many_arrivals_are_refused_naming_the_value(capsys, command, setting
     names(line, shown, "at most 200,000,000 arrivals", "would have about", "lower run.horizon_s")
 
 
+@pytest.mark.parametrize("dry", [["--dry-run"], []])
+def test_a_sweep_checks_every_point_before_any_runs(capsys, tmp_path, dry):
+    store = tmp_path / "s.db"
+    line = refused(capsys, "sweep", "fig1", "--grid", "run.horizon_s=100,1e15", "--store", store, *dry)
+    names(line, "grid point run.horizon_s=1000000000000000.0: run.horizon_s = 1000000000000000.0 is not allowed",
+          "a run of at most 200,000,000 arrivals")
+    assert not store.exists()                       # nothing ran, not even the small point
+
+
 def test_a_batch_time_that_makes_lambda_star_huge_is_named_with_its_batch(capsys):
     line = refused(capsys, "simulate", "fig1", "--set", 'engine.batch_time={model="constant",duration_ms=1e-300}')
     names(line, "λ* = ", "a batch of 512 tokens takes 1e-303 s", "give batches that take longer")
@@ -129,8 +138,6 @@ LINUX = pytest.mark.skipif(not hasattr(os, "wait4") or not Path("/proc/self/stat
 
 
 @LINUX
-@pytest.mark.xfail(strict=True, reason="config.parse_config builds the budget's batch-time table before any size "
-                                       "check: it must call limits.check_token_budget first (config.py)")
 def test_a_huge_token_budget_is_refused_before_its_table():
     # in a child with 3 GB of address space: without the check the table fails to allocate (exit 1)
     code, _, err, _ = _limited(["simulate", "fig1", "--set", "engine.token_budget=1000000000000"])

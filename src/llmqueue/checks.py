@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import stat
+from pathlib import Path
 from typing import Any
 
 from llmqueue.errors import ConfigError
@@ -50,3 +52,24 @@ def boolean(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(field, value, "true or false")
     return value
+
+
+def check_input_file(path: Path, field: str, what: str, limit: int) -> None:
+    """Refuse, before reading it, an input that is not a regular file (a folder, ``/dev/zero``, a
+    FIFO) or is larger than ``limit`` bytes; a missing or unstat-able file is left to the reader.
+    ``what`` names the file's kind, e.g. ``"TOML file"``."""
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise ConfigError(field, str(path), f"a regular {what}, not {kind}")
+    if st.st_size > limit:
+        raise ConfigError(field, str(path), f"a {what} of at most {file_size(limit)} (this one has {file_size(st.st_size)})")
+
+
+def file_size(n: int) -> str:
+    """A byte count as users read it: whole mebibytes as MB, else bytes."""
+    return f"{n // 2**20} MB" if n % 2**20 == 0 else f"{n:,} bytes"

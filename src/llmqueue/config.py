@@ -17,7 +17,6 @@ Every error names the dotted field, the value and what is allowed.
 from __future__ import annotations
 
 import copy
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,8 +26,9 @@ from typing import Any
 from llmqueue.model.batch_time import PAPER_STAIRCASE, make_batch_time
 from llmqueue.model.kv import make_kv
 from llmqueue.model.workload import make_shared_prefix
-from llmqueue.checks import boolean, integer, number
+from llmqueue.checks import boolean, check_input_file, file_size, integer, number
 from llmqueue.errors import ConfigError
+from llmqueue.limits import check_token_budget
 from llmqueue.schedulers import SCHEDULERS, custom, scheduler_class
 from llmqueue.core.simulator import METHODS
 
@@ -108,30 +108,10 @@ MAX_CONFIG_BYTES = 10 * 2**20
 MAX_TOML_DEPTH = 100
 
 
-def check_input_file(path: Path, field: str, what: str, limit: int = MAX_CONFIG_BYTES) -> None:
-    """Refuse, before reading it, an input that is not a regular file (a folder, ``/dev/zero``, a
-    FIFO) or is larger than ``limit`` bytes; a missing or unstat-able file is left to the reader.
-    ``what`` names the file's kind, e.g. ``"TOML file"``."""
-    try:
-        st = path.stat()
-    except OSError:
-        return
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
-        raise ConfigError(field, str(path), f"a regular {what}, not {kind}")
-    if st.st_size > limit:
-        raise ConfigError(field, str(path), f"a {what} of at most {_size(limit)} (this one has {_size(st.st_size)})")
-
-
-def _size(n: int) -> str:
-    return f"{n // 2**20} MB" if n % 2**20 == 0 else f"{n:,} bytes"
-
-
 def read_toml(path: Path, missing: str = "an existing TOML file") -> dict[str, Any]:
     """A TOML file's tables; unreadable, malformed, non-regular or oversized (MAX_CONFIG_BYTES) files
     raise a ConfigError naming the file."""
-    check_input_file(path, "config", "TOML file")
+    check_input_file(path, "config", "TOML file", MAX_CONFIG_BYTES)
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)   # bounded even if the file grows meanwhile
@@ -141,7 +121,7 @@ def read_toml(path: Path, missing: str = "an existing TOML file") -> dict[str, A
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("config", str(path), f"a readable UTF-8 TOML file ({exc.__class__.__name__})") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError("config", str(path), f"a TOML file of at most {_size(MAX_CONFIG_BYTES)}")
+        raise ConfigError("config", str(path), f"a TOML file of at most {file_size(MAX_CONFIG_BYTES)}")
     return parse_toml(text, str(path))
 
 
@@ -267,6 +247,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Confi
     batch_time = engine["batch_time"]
     if not isinstance(batch_time, dict):
         raise ConfigError("engine.batch_time", batch_time, "a table with a model and its parameters")
+    check_token_budget(budget)   # before the table it sizes (docs/config.md, limits)
     make_batch_time(batch_time).table(budget)  # validates parameters and positivity
     kv = make_kv(engine)   # KV memory (docs/memory.md): kv_blocks, block_size, kv_policy
     if kv is not None:

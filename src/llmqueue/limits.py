@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from llmqueue.checks import check_input_file
 from llmqueue.errors import ConfigError
 
 #: Most arrivals (requests, or network jobs) one run may have: 2e8 take minutes on the compiled
@@ -225,7 +226,6 @@ def check_trace_file(path: Path, field: str, loop: int = 1) -> None:
     """Refuse a trace before reading it: not a regular file, larger than :data:`MAX_TRACE_BYTES`,
     or rows (counted without keeping them) that would not fit in memory.  A folder or a missing
     file is left to the reader, which names it."""
-    from llmqueue.config import check_input_file   # not at the top: config may call check_token_budget
 
     if path.is_dir():
         return

@@ -31,7 +31,8 @@ from llmqueue.cli.common import (
     write_requests_csv,
     write_text,
 )
-from llmqueue.config import MAX_CONFIG_BYTES, check_input_file, dumps
+from llmqueue.checks import check_input_file
+from llmqueue.config import MAX_CONFIG_BYTES, dumps
 from llmqueue.errors import LlmqueueError
 from llmqueue.real import require_torch
 

@@ -74,7 +74,7 @@ class Samples:
     def read_csv(cls, path: str | Path) -> Samples:
         """A samples CSV (or a real run's batches.csv); anything else, e.g. a binary file, a
         device or a row that is not numbers, is one LlmqueueError naming the file."""
-        from llmqueue.config import check_input_file
+        from llmqueue.checks import check_input_file
 
         p = Path(path)
         need = (f"a samples CSV needs the columns {', '.join(SAMPLE_COLUMNS)} "

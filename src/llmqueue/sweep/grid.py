@@ -21,6 +21,7 @@ from typing import Any
 
 from llmqueue.config import Config, parse_config, set_dotted, trace_shortfall
 from llmqueue.errors import ConfigError, LlmqueueError
+from llmqueue.limits import check_run
 from llmqueue.model.kv import make_kv
 from llmqueue.model.workload import Trace
 from llmqueue.runner import build_workload, check_cache
@@ -147,7 +148,7 @@ def expand(base: Config, axes: list[Axis], seeds: list[int], max_points: int = M
     check_grid_size(axes, len(seeds), max_points)
     data = base.portable()
     points = []
-    workloads: dict[str, int | None] = {}
+    workloads: dict[str, Any] = {}
     for combo in itertools.product(*(a.values for a in axes)):
         overrides = tuple(zip((a.key for a in axes), combo))
         for seed in seeds:
@@ -165,18 +166,23 @@ def expand(base: Config, axes: list[Axis], seeds: list[int], max_points: int = M
     return points
 
 
-def _check_workload(config: Config, seen: dict[str, int | None]) -> None:
+def _check_workload(config: Config, seen: dict[str, Any]) -> None:
     """Length laws and traces are checked when the workload is built, a KV cache against the
-    workload's mean request: check each distinct pair once here, so that a bad one fails before
-    any run, not in a worker. A ``run.requests`` larger than a trace holds is warned about."""
+    workload's mean request, a run's size against the limits (:func:`llmqueue.limits.check_run`):
+    check each distinct case once here, so that a bad one fails before any run, not in a worker.
+    A ``run.requests`` larger than a trace holds is warned about."""
     kv = {k: config.engine.get(k) for k in ("kv_blocks", "block_size", "kv_policy")}
     key = json.dumps([config.workload, config.engine["token_budget"], config.engine["batch_time"], kv],
                      sort_keys=True, default=str)
     if key not in seen:
         workload = build_workload(config)
         check_cache(make_kv(config.engine), workload)
-        seen[key] = len(workload.arrivals.requests) if isinstance(workload.arrivals, Trace) else None
-    rows = seen[key]
+        seen[key] = (workload, len(workload.arrivals.requests) if isinstance(workload.arrivals, Trace) else None)
+    workload, rows = seen[key]
+    size_key = json.dumps([key, repr(config.run), config.engine], sort_keys=True, default=str)
+    if size_key not in seen:
+        check_run(config, workload)
+        seen[size_key] = None
     if rows is not None and config.run.requests is not None and config.run.requests > rows:
         warnings.warn(trace_shortfall(config, rows))
 
