@@ -378,3 +378,69 @@ def test_signal_in_compare_keeps_whole_files(tmp_path, sig):
     assert len(rows) > 2 and len({len(r) for r in rows}) == 1
     assert rows[0][0] == "time_s" and finished[0] in stdout   # the table shows what finished
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "timeseries.csv"]   # no temporaries
+
+
+# ---- paths and pipes -----------------------------------------------------------------------
+
+def test_unicode_and_spaces_in_every_path(capsys, tmp_path):
+    """Configs, output folders, stores and plots under a non-ASCII name with spaces; reading a
+    store leaves nothing beside it (a read-only SQLite connection keeps its -wal and -shm files)."""
+    where = tmp_path / "ünï cødé ☃"
+    where.mkdir()
+    code, text, _ = run_cli(capsys, "scenarios", "show", "fig1")
+    config = where / "fïg 1.toml"
+    config.write_text(text, encoding="utf-8")
+    code, out, err = run_cli(capsys, "simulate", config, "--set", "run.horizon_s=30", "--out", where / "ōut")
+    assert code == 0 and str(where / "ōut") in out, err
+    assert {"summary.json", "requests.csv"} <= {p.name for p in (where / "ōut").iterdir()}
+    code, out, err = run_cli(capsys, "compare", "--config", config, "--horizon", "30", "--schedulers", "orca,sarathi",
+                             "--out", where / "cömpare")
+    assert code == 0 and json.loads((where / "cömpare" / "summary.json").read_text(encoding="utf-8"))["runs"], err
+    store = where / "störe.db"
+    code, out, err = run_cli(capsys, "sweep", config, "--set", "run.horizon_s=20", "--grid", "workload.load=0.5,0.7",
+                             "--jobs", "1", "--store", store)
+    assert code == 0 and "2 ran ok" in out, err
+    for command in (["results", store], ["results", store, "--csv", where / "rüns.csv"],
+                    ["plot", store, "--kind", "latency-vs-load", "--out", where / "plöt.png"]):
+        code, out, err = run_cli(capsys, *command)
+        assert code == 0, (command, err)
+    assert (where / "plöt.png").read_bytes()[:4] == b"\x89PNG" and len(list(csv.reader((where / "rüns.csv").open()))) == 3
+    assert sorted(p.name for p in where.glob("störe.db*")) == ["störe.db"]
+    code, _, err = run_cli(capsys, "capacity", where / "nöpe.toml")
+    assert code == 2
+    one_error(err, "nöpe.toml", "an existing TOML file")
+
+
+@pytest.mark.parametrize("command", [["scenarios"], ["capacity", "fig1"], ["simulate", "fig1", "--set", "run.horizon_s=20"]])
+def test_output_into_a_closed_pipe_ends_quietly(command):
+    """`llmqueue ... | head -1` where the reader has gone: no traceback, no 'Exception ignored'."""
+    proc = subprocess.Popen([sys.executable, "-m", "llmqueue", *command], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()           # before the command prints anything: its first write fails
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert err == "" and proc.returncode in (0, 1), (proc.returncode, err)
+
+
+# ---- values: a sample of the audit (every key of the schema against hostile values) ---------
+
+@pytest.mark.parametrize("setting", [
+    "engine.token_budget=0", "engine.token_budget=1.5", "engine.token_budget='x'", "engine.max_batch_requests=-1",
+    "engine.batch_time.c_ms=nan", "engine.batch_time.a_ms=-1", "engine.batch_time.b0=0", "engine.batch_time.model=[]",
+    "engine.batch_time.model=1", "workload.load=inf", "workload.rate=-0.0", "workload.prompt.mean=1e400",
+    "workload.output.mean=[1,2]", "workload.prompt.dist=''", "workload.arrival={a=1}", "run.horizon_s=true",
+    "run.requests=0", "run.seed=-1", "run.verdict_tolerance=nan", "run.reject_tolerance=2", "workload.loop=0",
+    "engine.kv_blocks=-1", "run.method='nope'", "engine.scheduler=[]",
+])
+def test_a_hostile_value_is_one_line_naming_its_key(capsys, setting):
+    code, _, err = run_cli(capsys, "simulate", "fig1", "--set", "run.horizon_s=5", "--set", setting)
+    assert code == 2, err
+    one_error(err, setting.split("=")[0], "is not allowed")
+
+
+def test_an_engine_too_slow_to_measure_is_a_verdict_not_a_crash(capsys):
+    """A batch time of 1e308 ms: capacity underflows to 0 and so does the distance to it; the
+    relaxation time is infinite and the run is inconclusive (it was a ZeroDivisionError)."""
+    code, out, err = run_cli(capsys, "simulate", "fig1", "--set", "run.horizon_s=5",
+                             "--set", "engine.batch_time.c_ms=1e308")
+    assert code == 0 and "inconclusive" in out and "internal error" not in err, err

@@ -27,10 +27,10 @@ requests in the system) is sampled on an even grid over the arrival period [0, t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from llmqueue.analysis import Analysis
 from llmqueue.core.simulator import Result
@@ -182,6 +182,8 @@ def backlog_trend(result: Result, blocks: int = DEFAULT_BLOCKS, curve: _Backlog 
         return Trend(np.nan, np.nan, np.nan, (float(grid[0]), float(t1)), settled, blocks)
     y = np.array([part.mean() for part in np.array_split(series, blocks)])
     x = np.array([part.mean() for part in np.array_split(grid, blocks)])
+    from scipy import stats  # here, not at the top: it takes most of a second (docs/performance.md)
+
     fit = stats.linregress(x, y)
     # Near the boundary even block means stay correlated, which would make the interval
     # too narrow (a run at ρ = 1.01 was called stable): inflate the standard error by the
@@ -235,7 +237,8 @@ def relaxation_time(result: Result, distance_tokens_per_s: float, *, passage_s: 
         else:
             binned, _ = np.histogram(curve.arrivals[inside], bins=_VARIANCE_BINS, range=(0.0, t1), weights=work)
             sigma2 = float(binned.var(ddof=1)) / (t1 / _VARIANCE_BINS)
-    queueing = 2.0 * sigma2 / distance_tokens_per_s ** 2
+    mu2 = distance_tokens_per_s ** 2   # 0 when it underflows (an engine of ~1e-300 tokens/s): no relaxation
+    queueing = 2.0 * sigma2 / mu2 if mu2 > 0 else (math.inf if sigma2 > 0 else 0.0)
     passage = passage_time(result) if passage_s is None else float(passage_s)
     return Relaxation(passage + queueing, passage, queueing, sigma2)
 

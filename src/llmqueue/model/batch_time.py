@@ -230,7 +230,7 @@ def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> B
     """
     spec = dict(PAPER_STAIRCASE if spec is None else spec)
     model = spec.pop("model", "staircase")
-    if model not in _KEYS:
+    if not isinstance(model, str) or model not in _KEYS:
         raise ConfigError(f"{field}.model", model, f"one of {', '.join(_KEYS)}")
     unknown = sorted(set(spec) - set(_KEYS[model]))
     if unknown:

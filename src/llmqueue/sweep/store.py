@@ -191,7 +191,7 @@ class Store:
     """A sweep store. ``Store(path)`` creates it (and its folder); ``readonly`` needs it to exist."""
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
-        self.path = Path(path)
+        self.path, self.readonly = Path(path), readonly
         try:
             if readonly:
                 if not self.path.is_file():
@@ -228,6 +228,12 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+        if self.readonly and os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK):
+            # A read-only connection cannot remove the WAL files it needed (-wal, -shm); a writer's
+            # close does when it is the last one, so a reader leaves the folder as it found it.
+            with contextlib.suppress(sqlite3.Error):
+                with contextlib.closing(sqlite3.connect(self.path, timeout=1)) as conn:
+                    conn.execute("PRAGMA user_version").fetchone()
 
     def __enter__(self) -> Self:
         return self
