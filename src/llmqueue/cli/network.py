@@ -1,4 +1,4 @@
-"""Network commands (arXiv 2504.07347 §5): ``llmqueue network simulate|capacity|compare CONFIG``.
+"""Network commands (arXiv 2504.07347 §5): ``llmqueue network simulate|capacity|advise|compare CONFIG``.
 
 ``llmqueue simulate`` and ``llmqueue capacity`` hand a network config (one with
 ``[[engines]]``) to these commands, so either spelling works.
@@ -38,7 +38,7 @@ from llmqueue.network import (
     summarize_network,
 )
 
-__all__ = ["cmd_capacity", "cmd_compare", "cmd_simulate", "is_network_source", "register"]
+__all__ = ["cmd_advise", "cmd_capacity", "cmd_compare", "cmd_simulate", "is_network_source", "register"]
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -55,13 +55,33 @@ def capacity_table(a) -> str:
     return _table(("engine", "capacity tok/s", "offered tok/s", "ρ"), rows)
 
 
-def analysis_lines(net, a) -> list[str]:
+def analysis_lines(net, a, st=None) -> list[str]:
+    """The traffic equations and the prediction under the configured policies (``st``: a
+    :class:`~llmqueue.network.stability.Stability`; computed here, without the scaling, when not given)."""
+    from llmqueue.network.stability import stability
+
+    st = stability(net, a, scaling=False) if st is None else st
     rates = ", ".join(f"{c.name} {r:.4g}" for c, r in zip(net.classes, a.rates))
-    return [f"classes (jobs/s): {rates}" + (f"  (scaled so max ρ = {net.load:g})" if net.load else ""),
-            (f"bottleneck {a.bottleneck} at ρ = {a.max_rho:.4f}; largest stable scaling of all rates α* = "
-             f"{a.max_scaling:.4f} (traffic equations)"),
-            (f"routing {'cyclic (a job returns to an engine it left)' if a.cyclic else 'acyclic between engines'}; "
-             f"prediction: {a.prediction()}")]
+    lines = [f"classes (jobs/s): {rates}" + (f"  (scaled so max ρ = {net.load:g})" if net.load else ""),
+             (f"bottleneck {a.bottleneck} at ρ = {a.max_rho:.4f}; traffic equations bound the scaling of all rates "
+              f"by {a.max_scaling:.4f} (necessary)"),
+             (f"routing {'cyclic (a job returns to an engine it left)' if a.cyclic else 'acyclic between engines'}; "
+              f"prediction: {st.predicted}")]
+    for v in st.virtual_stations:
+        lines.append(f"virtual station {{{v['visits'][0]} at {v['engines'][0]}, {v['visits'][1]} at "
+                     f"{v['engines'][1]}}}: load {v['terms'][0]:.4f} + {v['terms'][1]:.4f} = {v['load']:.4f}")
+    fl = st.fluid
+    if fl is not None:
+        worst = (f"grows from the backlog at {fl['start']}" + (f", ×{fl['growth_factor']:.4g} per half-cycle "
+                 f"(peak to next peak)" if fl["growth_factor"] else "") if fl["outcome"] == "grows" else
+                 f"drains from each of {len(fl['starts'])} standard initial backlogs (slowest: {fl['start']}, "
+                 f"{fl['drain_time_per_token_s']:.4g} s per token of initial backlog)" if fl["outcome"] == "drains"
+                 else f"undecided after {fl['events']} events ({fl['start']})")
+        lines.append(f"fluid model (exact, event by event): {worst}")
+    if st.max_scaling is not None and st.scaling_source:
+        lines.append(f"largest stable scaling of all rates under the configured policies α* = {st.max_scaling:.4f} "
+                     f"({st.scaling_source})")
+    return lines
 
 
 def memory_lines(net, a, memory: list) -> list[str]:
@@ -126,19 +146,24 @@ def prefix_lines(net, a, prefix: list) -> list[str]:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
+    from llmqueue.network.stability import stability
+
     net = load_network(args.config, args.set)
     a = analyze_network(net)
+    st = stability(net, a)
     memory = engine_memory(net, a) if any(e.kv is not None for e in net.engines) else None
     prefix = engine_prefix(net, a) if any(e.prefix_caching for e in net.engines) else None
     if args.json:
-        out = a.to_dict() if memory is None else {**a.to_dict(), "memory": memory}
+        base = {**a.to_dict(), "predicted": st.predicted, "max_scaling": st.max_scaling,
+                "traffic_max_scaling": st.traffic_max_scaling, "stability": st.to_dict()}
+        out = base if memory is None else {**base, "memory": memory}
         if prefix is not None:
             out["prefix"] = prefix
             out["prefix_scaling"] = prefix_scaling(a, prefix)
         print(json.dumps(out))
         return 0
     print(capacity_table(a))
-    for line in analysis_lines(net, a):
+    for line in analysis_lines(net, a, st):
         print(line)
     if memory is not None and any(m is not None for m in memory):
         for line in memory_lines(net, a, memory):
@@ -217,6 +242,7 @@ def prefix_table(s: dict) -> str | None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    plot = _plot_target(args)
     net = load_network(args.config, args.set)
     progress = Progress(sys.stderr.isatty() and not args.json)
     try:
@@ -227,6 +253,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     finally:
         progress.done()
     s = summarize_network(result)
+    if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_fluid_overlay(result, plot)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -264,6 +293,92 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               + pre)
     if args.out:
         print(f"\nwrote {args.out}/config.json, summary.json, timeseries.csv, requests.csv")
+    if plot:
+        print(f"wrote {plot}")
+    return 0
+
+
+def plot_fluid_overlay(result, path: str | Path, title: str | None = None) -> Path:
+    """The run's network backlog and per-engine backlogs, with the fluid path from t0 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmqueue.files import atomic_path
+    from llmqueue.network.metrics import network_timeseries
+
+    ts = network_timeseries(result)
+    engines = [e.name for e in result.network.engines]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot(ts["time_s"], ts["total_backlog_tokens"], color="black", lw=1.2, label="network backlog (simulated)")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, e in enumerate(engines):
+        ax.plot(ts["time_s"], ts[f"{e}_backlog_tokens"], color=colors[i % len(colors)], lw=0.8, alpha=0.7,
+                label=f"{e} backlog (simulated)")
+    from llmqueue.network.overlay import fluid_from_run
+
+    fl = fluid_from_run(result)
+    note = "fluid model not applicable"
+    if fl is not None:
+        model, fp, t0 = fl
+        tt = t0 + fp.times
+        ax.plot(tt, fp.remaining_tokens(model), color="black", ls="--", lw=1.5,
+                label=f"network backlog, fluid from t = {t0:.0f} s ({fp.outcome})")
+        eng = fp.engine_tokens(model)
+        for i, e in enumerate(engines):
+            ax.plot(tt, eng[:, i], color=colors[i % len(colors)], ls="--", lw=1.0, label=f"{e}, fluid")
+        note = f"fluid {fp.outcome}" + (f", peaks ×{fp.growth_factor:.3g}" if fp.growth_factor else "")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("unprocessed tokens")
+    ax.set_title(title or f"Network backlog, simulated and fluid ({note})")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out
+
+
+def _plot_target(args: argparse.Namespace) -> Path | None:
+    """``--plot FILE.png``: checked before the run (its folder must exist or be creatable)."""
+    plot = getattr(args, "plot", None)
+    if not plot:
+        return None
+    path = Path(plot)
+    if path.suffix.lower() != ".png":
+        raise ConfigError("--plot", plot, "a file name ending in .png")
+    if path.exists() and path.is_dir():
+        raise ConfigError("--plot", plot, "a file name ending in .png, not a folder")
+    return path
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    from llmqueue.network.stability import advise, advised_overrides
+
+    net = load_network(args.config, args.set)
+    a = analyze_network(net)
+    adv = advise(net, a)
+    best = adv["recommended"]
+    adv["recommended_set"] = advised_overrides(net, best) if best else None
+    if args.json:
+        print(json.dumps(adv, default=float))
+        return 0
+    print(f"max ρ = {a.max_rho:.4f} at {a.bottleneck}; traffic equations bound the scaling of all rates by "
+          f"{a.max_scaling:.4f} (necessary, any policy)")
+    print(f"{adv['searched_orders']} per-engine priority order combinations searched; {adv['note']}\n")
+    rows = [(r["kind"], r["policies"], r["verdict"], "-" if r["max_scaling"] is None else f"{r['max_scaling']:.4f}",
+             "-" if r["virtual_station_load"] is None else f"{r['virtual_station_load']:.4f}")
+            for r in adv["candidates"]]
+    print(_table(("candidate", "per-engine policy", "prediction", "α* (stable scaling)", "virtual station"), rows))
+    mp = next(r for r in adv["candidates"] if r["kind"] == "max-pressure")
+    print(f"\nmax-pressure: {mp['predicted']}")
+    if best is None:
+        print("\nno candidate is predicted stable at the configured rates")
+        return 0
+    print(f"\nrecommended: {best['policies']} (α* = {best['max_scaling']:.4f}; {best['predicted']})")
+    print("apply with: " + " ".join(f"--set '{o}'" for o in adv["recommended_set"]))
     return 0
 
 
@@ -327,12 +442,19 @@ def register(sub) -> None:
     add_overrides(s)
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     s.add_argument("--out", help="write config.json, summary.json, timeseries.csv, requests.csv here")
+    s.add_argument("--plot", help="draw the backlogs with the fluid model's path dashed into this .png")
     s.set_defaults(func=cmd_simulate)
-    k = nsub.add_parser("capacity", help="traffic equations: per-engine load, ρ, α*, bottleneck")
+    k = nsub.add_parser("capacity", help="traffic equations, virtual stations, fluid model: ρ, α*, the prediction")
     k.add_argument("config")
     add_overrides(k)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_capacity)
+    v = nsub.add_parser("advise", help="search per-engine priority orders with the fluid model; recommend the "
+                        "one with the largest stable scaling")
+    v.add_argument("config")
+    add_overrides(v)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_advise)
     c = nsub.add_parser("compare", help="the same jobs under each per-engine policy (every engine set to it)")
     c.add_argument("config")
     c.add_argument("--policies", default="config,fcfs,max-pressure",

@@ -28,8 +28,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse.linalg import spsolve
 
 from llmqueue.analysis import capacity
 from llmqueue.network.model import Network
@@ -46,6 +44,10 @@ class ClassLoad:
     delay_s: float                # expected seconds spent in delay stations (service time only)
     succ: dict                    # hop -> {engine hop: expected visits right after (through delays)}
     context_tokens: np.ndarray | None = None   # expected context tokens per hop (add_previous_context)
+    # per state of the route's chain (Route.states: hop, round counters), for the fluid model
+    # (network/fluid.py): expected visits and prompt tokens (growth and context included) per job
+    state_visits: np.ndarray | None = None
+    state_prompt: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class NetworkAnalysis:
 
 def _solve(n: int, edges: list[tuple[int, int, float]], rhs: np.ndarray, diag: np.ndarray | None = None) -> np.ndarray:
     """x = rhs + Wᵀ D x for the edge weights W (D = diag, default identity), by one sparse solve."""
+    from scipy import sparse   # here, not at the top: the CLI starts without scipy
+    from scipy.sparse.linalg import spsolve
+
     rows = [b for _, b, _ in edges]
     cols = [a for a, _, _ in edges]
     vals = [w * (1.0 if diag is None else diag[a]) for a, _, w in edges]
@@ -106,6 +111,8 @@ def _solve(n: int, edges: list[tuple[int, int, float]], rhs: np.ndarray, diag: n
 
 def class_load(route) -> ClassLoad:
     """Expected visits, tokens and delay per job for one route."""
+    from scipy import sparse
+
     hops = route.hops
     states = route.states
     n = len(states)
@@ -125,6 +132,7 @@ def class_load(route) -> ClassLoad:
     m_p = np.array([h.prompt.mean if h.is_engine else 0.0 for h in hops])
     m_d = np.array([h.output.mean if h.is_engine else 0.0 for h in hops])
     prompt = h_visits * m_p + h_carry
+    s_prompt = np.where(is_engine, visits * m_p[hop_of] + np.where(grow, carried, 0.0), 0.0)
     h_context = np.zeros(len(hops))
     ctx = np.array([hops[h].context for h in hop_of], dtype=bool)
     if ctx.any():
@@ -137,6 +145,7 @@ def class_load(route) -> ClassLoad:
                          diag=np.where(is_engine, ctx.astype(float), 1.0))
         h_context = np.bincount(hop_of, np.where(ctx, context, 0.0), minlength=len(hops))
         prompt = prompt + h_context
+        s_prompt = s_prompt + np.where(is_engine & ctx, context, 0.0)
     delay = sum(h_visits[h.index] * route.network.delays[h.delay].time.mean for h in hops if not h.is_engine)
     # Expected engine hops right after each hop (looking through delay hops): max-pressure's routing.
     flow: dict[int, dict[int, float]] = {}
@@ -158,7 +167,7 @@ def class_load(route) -> ClassLoad:
             else:
                 todo.extend((u, p * q) for u, q in step.get(t, {}).items() if u != t)
         succ[h] = out
-    return ClassLoad(h_visits, prompt + h_visits * m_d, prompt, float(delay), succ, h_context)
+    return ClassLoad(h_visits, prompt + h_visits * m_d, prompt, float(delay), succ, h_context, visits, s_prompt)
 
 
 def engine_graph_cyclic(net: Network) -> bool:
