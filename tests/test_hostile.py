@@ -451,7 +451,7 @@ def test_an_engine_too_slow_to_measure_is_a_verdict_not_a_crash(capsys):
     "engines.0.policy='nope'", "engines.0.class_priority=[1,2]", "engines.0.name=''", "engines.0.scheduler=true",
     "classes.0.rate=inf", "classes.0.arrival={a=1}", "classes.0.hops.0.engine='nope'", "classes.0.hops=[]",
     "classes.0.hops.0.prompt.mean=-1", "classes.0.hops.0.id=1.5", "engines=[]", "classes='x'",
-    "engines.0.kv_blocks=-1", "run.horizon_s=0",
+    "engines.0.kv_blocks=-1", "run.horizon_s=0", "classes.0.rate=1e308",
 ])
 def test_a_hostile_network_value_is_one_line_naming_its_key(capsys, setting):
     code, _, err = run_cli(capsys, "network", "simulate", "rybko-stolyar", "--set", "run.horizon_s=50", "--set", setting)

@@ -15,25 +15,66 @@ from llmqueue.files import atomic_path  # noqa: E402
 from llmqueue.metrics import in_system, kv_blocks_at  # noqa: E402
 from llmqueue.runner import Run  # noqa: E402
 
+# ---- one look for every figure: distinct lines, readable labels with units, legends off the data --
+
+#: (colour, line style, marker) of the i-th line of a figure: no two lines look alike, and the
+#: markers of each line sit at x positions of their own, so that equal curves (e.g. Sarathi-Serve
+#: and vLLM v1 below their request cap) both stay visible.
+LINE_STYLES = [("tab:blue", "-", "o"), ("tab:orange", "--", "s"), ("tab:green", "-.", "^"),
+               ("tab:red", ":", "D"), ("tab:purple", (0, (5, 1)), "v"), ("tab:brown", (0, (3, 1, 1, 1)), "P"),
+               ("tab:pink", "-", "X"), ("tab:gray", "--", "*"), ("tab:olive", "-.", "<"), ("tab:cyan", ":", ">")]
+
+#: Summary keys as axis labels, each with its unit (the CLI's units: seconds, requests/s, tokens/s).
+METRIC_LABELS = {"ttft_s": "time to first token", "tbt_s": "time between tokens", "e2e_s": "end-to-end latency",
+                 "throughput_rps": "throughput (requests/s)", "token_throughput": "throughput (tokens/s)",
+                 "mean_in_system": "mean requests in system", "backlog_slope_tokens_per_s": "backlog growth (tokens/s)"}
+
+
+def line_style(i: int, n: int, points: int | None = None) -> dict:
+    """Keyword arguments of ``ax.plot`` for line ``i`` of ``n``; with ``points`` (the samples of
+    the line) about eight markers, staggered between the lines."""
+    n_styles = len(LINE_STYLES)
+    color, linestyle, _ = LINE_STYLES[i % n_styles]
+    marker = LINE_STYLES[(i + 3 * (i // n_styles)) % n_styles][2]   # past ten lines: the same colour, another marker
+    if i >= n_styles:
+        linestyle = LINE_STYLES[(i + i // n_styles) % 4][1]
+    style = {"color": color, "linestyle": linestyle, "marker": marker, "markersize": 5}
+    if points is not None and points > 16:
+        step = max(points // 8, 1)
+        style["markevery"] = ((i * step) // max(n, 1), step)
+    return style
+
+
+def metric_label(key: str) -> str:
+    """``"ttft_s.p99"`` → ``"time to first token p99 (s)"``; other keys as they are."""
+    base, _, stat = key.partition(".")
+    if base in METRIC_LABELS and base.endswith("_s"):
+        return f"{METRIC_LABELS[base]} {stat or ''} (s)".replace("  ", " ")
+    return METRIC_LABELS.get(key, key)
+
+
+def legend_outside(ax, **kw):
+    """The legend to the right of the axes, so it never covers data."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, **kw)
+
 
 def plot_in_system(runs: Sequence[Run], path: str | Path, title: str, points: int = 600,
                    xlabel: str = "simulated time (s)") -> Path:
     """Number of requests in the system over time, one line per run (log scale)."""
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
-    styles = ["-", "--", "-.", ":"]
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     for i, run in enumerate(runs):
         r = run.result
         t = np.linspace(0, r.end_time, points)
-        # Line styles cycle and earlier runs are drawn on top, so that schedulers with
-        # identical paths (e.g. sarathi and vllm-v1 below max_num_seqs) stay visible.
-        ax.plot(t, in_system(r, t) + 1, styles[i % len(styles)], linewidth=1.6, zorder=len(runs) - i,
-                label=f"{r.scheduler} ({run.summary['verdict']})")
+        # Distinct styles with staggered markers, earlier runs on top: schedulers with identical
+        # paths (e.g. sarathi and vllm-v1 below max_num_seqs) both stay visible.
+        ax.plot(t, in_system(r, t) + 1, linewidth=1.5, zorder=len(runs) - i,
+                label=f"{r.scheduler} ({run.summary['verdict']})", **line_style(i, len(runs), points))
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("requests in system + 1 (log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -42,53 +83,54 @@ def plot_kv_blocks(runs: Sequence[Run], path: str | Path, title: str, points: in
     """KV blocks in use over time as a share of the usable cache (docs/memory.md), one line per run
     with memory on; the full cache (kv_blocks − 1 blocks) is the top of the axis."""
     fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
-    styles = ["-", "--", "-.", ":"]
     usable = None
-    for i, run in enumerate(r for r in runs if r.result.kv is not None):
+    with_kv = [r for r in runs if r.result.kv is not None]
+    for i, run in enumerate(with_kv):
         r = run.result
         t = np.linspace(0, r.end_time, points)
         usable = r.kv.blocks - 1
         k = run.summary.get("kv", {})
-        ax.plot(t, kv_blocks_at(r, t) / usable * 100, styles[i % len(styles)], linewidth=1.2, zorder=len(runs) - i,
-                label=f"{r.scheduler} (mean {k.get('mean_utilisation', 0):.0%}, {k.get('preemptions', 0)} preemptions)")
+        ax.plot(t, kv_blocks_at(r, t) / usable * 100, linewidth=1.2, zorder=len(runs) - i,
+                label=f"{r.scheduler} (mean {k.get('mean_utilisation', 0):.0%}, {k.get('preemptions', 0)} preemptions)",
+                **line_style(i, len(with_kv), points))
     ax.set_ylim(0, 105)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"KV blocks in use (% of {usable} usable blocks)" if usable else "KV blocks in use (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
 def plot_region(region, position, achieved: Sequence[dict], path: str | Path, title: str) -> Path:
-    """The 2-D stability region (paper §6, Theorem 10) in tokens/ms, the workload's point and
-    ray, and the (prefill, decode) rates that simulated schedulers served."""
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=120)
-    u = np.array([0.0] + [v.prefill_rate for v in region.vertices] + [0.0]) / 1e3
-    w = np.array([0.0] + [v.decode_rate for v in region.vertices] + [0.0]) / 1e3
+    """The 2-D stability region (paper §6, Theorem 10) in tokens/s (the CLI's unit), the
+    workload's point and ray, and the (prefill, decode) rates that simulated schedulers served."""
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    u = np.array([0.0] + [v.prefill_rate for v in region.vertices] + [0.0])
+    w = np.array([0.0] + [v.decode_rate for v in region.vertices] + [0.0])
     ax.fill(u, w, alpha=0.15, color="tab:blue", label="stability region")
     ax.plot(u[1:-1], w[1:-1], "-o", color="tab:blue", markersize=4)
     for v in region.vertices:
         if v.batch is not None:
             ax.annotate(f"{v.batch.num_prefill_tokens}+{v.batch.num_decode_tokens}",
-                        (v.prefill_rate / 1e3, v.decode_rate / 1e3), textcoords="offset points", xytext=(5, 5),
+                        (v.prefill_rate, v.decode_rate), textcoords="offset points", xytext=(5, 5),
                         fontsize=8)
-    p = np.array([position.prefill_rate, position.decode_rate]) / 1e3
+    p = np.array([position.prefill_rate, position.decode_rate])
     reach = p / position.rho if position.rho > 0 else p
     end = p if position.rho > 1 else reach
     ax.plot([0, end[0]], [0, end[1]], ":", color="gray", linewidth=1)
     ax.plot(*p, "k*", markersize=12, label=f"workload ({position.status}, ρ = {position.rho:.3f})")
     markers = ["s", "^", "D", "v", "P", "X"]
     for i, r in enumerate(achieved):
-        ax.plot(r["prefill_tokens_per_s"] / 1e3, r["decode_tokens_per_s"] / 1e3, markers[i % len(markers)],
+        ax.plot(r["prefill_tokens_per_s"], r["decode_tokens_per_s"], markers[i % len(markers)],
                 markersize=8, label=f"{r['scheduler']} served ({r['verdict']})")
-    ax.set_xlabel("prefill tokens/ms (λ·m_p)")
-    ax.set_ylabel("decode tokens/ms (λ·m_d)")
+    ax.set_xlabel("prefill tokens/s (λ·m_p)")
+    ax.set_ylabel("decode tokens/s (λ·m_d)")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -115,7 +157,8 @@ def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=path.suffix[1:].lower() or "png")
+            # bbox "tight": legends placed outside the axes are kept whole in the file
+            fig.savefig(tmp, format=path.suffix[1:].lower() or "png", bbox_inches="tight")
     finally:
         plt.close(fig)
     return path
@@ -142,14 +185,16 @@ def plot_stability_map(rows: Sequence[dict], path: str | Path) -> Path:
                 ax.scatter(*zip(*pts), s=36, marker="s", color=color,
                            label="mixed or inconclusive" if kind == "mixed" else f"{kind} (every seed)")
         budgets = sorted(star)
+        # λ* at each budget: a line through them, and a tick at each (one budget still shows it)
         ax.plot([star[b] for b in budgets], budgets, "k--", linewidth=1.2, label="λ* (Theorem 2)")
+        ax.plot([star[b] for b in budgets], budgets, "k|", markersize=22, markeredgewidth=2)
         ax.set_yscale("log", base=2)
         ax.set_yticks(budgets, [str(b) for b in budgets])
         ax.set_xlabel("arrival rate λ (requests/s)")
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("token budget b_max")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel("token budget b_max (tokens)")
+    legend_outside(axes[0][-1])
     return save_figure(fig, path)
 
 
@@ -157,23 +202,28 @@ def plot_latency_vs_load(rows: Sequence[dict], path: str | Path,
                          metrics: Sequence[str] = ("ttft_s.p99", "tbt_s.p99", "e2e_s.p99")) -> Path:
     """Latency percentiles against load ρ, one line per scheduler and budget (median over
     seeds); unstable points are marked with a cross."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics) + 2, 4.2), dpi=120, squeeze=False)
     lines: dict[tuple[str, int], dict[float, list[dict]]] = {}
     for r in rows:
         lines.setdefault((r["scheduler"], r["token_budget"]), {}).setdefault(round(r["rho"], 6), []).append(r)
     for ax, metric in zip(axes[0], metrics):
-        for (name, budget), points in sorted(lines.items()):
+        for i, ((name, budget), points) in enumerate(sorted(lines.items())):
             rhos = sorted(points)
             values = [np.median([r[metric] for r in points[x] if r.get(metric) is not None] or [np.nan]) for x in rhos]
-            (line,) = ax.plot(rhos, values, "-o", markersize=3, label=f"{name}, b_max={budget}")
+            style = line_style(i, len(lines))
+            ax.plot(rhos, values, linewidth=1.4, label=f"{name}, b_max = {budget}", **style)
             bad = [(x, v) for x, v in zip(rhos, values) if any(r["verdict"] == "unstable" for r in points[x])]
             if bad:
-                ax.plot(*zip(*bad), "x", color=line.get_color(), markersize=7)
+                ax.plot(*zip(*bad), "x", color=style["color"], markersize=10, markeredgewidth=2)
+        ax.axvline(1.0, color="k", linestyle=":", linewidth=1)
         ax.set_yscale("log")
-        ax.set_xlabel("load ρ = λ / λ*")
-        ax.set_ylabel(f"{metric} (s, median over seeds)")
+        ax.set_xlabel("load ρ = λ / λ* (λ* of Theorem 2 at ρ = 1)")
+        ax.set_ylabel(f"{metric_label(metric)}, median over seeds")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    ax = axes[0][-1]
+    ax.plot([], [], "kx", markersize=10, markeredgewidth=2, label="unstable (some seed)")
+    ax.plot([], [], "k:", linewidth=1, label="ρ = 1 (λ = λ*)")
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -209,18 +259,17 @@ def plot_max_rate_vs_budget(searches: Sequence[dict], rows: Sequence[dict], path
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
     budgets = sorted(star)
     ax.plot(budgets, [star[b] for b in budgets], "k--", linewidth=1.5, label="λ* (Theorem 2)")
-    styles = [("-", "o", 7), ("--", "s", 6), ("-.", "^", 5), (":", "D", 4)]
     for i, (name, points) in enumerate(sorted(best.items())):
         xs = sorted(points)
-        line, marker, size = styles[i % len(styles)]  # equal curves (orca, sarathi) stay visible
-        ax.plot(xs, [points[b] for b in xs], linestyle=line, marker=marker, markersize=size, label=name)
+        style = line_style(i, len(best)) | {"markersize": 8 - min(i, 4)}   # equal curves (orca, sarathi) stay visible
+        ax.plot(xs, [points[b] for b in xs], label=name, **style)
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel("token budget b_max")
+    ax.set_xlabel("token budget b_max (tokens)")
     ax.set_ylabel("largest stable arrival rate (requests/s)")
     ax.set_title(f"Max stable rate vs token budget ({source})", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -233,22 +282,24 @@ def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, 
     fig, axes = plt.subplots(1, 2 if detail else 1, figsize=(13 if detail else 9, 5), dpi=120, squeeze=False)
     ax = axes[0, 0]
     for i, (label, s) in enumerate(series.items()):
-        ax.plot(s["time_s"], s["total_backlog_tokens"], ["-", "--", "-.", ":"][i % 4], linewidth=1.4, label=label)
+        ax.plot(s["time_s"], s["total_backlog_tokens"], linewidth=1.4, label=label,
+                **line_style(i, len(series), len(s["time_s"])))
     ax.set_yscale("symlog", linthresh=1e4)
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("network backlog (tokens)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     if detail:
         ax = axes[0, 1]
         s = series[detail]
-        for name, values in s.items():
-            if name.endswith("_backlog_tokens") and name != "total_backlog_tokens":
-                ax.plot(s["time_s"], values, linewidth=1.2, label=name.removesuffix("_backlog_tokens"))
+        engines = [n for n in s if n.endswith("_backlog_tokens") and n != "total_backlog_tokens"]
+        for i, name in enumerate(engines):
+            ax.plot(s["time_s"], s[name], linewidth=1.2, label=name.removesuffix("_backlog_tokens"),
+                    **line_style(i, len(engines), len(s["time_s"])))
         ax.set_xlabel("simulated time (s)")
         ax.set_ylabel("backlog at the engine (tokens)")
         ax.set_title(f"{detail}: engine by engine", fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        legend_outside(ax)
     return save_figure(fig, path)

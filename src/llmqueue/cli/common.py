@@ -208,7 +208,7 @@ def table(summaries: Sequence[dict]) -> str:
     preemptions, mean cache use and the share of work recomputed (with prefix caching the hit rate
     of vLLM's counters)."""
     head = ["scheduler", "verdict", "theory", "req/s", "tok/s", "slope tok/s", "in-sys mean",
-            "in-sys final", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "violations"]
+            "in-sys final", "TTFT p50 (s)", "TTFT p99 (s)", "E2E p50 (s)", "E2E p99 (s)", "violations"]
     kv = any("kv" in s for s in summaries)
     prefix = any("prefix_caching" in s.get("kv", {}) for s in summaries)
     head += ["preempt", "KV use", "recomp"] if kv else []

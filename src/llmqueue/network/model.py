@@ -246,8 +246,14 @@ def parse_network(data: Mapping[str, Any], base_dir: Path | None = None) -> Netw
     )
     net.routes = tuple(Route(c, net) for c in classes)
     net.rates = tuple(c.arrivals.rate for c in classes)
+    with np.errstate(over="ignore", invalid="ignore"):
+        rho = analyze_network(net).rho
+    if not np.isfinite(rho).all():   # e.g. a rate of 1e308: its tokens/s overflow
+        k = int(np.argmax(net.rates))
+        raise ConfigError(f"classes[{k}].rate", net.rates[k], "a rate whose offered tokens/s at every engine are "
+                                                             "finite (λ_k × tokens per job below about 1e300)")
     if load is not None:  # the class rates are relative: scale them so the bottleneck's ρ = load
-        rho_max = max(analyze_network(net).rho)
+        rho_max = max(rho)
         if rho_max <= 0:
             raise ConfigError("network.load", load, "omitted: no class brings any tokens to an engine")
         net.rates = tuple(r * load / rho_max for r in net.rates)

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from llmqueue.plots import save_figure
+from llmqueue.plots import legend_outside, line_style, save_figure
 
 STYLES = ["-", "--", "-.", ":"]
 COLORS = ["tab:red", "tab:purple", "tab:blue", "tab:green", "tab:orange", "tab:brown", "tab:gray", "tab:olive",
@@ -47,17 +47,17 @@ def fig8(numbers: dict, path: Path) -> Path:
 
 
 def fig1(series: dict, loads: Sequence[float], schedulers: Sequence[str], lam: float, path: Path) -> Path:
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110, sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), dpi=110, sharey=True)
     for ax, load in zip(axes.flat, loads):
-        for i, sched in enumerate(schedulers):
+        for i, sched in enumerate(schedulers):   # a scheduler keeps its style in every panel
             if (load, sched) in series:
                 s, verdict = series[(load, sched)]
-                ax.plot(s["time_s"], np.asarray(s["in_system"]) + 1, STYLES[i % 4], color=COLORS[i], lw=1.4,
-                        label=f"{sched} ({verdict})")
+                ax.plot(s["time_s"], np.asarray(s["in_system"]) + 1, lw=1.4, zorder=len(schedulers) - i,
+                        label=f"{sched} ({verdict})", **line_style(i, len(schedulers), len(s["time_s"])))
         ax.set_yscale("log")
         ax.set_title(f"load {load:g}·λ* = {load * lam:.2f} requests/s", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        legend_outside(ax)
     for ax in axes[1]:
         ax.set_xlabel("simulated time (s)")
     for ax in axes[:, 0]:
@@ -84,7 +84,7 @@ def theorem2(points: dict, schedulers: Sequence[str], loads: Sequence[float], la
     ax.set_ylabel("backlog growth (tokens/s)")
     ax.set_title("Theorem 2: backlog growth against load, (v_p, v_d) = (100, 100), b_max = 512", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -92,79 +92,84 @@ def max_rate(numbers: dict, schedulers: Sequence[str], lam: float, path: Path) -
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     vals = [numbers[f"max_rate[{s}]"]["max_rate_rps"] or 0.0 for s in schedulers]
     bars = ax.bar(schedulers, vals, color=[COLORS[i] for i in range(len(schedulers))])
-    for bar, v in zip(bars, vals):
-        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v / lam:.2f}·λ*", ha="center", va="bottom", fontsize=8)
-    ax.axhline(lam, color="k", ls="--", lw=1, label=f"λ* = {lam:.2f} (Theorem 2)")
+    for bar, v in zip(bars, vals):   # inside the bar's top (clear of the λ* line), above a short bar
+        inside = v > 0.2 * lam
+        ax.text(bar.get_x() + bar.get_width() / 2, v * 0.97 if inside else v, f"{v / lam:.2f}·λ*", ha="center",
+                va="top" if inside else "bottom", fontsize=8, color="white" if inside else "black")
+    ax.axhline(lam, color="k", ls="--", lw=1, label=f"λ* = {lam:.2f} requests/s (Theorem 2)")
+    ax.set_xlabel("scheduler")
     ax.set_ylabel("largest stable rate (requests/s)")
     ax.set_title("Largest stable rate by simulation, Fig. 1 workload, b_max = 512", fontsize=10)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     ax.grid(True, axis="y", alpha=0.3)
     return save_figure(fig, path)
 
 
 def batch_time(stair, pwl, saturated: dict, path: Path) -> Path:
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(15, 4.5), dpi=110)
     b = np.arange(1, 2049)
     a1.plot(b, stair.seconds(b) * 1e3, label="staircase (v3, the paper's fit)")
     a1.plot(b, pwl.seconds(b) * 1e3, "--", label="piecewise linear (fitted to the staircase)")
     a1.set_xlabel("tokens in the batch b")
     a1.set_ylabel("batch time t_b (ms)")
     a1.grid(True, alpha=0.3)
-    a1.legend(fontsize=8)
+    legend_outside(a1)
     budgets = np.arange(16, 2049, 16)
     a2.plot(budgets, budgets / stair.seconds(budgets), label="staircase: b/t_b")
     a2.plot(budgets, budgets / pwl.seconds(budgets), "--", label="piecewise linear: b/t_b")
     pts = [(k, v) for k, v in saturated.items() if v is not None]
     if pts:
         a2.plot([k for k, _ in pts], [v for _, v in pts], "ko", ms=5, label="Sarathi at 1.3·λ* (simulated)")
-    a2.set_xlabel("token budget b_max")
+    a2.set_xlabel("token budget b_max (tokens)")
     a2.set_ylabel("capacity (tokens/s)")
     a2.grid(True, alpha=0.3)
-    a2.legend(fontsize=8)
+    legend_outside(a2)
     return save_figure(fig, path)
 
 
 def region(regions: dict, position, served: list, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, 6.5), dpi=110)
     for i, (b, reg) in enumerate(sorted(regions.items())):
-        u = np.array([0.0] + [v.prefill_rate for v in reg.vertices] + [0.0]) / 1e3
-        w = np.array([0.0] + [v.decode_rate for v in reg.vertices] + [0.0]) / 1e3
+        u = np.array([0.0] + [v.prefill_rate for v in reg.vertices] + [0.0])   # tokens/s, as the CLI prints
+        w = np.array([0.0] + [v.decode_rate for v in reg.vertices] + [0.0])
         ax.fill(u, w, alpha=0.08, color=COLORS[2 + i])
         ax.plot(u[1:-1], w[1:-1], "-o", ms=3, color=COLORS[2 + i], label=f"region, b_max = {b}")
-    p = np.array([position.prefill_rate, position.decode_rate]) / 1e3
+    p = np.array([position.prefill_rate, position.decode_rate])
     ax.plot(*p, "k*", ms=14, label="point C (the workload)")
-    ax.annotate("C: 29 + 99 tokens per 46.75 ms", p, textcoords="offset points", xytext=(12, -16), fontsize=8)
+    ax.annotate(f"C = ({p[0]:.1f}, {p[1]:.1f}) tokens/s: 29 + 99 tokens per 46.75 ms", p, textcoords="offset points",
+                xytext=(12, -16), fontsize=8)
     markers = ["s", "^", "D", "v", "P", "X", "<", ">", "h"]
     for i, (label, _, (x, y), verdict) in enumerate(served):
         ax.plot(x, y, markers[i % len(markers)], ms=7, alpha=0.8, label=f"{label} served ({verdict})")
-    ax.set_xlabel("prefill tokens/ms (λ·m_p)")
-    ax.set_ylabel("decode tokens/ms (λ·m_d)")
+    ax.set_xlabel("prefill tokens/s (λ·m_p)")
+    ax.set_ylabel("decode tokens/s (λ·m_d)")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    legend_outside(ax)
     ax.set_title("§6: stability regions under k_max = 100, and the rates each run served (2nd half)", fontsize=10)
     return save_figure(fig, path)
 
 
 def in_system_lines(series: dict, title: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    for i, (label, (s, verdict)) in enumerate(series.items()):
-        ax.plot(s["time_s"], np.asarray(s["in_system"]) + 1, STYLES[i % 4], color=COLORS[i % len(COLORS)], lw=1.3,
-                label=f"{label} ({verdict})")
+    fig, ax = plt.subplots(figsize=(11, 5), dpi=110)
+    for i, (label, (s, verdict)) in enumerate(series.items()):   # staggered markers: equal lines stay visible
+        ax.plot(s["time_s"], np.asarray(s["in_system"]) + 1, lw=1.3, zorder=len(series) - i, label=f"{label} ({verdict})",
+                **line_style(i, len(series), len(s["time_s"])))
     ax.set_yscale("log")
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("requests in system + 1")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
 def latency(points: dict, schedulers: Sequence[str], budgets: Sequence[int], loads: Sequence[float], lam: float,
             path: Path) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
-    panels = [("ttft", "p99", "TTFT p99 (s)"), ("tbt", "p50", "time between tokens p50 (ms)"), ("e2e", "p99", "E2E p99 (s)")]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6), dpi=110)
+    panels = [("ttft", "p99", "time to first token p99 (s)"), ("tbt", "p50", "time between tokens p50 (ms)"),
+              ("e2e", "p99", "end-to-end latency p99 (s)")]
     for ax, (metric, q, ylabel) in zip(axes, panels):
         for j, sched in enumerate(schedulers):
             for i, b in enumerate(budgets):
@@ -174,14 +179,15 @@ def latency(points: dict, schedulers: Sequence[str], budgets: Sequence[int], loa
                     if d is not None and d[metric][q] is not None:
                         xs.append(f * lam)
                         ys.append(d[metric][q] * (1e3 if metric == "tbt" else 1))
-                if xs:
-                    ax.plot(xs, ys, STYLES[j % 4], marker="o", ms=3, color=COLORS[i % len(COLORS)],
+                if xs:   # colour: the budget; line and marker: the scheduler (equal curves stay visible)
+                    ax.plot(xs, ys, STYLES[j % 4], marker="os^D"[j % 4], ms=7 - 2 * (j % 3), color=COLORS[i % len(COLORS)],
                             label=f"{sched}, b_max {b}")
         ax.set_yscale("log")
-        ax.set_xlabel("arrival rate (requests/s)")
+        ax.axvline(lam, color="k", ls=":", lw=1)
+        ax.set_xlabel(f"arrival rate (requests/s; λ* = {lam:.2f} dotted)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    legend_outside(axes[-1])
     fig.suptitle("Latency against load and token budget (Fig. 1 workload, seed 0)", fontsize=11)
     return save_figure(fig, path)
 
@@ -208,7 +214,6 @@ def memory(rows: Sequence[dict], path: Path) -> Path:
     ax.set_ylabel("rate / min(λ*, λ_mem)")
     ax.set_ylim(0.5, 1.35)
     ax.set_title("Largest stable rate with KV memory: simulation against the closed form", fontsize=10)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    legend_outside(ax)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
     return save_figure(fig, path)

@@ -522,7 +522,8 @@ class Region(Section):
                          top, f"({numbers[label]['served_tokens_per_ms'][0]:.3f}, {numbers[label]['served_tokens_per_ms'][1]:.3f})",
                          PAPER_POINT_C.get(label, "–")])
             series[label] = (r["series"], r["verdict"])
-            served.append((label, budget, numbers[label]["served_tokens_per_ms"], r["verdict"]))
+            served.append((label, budget, (r["served"]["prefill_tokens_per_s"], r["served"]["decode_tokens_per_s"]),
+                           r["verdict"]))   # the figure is in tokens/s, as the CLI prints
         figures.region(regions, pos[128], served, plots / "region.png")
         figures.in_system_lines(series, "Point C: requests in the system (+1, log scale)", plots / "point_c_in_system.png")
         c_ok = all(numbers[f"region_{b}"]["vertex_C"] is not None and
