@@ -166,3 +166,18 @@ def test_tables_print_units():
     head = table([]).splitlines()[0]   # the header is built before any row
     for unit in ("req/s", "tok/s", "TTFT p50 (s)", "E2E p99 (s)"):
         assert unit in head, (unit, head)
+
+
+def test_the_network_backlog_with_its_fluid_path(capsys, tmp_path, drawn):
+    code = main(["network", "simulate", "rybko-stolyar", "--set", "run.horizon_s=600", "--plot", str(tmp_path / "n.png")])
+    assert code == 0, capsys.readouterr().err
+    (fig,) = drawn
+    check_figure(fig)
+    labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert "network backlog (simulated)" in labels and any(lab.startswith("network backlog, fluid") for lab in labels)
+
+
+def test_network_tables_print_units(capsys):
+    assert main(["network", "simulate", "rybko-stolyar", "--set", "run.horizon_s=300"]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT p50 (s)" in out and "E2E p99 (s)" in out and "hop p50 (s)" in out

@@ -303,3 +303,36 @@ def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, 
         ax.grid(True, alpha=0.3)
         legend_outside(ax)
     return save_figure(fig, path)
+
+
+def plot_network_fluid(result, path: str | Path, title: str | None = None) -> Path:
+    """A network run's backlog, in total and engine by engine, with the fluid model's path from the
+    run's state at t0 dashed over it (docs/network.md, "Stability beyond ρ < 1")."""
+    from llmqueue.network.metrics import network_timeseries
+    from llmqueue.network.overlay import fluid_from_run
+
+    ts = network_timeseries(result)
+    engines = [e.name for e in result.network.engines]
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    ax.plot(ts["time_s"], ts["total_backlog_tokens"], color="black", lw=1.2, label="network backlog (simulated)")
+    colors = [line_style(i, len(engines))["color"] for i in range(len(engines))]
+    for i, e in enumerate(engines):
+        ax.plot(ts["time_s"], ts[f"{e}_backlog_tokens"], color=colors[i], lw=0.8, alpha=0.7,
+                label=f"{e} backlog (simulated)")
+    fl = fluid_from_run(result)
+    note = "fluid model not applicable"
+    if fl is not None:
+        model, fp, t0 = fl
+        tt = t0 + fp.times
+        ax.plot(tt, fp.remaining_tokens(model), color="black", ls="--", lw=1.5,
+                label=f"network backlog, fluid from t = {t0:.0f} s ({fp.outcome})")
+        eng = fp.engine_tokens(model)
+        for i, e in enumerate(engines):
+            ax.plot(tt, eng[:, i], color=colors[i], ls="--", lw=1.0, label=f"{e}, fluid")
+        note = f"fluid {fp.outcome}" + (f", peaks ×{fp.growth_factor:.3g}" if fp.growth_factor else "")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("unprocessed tokens (tokens)")
+    ax.set_title(title or f"Network backlog, simulated and fluid ({note})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    legend_outside(ax)
+    return save_figure(fig, path)

@@ -197,10 +197,10 @@ def summary_tables(s: dict) -> str:
              fmt(h["ttft_s"]["p99"], 3), fmt(h["hop_latency_s"]["p50"], 2)) for c in s["classes"] for h in c["hops"]]
     return "\n\n".join([
         _table(("engine", "policy", "scheduler", "ρ", "busy", "tok/s", "slope tok/s", "verdict", "peak backlog",
-                "prefill/batch", "decode/batch", "TTFT p50", "TTFT p99", "violations", "rejected"), engines),
-        _table(("class", "jobs/s", "arrived", "completed", "rejected", "done/s", "E2E p50", "E2E p99",
+                "prefill/batch", "decode/batch", "TTFT p50 (s)", "TTFT p99 (s)", "violations", "rejected"), engines),
+        _table(("class", "jobs/s", "arrived", "completed", "rejected", "done/s", "E2E p50 (s)", "E2E p99 (s)",
                 "tokens/job (expected)"), classes),
-        _table(("hop", "engine", "visits", "TTFT p50", "TTFT p99", "hop p50"), hops),
+        _table(("hop", "engine", "visits", "TTFT p50 (s)", "TTFT p99 (s)", "hop p50 (s)"), hops),
     ])
 
 
@@ -254,8 +254,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         progress.done()
     s = summarize_network(result)
     if plot:
+        from llmqueue.plots import plot_network_fluid
+
         plot.parent.mkdir(parents=True, exist_ok=True)
-        plot_fluid_overlay(result, plot)
+        plot_network_fluid(result, plot)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -296,49 +298,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if plot:
         print(f"wrote {plot}")
     return 0
-
-
-def plot_fluid_overlay(result, path: str | Path, title: str | None = None) -> Path:
-    """The run's network backlog and per-engine backlogs, with the fluid path from t0 dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from llmqueue.files import atomic_path
-    from llmqueue.network.metrics import network_timeseries
-
-    ts = network_timeseries(result)
-    engines = [e.name for e in result.network.engines]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.plot(ts["time_s"], ts["total_backlog_tokens"], color="black", lw=1.2, label="network backlog (simulated)")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, e in enumerate(engines):
-        ax.plot(ts["time_s"], ts[f"{e}_backlog_tokens"], color=colors[i % len(colors)], lw=0.8, alpha=0.7,
-                label=f"{e} backlog (simulated)")
-    from llmqueue.network.overlay import fluid_from_run
-
-    fl = fluid_from_run(result)
-    note = "fluid model not applicable"
-    if fl is not None:
-        model, fp, t0 = fl
-        tt = t0 + fp.times
-        ax.plot(tt, fp.remaining_tokens(model), color="black", ls="--", lw=1.5,
-                label=f"network backlog, fluid from t = {t0:.0f} s ({fp.outcome})")
-        eng = fp.engine_tokens(model)
-        for i, e in enumerate(engines):
-            ax.plot(tt, eng[:, i], color=colors[i % len(colors)], ls="--", lw=1.0, label=f"{e}, fluid")
-        note = f"fluid {fp.outcome}" + (f", peaks ×{fp.growth_factor:.3g}" if fp.growth_factor else "")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("unprocessed tokens")
-    ax.set_title(title or f"Network backlog, simulated and fluid ({note})")
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    out = Path(path)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out
 
 
 def _plot_target(args: argparse.Namespace) -> Path | None:
