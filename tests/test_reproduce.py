@@ -143,6 +143,12 @@ def test_quick_reproduces_the_paper(tmp_path):
     verdicts = {s["key"]: (s["verdict"], s["verdict_text"]) for s in _sections(out)}
     for key, (verdict, text) in verdicts.items():
         assert verdict == (BEYOND if key == "latency" else REPRODUCED), (key, text)
+    # §5.4: the fluid model's growth per half-cycle, λm/(1 − λm) with m = 544/768, and the simulated waves
+    fluid = next(s for s in _sections(out) if s["key"] == "networks")["numbers"]["rs_fluid"]
+    lm = 1.1368 * 544 / 768
+    assert fluid["fluid_growth_per_half_cycle"] == pytest.approx(lm / (1 - lm), rel=1e-3)
+    assert fluid["simulated_peak_ratios"]
+    assert fluid["simulated_peak_ratio_geomean"] == pytest.approx(fluid["fluid_growth_per_half_cycle"], rel=0.15)
     if find_chromium() is not None or os.environ.get("LLMQUEUE_REQUIRE_BROWSER") == "1":
         _browser_check(out, "reproduce_quick_report")
 

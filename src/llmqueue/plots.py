@@ -273,17 +273,22 @@ def plot_max_rate_vs_budget(searches: Sequence[dict], rows: Sequence[dict], path
     return save_figure(fig, path)
 
 
-def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, detail: str | None = None) -> Path:
+def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, detail: str | None = None,
+                         fluid: dict | None = None) -> Path:
     """Network backlog (tokens) over time, one line per labelled run (docs/network.md, PAPER.md §6);
     with ``detail`` (a label), a second panel shows that run's backlog engine by engine.
 
-    ``series`` maps a label to :func:`llmqueue.network.network_timeseries` output.
+    ``series`` maps a label to :func:`llmqueue.network.network_timeseries` output; ``fluid`` (the
+    same keys, from the fluid model started at the ``detail`` run's state) is drawn dashed over it.
     """
     fig, axes = plt.subplots(1, 2 if detail else 1, figsize=(13 if detail else 9, 5), dpi=120, squeeze=False)
     ax = axes[0, 0]
     for i, (label, s) in enumerate(series.items()):
         ax.plot(s["time_s"], s["total_backlog_tokens"], linewidth=1.4, label=label,
                 **line_style(i, len(series), len(s["time_s"])))
+    if fluid is not None:
+        ax.plot(fluid["time_s"], fluid["total_backlog_tokens"], color="black", linestyle="--", linewidth=1.2,
+                label=f"fluid model (from t = {fluid['t0_s']:.0f} s)")
     ax.set_yscale("symlog", linthresh=1e4)
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("network backlog (tokens)")
@@ -295,8 +300,11 @@ def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, 
         s = series[detail]
         engines = [n for n in s if n.endswith("_backlog_tokens") and n != "total_backlog_tokens"]
         for i, name in enumerate(engines):
-            ax.plot(s["time_s"], s[name], linewidth=1.2, label=name.removesuffix("_backlog_tokens"),
-                    **line_style(i, len(engines), len(s["time_s"])))
+            style = line_style(i, len(engines), len(s["time_s"]))
+            ax.plot(s["time_s"], s[name], linewidth=1.2, label=name.removesuffix("_backlog_tokens"), **style)
+            if fluid is not None and name in fluid:
+                ax.plot(fluid["time_s"], fluid[name], color=style["color"], linestyle="--", linewidth=1.0,
+                        label=f"{name.removesuffix('_backlog_tokens')}, fluid")
         ax.set_xlabel("simulated time (s)")
         ax.set_ylabel("backlog at the engine (tokens)")
         ax.set_title(f"{detail}: engine by engine", fontsize=10)

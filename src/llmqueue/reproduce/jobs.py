@@ -83,6 +83,17 @@ def _network(job: dict, seed: int) -> dict:
     if "series" in job.get("keep", []):
         ts = network_timeseries(result, SERIES_POINTS)
         out["series"] = {k: _floats(v) for k, v in ts.items()}
+    if "fluid" in job.get("keep", []):   # the fluid path from the run's own state (docs/network.md)
+        from llmqueue.network.overlay import fluid_from_run
+
+        fl = fluid_from_run(result)
+        if fl is not None:
+            model, path, t0 = fl
+            engines = path.engine_tokens(model)
+            out["fluid"] = {"t0_s": t0, "time_s": _floats(t0 + path.times), "outcome": path.outcome,
+                            "growth_factor": path.growth_factor,
+                            "total_backlog_tokens": _floats(path.remaining_tokens(model)),
+                            **{f"{e}_backlog_tokens": _floats(engines[:, j]) for j, e in enumerate(model.engines)}}
     return out
 
 

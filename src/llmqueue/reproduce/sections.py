@@ -577,6 +577,28 @@ def _engine_names(scenario: str) -> list[str]:
     return [e.name for e in load_network(scenario).engines]
 
 
+def _wave_ratios(series: dict | None) -> list[float]:
+    """Successive peak ratios of the backlog waves that alternate between the two engines."""
+    if not series:
+        return []
+    from llmqueue.network.overlay import wave_peaks
+
+    arrays = {k: np.asarray(v, dtype=float) for k, v in series.items()}
+    peaks = wave_peaks(arrays, ["S1", "S2"], floor=0.05 * float(arrays["total_backlog_tokens"].max()))
+    return [b[2] / a[2] for a, b in zip(peaks, peaks[1:]) if a[2] > 0]
+
+
+def _fluid_text(f: dict) -> str:
+    if f["fluid_growth_per_half_cycle"] is None:
+        return ""
+    sim = f["simulated_peak_ratio_geomean"]
+    return (f"The fluid model (`network capacity`: exact, from a standard initial backlog) {f['fluid_outcome']} with "
+            f"peaks ×{f['fluid_growth_per_half_cycle']:.3f} per half-cycle (λm/(1 − λm), m = 544/768); the simulated "
+            "waves' peaks (seed 0) grew " + ("— too few waves to say" if sim is None else
+                                            f"×{sim:.3f} (geometric mean of {len(f['simulated_peak_ratios'])} ratios, "
+                                            f"{sim / f['fluid_growth_per_half_cycle'] - 1:+.1%})") + ". ")
+
+
 class Networks(Section):
     key, title = "networks", "6. Networks of LLM agents (§5): Rybko–Stolyar, fork-join and DAG"
     claim = ("For DAG and fork-join routing, work-conserving (K-FCFS) scheduling at every engine is throughput-"
@@ -590,7 +612,8 @@ class Networks(Section):
         for label, scenario, per in RS_POLICIES:
             sets = [f"run.horizon_s={s.rs_horizon}"] + [f"engines.{e}.{x}" for e in ("S1", "S2") for x in per]
             for seed in range(s.rs_seeds):
-                out.append((f"rs:{label}", {"kind": "network", "source": scenario, "sets": sets, "keep": ["series"]}, seed))
+                out.append((f"rs:{label}", {"kind": "network", "source": scenario, "sets": sets,
+                                            "keep": ["series", "fluid"]}, seed))
         for scenario in TOPOLOGIES:
             for sched in ("sarathi", "orca"):
                 for load in (0.9, 1.1):
@@ -605,7 +628,7 @@ class Networks(Section):
 
     def assemble(self, s, got, searched, plots):
         numbers: dict[str, Any] = {}
-        rows, rs_series = [], {}
+        rows, rs_series, rs_fluid = [], {}, {}
         for label, _, _ in RS_POLICIES:
             runs = [got(f"rs:{label}", seed) for seed in range(s.rs_seeds)]
             ok = [r for r in runs if r]
@@ -620,6 +643,7 @@ class Networks(Section):
                          str(sum(numbers[f"rs:{label}"]["violations"]))])
             if ok:
                 rs_series[label] = ok[0]["series"]
+                rs_fluid.setdefault(label, ok[0].get("fluid"))
         trows, topo_series = [], {}
         for scenario in TOPOLOGIES:
             for sched, load in (("sarathi", 0.9), ("sarathi", 1.1), ("orca", 0.9)):
@@ -641,10 +665,26 @@ class Networks(Section):
                 if ok and sched == "sarathi":
                     topo_series[f"{scenario} at {load:g}"] = ok[0]["series"]
         from llmqueue.plots import plot_network_backlog
+        bad_label = RS_POLICIES[0][0]
+        fluid = rs_fluid.get(bad_label)
+        waves = _wave_ratios(rs_series.get(bad_label))
+        from llmqueue.network import load_network
+        from llmqueue.network.analysis import analyze_network
+        from llmqueue.network.stability import stability
+
+        bad_net = load_network(RS_POLICIES[0][1])
+        closed = stability(bad_net, analyze_network(bad_net)).fluid or {}
+        numbers["rs_fluid"] = {"fluid_growth_per_half_cycle": closed.get("growth_factor"),
+                               "fluid_outcome": closed.get("outcome"),
+                               "fluid_from_the_run": None if not fluid else {"t0_s": fluid["t0_s"],
+                                                                             "outcome": fluid["outcome"],
+                                                                             "growth_factor": fluid["growth_factor"]},
+                               "simulated_peak_ratios": waves,
+                               "simulated_peak_ratio_geomean": float(np.exp(np.mean(np.log(waves)))) if waves else None}
         if rs_series:
             plot_network_backlog(rs_series, plots / "rybko_stolyar.png",
                                  "Rybko–Stolyar at ρ = 0.9 (seed 0): network backlog by per-engine policy",
-                                 detail=RS_POLICIES[0][0] if RS_POLICIES[0][0] in rs_series else None)
+                                 detail=bad_label if bad_label in rs_series else None, fluid=fluid)
         if topo_series:
             plot_network_backlog(topo_series, plots / "topologies.png",
                                  "DAG and fork-join, Sarathi at every engine (seed 0): network backlog")
@@ -662,6 +702,7 @@ class Networks(Section):
         text = (f"Rybko–Stolyar at ρ = 0.9: priority to the leaving class {show_counts(rs_bad)}, the reverse priority "
                 f"{show_counts(rs_good)} ({'as the paper says' if rs_ok else 'NOT as the paper says'}). DAG and fork-join "
                 f"with Sarathi: {'never unstable at 0.9 and unstable at 1.1 of the traffic equations’ capacity' if topo_ok else 'NOT as predicted'}. "
+                + _fluid_text(numbers["rs_fluid"]) +
                 f"Beyond the paper: max-pressure over Sarathi is {show_counts(mp)} on Rybko–Stolyar; Orca at both engines "
                 f"of the fork-join scenario (whose summariser returns to the planner's engine) is {show_counts(orca_fj)} at 0.9 "
                 "— a revisited engine's prefill-first order can starve the downstream engine (docs/network.md).")
@@ -677,7 +718,8 @@ class Networks(Section):
                     Table("DAG and fork-join at a fraction of the traffic equations' capacity.",
                           ["scenario", "scheduler", "load", "max ρ", "verdicts", "slope tokens/s", "bottleneck",
                            "engines (seed 0)"], trows)],
-            plots=[("rybko_stolyar.png", "Rybko–Stolyar: network backlog by policy; right, the diverging one engine by engine."),
+            plots=[("rybko_stolyar.png", "Rybko–Stolyar: network backlog by policy; right, the diverging one engine by "
+                                         "engine; dashed, the fluid model started from that run's state."),
                    ("topologies.png", "DAG and fork-join: network backlog below and above capacity.")])
 
 
