@@ -5,7 +5,7 @@
 #   make reproduce        -- every result of the paper, report in llmqueue_output/reproduce/report.html
 #   make reproduce-quick  -- the same at a smaller scale (under 2 minutes on 2 cores)
 # The optional extras (Ray sweeps, the real CPU engine) have their own targets:
-#   make test-extras -- install the ray and cpu extras, run the slow and real-engine checks (CI runs it)
+#   make test-extras -- install the ray, cpu and serve extras, run the slow and real-engine checks (CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml setup.py src/llmqueue/core/_fastcore.c
 	touch $@
 
 $(VENV)/.extras: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[test,ray,cpu]'
+	$(PY) -m pip install --quiet -e '.[test,ray,cpu,serve]'
 	touch $@
 
 setup: $(VENV)/.installed

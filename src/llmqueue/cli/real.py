@@ -420,3 +420,7 @@ def register(sub) -> None:
     c.add_argument("--no-plot", action="store_true")
     add_overrides(c)
     c.set_defaults(func=cmd_calibrate)
+
+    from llmqueue.cli import serve   # serve, serve-bench (docs/serving.md): their imports are lazy too
+
+    serve.register(sub)

@@ -1,0 +1,356 @@
+"""``llmqueue serve-bench``: the server measured by a real load client, next to the simulator's
+prediction for the same arrivals (docs/serving.md, "Measured against the simulator").
+
+1. Calibrate the batch-time model of the config's ``[real]`` model on this machine (the grid of
+   :func:`llmqueue.real.calibrate.calibrate_config`, wall-clock timer, before the server starts),
+   which gives the predicted capacity λ* (paper arXiv 2504.07347, §5, Theorem 2).
+2. Start ``llmqueue serve`` in a child process on a free port.
+3. At each rate, send the config workload's Poisson arrivals (prompt of ``v_p`` token ids,
+   ``max_tokens = v_d + 1``, ``ignore_eos``) with the ``openai`` client's asyncio API, streamed,
+   and time every token as the client receives it.
+4. Simulate the same arrivals with the calibrated model and the same scheduler.
+5. Compare median TTFT, median time between tokens per request (TPOT, what the simulator's
+   ``tbt_s`` is), and throughput; near saturation the served rate (completions per second while
+   arrivals last) against λ*; write bench.json, bench.md and bench.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmqueue.errors import LlmqueueError
+
+PORT_LINE = re.compile(r"listening on http://([^:/]+|\[[^\]]+\]):(\d+)/v1")
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it (seconds since the run's start)."""
+
+    send_time: float
+    num_prompt_tokens: int
+    max_tokens: int
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    usage: dict | None = None
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.send_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time between this request's tokens (vLLM's benchmark calls it TPOT)."""
+        n = len(self.token_times)
+        return None if n < 2 else (self.token_times[-1] - self.token_times[0]) / (n - 1)
+
+
+async def drive(base_url: str, model: str, arrival_times, prompts, max_tokens, *, api_key: str = "none",
+                chat: bool = False, timeout_s: float = 600.0) -> list[Sample]:
+    """Send each request at its arrival time (seconds from now), streamed, with the ``openai``
+    client; returns what the client measured, in the order given."""
+    from openai import AsyncOpenAI, APIStatusError
+
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+    start = time.perf_counter()
+    samples = [Sample(float(t), len(p), int(m)) for t, p, m in zip(arrival_times, prompts, max_tokens)]
+
+    async def one(sample: Sample, prompt) -> None:
+        delay = sample.send_time - (time.perf_counter() - start)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sample.send_time = time.perf_counter() - start
+        options = dict(model=model, max_tokens=sample.max_tokens, stream=True, temperature=0.0,
+                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        try:
+            if chat:
+                stream = await client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **options)
+            else:
+                stream = await client.completions.create(prompt=list(prompt), **options)
+            async for chunk in stream:
+                now = time.perf_counter() - start
+                if chunk.choices:
+                    if sample.first_token_time is None:
+                        sample.first_token_time = now
+                    sample.token_times.append(now)
+                if chunk.usage is not None:
+                    sample.usage = chunk.usage.model_dump()
+        except APIStatusError as exc:
+            sample.error = f"{exc.status_code}"
+        except Exception as exc:   # connection errors: counted, the run goes on
+            sample.error = type(exc).__name__
+
+    try:
+        await asyncio.gather(*(one(s, p) for s, p in zip(samples, prompts)))
+    finally:
+        await client.close()
+    return samples
+
+
+# ---- the server in a child process -------------------------------------------------------
+
+class ServerProcess:
+    """``llmqueue serve CONFIG --port 0`` in a child process; its port read from its first line."""
+
+    def __init__(self, config: str | Path, overrides=(), extra=(), startup_s: float = 300.0) -> None:
+        cmd = [sys.executable, "-m", "llmqueue", "serve", str(config), "--port", "0", *extra]
+        for item in overrides:
+            cmd += ["--set", item]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        deadline = time.monotonic() + startup_s
+        while True:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise LlmqueueError("llmqueue serve stopped before listening: " + " | ".join(self.lines[-5:]))
+            self.lines.append(line.rstrip())
+            match = PORT_LINE.search(line)
+            if match:
+                self.host, self.port = match.group(1), int(match.group(2))
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LlmqueueError(f"llmqueue serve did not listen within {startup_s:g} s")
+        self.url = f"http://{self.host}:{self.port}"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise LlmqueueError("llmqueue serve did not answer /health")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def stop(self, timeout: float = 60.0) -> tuple[int, str]:
+        """SIGTERM, then wait; returns (exit status, the rest of its stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rest = self.proc.communicate(timeout=timeout)[1] or ""
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rest = self.proc.communicate()[1] or ""
+        self.lines += rest.splitlines()
+        return self.proc.returncode, rest
+
+
+# ---- comparison ------------------------------------------------------------------------
+
+def served_rate(arrivals: np.ndarray, finishes: np.ndarray) -> float:
+    """Completions per second from a quarter of the arrival span to the last arrival: the
+    arrival rate when the server keeps up, its capacity when it does not."""
+    begin, end = arrivals[0] + 0.25 * (arrivals[-1] - arrivals[0]), arrivals[-1]
+    done = np.sum((finishes >= begin) & (finishes <= end))
+    return float(done / (end - begin)) if end > begin else float("nan")
+
+
+def _median(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else float("nan")
+
+
+def measured_row(samples: list[Sample]) -> dict:
+    ok = [s for s in samples if s.error is None and s.token_times]
+    arrivals = np.array([s.send_time for s in samples])
+    finishes = np.array([s.token_times[-1] if s in ok else np.inf for s in samples])
+    tokens = sum(len(s.token_times) for s in ok)
+    span = max((s.token_times[-1] for s in ok), default=0.0) - arrivals.min()
+    gaps = [b - a for s in ok for a, b in zip(s.token_times, s.token_times[1:])]
+    return {"completed": len(ok), "errors": len(samples) - len(ok), "ttft_s": _median(s.ttft for s in ok),
+            "tpot_s": _median(s.tpot for s in ok), "itl_s": _median(gaps),
+            "throughput_rps": len(ok) / span if span > 0 else float("nan"),
+            "output_tokens_per_s": tokens / span if span > 0 else float("nan"),
+            "served_rps": served_rate(np.sort(arrivals), finishes),
+            "usage_ok": all(s.usage is not None and s.usage["completion_tokens"] == len(s.token_times) for s in ok)}
+
+
+def predicted_row(config, requests) -> dict:
+    """The simulator on the same arrivals (drained), with the calibrated batch-time model."""
+    from llmqueue.core.simulator import simulate
+    from llmqueue.runner import build_engine
+
+    result = simulate(build_engine(config), requests, drain=True)
+    first, finish, arrival = result.first_token_time, result.finish_time, result.arrival_time
+    out = result.num_output_tokens
+    ok = ~np.isnan(finish)
+    tpot = (finish[ok & (out > 0)] - first[ok & (out > 0)]) / out[ok & (out > 0)]
+    span = np.nanmax(finish) - arrival.min()
+    return {"ttft_s": float(np.median(first[ok] - arrival[ok])), "tpot_s": float(np.median(tpot)),
+            "throughput_rps": float(ok.sum() / span), "output_tokens_per_s": float((out[ok] + 1).sum() / span),
+            "served_rps": served_rate(arrival, np.where(ok, finish, np.inf))}
+
+
+def _error(measured: float, predicted: float) -> float:
+    return (measured - predicted) / predicted if predicted else float("nan")
+
+
+def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests: int = 120, seed: int = 0,
+              repeats: int = 3, log=print) -> dict:
+    """Calibrate, serve, load at each rate, simulate; the rows of the comparison."""
+    import torch
+
+    from llmqueue.model.workload import Workload, make_arrivals
+    from llmqueue.real.calibrate import calibrate_config
+    from llmqueue.real.serve import load_model, real_settings
+    from llmqueue.runner import analysis_of, build_workload
+    from llmqueue.serve.settings import load_serve_config
+
+    cfg, real, settings = load_serve_config(config_path, overrides)
+    rs = real_settings(real)
+    torch.set_num_threads(rs.threads)
+    model = load_model(rs, cfg.base_dir)
+    log(f"calibrating {model.config.num_params / 1e6:.1f} M params on this machine (wall clock) ...")
+    calibrated, fit = calibrate_config(cfg, model, time.perf_counter, repeats=repeats, seed=seed)
+    vocab = model.config.vocab_size
+    del model
+    workload = build_workload(calibrated)
+    capacity = analysis_of(calibrated, workload).max_stable_rate_rps
+    bt = fit.batch_time.to_dict()
+    log(f"calibration: R² {fit.r2:.4f}, c {bt['c_ms']:.3f} ms, prefill {bt['prefill_ms_per_token']:.4f} ms/token, "
+        f"decode {bt['decode_ms_per_token']:.4f} ms/token; predicted capacity λ* = {capacity:.2f} req/s")
+    rates = list(rates) if rates else [f * capacity for f in loads]
+    server = ServerProcess(config_path, [*overrides, f"serve.max_waiting={max(num_requests, 1) * 2}"])
+    rows = []
+    try:
+        rng = np.random.default_rng(seed)
+        warm = drive(f"{server.url}/v1", settings.model_name, [0.0, 0.0], [[5] * 8, [6] * 8], [4, 4])
+        asyncio.run(warm)
+        for i, rate in enumerate(rates):
+            w = Workload(make_arrivals({"arrival": "poisson", "rate": rate}), workload.prompt, workload.output)
+            requests = w.generate(seed + i, num_requests=num_requests)
+            prompts = [rng.integers(3, vocab, int(p)).tolist() for p in requests.num_prompt_tokens]
+            t0 = float(requests.arrival_time[0])
+            samples = asyncio.run(drive(f"{server.url}/v1", settings.model_name, requests.arrival_time - t0, prompts,
+                                        requests.num_output_tokens + 1))
+            measured = measured_row(samples)
+            from llmqueue.model.workload import Requests
+
+            shifted = Requests(requests.arrival_time - t0, requests.num_prompt_tokens, requests.num_output_tokens)
+            predicted = predicted_row(calibrated, shifted)
+            row = {"rate_rps": rate, "load": rate / capacity, "measured": measured, "predicted": predicted,
+                   "error": {k: _error(measured[k], predicted[k]) for k in predicted}}
+            rows.append(row)
+            log(f"λ = {rate:.2f} req/s ({rate / capacity:.2f} λ*): TTFT {measured['ttft_s'] * 1e3:.1f} ms measured, "
+                f"{predicted['ttft_s'] * 1e3:.1f} predicted; TPOT {measured['tpot_s'] * 1e3:.2f} / "
+                f"{predicted['tpot_s'] * 1e3:.2f} ms; served {measured['served_rps']:.2f} / "
+                f"{predicted['served_rps']:.2f} req/s; {measured['errors']} errors")
+        metrics = server.metrics()
+    finally:
+        status, rest = server.stop()
+    over = [r for r in rows if r["load"] > 1.0]
+    saturation = {"capacity_rps": capacity,
+                  "measured_rps": max((r["measured"]["served_rps"] for r in over), default=None),
+                  "simulated_rps": max((r["predicted"]["served_rps"] for r in over), default=None)}
+    if saturation["measured_rps"] is not None:
+        saturation["error"] = _error(saturation["measured_rps"], capacity)
+    return {"config": str(config_path), "scheduler": cfg.engine["scheduler"], "token_budget": cfg.engine["token_budget"],
+            "requests_per_rate": num_requests, "seed": seed, "calibration": {"r2": fit.r2, **bt},
+            "rows": rows, "saturation": saturation, "server_exit": status,
+            "metrics_sample": [line for line in metrics.splitlines() if line.startswith(("vllm:num_preemptions_total",
+                                                                                          "vllm:request_success_total"))]}
+
+
+def table(report: dict) -> list[str]:
+    """A Markdown table of the comparison."""
+    head = ("λ (req/s)", "load", "TTFT p50 ms (meas / sim)", "err", "TPOT p50 ms (meas / sim)", "err",
+            "throughput req/s (meas / sim)", "served req/s (meas / sim)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        m, p, e = r["measured"], r["predicted"], r["error"]
+        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {m['ttft_s'] * 1e3:.1f} / {p['ttft_s'] * 1e3:.1f} | "
+                     f"{e['ttft_s'] * 100:+.0f} % | {m['tpot_s'] * 1e3:.2f} / {p['tpot_s'] * 1e3:.2f} | "
+                     f"{e['tpot_s'] * 100:+.0f} % | {m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} | "
+                     f"{m['served_rps']:.2f} / {p['served_rps']:.2f} |")
+    s = report["saturation"]
+    if s.get("measured_rps") is not None:
+        lines.append("")
+        lines.append(f"Saturation: served {s['measured_rps']:.2f} req/s measured above λ*, {s['simulated_rps']:.2f} "
+                     f"simulated, predicted capacity λ* = {s['capacity_rps']:.2f} req/s ({s['error'] * 100:+.1f} %).")
+    return lines
+
+
+def plot(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    x = [r["rate_rps"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label, scale in ((axes[0], "ttft_s", "median TTFT (ms)", 1e3), (axes[1], "tpot_s",
+                                  "median time between tokens (ms)", 1e3), (axes[2], "throughput_rps",
+                                  "throughput (req/s)", 1.0)):
+        ax.plot(x, [r["measured"][key] * scale for r in rows], "o-", label="measured (openai client)")
+        ax.plot(x, [r["predicted"][key] * scale for r in rows], "s--", label="simulated (calibrated)")
+        ax.axvline(report["saturation"]["capacity_rps"], color="grey", lw=0.8, ls=":", label="predicted λ*")
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.set_ylabel(label)
+        if key == "ttft_s":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"llmqueue serve ({report['scheduler']}, b_max = {report['token_budget']}): client-measured vs "
+                 "simulated", fontsize=10)
+    fig.tight_layout()
+    from llmqueue.files import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def main(args) -> int:
+    from llmqueue.cli.common import write_json, write_text
+
+    loads = rates = None
+    try:
+        if args.rates:
+            rates = [float(x) for x in args.rates.split(",") if x.strip()]
+        else:
+            loads = [float(x) for x in args.loads.split(",") if x.strip()]
+    except ValueError:
+        raise LlmqueueError(f"--rates/--loads: {args.rates or args.loads!r} is not allowed: comma-separated numbers > 0") from None
+    values = rates or loads
+    if not values or min(values) <= 0 or not all(np.isfinite(values)):
+        raise LlmqueueError(f"--rates/--loads: {args.rates or args.loads!r} is not allowed: comma-separated numbers > 0")
+    if not 2 <= args.requests <= 100_000:
+        raise LlmqueueError(f"--requests: {args.requests} is not allowed: an integer from 2 to 100000")
+    if args.repeats < 1:
+        raise LlmqueueError(f"--repeats: {args.repeats} is not allowed: an integer >= 1")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_bench(args.config, args.set, rates, loads, args.requests, args.seed, args.repeats,
+                       log=lambda line: print(line, file=sys.stderr))
+    write_json(out / "bench.json", report)
+    lines = table(report)
+    write_text(out / "bench.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if not args.no_plot:
+        plot(report, out / "bench.png")
+    print(f"\nwrote {out / 'bench.json'}, bench.md" + ("" if args.no_plot else ", bench.png"))
+    return 0
+
+
+__all__ = ["Sample", "ServerProcess", "drive", "main", "measured_row", "predicted_row", "run_bench"]
