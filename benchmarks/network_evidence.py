@@ -1,4 +1,4 @@
-"""Evidence for docs/network.md (PAPER.md §6, paper §5): the tables, regenerated.
+"""Evidence for docs/network.md (arXiv 2504.07347 §5): the tables, regenerated.
 
 1. Rybko–Stolyar (two Sarathi engines, b_max = 768, t ≡ 1 s) at ρ = 0.9 and 0.95 under four
    per-engine policies: strict priority to the class leaving each engine, the reverse priority,

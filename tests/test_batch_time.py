@@ -1,4 +1,4 @@
-"""Batch-time models (PAPER.md §1) and Theorem 2's closed form (PAPER.md §4)."""
+"""Batch-time models (arXiv 2504.07347 §3.1, Eq. 4) and Theorem 2's closed form (§3.2)."""
 
 from __future__ import annotations
 

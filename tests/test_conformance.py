@@ -1,4 +1,4 @@
-"""Every registered scheduler against the model's constraints (PAPER.md §1-3), on generated workloads.
+"""Every registered scheduler against the model's constraints (arXiv 2504.07347 §3.1, Eqs. 8–9, §4), on generated workloads.
 
 The test keeps its own ledger of every request's remaining prefill and decode tokens,
 updated only from the batch plans, and checks each batch against it: budget (6d), request
@@ -21,7 +21,9 @@ CONFIGS = (
     [pytest.param(name, {}, id=name) for name in SCHEDULERS]
     + [pytest.param(name, {"split_prompts": True}, id=f"{name}-split")
        for name, cls in SCHEDULERS.items() if "split_prompts" in cls.options]
-    + [pytest.param("vllm-v1", {"max_num_seqs": 2, "long_prefill_token_threshold": 3}, id="vllm-v1-limited")]
+    + [pytest.param("vllm-v1", {"max_num_seqs": 2, "long_prefill_token_threshold": 3}, id="vllm-v1-limited"),
+       pytest.param("vllm-v1", {"long_prefill_token_threshold": 3, "long_prefill_threshold_when_alone": True},
+                    id="vllm-v1-threshold-when-alone")]
 )
 
 
@@ -37,7 +39,7 @@ def workloads(draw):
 
 def splits(name: str, options: dict) -> bool:
     """Whether the policy may split a prompt: always, unless it has a split_prompts option
-    (the non-mixed policies, PAPER.md §3 open point), which is off unless set."""
+    (the non-mixed policies, an open point of §4), which is off unless set."""
     return "split_prompts" not in SCHEDULERS[name].options or options.get("split_prompts", False)
 
 
@@ -75,7 +77,7 @@ class Ledger:
 
 def check_policy(name: str, options: dict, ledger: Ledger, prefill: list[tuple[int, int]],
                  decode: list[int], tokens: int, budget: int) -> None:
-    """Each policy's ordering rules (PAPER.md §3), given the state at the batch's start."""
+    """Each policy's ordering rules (§4, Table 1), given the state at the batch's start."""
     if name == "vllm-v1":
         check_vllm_v1(options, ledger, prefill, decode, tokens, budget)
         if options:
@@ -110,12 +112,14 @@ def check_vllm_v1(options: dict, ledger: Ledger, prefill: list[tuple[int, int]],
                   tokens: int, budget: int) -> None:
     """vLLM v1's loop (schedulers/vllm_v1.py): running requests (started or decoding) in
     admission order, then waiting ones FCFS while fewer than max_num_seqs run; chunks are at
-    most long_prefill_token_threshold, and only the last request served may get less than
-    it could take, when the budget is used up."""
+    most long_prefill_token_threshold unless one request is alone at the batch's start (vLLM >= 0.32;
+    long_prefill_threshold_when_alone: capped then too), and only the last request served may get
+    less than it could take, when the budget is used up."""
     defaults = {k: o.default for k, o in SCHEDULERS["vllm-v1"].options.items()}
     settings_ = {**defaults, **options}
-    threshold = settings_["long_prefill_token_threshold"] or float("inf")
     order = sorted(ledger.inside)
+    lifted = len(order) <= 1 and not settings_["long_prefill_threshold_when_alone"]
+    threshold = (None if lifted else settings_["long_prefill_token_threshold"]) or float("inf")
     waiting = [rid for rid in order if ledger.p_left[rid] == ledger.prompt[rid]]
     running = [rid for rid in order if ledger.p_left[rid] < ledger.prompt[rid]]
     chunk = dict(prefill)

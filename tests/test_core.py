@@ -82,7 +82,8 @@ CONFIGS = (
     [(name, {}) for name in [*SCHEDULERS, *COMPOSED]]
     + [(name, {"split_prompts": True}) for name, cls in SCHEDULERS.items() if "split_prompts" in cls.options]
     + [("vllm-v1", {"max_num_seqs": 3, "long_prefill_token_threshold": 5}),
-       ("vllm-v1", {"long_prefill_token_threshold": 2})]
+       ("vllm-v1", {"long_prefill_token_threshold": 2}),
+       ("vllm-v1", {"long_prefill_token_threshold": 2, "long_prefill_threshold_when_alone": True})]
 )
 BATCH_TIMES = [
     {"model": "constant", "duration_ms": 1000},

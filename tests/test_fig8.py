@@ -1,4 +1,4 @@
-"""The paper's worked example (PAPER.md §3, Fig. 8) and other hand-traced runs.
+"""The paper's worked example (arXiv 2504.07347 §4, Fig. 8) and other hand-traced runs.
 
 Fig. 8: A, B, C are decoding with 2, 4, 3 decode tokens left; D and E (1 prefill + 1
 decode token each) arrive during the first batch.  Batches last one second, D and E
@@ -7,10 +7,14 @@ arrive at 0.5 s, so they are admitted at the first batch boundary (t = 1).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import compositions, drive, make_engine
 
+from llmqueue.core import fastcore
+from llmqueue.core.simulator import simulate
 from llmqueue.model.request import Request
+from llmqueue.model.workload import Requests
 from llmqueue.worked_example import FIG8_PUBLISHED, parse_sequence, run_fig8
 
 ABC = "ABCDE"
@@ -19,7 +23,7 @@ ABC = "ABCDE"
 _batches = parse_sequence
 
 
-# Violations (PAPER.md §2): a batch violates when its tokens != min(b_max, demand), with
+# Violations (Eqs. 8–9): a batch violates when its tokens != min(b_max, demand), with
 # demand = Σ p_i + #{decoding} over the requests in the engine at the batch's start.
 FIG8 = {
     # b_max = 4.  Batch 2: demand = 2 (Dp, Ep) + 3 (A, B, C) = 5, bound min(4, 5) = 4, it
@@ -93,6 +97,32 @@ def test_vllm_v1_long_prefill_threshold():
     assert engine.violations == 4
 
 
+def test_vllm_v1_threshold_spares_a_lone_request():
+    """b_max = 8, chunks capped at 2 (vLLM >= 0.32, its PR #57951): A (prompt 10, 1 output) alone
+    gets the whole budget; once B (prompt 3, 2 outputs) has arrived the cap holds again.
+
+    Batch 1 (t = 0): A alone: 8.  B arrives during it.  Batch 2: A (running) 2, B 2 (both capped).
+    Batch 3: A's decode, B's last 1.  Batches 4, 5: B's decodes.  With long_prefill_threshold_when_alone
+    (the rule before) A gets 2 in batch 1 as well, and needs three more chunks.
+    """
+    def requests():
+        return [Request(0, 0.0, 10, 1), Request(1, 0.5, 3, 2)]
+
+    steps = drive(make_engine("vllm-v1", 8, long_prefill_token_threshold=2), requests())
+    assert compositions(steps, ABC) == _batches("[Ap8] [Ap2 Bp2] [Ad Bp] [Bd] [Bd]")
+    old = drive(make_engine("vllm-v1", 8, long_prefill_token_threshold=2, long_prefill_threshold_when_alone=True),
+                requests())
+    assert compositions(old, ABC) == _batches("[Ap2] [Ap2 Bp2] [Ap2 Bp] [Ap2 Bd] [Ap2 Bd] [Ad]")
+    stream = Requests(np.array([0.0, 0.5]), np.array([10, 3]), np.array([1, 2]))
+    for alone in (False, True):   # the compiled core gives the same runs (tests/test_core.py at random)
+        runs = [simulate(make_engine("vllm-v1", 8, long_prefill_token_threshold=2,
+                                     long_prefill_threshold_when_alone=alone), stream, drain=True, method=m)
+                for m in ("reference", "fast")]
+        assert runs[1].meta["core"] == "compiled" or fastcore.unavailable()
+        assert runs[0].batch_tokens.tolist() == runs[1].batch_tokens.tolist() == [
+            [8, 4, 2, 1, 1], [2, 4, 3, 3, 3, 1]][alone]
+
+
 def test_staircase_timeline_sarathi():
     """Exact batch times with the paper's staircase t_b = 11.28 + 35.47·⌈b/128⌉ ms, b_max = 256.
 
@@ -119,7 +149,7 @@ def test_staircase_timeline_sarathi():
     assert engine.violations == 0
 
 
-# ---- the split_prompts option of the two non-mixed schedulers (PAPER.md §3, open point) ----
+# ---- the split_prompts option of the two non-mixed schedulers (§4, open point) ----
 
 NON_MIXED = ["fastertransformer", "vllm"]
 

@@ -35,12 +35,14 @@ def _jobs(n: int, per_step: float, seed: int, prompt: int, output: int, longest:
     return [(i, int(s), int(p), int(o)) for i, (s, p, o) in enumerate(zip(steps[keep], prompts[keep], outputs[keep]))]
 
 
-def _differential(jobs, *, blocks, block_size, budget, max_num_seqs, threshold):
+def _differential(jobs, *, blocks, block_size, budget, max_num_seqs, threshold, when_alone=False):
     kv = KVCache(blocks, block_size)
-    options = {"max_num_seqs": max_num_seqs, "long_prefill_token_threshold": threshold}
+    options = {"max_num_seqs": max_num_seqs, "long_prefill_token_threshold": threshold,
+               "long_prefill_threshold_when_alone": when_alone}
     engine = Engine(make_scheduler("vllm-v1", **options), budget, BATCH_TIME, kv=kv, checks=True)
     oracle = VllmOracle(num_gpu_blocks=blocks, block_size=block_size, max_num_batched_tokens=budget,
-                        max_num_seqs=max_num_seqs, long_prefill_token_threshold=threshold)
+                        max_num_seqs=max_num_seqs, long_prefill_token_threshold=threshold,
+                        threshold_when_alone=when_alone)
     j, step, steps, preempted, again = 0, 0, 0, 0, 0
     while j < len(jobs) or engine.has_work:
         while j < len(jobs) and jobs[j][1] <= step:
@@ -108,6 +110,18 @@ def test_engine_matches_vllm_batch_by_batch(case, self_preemptions):
     counts = [r.num_preemptions for r in oracle.requests.values()]
     assert preempted >= 100 and max(counts) >= 2, (steps, preempted)
     assert self_preemptions[0] >= 1
+
+
+@pytest.mark.parametrize("when_alone", [False, True], ids=["vllm>=0.32", "vllm<0.32"])
+def test_the_threshold_and_a_lone_request_as_vllm(when_alone):
+    # Sparse arrivals (often one request in the engine) and a threshold well under the prompts: vLLM's
+    # rule for a lone request decides many chunks, under either version of it (the oracle's D11).
+    jobs = _jobs(200, 0.02, 3, 200, 20, 10_000)
+    steps, _, _, oracle = _differential(jobs, blocks=2000, block_size=16, budget=256, max_num_seqs=256,
+                                        threshold=32, when_alone=when_alone)
+    alone = _differential(jobs, blocks=2000, block_size=16, budget=256, max_num_seqs=256, threshold=32,
+                          when_alone=not when_alone)[0]
+    assert steps != alone   # the two rules give different runs on this workload
 
 
 def test_small_cache_preempts_and_self_preempts(self_preemptions):

@@ -1,4 +1,4 @@
-"""Point C (paper §6.2, Fig. 14; PAPER.md §5): the built-in `point-c` scenario.
+"""Point C (arXiv 2504.07347 §6.2, Fig. 14): the built-in `point-c` scenario.
 
 One request every 467.5 ms, 290 prompt + 990 output tokens, cap 100, the paper's staircase:
 the load sits exactly on vertex C (29 prefill + 99 decode tokens per 46.75 ms batch).  Ten
@@ -70,6 +70,6 @@ def test_diverges_at_c(scheduler, budget, options):
 @pytest.mark.parametrize("scheduler", ["vllm", "fastertransformer"])
 def test_non_splitting_policies_reject_every_prompt(scheduler):
     """Without split_prompts a 290-token prompt never fits a 128-token batch: every request is
-    rejected at admission (PAPER.md §3 open point), so nothing is served."""
+    rejected at admission (the open point of §4), so nothing is served."""
     s = point_c(scheduler, 128).summary
     assert s["rejected"] == s["arrived"] > 1000 and s["completed"] == 0 and s["batches"] == 0

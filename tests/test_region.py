@@ -1,4 +1,4 @@
-"""The 2-D stability region under a request cap (PAPER.md §5, paper §6, Theorem 10).
+"""The 2-D stability region under a request cap (arXiv 2504.07347 §6, Theorem 10).
 
 Vertices are pinned for the paper's staircase, the region is checked against a brute-force
 linear program over every feasible batch type, it reduces to Theorem 2's line without a cap,

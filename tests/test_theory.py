@@ -1,4 +1,4 @@
-"""Seeded checks of Theorem 2 and the paper's Fig. 1 contrast (PAPER.md §4).
+"""Seeded checks of Theorem 2 and the paper's Fig. 1 contrast (Theorem 2, arXiv 2504.07347 §3.2).
 
 Tolerances: above capacity every work-conserving batch is full, so the backlog grows at
 λ(m_p+m_d) − b/t_b plus the noise of the compound-Poisson arrival stream.  For a random

@@ -51,12 +51,22 @@ def test_chunked_prefill_and_budget_cut():
 
 
 def test_long_prefill_threshold():
-    # threshold 8, budget 100.  A: prompt 20, max 1; B: prompt 5, max 1.
+    # threshold 8, budget 100, the rule before vLLM 0.32 (D11).  A: prompt 20, max 1; B: prompt 5, max 1.
     # s0: A: n=20 > 8 -> 8; B: n=5 (not above 8) -> 5, finishes (5 = num_tokens, 1 output).
     # s1: running A: n=12 -> 8 (the threshold caps running chunks too).  s2: A: 4 -> finishes.
-    t = run([(0, 0, 20, 1), (1, 0, 5, 1)], **engine(100, 16, long_prefill_token_threshold=8))
+    t = run([(0, 0, 20, 1), (1, 0, 5, 1)], **engine(100, 16, long_prefill_token_threshold=8,
+                                                    threshold_when_alone=True))
     assert sched(t) == [[(0, 8), (1, 5)], [(0, 8)], [(0, 4)]]
     assert [r.finished for r in t] == [[1], [], [0]]
+
+
+def test_long_prefill_threshold_spares_a_lone_request():
+    # The same with vLLM >= 0.32's rule (D11): s0 as above (two requests); s1: A is alone, so its
+    # 12 tokens left are not capped -> finishes.  Alone from the start: C (prompt 20) in one step.
+    t = run([(0, 0, 20, 1), (1, 0, 5, 1)], **engine(100, 16, long_prefill_token_threshold=8))
+    assert sched(t) == [[(0, 8), (1, 5)], [(0, 12)]]
+    assert [r.finished for r in t] == [[1], [0]]
+    assert sched(run([(2, 0, 20, 1)], **engine(100, 16, long_prefill_token_threshold=8))) == [[(2, 20)]]
 
 
 # ---------------------------------------------------------------- (2) decode across a block boundary

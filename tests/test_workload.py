@@ -1,4 +1,4 @@
-"""Workload: length laws, arrival processes, trace loading and replay (PAPER.md §1).
+"""Workload: length laws, arrival processes, trace loading and replay (arXiv 2504.07347 §3.1).
 
 Statistical checks are seeded (so they are deterministic) and use a tolerance of 5 standard
 errors: were the seed drawn at random, a correct implementation would fail one such check with
@@ -535,4 +535,4 @@ def test_workload_imports_only_numpy_scipy_stdlib_and_errors():
     assert third_party == {"numpy", "scipy", "llmqueue"}
     assert {n for n in names if n.startswith("llmqueue")} == {"llmqueue.errors", "llmqueue.checks"}
     assert issubclass(Poisson, LengthDist) and issubclass(PoissonArrivals, ArrivalProcess)
-    assert "PAPER.md §1" in (module.__doc__ or "") and Trace.__doc__
+    assert "arXiv 2504.07347 §3.1" in (module.__doc__ or "") and Trace.__doc__

@@ -9,7 +9,8 @@ dependencies.  Setting (everything else of vLLM is absent or inert here):
   decoding, no encoder / LoRA / KV connector / mamba / pipeline parallelism, one full-attention KV
   cache group, no sliding window, watermark 0, no pause, no streaming input;
 * ``scheduler_reserve_full_isl = True`` (the vLLM default; ``False`` is supported too);
-* ``enable_chunked_prefill`` (default True), ``long_prefill_token_threshold`` (0 = off),
+* ``enable_chunked_prefill`` (default True), ``long_prefill_token_threshold`` (0 = off; not applied
+  to a request alone in the scheduler unless ``threshold_when_alone``: D11),
   ``max_num_batched_tokens``, ``max_num_seqs``, ``num_gpu_blocks``, ``block_size``;
 * every request has a fixed output length (``ignore_eos``): it finishes exactly when it holds
   ``max_tokens`` output tokens; ``max_model_len`` is assumed >= prompt_len + max_tokens, so it never
@@ -107,6 +108,14 @@ D10. (Prefix caching.) ``BlockPool.free_blocks`` differs between the stored snap
     also has partial-block hits with copy-on-write (``supports_fine_grained_hash_lookup``, seen
     only in a copy found with ``find_string``); not modelled (full blocks only, as in 003df296's
     ``get_computed_blocks`` docstring: "the computed blocks must be full").
+D11. ``long_prefill_token_threshold`` and a lone request.  Every stored snapshot of scheduler.py
+    (00024d31, b4622cf9, 003df296) applies the threshold unconditionally, in the running loop
+    (``if 0 < self.scheduler_config.long_prefill_token_threshold < num_new_tokens``) and in the
+    waiting loop (``threshold = ...; if 0 < threshold < num_new_tokens``).  vLLM PR #57951 (merged
+    2026-09, in vLLM >= 0.32; read in its description, the index holds no snapshot after it) computes
+    an effective threshold once per ``schedule()`` call, 0 when ``running + waiting + skipped_waiting
+    <= 1``, and uses it in both loops.  The default here is that rule; ``threshold_when_alone=True``
+    is the older one.
 D9. An FCFS ``skipped_waiting`` queue (requests blocked on remote KV, grammar, streaming) is served
     before ``waiting``; it stays empty in this setting.
 
@@ -195,6 +204,7 @@ class VllmOracle:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         long_prefill_token_threshold: int = 0,
+        threshold_when_alone: bool = False,
         enable_chunked_prefill: bool = True,
         reserve_full_isl: bool = True,
     ) -> None:
@@ -207,6 +217,8 @@ class VllmOracle:
         self.max_num_batched_tokens = max_num_batched_tokens  # Scheduler.max_num_scheduled_tokens
         self.max_num_seqs = max_num_seqs  # Scheduler.max_num_running_reqs
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.threshold_when_alone = threshold_when_alone  # D11
+        self._threshold = long_prefill_token_threshold   # this step's effective threshold (D11)
         self.enable_chunked_prefill = enable_chunked_prefill
         self.reserve_full_isl = reserve_full_isl  # SchedulerConfig.scheduler_reserve_full_isl
         # block_pool.py BlockPool.__init__: all num_gpu_blocks blocks start in the free queue, then
@@ -302,8 +314,8 @@ class VllmOracle:
     def _chunk(self, num_new_tokens: int, token_budget: int) -> int:
         """The running loop's chunk (Scheduler.schedule): the long_prefill_token_threshold cap, then
         the budget cap.  (The waiting loop inlines the same two caps around its chunked-prefill check.)"""
-        if 0 < self.long_prefill_token_threshold < num_new_tokens:
-            num_new_tokens = self.long_prefill_token_threshold
+        if 0 < self._threshold < num_new_tokens:
+            num_new_tokens = self._threshold
         return min(num_new_tokens, token_budget)
 
     # ------------------------------------------------------------------ one step
@@ -314,6 +326,9 @@ class VllmOracle:
         scheduled: list[tuple[OracleRequest, int]] = []  # num_scheduled_tokens (a dict: insertion order)
         preempted: list[OracleRequest] = []  # preempted_reqs
         token_budget = self.max_num_batched_tokens
+        # D11: once per step, before either loop (skipped_waiting is empty here: D9).
+        alone = len(self.running) + len(self.waiting) <= 1
+        self._threshold = 0 if alone and not self.threshold_when_alone else self.long_prefill_token_threshold
 
         # First, schedule the RUNNING requests, in self.running order.
         req_index = 0
@@ -357,8 +372,8 @@ class VllmOracle:
                 # "We use request.num_tokens instead of request.num_prompt_tokens to consider the
                 # resumed requests, which have output tokens."
                 num_new_tokens = request.num_tokens - num_computed_tokens
-                if 0 < self.long_prefill_token_threshold < num_new_tokens:
-                    num_new_tokens = self.long_prefill_token_threshold
+                if 0 < self._threshold < num_new_tokens:
+                    num_new_tokens = self._threshold
                 if not self.enable_chunked_prefill and num_new_tokens > token_budget:
                     break  # "If chunked_prefill is disabled, we can stop the scheduling here."
                 num_new_tokens = min(num_new_tokens, token_budget)

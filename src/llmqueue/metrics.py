@@ -1,4 +1,4 @@
-"""Metrics and the stability verdict of a run (PAPER.md §4 and §7).
+"""Metrics and the stability verdict of a run (Theorem 2, arXiv 2504.07347 §3.2; latency and the verdict go beyond the paper).
 
 Latency: TTFT = first token − arrival (the batch finishing the prompt emits the first
 token), TBT = (finish − first token) / v_d (mean time between a request's output tokens,

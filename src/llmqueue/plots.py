@@ -275,7 +275,7 @@ def plot_max_rate_vs_budget(searches: Sequence[dict], rows: Sequence[dict], path
 
 def plot_network_backlog(series: dict[str, dict], path: str | Path, title: str, detail: str | None = None,
                          fluid: dict | None = None) -> Path:
-    """Network backlog (tokens) over time, one line per labelled run (docs/network.md, PAPER.md §6);
+    """Network backlog (tokens) over time, one line per labelled run (docs/network.md, arXiv 2504.07347 §5);
     with ``detail`` (a label), a second panel shows that run's backlog engine by engine.
 
     ``series`` maps a label to :func:`llmqueue.network.network_timeseries` output; ``fluid`` (the

@@ -1,9 +1,12 @@
-"""Built-in scenarios: TOML texts that ``llmqueue simulate`` accepts (PAPER.md §1, §4).
+"""Built-in scenarios: TOML texts that ``llmqueue simulate`` accepts (arXiv 2504.07347 §3.1, §3.2).
 
 Each is a complete, commented config; ``llmqueue scenarios show NAME`` prints it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from functools import cached_property
 
 from llmqueue.config import parse_toml
 from llmqueue.errors import ConfigError
@@ -17,7 +20,7 @@ a_ms = 35.47
 b0 = 128
 """
 
-SCENARIOS: dict[str, tuple[str, str]] = {
+SINGLE_SCENARIOS: dict[str, tuple[str, str]] = {
     "fig1": (
         "Paper Fig. 1 workload: Poisson arrivals at 0.9 of λ*, Poisson prompt (mean 129) and output "
         "(mean 112) lengths, staircase batch time, token budget 512 (the default scenario)",
@@ -125,9 +128,36 @@ seed = 0
     ),
 }
 
-from llmqueue.network.scenarios import NETWORK_SCENARIOS  # noqa: E402  (texts only; PAPER.md §6)
 
-SCENARIOS.update(NETWORK_SCENARIOS)
+
+class _Scenarios(Mapping[str, tuple[str, str]]):
+    """Name -> (description, TOML text): the single-engine scenarios above, then the network ones.
+
+    perf: the network texts live in :mod:`llmqueue.network.scenarios`, and importing it imports the
+    network package (scipy.sparse, 0.2 s); a single-engine name is answered without it, so
+    ``llmqueue capacity fig1`` starts fast (docs/performance.md, "Start-up").
+    """
+
+    @cached_property
+    def _all(self) -> dict[str, tuple[str, str]]:
+        from llmqueue.network.scenarios import NETWORK_SCENARIOS  # texts only (arXiv 2504.07347 §5)
+
+        return {**SINGLE_SCENARIOS, **NETWORK_SCENARIOS}
+
+    def __getitem__(self, name: str) -> tuple[str, str]:
+        return SINGLE_SCENARIOS[name] if name in SINGLE_SCENARIOS else self._all[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in SINGLE_SCENARIOS or name in self._all
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+
+SCENARIOS: Mapping[str, tuple[str, str]] = _Scenarios()
 
 DEFAULT_SCENARIO = "fig1"
 

@@ -1,4 +1,4 @@
-"""The paper's worked example (Fig. 8; PAPER.md §3) and helpers that drive an engine by hand.
+"""The paper's worked example (Fig. 8, arXiv 2504.07347 §4) and helpers that drive an engine by hand.
 
 :func:`drive` runs an :class:`~llmqueue.core.engine.Engine` batch by batch without the simulator,
 admitting each request at the first batch boundary at or after its arrival;
@@ -21,7 +21,7 @@ from llmqueue.schedulers import make_scheduler
 ONE_SECOND = {"model": "constant", "duration_ms": 1000}
 FIG8_NAMES = "ABCDE"
 
-# The paper's published sequences (PAPER.md §3, a reconstruction of Fig. 8), with the token
+# The paper's published sequences (§4, a reconstruction of Fig. 8), with the token
 # budget each is drawn for.  Typed in from the paper: the target, never a result.
 FIG8_PUBLISHED: dict[str, tuple[int, str]] = {
     "vllm": (4, "[Ad Bd Cd] [Dp Ep] [Ad Bd Cd Dd] [Bd Cd Ed] [Bd]"),

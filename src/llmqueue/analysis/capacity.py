@@ -1,4 +1,4 @@
-"""Closed-form analysis of one engine: Theorem 2 (PAPER.md §4, paper §3.2).
+"""Closed-form analysis of one engine: Theorem 2 (arXiv 2504.07347 §3.2).
 
 * capacity      b_max / t_{b_max} tokens/s: every work-conserving scheduler is stable
                 below it (Theorem 2b) and every scheduler unstable above it (2a, under

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats
 
 from llmqueue.analysis.capacity import capacity
 from llmqueue.checks import integer, number
@@ -119,12 +118,16 @@ def _law_window(d: LengthDist) -> tuple[np.ndarray, np.ndarray, float]:
         size = d.high - d.low + 1
         cdf, top, sup = (lambda k: np.clip(k - d.low + 1, 0, size) / size), d.high, d.high
     elif isinstance(d, Poisson):
+        from scipy import stats  # here, not at the top: it takes most of a second (docs/performance.md)
+
         cdf, top, sup = (lambda k: stats.poisson.cdf(k, d.mean_param)), stats.poisson.isf(_TAIL, d.mean_param), math.inf
     elif isinstance(d, Geometric):
         q = 1.0 - 1.0 / d.mean_param
         cdf = lambda k: 1.0 - q ** np.maximum(k, 0)
         top, sup = (math.ceil(math.log(_TAIL) / math.log(q)), math.inf) if q > 0 else (1, 1)
     elif isinstance(d, LogNormal):
+        from scipy import stats
+
         law = stats.lognorm(s=d.sigma, scale=math.exp(math.log(d.mean_param) - d.sigma**2 / 2))
         cdf, top, sup = (lambda k: law.cdf(k + 0.5)), law.isf(_TAIL), math.inf
     else:  # a law this module does not know: moments only, residues taken as uniform

@@ -1,4 +1,4 @@
-"""The 2-D stability region under a batch-size limit (PAPER.md §5, paper §6, Theorem 10).
+"""The 2-D stability region under a batch-size limit (arXiv 2504.07347 §6, Theorem 10).
 
 With at most k_max requests per batch, stability is a region in the plane of (prefill token
 rate λ·m_p, decode token rate λ·m_d): the convex hull of the rates (x/t_b, y/t_b) of the

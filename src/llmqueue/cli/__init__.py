@@ -11,6 +11,7 @@ kept, exit 130 and 143 (docs/config.md, "Errors, signals and limits").
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sqlite3
 import sys
@@ -18,26 +19,46 @@ import warnings
 from collections.abc import Sequence
 
 from llmqueue import __version__
-from llmqueue.cli import common, network, real, region, reproduce, single, sweep
+from llmqueue.cli import common
 from llmqueue.errors import LlmqueueError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-COMMAND_GROUPS = (single, region, sweep, real, network, reproduce)
+# The command groups (modules of llmqueue.cli) and the commands each registers, in --help order.
+# perf: `llmqueue CMD` imports only CMD's group: the network group alone imports scipy.sparse
+# (0.2 s) and the sweep group the sweep machinery; --help, no command or an unknown one imports
+# them all (docs/performance.md, "Start-up"; tests/test_startup.py keeps this table true).
+COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "single": ("compare", "simulate", "capacity", "policies", "scenarios"),
+    "region": ("region",),
+    "sweep": ("sweep", "max-rate", "results", "plot"),
+    "real": ("engine", "calibrate", "serve", "serve-bench"),
+    "network": ("network",),
+    "cluster": ("cluster",),
+    "reproduce": ("reproduce",),
+}
 DEBUG_FLAG = "--debug"
 SHRINK = ("run.horizon_s or run.requests (fewer arrivals), workload.rate or workload.load, engine.token_budget, "
           "engine.kv_blocks, --grid and --seeds")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _groups_for(argv: Sequence[str] | None) -> list[str]:
+    """The groups to register for ``argv``: the one owning its command, or all of them."""
+    command = next((a for a in argv or () if not a.startswith("-")), None)
+    owner = [g for g, commands in COMMAND_GROUPS.items() if command in commands]
+    return owner or list(COMMAND_GROUPS)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, with only the group of its command registered (start-up time)."""
     p = argparse.ArgumentParser(prog="llmqueue", description="Stability and latency of LLM inference schedulers "
                                 "(Dai, Deng, Li, Peng, arXiv 2504.07347).")
     p.add_argument("--version", action="version", version=f"llmqueue {__version__}")
     p.add_argument(DEBUG_FLAG, action="store_true",
                    help="show the full traceback of an unexpected error (also accepted after the command)")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in COMMAND_GROUPS:
-        group.register(sub)
+    for name in _groups_for(argv):
+        importlib.import_module(f"llmqueue.cli.{name}").register(sub)
     return p
 
 
@@ -89,7 +110,7 @@ def run_command(args: argparse.Namespace, debug: bool = False) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     debug, argv = _split_debug(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     common.WRITTEN.clear()
     with warnings.catch_warnings(record=True) as caught, common.signals_as_interrupts():
         warnings.simplefilter("always")

@@ -46,7 +46,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     r = sub.add_parser("reproduce", help="run every result of the paper and write an HTML report",
-                       description="Run every result of the paper (PAPER.md) and write DIR/report.html "
+                       description="Run every result of the paper (arXiv 2504.07347) and write DIR/report.html "
                                    "(self-contained), DIR/results.json and DIR/plots/*.png. Finished runs are "
                                    "stored in DIR/runs.db: an interrupted reproduction resumes.")
     r.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")

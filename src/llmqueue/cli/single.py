@@ -1,14 +1,14 @@
-"""Single-engine commands: compare, simulate, capacity, policies, scenarios (PAPER.md §2-§4)."""
+"""Single-engine commands: compare, simulate, capacity, policies, scenarios (arXiv 2504.07347 §3–§4)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 
-from llmqueue.cli import network
 from llmqueue.cli.common import (
     Progress,
     add_overrides,
@@ -28,10 +28,11 @@ from llmqueue.cli.common import (
     write_requests_csv,
     write_text,
 )
-from llmqueue.config import dumps
+from llmqueue.config import dumps, read_toml
 from llmqueue.errors import ConfigError, LlmqueueError
-from llmqueue.scenarios import DEFAULT_SCENARIO, SCENARIOS, scenario_text
+from llmqueue.scenarios import DEFAULT_SCENARIO, SCENARIOS, SINGLE_SCENARIOS, scenario_text
 from llmqueue.schedulers import SCHEDULERS
+from llmqueue.tables import batch_columns, request_columns, stacked, write_table
 
 
 #: compare's flags that replace each other (as their config keys do): given together, refused
@@ -51,6 +52,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if args.batches:
+        overrides.append("run.record_batches=true")
     cfg = config_from(args.config or DEFAULT_SCENARIO, overrides)
     names = scheduler_names(args.schedulers, list(SCHEDULERS))
     out = Path(args.out)
@@ -90,14 +93,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for line in rejection_warnings(summaries):
             print(line, file=sys.stderr)
     write_columns_csv(out / "timeseries.csv", timeseries_columns(finished))
+    written = [out / "summary.json", out / "timeseries.csv"]
+    if stop is None:   # the per-request tables of a whole comparison (an interrupted one keeps the two above)
+        written.append(saved(write_table(stacked([(r.result.scheduler, request_columns(r.result)) for r in finished]),
+                                         out / "requests.csv")))
+        if args.batches:
+            written.append(saved(write_table(stacked([(r.result.scheduler, batch_columns(r.result))
+                                                      for r in finished]), out / "batches.csv")))
     if not args.no_plot:
         a = finished[0].analysis
         title = f"ρ = {a.rho:.2f} (λ = {a.arrival_rate:.2f} req/s), b_max = {a.token_budget}"
         pngs = [saved(plot_in_system(finished, out / "number_in_system.png", f"Requests in system: {title}"))]
         if finished[0].result.kv is not None:
             pngs.append(saved(plot_kv_blocks(finished, out / "kv_blocks.png", f"KV-cache use: {title}")))
-        if not args.json:
-            print(f"\nwrote {', '.join(map(str, pngs))}, {out / 'summary.json'} and {out / 'timeseries.csv'}")
+        written = pngs + written
+    if not args.json:
+        print(f"\nwrote {', '.join(map(str, written))}")
     if stop is not None:
         done = ", ".join(r.result.scheduler for r in finished)
         return interrupted(stop, f"{len(finished)} of {len(names)} schedulers finished ({done}), shown in the table; "
@@ -105,8 +116,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _network_commands(source: str | None):
+    """:mod:`llmqueue.cli.network` when ``source`` (a file or a scenario name) holds a network config
+    ([[engines]]), else None.
+
+    perf: importing the network package takes 0.2 s (scipy.sparse); a built-in single-engine scenario,
+    or a file without ``engines``, is answered without it (docs/performance.md, "Start-up").
+    """
+    if source is None:
+        return None
+    path = Path(source)
+    if not path.exists() and source in SINGLE_SCENARIOS:
+        return None
+    if path.exists():
+        try:
+            if "engines" not in read_toml(path):
+                return None
+        except (LlmqueueError, tomllib.TOMLDecodeError):
+            return None
+    from llmqueue.cli import network
+
+    return network if network.is_network_source(source) else None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    if network.is_network_source(args.config):  # [[engines]]: a network config (PAPER.md §6)
+    network = _network_commands(args.config)
+    if network is not None:  # [[engines]]: a network config (arXiv 2504.07347 §5)
         return network.cmd_simulate(args)
     from llmqueue.runner import run_config
 
@@ -148,7 +183,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    if network.is_network_source(args.config):  # [[engines]]: traffic equations (PAPER.md §6)
+    network = _network_commands(args.config)
+    if network is not None:  # [[engines]]: traffic equations (arXiv 2504.07347 §5)
         return network.cmd_capacity(args)
     from llmqueue.runner import analysis_of, build_workload, memory_of, prefix_of
 
@@ -248,7 +284,11 @@ def register(sub) -> None:
     c.add_argument("--requests", type=int, help="number of arrivals (instead of --horizon)")
     c.add_argument("--seed", type=int, help="random seed (default 0)")
     c.add_argument("--schedulers", help=f"comma-separated names or policy files FILE.py:CLASS (default all: {','.join(SCHEDULERS)})")
-    c.add_argument("--out", default="llmqueue_output/compare", help="folder for the plot and summary.json")
+    c.add_argument("--out", default="llmqueue_output/compare",
+                   help="folder for the plots, summary.json, timeseries.csv and requests.csv (one row per request "
+                        "and scheduler)")
+    c.add_argument("--batches", action="store_true",
+                   help="also record every batch and write batches.csv (one row per batch and scheduler)")
     c.add_argument("--json", action="store_true", help="print the summaries as JSON")
     c.add_argument("--no-plot", action="store_true", help="skip the PNG")
     add_overrides(c)

@@ -38,6 +38,7 @@ from llmqueue.sweep.results import (
     varying,
     where,
     write_csv,
+    write_json,
     write_parquet,
 )
 
@@ -230,13 +231,16 @@ def cmd_results(args: argparse.Namespace) -> int:
         rows = _rows(args)
     if args.csv:
         write_csv(rows, args.csv)
+    elif args.json_out:
+        write_json(rows, args.json_out)
     elif args.parquet:
         write_parquet(rows, args.parquet)
     else:
         print(_results_table(rows, args.max_rate))
         return 0
-    if args.csv != "-":
-        print(f"wrote {len(rows)} rows to {args.csv or args.parquet}", file=sys.stderr)
+    target = args.csv or args.json_out or args.parquet
+    if target != "-":
+        print(f"wrote {len(rows)} rows to {target}", file=sys.stderr)
     return 0
 
 
@@ -346,7 +350,9 @@ def register(sub) -> None:
                    help="keep rows with e.g. engine.scheduler=orca, workload.rate>=10, status=failed (repeatable)")
     out = r.add_mutually_exclusive_group()
     out.add_argument("--csv", metavar="OUT", help="write every column as CSV (- for standard output)")
-    out.add_argument("--parquet", metavar="OUT", help="write every column as Parquet (needs pyarrow)")
+    out.add_argument("--json", dest="json_out", metavar="OUT",
+                     help="write every row as a JSON list of objects (- for standard output)")
+    out.add_argument("--parquet", metavar="OUT", help="write every column as Parquet (the parquet extra: pyarrow)")
     r.add_argument("--max-rate", action="store_true", help="the max-rate searches instead of the runs")
     r.set_defaults(func=cmd_results)
 

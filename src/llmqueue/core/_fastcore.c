@@ -36,7 +36,9 @@ enum { NO_LOAD_RULE = 0, MAX_WEIGHT_LOAD = 1 };
 enum { ORDER_STATIC = 0, ORDER_PRESSURE = 1 };
 #define MAX_STEPS 8
 
-typedef struct { int64_t code, exclusive, split, max_chunk, max_running; } PlanStep;
+/* plan.Step.encode(); alone_chunk: the chunk cap when the queue holds one request (Running, Waiting:
+ * vLLM >= 0.32 lifts long_prefill_token_threshold for a lone request unless cap_alone) */
+typedef struct { int64_t code, exclusive, split, max_chunk, max_running, alone_chunk; } PlanStep;
 
 #ifndef LLMQUEUE_FASTCORE_SHA256
 #define LLMQUEUE_FASTCORE_SHA256 "unknown"
@@ -458,8 +460,10 @@ static void max_weight(const Engine *E, const Queue *Q, int64_t *load, int64_t *
 static inline void plan_queue(Engine *E, const Queue *Q, Build *b, int64_t most_decodes) {
     const int64_t *pq = DEQ_AT(&Q->pq), *dq = DEQ_AT(&Q->dq);
     Py_ssize_t npq = DEQ_N(&Q->pq), nd = DEQ_N(&Q->dq), count = -1;   /* count: started prompts, once */
+    int alone = npq + nd <= 1;   /* at the batch's start (plan.interpret) */
     for (int k = 0; k < E->nsteps && b->room && b->slots; k++) {
         const PlanStep *s = &E->steps[k];
+        int64_t max_chunk = alone ? s->alone_chunk : s->max_chunk;
         int stop = 0;
         switch (s->code) {
         case DECODES:
@@ -472,11 +476,11 @@ static inline void plan_queue(Engine *E, const Queue *Q, Build *b, int64_t most_
             break;
         case RUNNING:
             if (count < 0) count = started(E->R, pq, npq);
-            running(E, b, pq, count, dq, nd, s->max_chunk);
+            running(E, b, pq, count, dq, nd, max_chunk);
             break;
         default:
             if (count < 0) count = started(E->R, pq, npq);
-            waiting(E, b, pq, npq, count, nd, s->max_chunk, s->max_running);
+            waiting(E, b, pq, npq, count, nd, max_chunk, s->max_running);
         }
         if (stop) break;
     }
@@ -719,9 +723,10 @@ static void plan_queue_kv(Engine *E, const Queue *Q, Build *b, int64_t most_deco
     E->kv_stopped = E->kv_limited = 0;
     E->dq_served = E->dq_gone = 0;
     E->dec_need = 0;
+    int alone = DEQ_N(&Q->pq) + DEQ_N(&Q->dq) <= 1;   /* at the batch's start, preempted ones included */
     for (int k = 0; k < E->nsteps && KV_ROOM(b); k++) {
         const PlanStep *s = &E->steps[k];
-        int64_t before = b->room;
+        int64_t before = b->room, max_chunk = alone ? s->alone_chunk : s->max_chunk;
         switch (s->code) {
         case DECODES:
             decodes_kv(E, Q, b, ns, s->exclusive ? NO_CAP : most_decodes);
@@ -730,10 +735,10 @@ static void plan_queue_kv(Engine *E, const Queue *Q, Build *b, int64_t most_deco
             prefills_kv(E, Q, b, ns, (int)s->split, s->max_chunk);
             break;
         case RUNNING:
-            running_kv(E, Q, b, ns, s->max_chunk);
+            running_kv(E, Q, b, ns, max_chunk);
             break;
         default:
-            waiting_kv(E, Q, b, ns, s->max_chunk, s->max_running);
+            waiting_kv(E, Q, b, ns, max_chunk, s->max_running);
         }
         if (s->exclusive && b->room < before) break;
     }
@@ -1338,16 +1343,16 @@ static int engine_init(Engine *E, Req *R, Reporter *rep, const int64_t *plan, Py
         return -1;
     }
     if (plan_words < 2 || plan[0] < NO_LOAD_RULE || plan[0] > MAX_WEIGHT_LOAD || plan[1] < 1 || plan[1] > MAX_STEPS
-        || plan_words != 2 + 5 * plan[1] || (plan[0] != NO_LOAD_RULE && G != 1)) {
+        || plan_words != 2 + 6 * plan[1] || (plan[0] != NO_LOAD_RULE && G != 1)) {
         PyErr_SetString(PyExc_ValueError, "bad plan encoding");
         return -1;
     }
     E->load_rule = (int)plan[0];
     E->nsteps = (int)plan[1];
     for (int k = 0; k < E->nsteps; k++) {
-        const int64_t *w = plan + 2 + 5 * k;
-        PlanStep st = {w[0], w[1], w[2], w[3], w[4]};
-        if (st.code < DECODES || st.code > WAITING || st.max_chunk < 1 || st.max_running < 1) {
+        const int64_t *w = plan + 2 + 6 * k;
+        PlanStep st = {w[0], w[1], w[2], w[3], w[4], w[5]};
+        if (st.code < DECODES || st.code > WAITING || st.max_chunk < 1 || st.max_running < 1 || st.alone_chunk < 1) {
             PyErr_SetString(PyExc_ValueError, "bad plan step");
             return -1;
         }

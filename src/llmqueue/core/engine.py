@@ -1,4 +1,4 @@
-"""One engine: a scheduler plus an executor of batches (PAPER.md §1–2, paper §3.1).
+"""One engine: a scheduler plus an executor of batches (arXiv 2504.07347 §3.1, Eqs. 8–9).
 
 The engine admits requests, asks its scheduler for a plan at each batch boundary, times
 the batch with the batch-time model, applies it through :func:`~llmqueue.model.request.apply_batch`

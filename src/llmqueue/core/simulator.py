@@ -1,4 +1,4 @@
-"""The discrete-event loop for one engine (PAPER.md §1, paper §3.1).
+"""The discrete-event loop for one engine (arXiv 2504.07347 §3.1).
 
 Batches run back to back; arrivals during a batch wait for the next batch boundary; an
 idle engine starts a batch at the next arrival.  The run is deterministic: the request
@@ -56,6 +56,16 @@ class Result:
     @property
     def num_batches(self) -> int:
         return len(self.batch_end_time)
+
+    def to_pandas(self, points: int = 600):
+        """The run as pandas DataFrames (the ``pandas`` extra): ``.requests`` (one row per request),
+        ``.batches`` (one per batch; every recorded column with ``run.record_batches``) and
+        ``.timeseries`` (requests in system and backlog at ``points`` even times), a
+        :class:`llmqueue.tables.Frames`.  :mod:`llmqueue.tables` writes the same tables as CSV, JSON
+        or Parquet."""
+        from llmqueue.tables import result_frames   # pandas, and the time series of llmqueue.metrics
+
+        return result_frames(self, points)
 
 
 @dataclass

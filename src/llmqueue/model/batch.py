@@ -1,4 +1,4 @@
-"""Batch plans and the one place where budget arithmetic happens (PAPER.md §1, paper §3.1).
+"""Batch plans and the one place where budget arithmetic happens (arXiv 2504.07347 §3.1).
 
 A scheduler builds a :class:`BatchPlan` with a :class:`BatchBuilder`, which enforces the
 token budget (6d) and the optional request cap k_max (§6); prefill-before-decode (6a) and

@@ -1,4 +1,4 @@
-"""Batch-time models t_b: seconds for a batch of b tokens (PAPER.md §1, paper §3.1, Eq. 4).
+"""Batch-time models t_b: seconds for a batch of b tokens (arXiv 2504.07347 §3.1, Eq. 4).
 
 * ``staircase``        t_b = c + a * ceil(b / b0)        (v3, Assumption 1; the default)
 * ``piecewise_linear`` t_b = c + a * max(0, b - b0)      (v1/v2)

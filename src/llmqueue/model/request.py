@@ -1,4 +1,4 @@
-"""Request state and the one function that advances it (PAPER.md §1, paper §3.1).
+"""Request state and the one function that advances it (arXiv 2504.07347 §3.1).
 
 A request ``i`` brings ``num_prompt_tokens`` (v_p) prefill tokens and ``num_output_tokens``
 (v_d) decode tokens.  Its state is the remaining prefill ``prefill_left`` (p_i) and the

@@ -1,4 +1,4 @@
-"""Workload: arrival processes, request-length distributions and trace replay (PAPER.md §1, paper §3.1).
+"""Workload: arrival processes, request-length distributions and trace replay (arXiv 2504.07347 §3.1).
 
 A request brings ``v_p`` prefill (prompt) and ``v_d`` decode (output) tokens, drawn i.i.d. with
 means ``m_p`` (:attr:`Workload.mean_prompt_len`) and ``m_d`` (:attr:`Workload.mean_output_len`);
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from scipy import stats
 
 from llmqueue.checks import BIG as _BIG
 from llmqueue.checks import integer as _integer
@@ -58,6 +57,14 @@ def _mean(value: Any, field: str, *, at_least: float | None = None) -> float:
 
 
 # ---- length distributions -------------------------------------------------------------
+
+def _stats():
+    """scipy.stats, imported where a law needs it: it takes most of a second, and no command should pay
+    that at start-up (docs/performance.md, "Start-up")."""
+    from scipy import stats
+
+    return stats
+
 
 class LengthDist(ABC):
     """Law of a token count, clipped to ``[minimum, maximum]`` (``maximum`` None: no upper clip).
@@ -160,14 +167,28 @@ class Poisson(LengthDist):
         return rng.poisson(self.mean_param, n)
 
     def _cdf(self, k):
-        return float(stats.poisson.cdf(k, self.mean_param))
+        return float(_stats().poisson.cdf(k, self.mean_param))
 
     def _partial_mean(self, t):  # k·pmf(k) = m·pmf(k-1)
-        return self.mean_param * float(stats.poisson.cdf(t - 1, self.mean_param))
+        return self.mean_param * float(_stats().poisson.cdf(t - 1, self.mean_param))
 
     def _partial_square(self, t):  # k² = k(k-1) + k, k(k-1)·pmf(k) = m²·pmf(k-2)
         m = self.mean_param
+        stats = _stats()
         return m * m * float(stats.poisson.cdf(t - 2, m)) + m * float(stats.poisson.cdf(t - 1, m))
+
+    @cached_property
+    def mean(self) -> float:
+        # perf: `llmqueue capacity fig1` imported scipy.stats (0.8 s) only for this.  With no upper clip,
+        # E[clip(Y, a)] = m + (a·P(Y <= a) - m·P(Y <= a-1)), and when the Chernoff bound on the
+        # bracket, (a + m)·exp(-m)(e·m/a)^a, is under a quarter ulp of m, the sum rounds to m exactly:
+        # the float the general formula gives, without computing the two tail terms.
+        m, a = self.mean_param, self.minimum
+        if self.maximum is None and a < m:
+            log_tail = -m + (a * (1.0 + math.log(m / a)) if a > 0 else 0.0)
+            if math.log(a + m) + log_tail < math.log(math.ulp(m) / 4):
+                return float(m)
+        return super().mean
 
     def _params(self):
         return {"mean": self.mean_param}
@@ -252,7 +273,10 @@ class LogNormal(LengthDist):
         self.mean_param = _mean(mean, f"{field}.mean")
         self.sigma = _number(sigma, f"{field}.sigma", above=0.0, at_most=100.0)
         self._mu = math.log(self.mean_param) - self.sigma**2 / 2
-        self._law = stats.lognorm(s=self.sigma, scale=math.exp(self._mu))
+
+    @cached_property
+    def _law(self):
+        return _stats().lognorm(s=self.sigma, scale=math.exp(self._mu))
 
     def _draw(self, rng, n):
         return np.rint(rng.lognormal(self._mu, self.sigma, n))
@@ -266,7 +290,7 @@ class LogNormal(LengthDist):
         total = float(k @ (self._law.sf(k - 0.5) - self._law.sf(k + 0.5)))
         if t > cut:  # E[X; cut + 1/2 <= X < t + 1/2] in closed form
             z = [(math.log(x) - self._mu - self.sigma**2) / self.sigma for x in (math.floor(cut) + 0.5, t + 0.5)]
-            total += self.mean_param * float(stats.norm.sf(z[0]) - stats.norm.sf(z[1]))
+            total += self.mean_param * float(_stats().norm.sf(z[0]) - _stats().norm.sf(z[1]))
         return total
 
     def _partial_square(self, t):  # as _partial_mean; beyond the cut round(X)² ~ X² - 1/12
@@ -277,7 +301,7 @@ class LogNormal(LengthDist):
             x = [math.floor(cut) + 0.5, t + 0.5]
             z = [(math.log(v) - self._mu - 2 * self.sigma**2) / self.sigma for v in x]
             mass = float(self._law.sf(x[0]) - (0.0 if math.isinf(t) else self._law.sf(x[1])))
-            total += math.exp(2 * self._mu + 2 * self.sigma**2) * float(stats.norm.sf(z[0]) - stats.norm.sf(z[1]))
+            total += math.exp(2 * self._mu + 2 * self.sigma**2) * float(_stats().norm.sf(z[0]) - _stats().norm.sf(z[1]))
             total -= mass / 12
         return total
 

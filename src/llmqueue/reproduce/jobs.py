@@ -1,7 +1,7 @@
 """The runs behind ``llmqueue reproduce``, as tasks for the sweep executors (docs/reproduce.md).
 
-A job is a JSON-able dict: ``kind`` = ``single`` (a single-engine config, PAPER.md §1–§5) or
-``network`` (a network scenario with ``--set`` overrides, PAPER.md §6), plus what to keep of
+A job is a JSON-able dict: ``kind`` = ``single`` (a single-engine config, arXiv 2504.07347 §3, §4, §6) or
+``network`` (a network scenario with ``--set`` overrides, arXiv 2504.07347 §5), plus what to keep of
 the run beyond its summary (a time series, the served (prefill, decode) rates, the steady
 batch shapes).  :func:`run_job` runs one in a worker; the driver stores its outcome in the
 sweep store, keyed by the job's hash, so an interrupted reproduction resumes where it stopped.

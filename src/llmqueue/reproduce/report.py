@@ -107,7 +107,7 @@ def render(results: list[Result], meta: dict, costs: list[dict], plots: Path) ->
              f"<p class='meta'>llmqueue {e(str(meta['version']))} · mode <b>{e(meta['mode'])}</b> · "
              f"{meta['jobs']} worker process(es) · {meta['wall_s']:.0f} s wall · generated {e(meta['generated'])}. "
              "Every number below comes from a simulation run or a closed form computed by this run, except the "
-             "values marked <i>published</i>, which are the paper's (PAPER.md). Rerun with <code>llmqueue reproduce"
+             "values marked <i>published</i>, which are the paper's (arXiv 2504.07347). Rerun with <code>llmqueue reproduce"
              + {"full": "", "quick": " --quick", "smoke": " --smoke"}.get(meta["mode"], "")
              + "</code> (finished runs are reused from <code>runs.db</code> beside this file).</p>"]
     if meta["mode"] != "full":

@@ -4,7 +4,7 @@ A section lists the simulation jobs it needs (:meth:`Section.jobs`, run by the d
 parallel and stored), and then :meth:`Section.assemble` turns their results into tables, plots
 and a verdict computed from the numbers.  The paper's published values are kept in
 ``published`` dicts and labelled as such in the report; every other number comes from a run
-or from the closed forms.  Section numbers of the paper follow PAPER.md.
+or from the closed forms.  Section, equation and figure numbers are the paper's own (v3).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class Fig8(Section):
     key, title = "fig8", "1. Batch compositions of the four schedulers (Fig. 8)"
     claim = ("A, B, C are decoding with 2, 4, 3 decode tokens left; D and E (1 prefill + 1 decode token "
              "each) arrive during the first batch. Each scheduler forms the batches shown in the paper's "
-             "Fig. 8 (PAPER.md §3); only Orca and Sarathi-Serve are work-conserving.")
+             "Fig. 8 (paper §4); only Orca and Sarathi-Serve are work-conserving.")
 
     def __init__(self) -> None:
         from llmqueue.worked_example import FIG8_PUBLISHED
@@ -245,7 +245,7 @@ class Fig1(Section):
     key, title = "fig1", "2. The four schedulers on the Fig. 1 workload"
     claim = ("On the Fig. 1 workload (prompt mean 129, output mean 112 tokens, the CodeLlama-34B staircase, "
              "b_max = 512, λ* = 13.87 requests/s) the non-work-conserving FasterTransformer and vanilla vLLM "
-             "diverge at loads well below λ*, where Orca and Sarathi-Serve stay bounded (PAPER.md §4).")
+             "diverge at loads well below λ*, where Orca and Sarathi-Serve stay bounded (Theorem 2, paper §3.2).")
     published: ClassVar[dict[str, Any]] = {"lambda_star_rps (b_max = 512)": 13.87, "real A100 trace rate_rps": 14}
 
     def jobs(self, s):
@@ -305,7 +305,7 @@ class Theorem2(Section):
     key, title = "theorem2", "3. Throughput and stability (Theorem 2)"
     claim = ("No scheduler serves more than b_max/t_{b_max} tokens/s; every work-conserving scheduler is "
              "stable when λ(m_p + m_d) < b_max/t_{b_max}; above it the unprocessed tokens grow at the fluid "
-             "rate λ(m_p + m_d) − b_max/t_{b_max} (PAPER.md §4). Example: (v_p, v_d) = (100, 100), "
+             "rate λ(m_p + m_d) − b_max/t_{b_max} (paper §3.2). Example: (v_p, v_d) = (100, 100), "
              "b_max = 512: λ* = 16.71 requests/s.")
     published: ClassVar[dict[str, Any]] = {"lambda_star_rps (100 + 100 tokens, b_max = 512)": 16.71}
 
@@ -395,7 +395,7 @@ class BatchTimeModels(Section):
     key, title = "batch_time", "4. Batch time and capacity against the token budget"
     claim = ("The batch time depends only on the token load b: v3's staircase t_b = c + a·⌈b/b0⌉ (CodeLlama-34B on "
              "one A100-80GB: c = 11.28 ms, a = 35.47 ms, b0 = 128), v1/v2's piecewise-linear c + a·max(0, b − b0). "
-             "Capacity is b_max/t_{b_max} tokens/s (PAPER.md §1, §4).")
+             "Capacity is b_max/t_{b_max} tokens/s (paper §3.1, §3.2).")
     published: ClassVar[dict[str, Any]] = {"t_128_ms": 46.75, "t_512_ms": 153.16, "t_1024_ms": 295.04}
 
     def jobs(self, s):
@@ -476,7 +476,7 @@ class Region(Section):
              "is batches of 29 prefill + 99 decode tokens every 46.75 ms, (0.6203, 2.1176) tokens/ms. At point C "
              "(one request every 467.5 ms, 290 + 990 tokens) only Sarathi with b_max = 128 stays stable (≈ 99 in "
              "the system, 29 + 99 batches); Sarathi-1024, Orca-128, vanilla vLLM-128 and FasterTransformer-128 "
-             "diverge (PAPER.md §5). Which policy reaches the whole region is open.")
+             "diverge (paper §6.2). Which policy reaches the whole region is open.")
     published: ClassVar[dict[str, Any]] = {"vertex_C_batch": "29 prefill + 99 decode", "vertex_C_tokens_per_ms": [0.6203, 2.1176],
                  "sarathi_128_in_system": 99}
 
@@ -546,7 +546,7 @@ class Region(Section):
                                                      ("maxweight-1024", "vllm-v1-128", "vllm-v1-1024") if lab in numbers)
                 + " (maxweight is this project's region-reaching scheduler; vLLM v1 batches like Sarathi here). "
                 + (f"Without prompt splitting ({', '.join(nosplit)}) no 290-token prompt fits a 128-token batch: "
-                   "every request is rejected and nothing is served (PAPER.md §3's open point)." if nosplit else ""))
+                   "every request is rejected and nothing is served (an open point of the paper's §4)." if nosplit else ""))
         return self.result(
             config=scenario_text("point-c").strip() + f"\n\n# runs: {', '.join(lab for lab, *_ in POINT_C_RUNS)}; "
                                                       f"run.horizon_s = {s.pointc_horizon:g}",
@@ -604,7 +604,7 @@ class Networks(Section):
     claim = ("For DAG and fork-join routing, work-conserving (K-FCFS) scheduling at every engine is throughput-"
              "optimal: stable whenever each engine's load is below its capacity. For cyclic routing it is not: in "
              "the Rybko–Stolyar network (two Sarathi engines, b_max = 768, t ≡ 1, ρ = 0.9 at both), strict "
-             "priority to the class leaving each engine diverges, the reverse priority is stable (PAPER.md §6).")
+             "priority to the class leaving each engine diverges, the reverse priority is stable (paper §5.4).")
     published: ClassVar[dict[str, Any]] = {"rybko_stolyar_rho": 0.9, "rybko_stolyar_lambda_per_type": 1.1368}
 
     def jobs(self, s):
@@ -730,7 +730,7 @@ LAT_SCHEDULERS = ("sarathi", "orca")
 
 class Latency(Section):
     key, title = "latency", "7. Latency against load and token budget"
-    claim = ("Not measured in the paper (PAPER.md §7 lists latency and the token budget's latency trade-off among "
+    claim = ("Not measured in the paper (latency and the token budget's latency trade-off are among "
              "what it leaves out): a larger budget raises capacity but lengthens each batch, so time between tokens "
              "grows with the budget while time to first token falls near capacity.")
 

@@ -4,7 +4,7 @@ A scheduler has one job: given the engine's state at a batch boundary, return an
 immutable :class:`~llmqueue.model.batch.BatchPlan`.  It never changes state itself.  A policy is
 defined once, as a plan of steps (:mod:`llmqueue.schedulers.plan`), which the reference
 interpreter and the compiled core both execute.  Each
-declares whether it claims to be work-conserving (PAPER.md §2); the engine checks
+declares whether it claims to be work-conserving (arXiv 2504.07347, Eqs. 8–9); the engine checks
 every batch against that claim.
 """
 

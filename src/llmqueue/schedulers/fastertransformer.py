@@ -1,4 +1,4 @@
-"""FasterTransformer (PAPER.md §3, paper §4, Table 1): decode first, no mixed batches.
+"""FasterTransformer (arXiv 2504.07347 §4, Table 1): decode first, no mixed batches.
 
 While any request is decoding, the batch holds only decode tokens (one per decoding
 request, FCFS, up to the budget) and prefills wait; otherwise a prefill-only batch, FCFS.

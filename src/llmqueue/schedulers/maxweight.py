@@ -1,6 +1,6 @@
 """Max-weight batch shapes: a scheduler for the 2-D region under a request cap (paper §6; beyond it).
 
-Under a cap k_max the stability region is 2-D (PAPER.md §5, Theorem 10, ``llmqueue.analysis.region``):
+Under a cap k_max the stability region is 2-D (arXiv 2504.07347 §6, Theorem 10, ``llmqueue.analysis.region``):
 its corners are batch *types*; for the paper's staircase and k_max = 100, vertex C is 29 prefill
 + 99 decode tokens in a 128-token batch (46.75 ms).  Sarathi with b_max = 1024 fills each batch
 to the budget, so next to 99 decoders it runs a whole 290-token prompt (389 tokens, 153 ms) and

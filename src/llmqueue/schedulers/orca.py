@@ -1,4 +1,4 @@
-"""Orca (PAPER.md §3, paper §4, Table 1): prefill first, mixed batches.
+"""Orca (arXiv 2504.07347 §4, Table 1): prefill first, mixed batches.
 
 Fill the budget with prefill tokens (FCFS, chunking the last prompt so the batch is
 full), then give one decode token per decoding request in the room left (FCFS).

@@ -14,7 +14,10 @@ all budget (6d) and request-cap (§6) arithmetic:
   behind it too.  ``max_chunk`` caps any one chunk.
 * :class:`Running` / :class:`Waiting` -- vLLM v1's loop: the *running* requests (prompts already
   started and decoders) in admission order, each its next decode token or prefill chunk; then
-  *waiting* prompts FCFS while fewer than ``max_running`` requests run.
+  *waiting* prompts FCFS while fewer than ``max_running`` requests run.  Their ``max_chunk``
+  (vLLM's ``long_prefill_token_threshold``) does not cap a request that is alone, i.e. when the
+  queues hold one request at the batch's start (vLLM >= 0.32, its PR #57951), unless
+  ``cap_alone`` is set (the rule before).
 
 ``exclusive`` on a step: when its queue is not empty, the batch holds only that step (the
 non-mixed policies: FasterTransformer's decodes, vanilla vLLM's prefills).  Prefill before
@@ -53,10 +56,17 @@ class Step:
 
     code: ClassVar[int]
 
-    def encode(self) -> tuple[int, int, int, int, int]:
-        """(code, exclusive, split, max_chunk, max_running) for the compiled core."""
+    def encode(self) -> tuple[int, int, int, int, int, int]:
+        """(code, exclusive, split, max_chunk, max_running, alone_chunk) for the compiled core;
+        ``alone_chunk``: the chunk cap when the queues hold a single request."""
+        max_chunk = getattr(self, "max_chunk", None)
         return (self.code, int(getattr(self, "exclusive", False)), int(getattr(self, "split", True)),
-                _limit(getattr(self, "max_chunk", None)), _limit(getattr(self, "max_running", None)))
+                _limit(max_chunk), _limit(getattr(self, "max_running", None)), _limit(self.chunk_cap(True)))
+
+    def chunk_cap(self, alone: bool) -> int | None:
+        """The cap on one prefill chunk (None: none); ``alone``: the queues hold a single request."""
+        max_chunk = getattr(self, "max_chunk", None)
+        return None if alone and not getattr(self, "cap_alone", True) else max_chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,18 +90,24 @@ class Prefills(Step):
 
 @dataclass(frozen=True, slots=True)
 class Running(Step):
-    """vLLM v1's running requests (started prompts and decoders) in admission order."""
+    """vLLM v1's running requests (started prompts and decoders) in admission order.
+
+    ``max_chunk`` caps a prefill chunk while two or more requests are in the queues; ``cap_alone``:
+    also when one is alone (vLLM < 0.32, module docstring)."""
 
     max_chunk: int | None = None
+    cap_alone: bool = False
     code: ClassVar[int] = RUNNING
 
 
 @dataclass(frozen=True, slots=True)
 class Waiting(Step):
-    """vLLM v1's waiting prompts, FCFS, while fewer than ``max_running`` requests run."""
+    """vLLM v1's waiting prompts, FCFS, while fewer than ``max_running`` requests run
+    (``max_chunk``, ``cap_alone``: as :class:`Running`)."""
 
     max_chunk: int | None = None
     max_running: int | None = None
+    cap_alone: bool = False
     code: ClassVar[int] = WAITING
 
 
@@ -141,7 +157,7 @@ class Plan:
         return all(getattr(s, "split", True) for s in self.steps)
 
     def encode(self) -> tuple[int, ...]:
-        """The flat integer form the compiled core reads: load code, step count, 5 ints a step."""
+        """The flat integer form the compiled core reads: load code, step count, 6 ints a step."""
         code = 0 if self.load is None else self.load.code
         return (code, len(self.steps), *(x for s in self.steps for x in s.encode()))
 
@@ -173,7 +189,7 @@ def validate(plan: Plan) -> None:
     for s in steps:
         if not isinstance(s, Step) or type(s) is Step:
             raise ConfigError("plan.steps", s, "a Decodes, Prefills, Running or Waiting step")
-        for key in ("exclusive", "split"):
+        for key in ("exclusive", "split", "cap_alone"):
             value = getattr(s, key, False)
             if not isinstance(value, bool):
                 raise ConfigError(f"plan.{type(s).__name__}.{key}", value, "true or false")
@@ -233,6 +249,7 @@ def interpret(plan: Plan, state: EngineState, load: LoadRule | None = None) -> B
     prefilling, decoding = state.prefilling, state.decoding
     budget, most_decodes = _budget(state, load)
     batch = BatchBuilder(budget, state.max_batch_requests)
+    alone = len(prefilling) + len(decoding) <= 1   # at the batch's start (Running, Waiting: cap_alone)
     for step in plan.steps:
         if batch.full:
             break
@@ -248,9 +265,9 @@ def interpret(plan: Plan, state: EngineState, load: LoadRule | None = None) -> B
                 break
             _prefills(batch, prefilling, step.split, step.max_chunk)
         elif kind is Running:
-            _running(batch, state, step.max_chunk)
+            _running(batch, state, step.chunk_cap(alone))
         else:
-            _waiting(batch, state, step.max_chunk, step.max_running)
+            _waiting(batch, state, step.chunk_cap(alone), step.max_running)
     return batch.build()
 
 
@@ -489,6 +506,7 @@ def interpret_kv(plan: Plan, state: EngineState, load: LoadRule | None = None) -
     budget, most_decodes = _budget(state, load)
     batch = BatchBuilder(budget, state.max_batch_requests)
     mem = PrefixMemory(state) if getattr(state.kv, "prefix_caching", False) else Memory(state)
+    alone = len(prefilling) + len(decoding) <= 1   # at the batch's start, preempted requests included
     for step in plan.steps:
         if batch.full or mem.stopped:
             break
@@ -505,9 +523,9 @@ def interpret_kv(plan: Plan, state: EngineState, load: LoadRule | None = None) -
             if step.exclusive and batch.room < before:
                 break
         elif kind is Running:
-            _running_kv(batch, mem, step.max_chunk)
+            _running_kv(batch, mem, step.chunk_cap(alone))
         else:
-            _waiting_kv(batch, mem, state, step.max_chunk, step.max_running)
+            _waiting_kv(batch, mem, state, step.chunk_cap(alone), step.max_running)
     return batch.build(tuple(mem.preempted), mem.limited)
 
 

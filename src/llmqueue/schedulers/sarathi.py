@@ -1,4 +1,4 @@
-"""Sarathi-Serve (PAPER.md §3, paper §4, Table 1): decode first, mixed, chunked prefill.
+"""Sarathi-Serve (arXiv 2504.07347 §4, Table 1): decode first, mixed, chunked prefill.
 
 One decode token for every decoding request (FCFS), then fill the room left with prefill
 chunks, oldest request first, as few requests as possible.  Work-conserving and K-FCFS.

@@ -1,4 +1,4 @@
-"""Vanilla vLLM, v0 (PAPER.md §3, paper §4, Table 1): prefill first, no mixed batches.
+"""Vanilla vLLM, v0 (arXiv 2504.07347 §4, Table 1): prefill first, no mixed batches.
 
 While any request has prefill left, the batch holds only prefill tokens (FCFS, as many
 as fit) and decodes wait; otherwise a decode-only batch, one token per decoding request.

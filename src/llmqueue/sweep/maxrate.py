@@ -1,4 +1,4 @@
-"""The largest stable arrival rate, found by bisection over simulated runs (PAPER.md §4).
+"""The largest stable arrival rate, found by bisection over simulated runs (Theorem 2, arXiv 2504.07347 §3.2).
 
 Each probed rate λ runs the same ``n`` seeds. A rate **passes** when every seed's verdict
 is ``stable`` (after the warm-up, the 98 % interval of the backlog's growth lies below the

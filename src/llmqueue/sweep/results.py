@@ -122,14 +122,32 @@ def _write_rows(rows: list[dict], f) -> None:
     w.writerows(rows)
 
 
+def write_json(rows: list[dict], out: str) -> None:
+    """A list of one object per row (only the columns each row has); ``-`` writes to standard output."""
+    if out == "-":
+        json.dump(rows, sys.stdout, default=str)
+        sys.stdout.write("\n")
+        return
+    with atomic_path(out) as tmp, open(tmp, "w") as f:
+        json.dump(rows, f, default=str)
+
+
+def to_pandas(rows: list[dict]):
+    """The tidy rows as a pandas DataFrame (the ``pandas`` extra), every column in first-seen order
+    (``Store.to_pandas`` reads a store's runs this way)."""
+    from llmqueue.tables import require_pandas
+
+    return require_pandas("a results table as a DataFrame").DataFrame(rows, columns=columns(rows))
+
+
 def write_parquet(rows: list[dict], out: str) -> None:
-    """Needs pyarrow (not a dependency of llmqueue): a clear error when it is missing."""
+    """Needs pyarrow (the ``parquet`` extra, not a dependency of llmqueue): a clear error when it is missing."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise LlmqueueError("--parquet needs pyarrow, which is not installed (pip install pyarrow); "
-                            "--csv writes the same table") from None
+        raise LlmqueueError("--parquet needs pyarrow, which is not installed: pip install 'llmqueue[parquet]' "
+                            "(--csv and --json write the same table)") from None
     cols = columns(rows)
     try:
         table = pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows])

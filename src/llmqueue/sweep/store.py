@@ -374,6 +374,15 @@ class Store:
         cur = self.conn.execute("SELECT * FROM runs ORDER BY finished_at, config_hash, seed")
         return [self._run(r, cur.description) for r in cur]
 
+    def to_pandas(self, where: tuple[str, ...] | list[str] = ()):
+        """The runs as a pandas DataFrame (the ``pandas`` extra): the tidy table of ``llmqueue results``,
+        one row per run, config keys and summary values as dotted columns, ``where`` its ``--where``
+        filters (e.g. ``("engine.scheduler=orca",)``)."""
+        from llmqueue.sweep.results import tidy, to_pandas
+        from llmqueue.sweep.results import where as keep
+
+        return to_pandas(keep(tidy(self.runs()), where))
+
     @staticmethod
     def _run(row: tuple, description) -> dict:
         d = dict(zip((c[0] for c in description), row))
