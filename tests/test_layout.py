@@ -9,8 +9,8 @@ from pathlib import Path
 import llmqueue
 
 PACKAGE = Path(llmqueue.__file__).parent
-CORE = ["model", "schedulers", "core", "analysis", "metrics", "limits", "config", "runner", "sweep", "network", "checks",
-        "errors"]
+CORE = ["model", "schedulers", "core", "analysis", "metrics", "limits", "config", "runner", "sweep", "network", "cluster",
+        "checks", "errors"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -33,7 +33,7 @@ def test_core_imports_no_plotting_or_cli():
 
 def test_lower_layers_do_not_import_upper_ones():
     order = ["errors", "checks", "model", "schedulers", "core", "analysis", "metrics", "limits", "config", "runner", "sweep",
-             "network", "real"]
+             "network", "cluster", "real"]
     for i, name in enumerate(order):
         upper = tuple(f"llmqueue.{u}" for u in order[i + 1:])
         for path in _files(name):

@@ -1,0 +1,254 @@
+"""A pool of replicas behind a router, simulated (docs/cluster.md; arXiv 2504.07347 §3.1 per replica).
+
+Each replica is one engine of the paper's model (its own scheduler, token budget, batch time, KV
+memory).  The arrivals are generated once (common random numbers across routers) and the
+router's decisions draw from their own stream (seed, :data:`ROUTING_STREAM`), so one seed gives
+one run.
+
+* **Static routers** decide without looking at the replicas: every decision is drawn at once and
+  each replica's requests run in one :func:`~llmqueue.core.simulator.simulate` call.
+* **Dynamic routers** decide at each arrival from what the replicas reported.  Each replica is a
+  :class:`~llmqueue.core.stepper.Stepper` (the engine core advanced piecewise, identical to one
+  simulate() run however cut).  At an arrival at time t the event loop advances each replica that
+  holds requests to t − report_delay_s (only those whose clock is behind: a replica whose batch
+  straddles that time has already reported everything finished by then), applies the finishes
+  reported by then to the router's :class:`~llmqueue.cluster.routers.View`, asks the router, and
+  queues the request on the chosen replica.  A request routed while its replica's batch runs joins
+  the next batch boundary, as in one engine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time as _time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmqueue.cluster.config import ClusterConfig
+from llmqueue.cluster.routers import Router, View, make_router
+from llmqueue.core.simulator import KVRecord, Result, simulate
+from llmqueue.core.stepper import Stepper
+from llmqueue.model.workload import Requests
+
+#: The routing stream of a seed: np.random.default_rng([seed, ROUTING_STREAM]) (arrivals and
+#: lengths draw from the workload's own streams, so every router sees the same requests).
+ROUTING_STREAM = 0x52_4F_55_54   # "ROUT"
+SESSION_STREAM = 0x53_45_53_53   # "SESS": the session of each request
+
+
+@dataclass
+class PoolResult:
+    """A pool run: the requests, the replica of each, and each replica's :class:`Result`
+    (its requests in arrival order: ``replica_requests[j]`` are their positions in ``requests``)."""
+
+    requests: Requests
+    replica: np.ndarray                  # int64 per request
+    results: list[Result]
+    replica_requests: list[np.ndarray]
+    horizon_s: float
+    router: str
+    session: np.ndarray | None = None
+    wall_s: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+
+def sessions_of(cfg: ClusterConfig, n: int) -> np.ndarray:
+    """Each request's session id: drawn uniformly from ``cluster.sessions`` (its own stream), or the
+    request's own index when sessions are not configured."""
+    if cfg.sessions is None:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng([cfg.base.run.seed, SESSION_STREAM]).integers(0, cfg.sessions, n, dtype=np.int64)
+
+
+def capacities_of(cfg: ClusterConfig) -> list[float]:
+    from llmqueue.analysis import capacity
+    from llmqueue.runner import batch_time_of
+
+    return [capacity(batch_time_of(r.config), r.config.engine["token_budget"])[1] for r in cfg.replicas]
+
+
+def build_router(cfg: ClusterConfig) -> Router:
+    rng = np.random.default_rng([cfg.base.run.seed, ROUTING_STREAM])
+    return make_router(cfg.router_cls, capacities_of(cfg), rng, cfg.router_options)
+
+
+def pool_horizon(cfg: ClusterConfig, requests: Requests) -> float:
+    rc = cfg.base.run
+    if rc.drain:
+        return float("inf")
+    if rc.horizon_s is not None:
+        return float(rc.horizon_s)
+    return float(requests.arrival_time[-1]) if len(requests) else 0.0
+
+
+def _subset(requests: Requests, idx: np.ndarray) -> Requests:
+    return Requests(requests.arrival_time[idx], requests.num_prompt_tokens[idx], requests.num_output_tokens[idx])
+
+
+def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | None = None) -> PoolResult:
+    """Route ``requests`` to the pool's replicas and simulate them (module note)."""
+    from llmqueue.runner import build_engine
+
+    started = _time.perf_counter()
+    router = build_router(cfg) if router is None else router
+    if getattr(router, "capacities", None) is None:
+        router.capacities = np.asarray(capacities_of(cfg))
+    engines = [build_engine(r.config) for r in cfg.replicas]
+    horizon = pool_horizon(cfg, requests)
+    session = sessions_of(cfg, len(requests))
+    rc = cfg.base.run
+    if router.static:
+        replica = np.asarray(router.assign(requests.num_prompt_tokens, requests.num_output_tokens, session),
+                             dtype=np.int64)
+        if len(replica) != len(requests) or (len(replica) and not 0 <= replica.min() <= replica.max() < len(engines)):
+            from llmqueue.errors import ConfigError
+            raise ConfigError("cluster.router", cfg.router, f"a router whose assign() returns one replica index "
+                                                            f"(0..{len(engines) - 1}) per request")
+        parts = [np.flatnonzero(replica == j) for j in range(len(engines))]
+        results = []
+        for engine, idx in zip(engines, parts):
+            sub = _subset(requests, idx)
+            results.append(simulate(engine, sub, horizon_s=None if rc.drain else horizon, drain=rc.drain,
+                                    record_batches=rc.record_batches, method=rc.method))
+            if not rc.drain:
+                results[-1].end_time = horizon
+    else:
+        replica, results, parts = _dynamic(cfg, router, engines, requests, session, horizon)
+    out = PoolResult(requests, replica, results, parts, horizon if not rc.drain else max(
+        [r.end_time for r in results] + [float(requests.arrival_time[-1]) if len(requests) else 0.0]),
+        cfg.router, session)
+    out.wall_s = _time.perf_counter() - started
+    out.meta["method"] = sorted({r.meta.get("method", "fast") for r in results})
+    return out
+
+
+def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, session: np.ndarray, horizon: float):
+    """The event loop of a dynamic router (module note)."""
+    rc = cfg.base.run
+    n_rep = len(engines)
+    steppers = [Stepper(e, method=rc.method) for e in engines]
+    view = View(list(router.capacities))
+    delay = cfg.report_delay_s
+    arrivals = requests.arrival_time.tolist()
+    prompts = requests.num_prompt_tokens.tolist()
+    outputs = requests.num_output_tokens.tolist()
+    sessions = session.tolist()
+    replica = np.empty(len(arrivals), dtype=np.int64)
+    # perf: admissions are buffered per replica and handed over in one admit() call before its next
+    # advance (an admit() call costs ~50 µs of checks; a request, with the buffer, ~1 µs)
+    pending: list[list[int]] = [[] for _ in range(n_rep)]
+    mine: list[list[int]] = [[] for _ in range(n_rep)]     # global index of each replica's local request id
+    clock = [0.0] * n_rep
+    holding = [0] * n_rep      # requests admitted and not yet finished (what the engine really holds)
+    reports: list[tuple[float, int, int, int]] = []   # (time, seq, replica, tokens) of finishes not yet seen
+    seq = 0
+    first: list[dict[int, float]] = [{} for _ in range(n_rep)]
+    finish: list[dict[int, float]] = [{} for _ in range(n_rep)]
+    rejected: list[list[int]] = [[] for _ in range(n_rep)]
+    ends: list[list[np.ndarray]] = [[] for _ in range(n_rep)]
+    tokens: list[list[np.ndarray]] = [[] for _ in range(n_rep)]
+    memory = [e.kv is not None for e in engines]
+
+    def advance(j: int, until: float) -> None:
+        nonlocal seq
+        s = steppers[j]
+        if pending[j]:
+            idx = pending[j]
+            s.admit([arrivals[i] for i in idx], [prompts[i] for i in idx], [outputs[i] for i in idx])
+            mine[j].extend(idx)
+            pending[j] = []
+        a = s.advance(until)
+        clock[j] = a.now
+        if len(a.batch_end_time):
+            ends[j].append(a.batch_end_time)
+            tokens[j].append(a.batch_tokens)
+        local = mine[j]
+        done = a.finished.tolist()
+        if done:
+            holding[j] -= len(done)
+            first[j].update(zip(done, a.first_token_time.tolist()))
+            finish[j].update(zip(done, a.finish_time.tolist()))
+            for rid, t in zip(done, a.finish_time.tolist()):
+                i = local[rid]
+                heapq.heappush(reports, (t, seq, j, prompts[i] + outputs[i]))
+                seq += 1
+        for rid in a.rejected.tolist():   # turned away at admission: the router hears at once
+            holding[j] -= 1
+            rejected[j].append(rid)
+            i = local[rid]
+            heapq.heappush(reports, (arrivals[i], seq, j, prompts[i] + outputs[i]))
+            seq += 1
+        if memory[j]:
+            e = s.engine
+            view.kv_use[j] = (e.kv_series[-1] / max(e.kv.usable, 1)) if e.kv_series else 0.0
+
+    in_flight, outstanding = view.in_flight, view.outstanding_tokens
+    choose = router.choose
+    for i, t in enumerate(arrivals):
+        seen = t - delay
+        for j in range(n_rep):
+            if holding[j] and clock[j] < seen:
+                advance(j, seen)
+        while reports and reports[0][0] <= seen:
+            _, _, j, work = heapq.heappop(reports)
+            in_flight[j] -= 1
+            outstanding[j] -= work
+        j = choose(view, prompts[i], outputs[i], sessions[i])
+        replica[i] = j
+        pending[j].append(i)
+        holding[j] += 1
+        in_flight[j] += 1
+        outstanding[j] += prompts[i] + outputs[i]
+    results, parts = [], []
+    for j, engine in enumerate(engines):
+        advance(j, horizon)
+        idx = np.asarray(mine[j], dtype=np.int64)
+        parts.append(idx)
+        results.append(_replica_result(engine, steppers[j], _subset(requests, idx), first[j], finish[j], rejected[j],
+                                       ends[j], tokens[j], horizon, rc.drain))
+    return replica, results, parts
+
+
+def in_engine_first_tokens(stepper: Stepper) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, first-token times) of the requests still inside a stepped engine that have their first
+    token (NaN for the others).  Stepper reports first tokens only with finishes; a run's result also
+    needs those of requests still running at the horizon, so they are read from the state it
+    carries (its compiled call, or its reference requests) — a public accessor would be better."""
+    carried = getattr(stepper, "_carried", None)
+    if carried is not None:
+        return np.asarray(carried.rid, np.int64), np.asarray(carried.first_token_time, np.float64)
+    held = list(getattr(stepper, "_requests", {}).values())
+    return (np.array([r.rid for r in held], np.int64),
+            np.array([np.nan if r.first_token_time is None else r.first_token_time for r in held], np.float64))
+
+
+def _replica_result(engine, stepper: Stepper, requests: Requests, first: dict, finish: dict, rejected: list,
+                    ends: list, tokens: list, horizon: float, drain: bool) -> Result:
+    """The :class:`Result` simulate() would give for this replica's requests (Stepper's contract)."""
+    n = len(requests)
+    ft, fin = np.full(n, np.nan), np.full(n, np.nan)
+    rids, times = in_engine_first_tokens(stepper)
+    ft[rids] = times
+    if first:
+        k = np.fromiter(first.keys(), np.int64, len(first))
+        ft[k] = np.fromiter(first.values(), np.float64, len(first))
+        fin[k] = np.fromiter((finish[r] for r in first), np.float64, len(first))
+    rej = np.zeros(n, dtype=bool)
+    rej[rejected] = True
+    be = np.concatenate(ends) if ends else np.zeros(0)
+    bt = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+    last = float(requests.arrival_time[-1]) if n else 0.0
+    result = Result(engine.scheduler.name, engine.token_budget, max(stepper.now, last) if drain else horizon,
+                    requests.arrival_time, requests.num_prompt_tokens, requests.num_output_tokens, ft, fin, rej, be,
+                    bt, engine.violations)
+    if engine.kv is not None:   # stepped with memory: the reference loop (the engine kept its series)
+        kv = engine.kv
+        result.kv = KVRecord(kv.blocks, kv.block_size, kv.policy, np.asarray(engine.kv_starts, dtype=float),
+                             np.asarray(engine.kv_series, dtype=np.int64), np.asarray(engine.kv_waste, dtype=np.int64),
+                             np.zeros(n, np.int64), np.zeros(n, np.int64), engine.memory_limited)
+    result.meta["method"] = stepper.method
+    return result
+
+
+__all__ = ["PoolResult", "ROUTING_STREAM", "build_router", "capacities_of", "simulate_pool"]

@@ -1,0 +1,303 @@
+"""Replica pools behind a router (docs/cluster.md): exactness against one engine, the event loop
+against one simulate() per replica, determinism, config errors, the CLI, and known results of
+routing theory (random = independent engines; power of two near JSQ and far below random;
+static routing overloads a slow replica that JSQ spares)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmqueue import cli
+from llmqueue.cluster import Router, compare_routers, load_cluster, parse_cluster, pool_capacity, run_pool
+from llmqueue.cluster.routers import ROUTERS, stable_hash
+from llmqueue.cluster.sim import simulate_pool
+from llmqueue.errors import ConfigError
+from llmqueue.runner import build_workload, run_config
+
+FIG1 = {"engine": {"scheduler": "sarathi", "token_budget": 512},
+        "workload": {"arrival": "poisson", "rate": 12.0},
+        "run": {"horizon_s": 60.0, "seed": 3}}
+
+
+def pool(replicas=1, router="jsq", options=None, base=FIG1, **cluster):
+    data = {**{k: dict(v) for k, v in base.items()}, "cluster": {"replicas": replicas, "router": router, **cluster}}
+    if options:
+        data["cluster"]["router_options"] = options
+    return parse_cluster(data)
+
+
+def without_wall(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "wall_s"}
+
+
+@pytest.mark.parametrize("router", ["round-robin", "random", "jsq", "least-tokens", "power-of-d", "affinity"])
+def test_a_pool_of_one_replica_is_exactly_one_engine(router):
+    cfg = pool(1, router)
+    single = run_config(cfg.base)
+    run = run_pool(cfg)
+    assert without_wall(run.summary["replicas"][0]["summary"]) == without_wall(single.summary)
+    assert run.summary["pool"]["verdict"] == single.summary["verdict"]
+    assert run.summary["pool"]["e2e_s"] == single.summary["e2e_s"]
+
+
+def test_a_pool_of_one_with_memory_under_least_kv_runs_the_engines_batches():
+    base = {**FIG1, "engine": {**FIG1["engine"], "kv_blocks": 400}}
+    cfg = pool(1, "least-kv", base=base)
+    single = run_config(cfg.base)
+    r = run_pool(cfg).result.results[0]
+    np.testing.assert_array_equal(r.batch_end_time, single.result.batch_end_time)
+    np.testing.assert_array_equal(r.finish_time, single.result.finish_time)
+    np.testing.assert_array_equal(r.kv.batch_blocks, single.result.kv.batch_blocks)
+
+
+class TurnByTurn(Router):
+    """A dynamic router that decides as round robin does: the event loop must then give exactly
+    one simulate() per replica of its requests."""
+
+    name = "turn-by-turn"
+
+    def __init__(self, replicas, rng, **options):
+        super().__init__(replicas, rng, **options)
+        self.i = -1
+
+    def choose(self, view, prompt, output, session):
+        self.i += 1
+        return self.i % self.replicas
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5])
+@pytest.mark.parametrize("scheduler", ["sarathi", "vllm", "orca"])
+def test_the_event_loop_gives_each_replica_the_run_simulate_gives(scheduler, delay):
+    base = {**FIG1, "engine": {"scheduler": scheduler, "token_budget": 512}, "workload": {"rate": 30.0}}
+    cfg = pool(3, "round-robin", base=base, report_delay_s=delay)
+    requests = build_workload(cfg.base).generate(3, horizon_s=60.0)
+    static = simulate_pool(cfg, requests)
+    stepped = simulate_pool(cfg, requests, router=TurnByTurn(3, None))
+    np.testing.assert_array_equal(static.replica, stepped.replica)
+    for a, b in zip(static.results, stepped.results):
+        np.testing.assert_array_equal(a.batch_end_time, b.batch_end_time)
+        np.testing.assert_array_equal(a.batch_tokens, b.batch_tokens)
+        np.testing.assert_array_equal(a.first_token_time, b.first_token_time)
+        np.testing.assert_array_equal(a.finish_time, b.finish_time)
+        assert a.end_time == b.end_time
+
+
+@pytest.mark.parametrize("router", ["random", "jsq", "power-of-d", "affinity"])
+def test_routing_is_deterministic_per_seed_and_changes_with_it(router):
+    cfg = pool(4, router, base={**FIG1, "workload": {"rate": 40.0}, "run": {"horizon_s": 30.0, "seed": 1}}, sessions=50)
+    requests = build_workload(cfg.base).generate(1, horizon_s=30.0)
+    a, b = simulate_pool(cfg, requests), simulate_pool(cfg, requests)
+    np.testing.assert_array_equal(a.replica, b.replica)
+    assert set(np.unique(a.replica)) == {0, 1, 2, 3}
+    if router in ("random", "power-of-d"):
+        other = pool(4, router, base={**FIG1, "workload": {"rate": 40.0}, "run": {"horizon_s": 30.0, "seed": 2}})
+        assert not np.array_equal(simulate_pool(other, requests).replica, a.replica)
+
+
+def test_session_affinity_keeps_each_session_on_one_replica():
+    cfg = pool(5, "affinity", base={**FIG1, "workload": {"rate": 40.0}}, sessions=30)
+    run = run_pool(cfg)
+    seen: dict[int, int] = {}
+    for s, j in zip(run.result.session.tolist(), run.result.replica.tolist()):
+        assert seen.setdefault(s, j) == j
+    assert len(set(seen.values())) > 1
+    # consistent hashing: adding a replica moves only the sessions the new one takes over
+    grown = pool(6, "affinity", base={**FIG1, "workload": {"rate": 40.0}}, sessions=30)
+    keys = np.arange(1000)
+    old = cfg.router_cls(5, None, virtual_nodes=100).assign(keys, keys, keys)
+    new = grown.router_cls(6, None, virtual_nodes=100).assign(keys, keys, keys)
+    moved = old != new
+    assert np.all(new[moved] == 5) and 0.05 < moved.mean() < 0.35
+
+
+def test_stable_hash_is_fixed():
+    assert stable_hash(np.array([0, 1, 2])).tolist() == stable_hash(np.array([0, 1, 2])).tolist()
+    assert int(stable_hash(np.array([0]))[0]) == 0xE220A8397B1DCDAF   # splitmix64(0): the same on every machine
+
+
+def test_random_weights_route_the_given_shares():
+    base = {**FIG1, "workload": {"rate": 30.0}, "run": {"horizon_s": 100.0, "seed": 0}}
+    cfg = pool(3, "random", {"weights": [1, 2, 1]}, base=base)
+    run = run_pool(cfg)
+    shares = [r["share"] for r in run.summary["replicas"]]
+    assert shares == pytest.approx([0.25, 0.5, 0.25], abs=0.02)
+    assert run.capacity.shares == pytest.approx([0.25, 0.5, 0.25])
+    assert run.capacity.binding == "r1"
+
+
+HETERO = {"cluster": {"router": "random", "replicas": [
+    {"name": "fast", "count": 2},
+    {"name": "slow", "count": 2, "batch_time": {"model": "staircase", "c_ms": 22.56, "a_ms": 70.94, "b0": 128}}]},
+    "engine": {"scheduler": "sarathi", "token_budget": 512},
+    "workload": {"arrival": "poisson", "load": 0.8},
+    "run": {"horizon_s": 1200.0, "seed": 0}}
+
+
+def test_pool_capacity_sums_the_replicas_and_names_the_binding_one():
+    cfg = parse_cluster(HETERO)
+    cap = pool_capacity(cfg, build_workload(cfg.base))
+    fast, slow = cap.capacity_tokens_per_s[0], cap.capacity_tokens_per_s[2]
+    assert fast == pytest.approx(2 * slow, rel=1e-9)
+    assert cap.pooled_capacity_tokens_per_s == pytest.approx(2 * fast + 2 * slow)
+    assert cap.rho == pytest.approx(0.8)
+    assert cap.binding == "slow.0" and cap.replica_rho[2] == pytest.approx(1.2)
+    assert cap.predicted == "unstable"
+    jsq = parse_cluster({**HETERO, "cluster": {**HETERO["cluster"], "router": "jsq"}})
+    assert pool_capacity(jsq, build_workload(jsq.base)).predicted == "stable"
+    weighted = parse_cluster({**HETERO, "cluster": {**HETERO["cluster"], "router_options": {"weights": "capacity"}}})
+    c = pool_capacity(weighted, build_workload(weighted.base))
+    assert c.predicted == "stable" and max(c.replica_rho) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("cluster, key, allowed", [
+    ({"replicas": 0}, "cluster.replicas", "at least 1 replica"),
+    ({"replicas": []}, "cluster.replicas", "at least 1 replica"),
+    ({"replicas": "four"}, "cluster.replicas", "an integer"),
+    ({"replicas": 2, "router": "fastest"}, "cluster.router", "one of round-robin"),
+    ({"replicas": 2, "router": "power-of-d", "router_options": {"d": "two"}}, "cluster.router_options.d",
+     "an integer from 1"),
+    ({"replicas": 2, "router": "power-of-d", "router_options": {"d": 3}}, "cluster.router_options.d", "from 1 to 2"),
+    ({"replicas": 2, "router": "jsq", "router_options": {"d": 2}}, "cluster.router_options.d", "its options: none"),
+    ({"replicas": 2, "router": "random", "router_options": {"weights": [1]}}, "cluster.router_options.weights",
+     "a list of 2"),
+    ({"replicas": 2, "router": "random", "router_options": {"weights": "fast"}}, "cluster.router_options.weights",
+     '"capacity"'),
+    ({"replicas": 2, "router": "least-kv"}, "cluster.router", "engine.kv_blocks set for every replica"),
+    ({"replicas": 2, "report_delay_s": -1}, "cluster.report_delay_s", ">= 0"),
+    ({"replicas": 2, "sessions": 0}, "cluster.sessions", "an integer >= 1"),
+    ({"replicas": 2, "routers": "jsq"}, "cluster.routers", "a known key"),
+    ({"replicas": [{"count": 1}, {"token_budget": 0}]}, "cluster.replicas[1].token_budget", "an integer >= 1"),
+    ({"replicas": [{"count": 0}]}, "cluster.replicas[0].count", "an integer >= 1"),
+    ({"replicas": [{"speed": 2}]}, "cluster.replicas[0].speed", "a known key"),
+])
+def test_bad_cluster_input_is_one_error_naming_the_key(cluster, key, allowed):
+    with pytest.raises(ConfigError) as exc:
+        parse_cluster({**FIG1, "cluster": cluster})
+    assert exc.value.field == key and allowed in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_config_without_cluster_table_is_refused():
+    with pytest.raises(ConfigError, match=r"cluster is missing: a \[cluster\] table"):
+        parse_cluster(FIG1)
+
+
+def test_a_router_of_ones_own_in_one_file(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "from llmqueue.cluster import Router\n\n"
+        "class FirstFree(Router):\n"
+        "    name = 'first-free'\n"
+        "    options = {'limit': (int, 4, 'an integer')}\n"
+        "    def choose(self, view, prompt, output, session):\n"
+        "        for j, n in enumerate(view.in_flight):\n"
+        "            if n < self.limit:\n"
+        "                return j\n"
+        "        return min(range(self.replicas), key=view.in_flight.__getitem__)\n")
+    data = {**FIG1, "cluster": {"replicas": 3, "router": "mine.py:FirstFree", "router_options": {"limit": 1000}}}
+    cfg = parse_cluster(data, tmp_path)
+    run = run_pool(cfg)
+    assert run.summary["router"] == "first-free"
+    assert run.summary["replicas"][0]["share"] > 0.9
+    with pytest.raises(ConfigError, match="cluster.router_options.limit"):
+        parse_cluster({**data, "cluster": {**data["cluster"], "router_options": {"limit": "x"}}}, tmp_path)
+    with pytest.raises(ConfigError, match="a Router subclass named 'Nope'"):
+        parse_cluster({**data, "cluster": {"replicas": 3, "router": "mine.py:Nope"}}, tmp_path)
+
+
+def test_every_scenario_loads_and_names_a_registered_router():
+    from llmqueue.cluster.scenarios import CLUSTER_SCENARIOS
+
+    for name in CLUSTER_SCENARIOS:
+        cfg = load_cluster(name)
+        assert cfg.router in ROUTERS and cfg.size >= 4
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_capacity_simulate_compare_and_scenarios(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "cluster", "capacity", "pool-heterogeneous")
+    assert code == 0 and "replica slow.0 binds" in out and "prediction (random): unstable" in out
+    code, out, _ = run_cli(capsys, "cluster", "simulate", "pool-jsq", "--set", "run.horizon_s=20", "--set",
+                           "cluster.replicas=2", "--json", "--out", str(tmp_path / "o"))
+    s = json.loads(out)
+    assert code == 0 and s["router"] == "jsq" and len(s["replicas"]) == 2
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["pool"]["arrived"] == s["pool"]["arrived"]
+    code, out, _ = run_cli(capsys, "cluster", "compare", "pool-jsq", "--set", "run.horizon_s=20", "--set",
+                           "cluster.replicas=2", "--routers", "round-robin,jsq")
+    assert code == 0 and "round-robin" in out and "jsq" in out
+    code, out, _ = run_cli(capsys, "cluster", "scenarios")
+    assert code == 0 and "pool-agents" in out
+    code, out, _ = run_cli(capsys, "cluster", "scenarios", "pool-agents")
+    assert code == 0 and "[cluster]" in out
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--set", "cluster.replicas=0"], "cluster.replicas"),
+    (["--set", "cluster.router=fastest"], "cluster.router"),
+    (["--set", "cluster.router_options.d=2.5"], "cluster.router_options.d"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(capsys, argv, key):
+    code, out, err = run_cli(capsys, "cluster", "simulate", "pool-power-of-two", *argv)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"llmqueue: error: {key} = ")
+
+
+# ---- known results ---------------------------------------------------------------------------
+
+UNBATCHED = {"engine": {"scheduler": "orca", "token_budget": 1,
+                        "batch_time": {"model": "constant", "duration_ms": 10.0}},
+             "workload": {"arrival": "poisson", "load": 0.9, "prompt": {"dist": "fixed", "value": 1},
+                          "output": {"dist": "geometric", "mean": 9}},
+             "run": {"horizon_s": 150.0, "seed": 1}}
+
+
+def test_power_of_two_is_near_jsq_and_far_below_random_unbatched():
+    # Budget 1: each replica serves one request at a time, ~geometric service of mean 10 batches
+    # (an M/M/1-like server): the supermarket model at ρ = 0.9.
+    cfg = pool(4, "random", base=UNBATCHED)
+    runs = {r.summary["router"]: r.summary["pool"]["e2e_s"]["mean"] for r in compare_routers(cfg, ["random", "jsq",
+                                                                                                     "power-of-d"])}
+    assert runs["power-of-d"] < 0.5 * runs["random"]
+    assert runs["jsq"] <= runs["power-of-d"] < 2.0 * runs["jsq"]
+
+
+@pytest.mark.slow
+def test_power_of_two_matches_the_supermarket_model_and_random_the_mm1():
+    # 16 replicas, ρ = 0.9: Mitzenmacher's limit for d = 2 is Σ_i ρ^(2^i − 2) = 2.61 mean services;
+    # random routing is M/M/1: 1/(1 − ρ) = 10 (service ≈ 1 + geometric batches of 10 ms).
+    cfg = pool(16, "random", base={**UNBATCHED, "run": {"horizon_s": 300.0, "seed": 2}})
+    runs = {r.summary["router"]: r.summary["pool"]["e2e_s"]["mean"] for r in compare_routers(cfg, ["random", "jsq",
+                                                                                                     "power-of-d"])}
+    service = 0.1
+    assert runs["random"] / service == pytest.approx(10.0, rel=0.25)
+    assert runs["power-of-d"] / service == pytest.approx(2.61, rel=0.25)
+    assert runs["jsq"] < runs["power-of-d"]
+
+
+@pytest.mark.slow
+def test_random_routing_to_identical_replicas_is_independent_engines_at_the_split_rate():
+    n = 4
+    cfg = pool(n, "random", base={**FIG1, "workload": {"rate": 4 * 12.0}, "run": {"horizon_s": 1200.0, "seed": 5}})
+    run = run_pool(cfg)
+    single = run_config(parse_cluster({**FIG1, "workload": {"rate": 12.0}, "run": {"horizon_s": 1200.0, "seed": 6},
+                                       "cluster": {"replicas": 1}}).base)
+    e2e = [r["summary"]["e2e_s"]["mean"] for r in run.summary["replicas"]]
+    assert np.mean(e2e) == pytest.approx(single.summary["e2e_s"]["mean"], rel=0.05)
+    ttft = [r["summary"]["ttft_s"]["mean"] for r in run.summary["replicas"]]
+    assert np.mean(ttft) == pytest.approx(single.summary["ttft_s"]["mean"], rel=0.15)
+    assert all(r["summary"]["verdict"] == "stable" for r in run.summary["replicas"])
+
+
+@pytest.mark.slow
+def test_heterogeneous_pool_random_overloads_the_slow_replicas_and_jsq_does_not():
+    cfg = parse_cluster(HETERO)
+    random_run, jsq_run = compare_routers(cfg, ["random", "jsq"])
+    assert random_run.summary["pool"]["verdict"] == "unstable"
+    slow = [r for r in random_run.summary["replicas"] if r["replica"].startswith("slow")]
+    assert all(r["summary"]["verdict"] == "unstable" for r in slow)
+    assert jsq_run.summary["pool"]["verdict"] == "stable"
