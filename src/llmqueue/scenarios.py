@@ -134,8 +134,8 @@ class _Scenarios(Mapping[str, tuple[str, str]]):
     """Name -> (description, TOML text): the single-engine scenarios above, then the network ones.
 
     perf: the network texts live in :mod:`llmqueue.network.scenarios`, and importing it imports the
-    network package (scipy.sparse, 0.2 s); a single-engine name is answered without it, so
-    ``llmqueue capacity fig1`` starts fast (docs/performance.md, "Start-up").
+    network package (50–75 ms; 0.2 s while it imported scipy.sparse at the top); a single-engine
+    name is answered without it, so ``llmqueue capacity fig1`` starts fast (docs/performance.md).
     """
 
     @cached_property

@@ -25,9 +25,9 @@ from llmqueue.errors import LlmqueueError
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 # The command groups (modules of llmqueue.cli) and the commands each registers, in --help order.
-# perf: `llmqueue CMD` imports only CMD's group: the network group alone imports scipy.sparse
-# (0.2 s) and the sweep group the sweep machinery; --help, no command or an unknown one imports
-# them all (docs/performance.md, "Start-up"; tests/test_startup.py keeps this table true).
+# perf: `llmqueue CMD` imports only CMD's group (the network package alone takes 50–75 ms, the
+# sweep machinery about as much); --help, no command or a command not listed here imports them all
+# (docs/performance.md, "Start-up"; tests/test_startup.py checks the table against the groups).
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "single": ("compare", "simulate", "capacity", "policies", "scenarios"),
     "region": ("region",),
