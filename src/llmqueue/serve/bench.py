@@ -155,12 +155,14 @@ class ServerProcess:
 
 # ---- comparison ------------------------------------------------------------------------
 
-def served_rate(arrivals: np.ndarray, finishes: np.ndarray) -> float:
-    """Completions per second from a quarter of the arrival span to the last arrival: the
-    arrival rate when the server keeps up, its capacity when it does not."""
-    begin, end = arrivals[0] + 0.25 * (arrivals[-1] - arrivals[0]), arrivals[-1]
-    done = np.sum((finishes >= begin) & (finishes <= end))
-    return float(done / (end - begin)) if end > begin else float("nan")
+def served_rate(finishes: np.ndarray) -> float:
+    """Completions per second over the middle half of the completions: the arrival rate when the
+    server keeps up, its capacity when a backlog builds (it then finishes requests as fast as it can)."""
+    done = np.sort(finishes[np.isfinite(finishes)])
+    if len(done) < 8:
+        return float("nan")
+    lo, hi = len(done) // 4, 3 * len(done) // 4
+    return float((hi - lo) / (done[hi] - done[lo])) if done[hi] > done[lo] else float("nan")
 
 
 def _median(values) -> float:
@@ -179,7 +181,7 @@ def measured_row(samples: list[Sample]) -> dict:
             "tpot_s": _median(s.tpot for s in ok), "itl_s": _median(gaps),
             "throughput_rps": len(ok) / span if span > 0 else float("nan"),
             "output_tokens_per_s": tokens / span if span > 0 else float("nan"),
-            "served_rps": served_rate(np.sort(arrivals), finishes),
+            "served_rps": served_rate(finishes),
             "usage_ok": all(s.usage is not None and s.usage["completion_tokens"] == len(s.token_times) for s in ok)}
 
 
@@ -196,19 +198,63 @@ def predicted_row(config, requests) -> dict:
     span = np.nanmax(finish) - arrival.min()
     return {"ttft_s": float(np.median(first[ok] - arrival[ok])), "tpot_s": float(np.median(tpot)),
             "throughput_rps": float(ok.sum() / span), "output_tokens_per_s": float((out[ok] + 1).sum() / span),
-            "served_rps": served_rate(arrival, np.where(ok, finish, np.inf))}
+            "served_rps": served_rate(np.where(ok, finish, np.inf))}
 
 
 def _error(measured: float, predicted: float) -> float:
     return (measured - predicted) / predicted if predicted else float("nan")
 
 
+def served_fit(batch_log: Path, mean_prompt_len: float, mean_output_len: float):
+    """prefill_decode (+ attention pairs) fitted to a server's batch log: each batch's busy time of
+    the engine thread (plan, forward pass, tokens handed back), as it was while serving."""
+    from llmqueue.real.fit import Samples, fit_prefill_decode, workload_mix
+
+    import csv
+
+    with open(batch_log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) < 10:
+        raise LlmqueueError(f"{batch_log}: {len(rows)} batches, too few to fit a batch-time model")
+    col = lambda name: np.array([float(r[name]) for r in rows])
+    samples = Samples(col("prefill_tokens"), col("decode_tokens"), np.zeros(len(rows)), col("attention_pairs"),
+                      col("busy_duration"))
+    return fit_prefill_decode(samples, True, *workload_mix(mean_prompt_len, mean_output_len))
+
+
+def _with_batch_time(config, fit):
+    import copy
+
+    from llmqueue.config import parse_config
+
+    data = copy.deepcopy(config.data)
+    data["engine"]["batch_time"] = fit.batch_time.to_dict()
+    return parse_config(data, config.base_dir)
+
+
+def _fit_line(fit) -> str:
+    bt = fit.batch_time.to_dict()
+    return (f"R² {fit.r2:.3f}, c {bt['c_ms']:.2f} ms, prefill {bt['prefill_ms_per_token']:.4f} ms/token, "
+            f"decode {bt['decode_ms_per_token']:.4f} ms/token, context {bt['context_ms_per_token']:.2g} ms/pair")
+
+
+def _load(server, settings, workload, rate, num_requests, seed, vocab):
+    from llmqueue.model.workload import Requests, Workload, make_arrivals
+
+    w = Workload(make_arrivals({"arrival": "poisson", "rate": rate}), workload.prompt, workload.output)
+    requests = w.generate(seed, num_requests=num_requests)
+    rng = np.random.default_rng([seed, 1])
+    prompts = [rng.integers(3, vocab, int(p)).tolist() for p in requests.num_prompt_tokens]
+    t = requests.arrival_time - requests.arrival_time[0]
+    samples = asyncio.run(drive(f"{server.url}/v1", settings.model_name, t, prompts, requests.num_output_tokens + 1))
+    return samples, Requests(t, requests.num_prompt_tokens, requests.num_output_tokens)
+
+
 def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests: int = 120, seed: int = 0,
-              repeats: int = 3, log=print) -> dict:
-    """Calibrate, serve, load at each rate, simulate; the rows of the comparison."""
+              repeats: int = 3, out: Path = Path("."), log=print) -> dict:
+    """Calibrate (grid, then the server's own batches), load at each rate, simulate the same arrivals."""
     import torch
 
-    from llmqueue.model.workload import Workload, make_arrivals
     from llmqueue.real.calibrate import calibrate_config
     from llmqueue.real.serve import load_model, real_settings
     from llmqueue.runner import analysis_of, build_workload
@@ -218,38 +264,41 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
     rs = real_settings(real)
     torch.set_num_threads(rs.threads)
     model = load_model(rs, cfg.base_dir)
-    log(f"calibrating {model.config.num_params / 1e6:.1f} M params on this machine (wall clock) ...")
-    calibrated, fit = calibrate_config(cfg, model, time.perf_counter, repeats=repeats, seed=seed)
     vocab = model.config.vocab_size
+    log(f"1. grid calibration of {model.config.num_params / 1e6:.1f} M params on this machine (wall clock) ...")
+    grid_cfg, grid = calibrate_config(cfg, model, time.perf_counter, repeats=repeats, seed=seed)
     del model
-    workload = build_workload(calibrated)
-    capacity = analysis_of(calibrated, workload).max_stable_rate_rps
-    bt = fit.batch_time.to_dict()
-    log(f"calibration: R² {fit.r2:.4f}, c {bt['c_ms']:.3f} ms, prefill {bt['prefill_ms_per_token']:.4f} ms/token, "
-        f"decode {bt['decode_ms_per_token']:.4f} ms/token; predicted capacity λ* = {capacity:.2f} req/s")
-    rates = list(rates) if rates else [f * capacity for f in loads]
-    server = ServerProcess(config_path, [*overrides, f"serve.max_waiting={max(num_requests, 1) * 2}"])
-    rows = []
+    workload = build_workload(grid_cfg)
+    grid_capacity = analysis_of(grid_cfg, workload).max_stable_rate_rps
+    log(f"   {_fit_line(grid)}; λ* = {grid_capacity:.2f} req/s")
+    keep = [*overrides, f"serve.max_waiting={max(num_requests, 1) * 2}"]
+    # 2. the server's own batches under load: what a batch costs while the server also speaks HTTP
+    batch_log = out / "calibration_batches.csv"
+    log(f"2. calibration load: {num_requests} requests at {0.6 * grid_capacity:.2f} req/s, batches logged ...")
+    server = ServerProcess(config_path, keep, extra=["--batch-log", str(batch_log)])
     try:
-        rng = np.random.default_rng(seed)
-        warm = drive(f"{server.url}/v1", settings.model_name, [0.0, 0.0], [[5] * 8, [6] * 8], [4, 4])
-        asyncio.run(warm)
+        _load(server, settings, workload, 0.6 * grid_capacity, num_requests, seed + 1000, vocab)
+    finally:
+        server.stop()
+    served = served_fit(batch_log, workload.mean_prompt_len, workload.mean_output_len)
+    served_cfg = _with_batch_time(cfg, served)
+    capacity = analysis_of(served_cfg, workload).max_stable_rate_rps
+    log(f"   served-batch fit: {_fit_line(served)}; λ* = {capacity:.2f} req/s")
+    rates = list(rates) if rates else [f * capacity for f in loads]
+    rows = []
+    server = ServerProcess(config_path, keep)
+    try:
+        _load(server, settings, workload, capacity, 4, seed + 2000, vocab)   # warm-up
         for i, rate in enumerate(rates):
-            w = Workload(make_arrivals({"arrival": "poisson", "rate": rate}), workload.prompt, workload.output)
-            requests = w.generate(seed + i, num_requests=num_requests)
-            prompts = [rng.integers(3, vocab, int(p)).tolist() for p in requests.num_prompt_tokens]
-            t0 = float(requests.arrival_time[0])
-            samples = asyncio.run(drive(f"{server.url}/v1", settings.model_name, requests.arrival_time - t0, prompts,
-                                        requests.num_output_tokens + 1))
+            samples, requests = _load(server, settings, workload, rate, num_requests, seed + i, vocab)
             measured = measured_row(samples)
-            from llmqueue.model.workload import Requests
-
-            shifted = Requests(requests.arrival_time - t0, requests.num_prompt_tokens, requests.num_output_tokens)
-            predicted = predicted_row(calibrated, shifted)
+            predicted = predicted_row(served_cfg, requests)
+            grid_pred = predicted_row(grid_cfg, requests)
             row = {"rate_rps": rate, "load": rate / capacity, "measured": measured, "predicted": predicted,
-                   "error": {k: _error(measured[k], predicted[k]) for k in predicted}}
+                   "predicted_grid": grid_pred, "error": {k: _error(measured[k], predicted[k]) for k in predicted},
+                   "error_grid": {k: _error(measured[k], grid_pred[k]) for k in grid_pred}}
             rows.append(row)
-            log(f"λ = {rate:.2f} req/s ({rate / capacity:.2f} λ*): TTFT {measured['ttft_s'] * 1e3:.1f} ms measured, "
+            log(f"   λ = {rate:.2f} req/s ({rate / capacity:.2f} λ*): TTFT {measured['ttft_s'] * 1e3:.1f} ms measured, "
                 f"{predicted['ttft_s'] * 1e3:.1f} predicted; TPOT {measured['tpot_s'] * 1e3:.2f} / "
                 f"{predicted['tpot_s'] * 1e3:.2f} ms; served {measured['served_rps']:.2f} / "
                 f"{predicted['served_rps']:.2f} req/s; {measured['errors']} errors")
@@ -257,34 +306,39 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
     finally:
         status, rest = server.stop()
     over = [r for r in rows if r["load"] > 1.0]
-    saturation = {"capacity_rps": capacity,
+    saturation = {"capacity_rps": capacity, "grid_capacity_rps": grid_capacity,
                   "measured_rps": max((r["measured"]["served_rps"] for r in over), default=None),
                   "simulated_rps": max((r["predicted"]["served_rps"] for r in over), default=None)}
     if saturation["measured_rps"] is not None:
         saturation["error"] = _error(saturation["measured_rps"], capacity)
     return {"config": str(config_path), "scheduler": cfg.engine["scheduler"], "token_budget": cfg.engine["token_budget"],
-            "requests_per_rate": num_requests, "seed": seed, "calibration": {"r2": fit.r2, **bt},
+            "requests_per_rate": num_requests, "seed": seed,
+            "calibration": {"grid": {"r2": grid.r2, **grid.batch_time.to_dict()},
+                            "served": {"r2": served.r2, **served.batch_time.to_dict()}},
             "rows": rows, "saturation": saturation, "server_exit": status,
             "metrics_sample": [line for line in metrics.splitlines() if line.startswith(("vllm:num_preemptions_total",
                                                                                           "vllm:request_success_total"))]}
 
 
 def table(report: dict) -> list[str]:
-    """A Markdown table of the comparison."""
-    head = ("λ (req/s)", "load", "TTFT p50 ms (meas / sim)", "err", "TPOT p50 ms (meas / sim)", "err",
-            "throughput req/s (meas / sim)", "served req/s (meas / sim)")
+    """A Markdown table of the comparison: measured / simulated with the served-batch fit / with the grid fit."""
+    head = ("λ (req/s)", "load", "TTFT p50 ms: meas / sim / grid", "err", "TPOT p50 ms: meas / sim / grid", "err",
+            "throughput req/s: meas / sim", "served req/s: meas / sim")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
-        m, p, e = r["measured"], r["predicted"], r["error"]
-        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {m['ttft_s'] * 1e3:.1f} / {p['ttft_s'] * 1e3:.1f} | "
-                     f"{e['ttft_s'] * 100:+.0f} % | {m['tpot_s'] * 1e3:.2f} / {p['tpot_s'] * 1e3:.2f} | "
-                     f"{e['tpot_s'] * 100:+.0f} % | {m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} | "
-                     f"{m['served_rps']:.2f} / {p['served_rps']:.2f} |")
+        m, p, g, e = r["measured"], r["predicted"], r["predicted_grid"], r["error"]
+        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {m['ttft_s'] * 1e3:.1f} / {p['ttft_s'] * 1e3:.1f} / "
+                     f"{g['ttft_s'] * 1e3:.1f} | {e['ttft_s'] * 100:+.0f} % | {m['tpot_s'] * 1e3:.2f} / "
+                     f"{p['tpot_s'] * 1e3:.2f} / {g['tpot_s'] * 1e3:.2f} | {e['tpot_s'] * 100:+.0f} % | "
+                     f"{m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} | {m['served_rps']:.2f} / "
+                     f"{p['served_rps']:.2f} |")
     s = report["saturation"]
+    lines.append("")
+    lines.append(f"Predicted capacity λ* = {s['capacity_rps']:.2f} req/s from the served-batch fit "
+                 f"({s['grid_capacity_rps']:.2f} from the grid calibration).")
     if s.get("measured_rps") is not None:
-        lines.append("")
-        lines.append(f"Saturation: served {s['measured_rps']:.2f} req/s measured above λ*, {s['simulated_rps']:.2f} "
-                     f"simulated, predicted capacity λ* = {s['capacity_rps']:.2f} req/s ({s['error'] * 100:+.1f} %).")
+        lines.append(f"Above λ*: served {s['measured_rps']:.2f} req/s measured, {s['simulated_rps']:.2f} simulated "
+                     f"({s['error'] * 100:+.1f} % from λ*).")
     return lines
 
 
@@ -301,7 +355,8 @@ def plot(report: dict, path: Path) -> Path:
                                   "median time between tokens (ms)", 1e3), (axes[2], "throughput_rps",
                                   "throughput (req/s)", 1.0)):
         ax.plot(x, [r["measured"][key] * scale for r in rows], "o-", label="measured (openai client)")
-        ax.plot(x, [r["predicted"][key] * scale for r in rows], "s--", label="simulated (calibrated)")
+        ax.plot(x, [r["predicted"][key] * scale for r in rows], "s--", label="simulated (served-batch fit)")
+        ax.plot(x, [r["predicted_grid"][key] * scale for r in rows], "^:", label="simulated (grid calibration)")
         ax.axvline(report["saturation"]["capacity_rps"], color="grey", lw=0.8, ls=":", label="predicted λ*")
         ax.set_xlabel("arrival rate (req/s)")
         ax.set_ylabel(label)
@@ -341,7 +396,7 @@ def main(args) -> int:
         raise LlmqueueError(f"--repeats: {args.repeats} is not allowed: an integer >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = run_bench(args.config, args.set, rates, loads, args.requests, args.seed, args.repeats,
+    report = run_bench(args.config, args.set, rates, loads, args.requests, args.seed, args.repeats, out,
                        log=lambda line: print(line, file=sys.stderr))
     write_json(out / "bench.json", report)
     lines = table(report)

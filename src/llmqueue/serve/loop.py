@@ -50,9 +50,10 @@ log = logging.getLogger("llmqueue.serve")
 _SUBMIT, _CANCEL, _STOP = 0, 1, 2
 #: finish reasons (OpenAI's, plus "abort" for requests ended by the server or their client)
 STOP, LENGTH, ABORT = "stop", "length", "abort"
-#: columns of the batch log (``--batch-log``): wall seconds since start, tokens, measured seconds
+#: columns of the batch log (``--batch-log``): wall seconds since start, tokens, the forward pass's
+#: measured seconds, and the engine thread's busy seconds for the batch (plan, forward, tokens handed back)
 BATCH_LOG_COLUMNS = ("start_time", "end_time", "prefill_tokens", "decode_tokens", "num_requests",
-                     "attention_pairs", "duration")
+                     "attention_pairs", "duration", "busy_duration")
 
 
 class QueueFull(Exception):
@@ -327,15 +328,15 @@ class EngineLoop:
         for gen, _, reason in events:   # the executor keeps outputs of requests still running only
             if reason is not None:
                 executor.outputs.pop(gen.rid, None)
-        if self.batch_log is not None:
-            self.batch_log.append((start, end, plan.num_prefill_tokens, len(plan.decode), plan.num_requests,
-                                   executor.last_pairs, engine.batch_time.last_measured))
         if self.metrics is not None:
             self.metrics.batch(plan.num_prefill_tokens, len(plan.decode), engine.preemptions - self._preemptions,
                                end - start)
             self._preemptions = engine.preemptions
             self._gauges()
         self._send(events)
+        if self.batch_log is not None:
+            self.batch_log.append((start, end, plan.num_prefill_tokens, len(plan.decode), plan.num_requests,
+                                   executor.last_pairs, engine.batch_time.last_measured, self._now() - start))
 
     def _tokens(self, gen: Generation, new: list[int], wall: float) -> None:
         if not new:
