@@ -412,3 +412,49 @@ def test_max_rate_on_theorem2_matches_lambda_star_for_work_conserving_schedulers
         assert abs(r.max_rate_rps / r.lambda_star_rps - 1) <= 0.03, (r.overrides, r.max_rate_rps)
     ft, vllm = (r.max_rate_rps / r.lambda_star_rps for r in bad)
     assert ft < 0.2 and vllm < 0.9, (ft, vllm)
+
+
+# ---- stores of one kind of work; results and plots of one workload (issue 17) ----------------
+
+@pytest.fixture(scope="module")
+def mixed_store(tmp_path_factory):
+    """Two sweeps of different workloads (prompt means 129 and 512) into one store."""
+    path = tmp_path_factory.mktemp("mixed") / "mixed.db"
+    for mean in (129, 512):
+        assert main(["sweep", "fig1", "--set", "run.horizon_s=30", "--set", f"workload.prompt.mean={mean}",
+                     "--grid", "workload.load=0.5,0.8", "--jobs", "1", "--store", str(path)]) == 0
+    return path
+
+
+def test_results_prints_one_table_per_workload(capsys, mixed_store):
+    capsys.readouterr()
+    assert main(["results", str(mixed_store)]) == 0
+    out = capsys.readouterr().out
+    assert "4 rows of 2 workloads (they differ in workload.prompt.mean)" in out
+    assert "workload 1 of 2: workload.prompt.mean=129" in out and "workload 2 of 2: workload.prompt.mean=512" in out
+    assert out.count("2 rows") == 2
+    assert main(["results", str(mixed_store), "--where", "workload.prompt.mean=512"]) == 0
+    assert "workloads" not in capsys.readouterr().out          # one workload: one table
+
+
+@pytest.mark.parametrize("kind", ["stability-map", "latency-vs-load", "max-rate-vs-budget"])
+def test_a_plot_of_two_workloads_is_refused_with_the_filter_that_separates_them(capsys, tmp_path, mixed_store, kind):
+    capsys.readouterr()
+    assert main(["plot", str(mixed_store), "--kind", kind, "--out", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmqueue: error: ") and len(err.splitlines()) == 1, err
+    assert f"the {kind} plot would mix 2 workloads (they differ in workload.prompt.mean)" in err
+    assert "--where workload.prompt.mean=129; --where workload.prompt.mean=512" in err
+    assert not (tmp_path / "p.png").exists()
+    assert main(["plot", str(mixed_store), "--kind", kind, "--where", "workload.prompt.mean=129",
+                 "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").exists()
+
+
+def test_sweep_and_max_rate_have_their_own_default_stores():
+    from llmqueue.cli import build_parser
+    from llmqueue.sweep import DEFAULT_MAX_RATE_STORE, DEFAULT_STORE
+
+    parser = build_parser()
+    assert parser.parse_args(["sweep", "fig1"]).store == DEFAULT_STORE == "llmqueue_output/sweep.db"
+    assert parser.parse_args(["max-rate", "fig1"]).store == DEFAULT_MAX_RATE_STORE == "llmqueue_output/max_rate.db"

@@ -22,6 +22,7 @@ from llmqueue.cli.common import (
 )
 from llmqueue.errors import LlmqueueError
 from llmqueue.sweep import (
+    DEFAULT_MAX_RATE_STORE,
     DEFAULT_STORE,
     Store,
     expand,
@@ -33,9 +34,13 @@ from llmqueue.sweep import (
 from llmqueue.sweep.driver import SweepStats, sweep
 from llmqueue.sweep.grid import MAX_GRID_POINTS, check_grid_size
 from llmqueue.sweep.results import (
+    by_workload,
     flatten,
+    one_workload,
     tidy,
     varying,
+    workload_columns,
+    workload_name,
     where,
     write_csv,
     write_json,
@@ -236,7 +241,15 @@ def cmd_results(args: argparse.Namespace) -> int:
     elif args.parquet:
         write_parquet(rows, args.parquet)
     else:
-        print(_results_table(rows, args.max_rate))
+        groups = by_workload(rows)
+        if len(groups) <= 1:
+            print(_results_table(rows, args.max_rate))
+        else:   # one table per workload, each headed by what sets it apart
+            print(f"{len(rows)} rows of {len(groups)} workloads (they differ in {', '.join(workload_columns(rows))}); "
+                  "--where picks one")
+            for i, (key, part) in enumerate(groups.items(), 1):
+                print(f"\nworkload {i} of {len(groups)}: {workload_name(key)}")
+                print(_results_table(part, args.max_rate))
         return 0
     target = args.csv or args.json_out or args.parquet
     if target != "-":
@@ -290,25 +303,31 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.kind == "max-rate-vs-budget":
         with _reading(args.store), Store(args.store, readonly=True) as store:
             searches = store.max_rates()
+        if searches:   # the searches' own configs, filtered and checked as the runs are
+            flat = where([{**_flat_config(s["config"]), "_search": s} for s in searches], args.where)
+            one_workload(flat, args.store, "max-rate-vs-budget plot")
+            searches = [r["_search"] for r in flat]
+        else:
+            one_workload(rows, args.store, "max-rate-vs-budget plot")
         if not searches and not rows:
             raise LlmqueueError(f"store {args.store}: no max-rate searches and no successful runs to plot")
         path = plots.plot_max_rate_vs_budget(searches, rows, out)
     elif not rows:
         raise LlmqueueError(f"store {args.store}: no successful runs to plot" + (" (after --where)" if args.where else ""))
-    elif args.kind == "stability-map":
-        path = plots.plot_stability_map(rows, out)
     else:
-        path = plots.plot_latency_vs_load(rows, out)
+        one_workload(rows, args.store, f"{args.kind} plot")
+        draw = plots.plot_stability_map if args.kind == "stability-map" else plots.plot_latency_vs_load
+        path = draw(rows, out)
     print(f"wrote {saved(path)}")
     return 0
 
 
-def _add_executor(p) -> None:
+def _add_executor(p, store: str = DEFAULT_STORE) -> None:
     p.add_argument("--jobs", type=int, help="local worker processes (default: one per core); with --ray local, "
                    "the CPUs of the private Ray instance")
     p.add_argument("--ray", metavar="ADDRESS", help="run on Ray: auto (the cluster on this machine), local "
                    "(start a private instance), or HOST:PORT / ray://HOST:10001; needs the extra llmqueue[ray]")
-    p.add_argument("--store", default=DEFAULT_STORE, help=f"SQLite results store (default {DEFAULT_STORE})")
+    p.add_argument("--store", default=store, help=f"SQLite results store (default {store})")
 
 
 def _add_max_points(p) -> None:
@@ -340,7 +359,7 @@ def register(sub) -> None:
                    help="one search per point, e.g. engine.scheduler=orca,sarathi (repeatable)")
     m.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_max_points(m)
-    _add_executor(m)
+    _add_executor(m, DEFAULT_MAX_RATE_STORE)
     add_overrides(m)
     m.set_defaults(func=cmd_max_rate)
 

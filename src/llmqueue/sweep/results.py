@@ -63,6 +63,47 @@ def varying(rows: list[dict], prefixes: tuple[str, ...] = ("engine.", "workload.
     return out
 
 
+#: Columns that name a workload: the arrival process and length laws (or trace), not its rate: runs of
+#: one workload at several rates or loads belong in one table or figure, runs of two workloads never.
+WORKLOAD_PREFIX = "workload."
+NOT_WORKLOAD = ("workload.rate", "workload.load")
+
+
+def workload_columns(rows: list[dict]) -> list[str]:
+    """The workload columns (:data:`WORKLOAD_PREFIX`, less rate and load) whose value differs between rows."""
+    return [c for c in varying(rows, (WORKLOAD_PREFIX,)) if c not in NOT_WORKLOAD]
+
+
+def by_workload(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows grouped by workload, in first-seen order: the key is ((column, value), ...) over
+    :func:`workload_columns` (empty when every row has the same workload)."""
+    cols = workload_columns(rows)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple((c, row.get(c)) for c in cols), []).append(row)
+    return groups
+
+
+def workload_name(key: tuple) -> str:
+    return ", ".join(f"{c}={_shown(v)}" for c, v in key) or "one workload"
+
+
+def _shown(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def one_workload(rows: list[dict], store: str, what: str) -> None:
+    """Refuse rows of more than one workload, naming the columns that differ and the ``--where``
+    filter that picks each (a figure of two workloads would silently mix them)."""
+    groups = by_workload(rows)
+    if len(groups) <= 1:
+        return
+    cols = workload_columns(rows)
+    picks = "; ".join(" ".join(f"--where {c}={_shown(v)}" for c, v in key) for key in list(groups)[:4])
+    raise LlmqueueError(f"store {store}: the {what} would mix {len(groups)} workloads (they differ in "
+                        f"{', '.join(cols)}); pick one with {picks}" + (" ..." if len(groups) > 4 else ""))
+
+
 def _number(text: str) -> float | None:
     try:
         x = float(text)

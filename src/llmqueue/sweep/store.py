@@ -37,7 +37,8 @@ from llmqueue import __version__
 from llmqueue.errors import LlmqueueError
 
 SCHEMA_VERSION = 2
-DEFAULT_STORE = "llmqueue_output/sweep.db"
+DEFAULT_STORE = "llmqueue_output/sweep.db"            # `llmqueue sweep`
+DEFAULT_MAX_RATE_STORE = "llmqueue_output/max_rate.db"  # `llmqueue max-rate`: its own, so results never mix the two
 LEASE_S = 60.0          # a lease not renewed for this long is stale (its owner is taken for dead)
 
 # Migrations: the statements that take a store from version i - 1 to i (each idempotent).
