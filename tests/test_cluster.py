@@ -53,6 +53,15 @@ def test_a_pool_of_one_with_memory_under_least_kv_runs_the_engines_batches():
     np.testing.assert_array_equal(r.kv.batch_blocks, single.result.kv.batch_blocks)
 
 
+def test_least_kv_spreads_by_reported_memory():
+    base = {**FIG1, "engine": {**FIG1["engine"], "kv_blocks": 400}, "workload": {"rate": 30.0},
+            "run": {"horizon_s": 30.0, "seed": 3}}
+    run = run_pool(pool(3, "least-kv", base=base))
+    shares = [r["share"] for r in run.summary["replicas"]]
+    assert min(shares) > 0.25 and all("kv" in r["summary"] for r in run.summary["replicas"])
+    assert run.summary["pool"]["predicted"] == "not predicted"   # memory: Theorem 2 only bounds
+
+
 class TurnByTurn(Router):
     """A dynamic router that decides as round robin does: the event loop must then give exactly
     one simulate() per replica of its requests."""
@@ -231,6 +240,11 @@ def test_cli_capacity_simulate_compare_and_scenarios(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "cluster", "compare", "pool-jsq", "--set", "run.horizon_s=20", "--set",
                            "cluster.replicas=2", "--routers", "round-robin,jsq")
     assert code == 0 and "round-robin" in out and "jsq" in out
+    code, out, _ = run_cli(capsys, "cluster", "simulate", "pool-heterogeneous", "--set", "run.horizon_s=30",
+                           "--plot", str(tmp_path / "pool.png"))
+    assert code == 0 and (tmp_path / "pool.png").stat().st_size > 10_000 and "pool verdict" in out
+    code, _, err = run_cli(capsys, "cluster", "simulate", "pool-jsq", "--plot", str(tmp_path / "pool.txt"))
+    assert code == 2 and err.startswith("llmqueue: error: --plot = ")
     code, out, _ = run_cli(capsys, "cluster", "scenarios")
     assert code == 0 and "pool-agents" in out
     code, out, _ = run_cli(capsys, "cluster", "scenarios", "pool-agents")

@@ -11,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from llmqueue.cli.common import add_overrides, fmt, rejected_cell, write_json
+import numpy as np
+
+from llmqueue.cli.common import add_overrides, fmt, plot_path, rejected_cell, saved, write_json
 from llmqueue.errors import ConfigError
 
 DEFAULT_COMPARE = "round-robin,random,jsq,least-tokens,power-of-d"
@@ -57,11 +59,38 @@ POOL_HEAD = ("router", "verdict", "theory", "slope tok/s", "TTFT mean (s)", "TTF
              "E2E p99 (s)", "in-sys final", "rejected", "wall s")
 
 
+def plot_pool(run, path: Path, points: int = 600) -> Path:
+    """Two panels: each replica's backlog (unprocessed tokens) over time, and its requests in
+    system, one line per replica (the figures' one look: plots.line_style, legends off the data)."""
+    from llmqueue.metrics import backlog, in_system
+    from llmqueue.plots import legend_outside, line_style, plt, save_figure
+
+    pr = run.result
+    t = np.linspace(0.0, pr.horizon_s, points)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), dpi=120, sharex=True)
+    n = len(pr.results)
+    for i, (rep, result) in enumerate(zip(run.summary["replicas"], pr.results)):
+        label = f"{rep['replica']} ({rep['share']:.0%} of arrivals, {rep['summary']['verdict']})"
+        top.plot(t, backlog(result, t), linewidth=1.2, label=label, **line_style(i, n, points))
+        bottom.plot(t, in_system(result, t), linewidth=1.2, label=label, **line_style(i, n, points))
+    top.set_ylabel("backlog (unprocessed tokens)")
+    bottom.set_ylabel("requests in system")
+    bottom.set_xlabel("simulated time (s)")
+    top.set_title(f"{n} replicas, router {run.summary['router']}: pool {run.summary['pool']['verdict']}")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    legend_outside(top)
+    return save_figure(fig, path)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from llmqueue.cluster import load_cluster, run_pool
 
+    plot = plot_path(args.plot, "--plot", "pool.png") if args.plot else None
     cfg = load_cluster(args.config, args.set)
     run = run_pool(cfg)
+    if plot is not None:
+        saved(plot_pool(run, plot))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +167,7 @@ def register(sub) -> None:
     add_overrides(s)
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     s.add_argument("--out", help="write summary.json here")
+    s.add_argument("--plot", help="draw each replica's backlog and requests in system into this .png (or folder)")
     s.set_defaults(func=cmd_simulate)
     c = csub.add_parser("compare", help="the same requests under each router (common random numbers)")
     c.add_argument("config")

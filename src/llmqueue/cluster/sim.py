@@ -179,9 +179,9 @@ def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, se
             i = local[rid]
             heapq.heappush(reports, (arrivals[i], seq, j, prompts[i] + outputs[i]))
             seq += 1
-        if memory[j]:
+        if memory[j]:   # the blocks of its last batch; an emptied replica holds none
             e = s.engine
-            view.kv_use[j] = (e.kv_series[-1] / max(e.kv.usable, 1)) if e.kv_series else 0.0
+            view.kv_use[j] = (e.kv_series[-1] / max(e.kv.usable, 1)) if e.kv_series and holding[j] else 0.0
 
     in_flight, outstanding = view.in_flight, view.outstanding_tokens
     choose = router.choose
