@@ -61,6 +61,7 @@ def engine_summaries(result: NetworkResult) -> list[dict]:
                       tolerance=net.verdict_tolerance, reject_tolerance=net.reject_tolerance,
                       splits_prompts=engine.scheduler.splits_prompts, engine=spec.name)
         s["passage_s"] = passage_time(r)
+        del s["wall_s"]   # the engines run in one loop: only the network's wall time (its summary's) means anything
         b = r.batches
         started = b["start_time"] < result.end_time
         busy = float((np.minimum(b["end_time"][started], result.end_time) - b["start_time"][started]).sum())
