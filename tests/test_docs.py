@@ -6,6 +6,8 @@
   in bash (``llmqueue`` is this checkout's), in a fresh folder that sees the repository's
   ``docs/`` and ``examples/``; every line must exit 0.  ``<!-- docs-test: slow -->`` marks a long
   one (run with ``-m slow``).
+* Configs: a fenced ``toml`` block after the marker is a whole config: ``llmqueue capacity`` must
+  read it (every key checked) and exit 0.
 
 No file of the project cites the internal spec of the paper (a file users do not have): citations name the paper's own
 sections (arXiv 2504.07347 §n).
@@ -50,7 +52,7 @@ def shell_examples() -> list:
         for lang, body, line, kind, marked in blocks(page):
             if marked:
                 marks = [pytest.mark.slow] if kind == "slow" else []
-                params.append(pytest.param(page, body, line, id=f"{page.name}:{line}", marks=marks))
+                params.append(pytest.param(page, lang, body, line, id=f"{page.name}:{line}", marks=marks))
     return params
 
 
@@ -83,9 +85,12 @@ def sandbox(tmp_path):
     return tmp_path, env
 
 
-@pytest.mark.parametrize("page,body,line", shell_examples())
-def test_shell_examples(page, body, line, sandbox):
+@pytest.mark.parametrize("page,lang,body,line", shell_examples())
+def test_marked_examples(page, lang, body, line, sandbox):
     cwd, env = sandbox
+    if lang == "toml":   # a whole config: read and checked by the command line
+        (cwd / "example.toml").write_text(body)
+        body = "llmqueue capacity example.toml"
     lines = body.replace("\\\n", " ").splitlines()   # a line ending in \ goes on in the next
     for command in (c for c in lines if c.strip() and not c.lstrip().startswith("#")):
         done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], cwd=cwd, env=env,
@@ -100,7 +105,7 @@ def test_every_marker_marks_a_shell_block_and_the_pages_keep_theirs():
         found = [b for b in blocks(page) if b[4]]
         markers = len(re.findall(r"^<!--\s*docs-test", text, re.M))
         assert markers == len(found), f"{page.name}: a docs-test marker not right before a block"
-        assert all(lang in ("sh", "bash") for lang, *_ in found), f"{page.name}: docs-test marks sh/bash blocks only"
+        assert all(lang in ("sh", "bash", "toml") for lang, *_ in found), f"{page.name}: docs-test marks sh, bash, toml"
         if found or any(lang == "python" and ">>>" in body for lang, body, *_ in blocks(page)):
             tested.add(page.name)
     assert TESTED <= tested, f"pages without a tested example: {sorted(TESTED - tested)}"

@@ -39,6 +39,18 @@ def test_capacity_fig1_imports_no_scipy_nor_plotting():
     assert loaded_after(code) == set()
 
 
+def test_capacity_of_a_config_file_imports_no_scipy_nor_the_network_package(tmp_path):
+    # A file without [[engines]] is told apart from a network config without importing the network package.
+    from llmqueue.scenarios import scenario_text
+
+    (tmp_path / "run.toml").write_text(scenario_text("theorem2"))
+    code = ("import contextlib, io, sys\nfrom llmqueue import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    assert cli.main(['capacity', {str(tmp_path / 'run.toml')!r}]) == 0\n"
+            "assert 'llmqueue.network' not in sys.modules")
+    assert loaded_after(code) == set()
+
+
 @pytest.mark.parametrize("module", ["llmqueue", "llmqueue.cli", "llmqueue.config", "llmqueue.runner",
                                     "llmqueue.metrics", "llmqueue.core.simulator", "llmqueue.analysis",
                                     "llmqueue.scenarios", "llmqueue.cli.single", "llmqueue.cli.sweep"])
