@@ -218,9 +218,17 @@ def test_a_router_of_ones_own_in_one_file(tmp_path):
 def test_every_scenario_loads_and_names_a_registered_router():
     from llmqueue.cluster.scenarios import CLUSTER_SCENARIOS
 
+    from llmqueue.cluster.disagg import load_disagg
+
     for name in CLUSTER_SCENARIOS:
+        if name.startswith("pd-"):
+            cfg = load_disagg(name)
+            assert cfg.prefill.size + cfg.decode.size == 8 and cfg.decode.router in ROUTERS
+            continue
         cfg = load_cluster(name)
         assert cfg.router in ROUTERS and cfg.size >= 4
+    with pytest.raises(ConfigError, match="cluster.prefill = 'a table' is not allowed: a pool of replicas here"):
+        load_cluster("pd-4-4")
 
 
 def run_cli(capsys, *argv):
@@ -315,3 +323,83 @@ def test_heterogeneous_pool_random_overloads_the_slow_replicas_and_jsq_does_not(
     slow = [r for r in random_run.summary["replicas"] if r["replica"].startswith("slow")]
     assert all(r["summary"]["verdict"] == "unstable" for r in slow)
     assert jsq_run.summary["pool"]["verdict"] == "stable"
+
+
+# ---- prefill/decode disaggregation -----------------------------------------------------------
+
+def pd(prefill=4, decode=4, horizon=40.0, **cluster):
+    from llmqueue.cluster.disagg import parse_disagg
+
+    return parse_disagg({**{k: dict(v) for k, v in FIG1.items() if k != "run"},
+                         "workload": {"arrival": "poisson", "rate": 72.6}, "run": {"horizon_s": horizon, "seed": 0},
+                         "cluster": {"prefill": {"replicas": prefill, "router": "jsq"},
+                                     "decode": {"replicas": decode, "router": "round-robin"}, **cluster}})
+
+
+def test_disaggregated_requests_prefill_then_move_then_decode():
+    from llmqueue.cluster.disagg import run_disagg
+
+    cfg = pd(transfer_s=0.25)
+    run = run_disagg(cfg)
+    s = run.summary
+    workload = build_workload(cfg.prefill.base)
+    assert s["binding_pool"] == "prefill"
+    assert s["max_stable_rate_rps"] == pytest.approx(4 * 512 / ((11.28 + 4 * 35.47) / 1000) / 129, rel=1e-9)
+    done = ~np.isnan(run.finish_time)
+    assert np.all(run.finish_time[done] >= run.first_token_time[done])
+    requests = workload.generate(0, horizon_s=40.0)
+    decoded = done & (requests.num_output_tokens > 0)
+    # v_d batches of at least c + a each after the transfer
+    least = 0.25 + requests.num_output_tokens[decoded] * (11.28 + 35.47) / 1000
+    assert np.all(run.finish_time[decoded] - run.first_token_time[decoded] >= least - 1e-9)
+    assert s["ttft_s"]["mean"] < s["e2e_s"]["mean"] and s["tpot_s"]["mean"] > 0
+    assert s["transfer_s"]["mean"] == 0.25
+    by_bytes = pd(kv_bytes_per_token=1e6, link_bytes_per_s=1e9).transfer_durations(np.array([100.0, 129.0]))
+    assert by_bytes.tolist() == pytest.approx([0.1, 0.129])
+
+
+def test_plan_splits_gpus_by_the_pools_capacities():
+    from llmqueue.cluster.disagg import plan
+
+    rows = plan(pd(), 8)
+    assert (rows[0]["prefill"], rows[0]["decode"]) == (4, 4) and len(rows) == 7
+    cap = 512 / ((11.28 + 4 * 35.47) / 1000)
+    assert rows[0]["max_stable_rate_rps"] == pytest.approx(4 * cap / 129)
+    assert [r["binding"] for r in rows if r["prefill"] == 6] == ["decode"]
+
+
+@pytest.mark.parametrize("cluster, key, allowed", [
+    ({"transfer_s": 0.1, "kv_bytes_per_token": 1.0, "link_bytes_per_s": 1.0}, "cluster.transfer_s", "omitted when"),
+    ({"kv_bytes_per_token": 1.0}, "cluster.link_bytes_per_s", "given with the other"),
+    ({"link_bytes_per_s": 0, "kv_bytes_per_token": 1.0}, "cluster.link_bytes_per_s", "> 0"),
+    ({"decode": {"replicas": 0}}, "cluster.decode.replicas", "at least 1 replica"),
+    ({"decode": {"replicas": [{"kv_blocks": 400}]}}, "cluster.decode.replicas", "without engine.kv_blocks"),
+    ({"prefill": {"replicas": 2, "router": "fastest"}}, "cluster.prefill.router", "one of round-robin"),
+    ({"bandwidth": 1}, "cluster.bandwidth", "a known key"),
+])
+def test_bad_disaggregated_input_names_the_key(cluster, key, allowed):
+    from llmqueue.cluster.disagg import parse_disagg
+
+    data = {**FIG1, "cluster": {"prefill": {"replicas": 2}, "decode": {"replicas": 2}, **cluster}}
+    with pytest.raises(ConfigError) as exc:
+        parse_disagg(data)
+    assert exc.value.field == key and allowed in str(exc.value)
+
+
+def test_cli_runs_the_disaggregated_scenarios(capsys):
+    code, out, _ = run_cli(capsys, "cluster", "plan", "pd-4-4", "--gpus", "8")
+    assert code == 0 and "best split of 8 GPUs: 4 prefill : 4 decode" in out
+    code, out, _ = run_cli(capsys, "cluster", "capacity", "pd-6-2")
+    assert code == 0 and "decode pool binds" in out
+    code, out, _ = run_cli(capsys, "cluster", "simulate", "pd-4-4", "--set", "run.horizon_s=20", "--json")
+    assert code == 0 and json.loads(out)["binding_pool"] == "prefill"
+
+
+@pytest.mark.slow
+def test_the_three_splits_are_stable_only_where_both_pools_keep_up():
+    from llmqueue.cluster.disagg import load_disagg, run_disagg
+
+    verdicts = {n: run_disagg(load_disagg(n)).summary for n in ("pd-2-6", "pd-4-4", "pd-6-2")}
+    assert verdicts["pd-4-4"]["verdict"] == "stable"
+    assert verdicts["pd-2-6"]["prefill"]["pool"]["verdict"] == "unstable"
+    assert verdicts["pd-6-2"]["decode"]["pool"]["verdict"] == "unstable"

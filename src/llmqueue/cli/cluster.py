@@ -1,4 +1,4 @@
-"""Cluster commands (docs/cluster.md): ``llmqueue cluster simulate|compare|capacity|scenarios CONFIG``.
+"""Cluster commands (docs/cluster.md): ``llmqueue cluster simulate|compare|capacity|plan|scenarios CONFIG``.
 
 A config is a single-engine config with a ``[cluster]`` table (replicas, router), or the name of
 a built-in cluster scenario (``llmqueue cluster scenarios``).
@@ -83,11 +83,53 @@ def plot_pool(run, path: Path, points: int = 600) -> Path:
     return save_figure(fig, path)
 
 
+def _disaggregated(args: argparse.Namespace):
+    """The config's tables and folder, and whether it is a disaggregated one (prefill and decode pools)."""
+    from llmqueue.cluster.config import read_cluster_data
+    from llmqueue.cluster.disagg import is_disaggregated
+
+    data, base_dir = read_cluster_data(args.config, args.set)
+    return data, base_dir, is_disaggregated(data)
+
+
+def print_disagg(s: dict) -> None:
+    rows = []
+    for which in ("prefill", "decode"):
+        p = s[which]
+        rows.append((which, str(p["replicas_count"]), p["router"], p["pool"]["verdict"], p["pool"]["predicted"],
+                     fmt(p["capacity"]["rho"], 4), fmt(p["pool"]["backlog_slope_tokens_per_s"], 1),
+                     str(p["pool"]["final_in_system"])))
+    print(_table(("pool", "replicas", "router", "verdict", "theory", "ρ", "slope tok/s", "in-sys final"), rows))
+    print()
+    print(f"λ = {s['arrival_rate']:.4g} req/s; λ*_PD = {s['max_stable_rate_rps']:.4g} req/s ({s['binding_pool']} pool "
+          f"binds); verdict {s['verdict']}")
+    print(f"TTFT mean {fmt(s['ttft_s']['mean'], 3)} s (p99 {fmt(s['ttft_s']['p99'], 3)}), TPOT mean "
+          f"{fmt(s['tpot_s']['mean'], 4)} s (p99 {fmt(s['tpot_s']['p99'], 4)}), E2E mean {fmt(s['e2e_s']['mean'], 2)} s "
+          f"(p99 {fmt(s['e2e_s']['p99'], 2)}), KV transfer mean {fmt(s['transfer_s']['mean'], 4)} s; "
+          f"{s['completed']} of {s['arrived']} requests completed")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from llmqueue.cluster import load_cluster, run_pool
+    from llmqueue.cluster import parse_cluster, run_pool
 
     plot = plot_path(args.plot, "--plot", "pool.png") if args.plot else None
-    cfg = load_cluster(args.config, args.set)
+    data, base_dir, disagg = _disaggregated(args)
+    if disagg:
+        from llmqueue.cluster.disagg import parse_disagg, run_disagg
+
+        if plot is not None:
+            raise ConfigError("--plot", args.plot, "omitted for a disaggregated config (not drawn yet)")
+        s = run_disagg(parse_disagg(data, base_dir)).summary
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "summary.json", s)
+        if args.json:
+            print(json.dumps(s, default=float))
+        else:
+            print_disagg(s)
+        return 0
+    cfg = parse_cluster(data, base_dir)
     run = run_pool(cfg)
     if plot is not None:
         saved(plot_pool(run, plot))
@@ -114,12 +156,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from llmqueue.cluster import compare_routers, load_cluster
+    from llmqueue.cluster import compare_routers, parse_cluster
 
     routers = [x.strip() for x in args.routers.split(",") if x.strip()]
     if not routers:
         raise ConfigError("--routers", args.routers, "a comma-separated list of at least one router")
-    cfg = load_cluster(args.config, args.set)
+    data, base_dir, disagg = _disaggregated(args)
+    if disagg:
+        raise ConfigError("config", args.config, "a pool of replicas (compare routers one pool at a time; a "
+                                                 "disaggregated config runs with simulate, capacity and plan)")
+    cfg = parse_cluster(data, base_dir)
     runs = compare_routers(cfg, routers)
     if args.out:
         out = Path(args.out)
@@ -135,15 +181,62 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from llmqueue.cluster import load_cluster, pool_capacity
+    from llmqueue.cluster import parse_cluster, pool_capacity
     from llmqueue.runner import build_workload
 
-    cfg = load_cluster(args.config, args.set)
+    data, base_dir, disagg = _disaggregated(args)
+    if disagg:
+        return _disagg_capacity(args, data, base_dir)
+    cfg = parse_cluster(data, base_dir)
     cap = pool_capacity(cfg, build_workload(cfg.base))
     if args.json:
         print(json.dumps(cap.to_dict(), default=float))
         return 0
     print("\n".join(capacity_lines(cap)))
+    return 0
+
+
+def _disagg_capacity(args, data, base_dir) -> int:
+    from llmqueue.cluster.disagg import StageWorkload, parse_disagg
+    from llmqueue.runner import build_workload
+
+    cfg = parse_disagg(data, base_dir)
+    w = build_workload(cfg.prefill.base)
+    from llmqueue.cluster import pool_capacity
+
+    caps = {"prefill": pool_capacity(cfg.prefill, StageWorkload(w.arrival_rate, w.mean_prompt_len, 0.0)),
+            "decode": pool_capacity(cfg.decode, StageWorkload(w.arrival_rate, 0.0, w.mean_output_len))}
+    rates = {k: c.pooled_capacity_tokens_per_s / (w.mean_prompt_len if k == "prefill" else w.mean_output_len)
+             for k, c in caps.items()}
+    best = min(rates, key=rates.get)
+    if args.json:
+        print(json.dumps({"prefill": caps["prefill"].to_dict(), "decode": caps["decode"].to_dict(),
+                          "max_stable_rate_rps": rates[best], "binding_pool": best}, default=float))
+        return 0
+    for k, c in caps.items():
+        print(f"{k} pool: {len(c.replicas)} replicas, capacity {c.pooled_capacity_tokens_per_s:,.1f} tokens/s, offered "
+              f"{c.offered_tokens_per_s:,.1f} tokens/s (ρ = {c.rho:.4f}); alone it serves {rates[k]:.4g} req/s")
+    print(f"λ*_PD = {rates[best]:.4g} req/s ({best} pool binds); λ = {w.arrival_rate:.4g} req/s")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from llmqueue.cluster.disagg import parse_disagg, plan
+
+    data, base_dir, disagg = _disaggregated(args)
+    if not disagg:
+        raise ConfigError("config", args.config, "a disaggregated cluster config ([cluster.prefill] and "
+                                                 "[cluster.decode]; e.g. the scenario pd-4-4)")
+    rows = plan(parse_disagg(data, base_dir), args.gpus)
+    if args.json:
+        print(json.dumps({"splits": rows}, default=float))
+        return 0
+    print(_table(("P:D", "prefill req/s", "decode req/s", "λ*_PD req/s", "binds"),
+                 [(f"{r['prefill']}:{r['decode']}", fmt(r["prefill_rate_rps"]), fmt(r["decode_rate_rps"]),
+                   fmt(r["max_stable_rate_rps"]), r["binding"]) for r in rows]))
+    b = rows[0]
+    print(f"\nbest split of {args.gpus} GPUs: {b['prefill']} prefill : {b['decode']} decode, λ*_PD = "
+          f"{b['max_stable_rate_rps']:.4g} req/s (Theorem 2 per pool; simulate to check: llmqueue cluster simulate)")
     return 0
 
 
@@ -181,6 +274,12 @@ def register(sub) -> None:
     add_overrides(k)
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_capacity)
+    q = csub.add_parser("plan", help="prefill/decode: the best P:D split of --gpus GPUs (Theorem 2 per pool)")
+    q.add_argument("config")
+    q.add_argument("--gpus", type=int, required=True)
+    add_overrides(q)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_plan)
     n = csub.add_parser("scenarios", help="list the built-in cluster scenarios, or print one")
     n.add_argument("name", nargs="?")
     n.set_defaults(func=cmd_scenarios)

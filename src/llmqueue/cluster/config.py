@@ -120,6 +120,10 @@ def parse_cluster(data: dict[str, Any], base_dir: Path | None = None) -> Cluster
         raise ConfigError("cluster", None, "a [cluster] table with replicas and router (docs/cluster.md)")
     if not isinstance(cluster, dict):
         raise ConfigError("cluster", cluster, "a table with replicas and router (docs/cluster.md)")
+    if "prefill" in cluster or "decode" in cluster:
+        raise ConfigError("cluster.prefill" if "prefill" in cluster else "cluster.decode", "a table",
+                          "a pool of replicas here: a disaggregated config (prefill and decode pools) runs with "
+                          "llmqueue cluster simulate, capacity or plan")
     for key in cluster:
         if key not in CLUSTER_KEYS:
             raise ConfigError(f"cluster.{key}", cluster[key], f"a known key: {', '.join(sorted(CLUSTER_KEYS))}")
@@ -176,8 +180,9 @@ def _with_workload(replica: Config, base: Config) -> Config:
     return Config({**replica.data, "workload": base.data["workload"]}, replica.base_dir, replica.run)
 
 
-def load_cluster(source: str | Path, overrides: list[str] | None = None) -> ClusterConfig:
-    """A cluster config file, or a built-in cluster scenario's name; ``key=value`` overrides."""
+def read_cluster_data(source: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], Path]:
+    """A cluster config file's tables (or a built-in cluster scenario's) with ``key=value``
+    overrides applied, and the folder its relative paths are relative to."""
     from llmqueue.cluster.scenarios import CLUSTER_SCENARIOS, scenario_data
 
     p = Path(source)
@@ -187,7 +192,12 @@ def load_cluster(source: str | Path, overrides: list[str] | None = None) -> Clus
         data, base_dir = read_toml(p), p.resolve().parent
     for item in overrides or []:
         set_dotted(data, *parse_override(item))
-    return parse_cluster(data, base_dir)
+    return data, base_dir
 
 
-__all__ = ["ClusterConfig", "Replica", "load_cluster", "parse_cluster"]
+def load_cluster(source: str | Path, overrides: list[str] | None = None) -> ClusterConfig:
+    """A cluster config file, or a built-in cluster scenario's name; ``key=value`` overrides."""
+    return parse_cluster(*read_cluster_data(source, overrides))
+
+
+__all__ = ["ClusterConfig", "Replica", "load_cluster", "parse_cluster", "read_cluster_data"]

@@ -90,6 +90,35 @@ horizon_s = 600.0
 seed = 0
 """
 
+
+
+def _pd(prefill: int, decode: int) -> str:
+    return f"""# Prefill/decode disaggregation on {prefill + decode} Fig. 1 GPUs: {prefill} prefill and {decode} decode
+# replicas, a KV transfer of 160 kB per prompt token over a 25 GB/s link (~0.8 ms for 129 tokens).
+# λ*_PD = min(P C / m_p, D C / m_d) with C = 3342.9 tokens/s per replica; load is a fraction of
+# the best split's λ*_PD on 8 GPUs (4:4, 103.7 requests/s), so the unbalanced splits overload.
+[cluster]
+kv_bytes_per_token = 163840.0
+link_bytes_per_s = 25e9
+
+[cluster.prefill]
+replicas = {prefill}
+router = "jsq"
+
+[cluster.decode]
+replicas = {decode}
+router = "jsq"
+""" + _FIG1 + """
+[workload]
+arrival = "poisson"
+rate = 72.6          # 0.7 of 103.7 requests/s
+
+[run]
+horizon_s = 300.0
+seed = 0
+"""
+
+
 CLUSTER_SCENARIOS: dict[str, tuple[str, str]] = {
     "pool-round-robin": ("8 identical Fig. 1 replicas, round robin, 0.9 of pooled λ*", _pool("round-robin", 0.9)),
     "pool-random": ("8 identical Fig. 1 replicas, random routing, 0.9 of pooled λ*", _pool("random", 0.9)),
@@ -102,6 +131,12 @@ CLUSTER_SCENARIOS: dict[str, tuple[str, str]] = {
                            "(the slow ones overload; compare with jsq)", _HETERO),
     "pool-agents": ("64 agent sessions on 8 replicas, session affinity by consistent hashing, 0.7 of pooled λ*",
                     _AGENTS),
+    "pd-2-6": ("prefill/decode disaggregation, 2 prefill + 6 decode replicas, 72.6 req/s (prefill-bound: overloads)",
+               _pd(2, 6)),
+    "pd-4-4": ("prefill/decode disaggregation, 4 prefill + 4 decode replicas, 72.6 req/s (the best split of 8)",
+               _pd(4, 4)),
+    "pd-6-2": ("prefill/decode disaggregation, 6 prefill + 2 decode replicas, 72.6 req/s (decode-bound: overloads)",
+               _pd(6, 2)),
 }
 
 

@@ -1,0 +1,223 @@
+"""Prefill/decode disaggregation: a prefill pool, a KV transfer, a decode pool (docs/cluster.md).
+
+A request's prompt runs on a prefill replica (a request of v_p prompt tokens and no output).
+The batch that finishes the prompt emits the first token, and that time is the paper's first
+token (arXiv 2504.07347 §3.1). Its KV then moves to a decode replica, which takes
+``kv_bytes_per_token × v_p / link_bytes_per_s`` or a fixed ``transfer_s``. The request then runs
+its v_d decode iterations there: a request of 1 token and v_d − 1 outputs, i.e. v_d batches of
+one token each. Each pool has its own replicas and router ([cluster.prefill], [cluster.decode],
+each a [cluster] table of docs/cluster.md).
+
+Not yet modelled: the prompt's KV on the decode replica. The engine core cannot admit a
+request whose prompt is already computed, so decode replicas with ``kv_blocks`` are refused
+rather than given memory that would leave out the prompt's blocks.
+
+Capacity: the prefill pool serves λ m_p prompt tokens/s against its pooled capacity C_P, and the
+decode pool λ m_d tokens/s against C_D, so λ*_PD = min(C_P / m_p, C_D / m_d). For G identical
+GPUs, :func:`plan` picks the P:D split that maximises it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmqueue.checks import integer, number
+from llmqueue.cluster.config import ClusterConfig, parse_cluster
+from llmqueue.errors import ConfigError
+from llmqueue.model.workload import Requests
+
+DISAGG_KEYS = {"prefill", "decode", "transfer_s", "kv_bytes_per_token", "link_bytes_per_s"}
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    prefill: ClusterConfig
+    decode: ClusterConfig
+    transfer_s: float | None
+    kv_bytes_per_token: float | None
+    link_bytes_per_s: float | None
+    load: float | None
+    data: dict[str, Any]
+
+    def transfer_durations(self, prompts: np.ndarray) -> np.ndarray:
+        if self.transfer_s is not None:
+            return np.full(len(prompts), self.transfer_s)
+        return prompts * self.kv_bytes_per_token / self.link_bytes_per_s
+
+
+@dataclass(frozen=True)
+class StageWorkload:
+    """What a pool's capacity and summaries read of a workload: its rate, mean lengths, arrivals."""
+
+    arrival_rate: float
+    mean_prompt_len: float
+    mean_output_len: float
+    arrivals: Any = None
+
+
+def is_disaggregated(data: dict[str, Any]) -> bool:
+    c = data.get("cluster")
+    return isinstance(c, dict) and ("prefill" in c or "decode" in c)
+
+
+def _pool_data(data: dict[str, Any], which: str) -> dict[str, Any]:
+    table = data["cluster"].get(which)
+    if table is None:
+        raise ConfigError(f"cluster.{which}", None, "a table with replicas and router (both pools are needed)")
+    if not isinstance(table, dict):
+        raise ConfigError(f"cluster.{which}", table, "a table with replicas and router")
+    return {**{k: v for k, v in data.items() if k != "cluster"}, "cluster": table}
+
+
+def _prefixed(exc: ConfigError, which: str) -> ConfigError:
+    name = exc.field.replace("cluster.", f"cluster.{which}.", 1) if exc.field.startswith("cluster") else exc.field
+    return ConfigError(name, exc.value, exc.allowed)
+
+
+def parse_disagg(data: dict[str, Any], base_dir: Path | None = None) -> DisaggConfig:
+    """Validate a disaggregated cluster config (``[cluster.prefill]`` and ``[cluster.decode]``)."""
+    from llmqueue.analysis import capacity
+    from llmqueue.runner import batch_time_of, build_workload
+
+    data = copy.deepcopy(dict(data))
+    cluster = data["cluster"]
+    for key in cluster:
+        if key not in DISAGG_KEYS:
+            raise ConfigError(f"cluster.{key}", cluster[key], f"a known key of a disaggregated cluster: "
+                                                              f"{', '.join(sorted(DISAGG_KEYS))}")
+    fixed = cluster.get("transfer_s")
+    per_token, link = cluster.get("kv_bytes_per_token"), cluster.get("link_bytes_per_s")
+    if fixed is not None and (per_token is not None or link is not None):
+        raise ConfigError("cluster.transfer_s", fixed, "omitted when kv_bytes_per_token and link_bytes_per_s are given")
+    if fixed is None and (per_token is None) != (link is None):
+        missing = "link_bytes_per_s" if link is None else "kv_bytes_per_token"
+        raise ConfigError(f"cluster.{missing}", None, "given with the other (the transfer takes kv_bytes_per_token × "
+                                                      "prompt / link_bytes_per_s), or use transfer_s")
+    fixed = number(fixed, "cluster.transfer_s", at_least=0) if fixed is not None else None
+    if per_token is not None:
+        per_token = number(per_token, "cluster.kv_bytes_per_token", above=0)
+        link = number(link, "cluster.link_bytes_per_s", above=0)
+    if fixed is None and per_token is None:
+        fixed = 0.0
+    workload = data.setdefault("workload", {})
+    load = None
+    if workload.get("arrival", "poisson") != "trace" and "rate" not in workload:
+        load = float(number(workload.pop("load", 0.9), "workload.load", above=0))
+        workload["rate"] = 1.0   # a placeholder, resolved below against λ*_PD
+    pools = {}
+    for which in ("prefill", "decode"):
+        try:
+            pools[which] = parse_cluster(_pool_data(data, which), base_dir)
+        except ConfigError as exc:
+            raise _prefixed(exc, which) from None
+    for which, why in (("decode", "the core cannot yet admit a request whose prompt's KV arrived by transfer, so "
+                                  "its memory would leave the prompt out"),
+                       ("prefill", "memory in disaggregated pools is not modelled yet")):
+        if any(r.config.engine.get("kv_blocks") is not None for r in pools[which].replicas):
+            raise ConfigError(f"cluster.{which}.replicas", "kv_blocks", f"{which} replicas without engine.kv_blocks: "
+                              f"{why} (docs/cluster.md, disaggregation)")
+    if load is not None:
+        w = build_workload(pools["prefill"].base)
+        caps = {k: sum(capacity(batch_time_of(r.config), r.config.engine["token_budget"])[1] for r in p.replicas)
+                for k, p in pools.items()}
+        best = min(caps["prefill"] / w.mean_prompt_len, caps["decode"] / max(w.mean_output_len, 1e-12))
+        data["workload"]["rate"] = load * best
+        for which in ("prefill", "decode"):
+            pools[which] = parse_cluster(_pool_data(data, which), base_dir)
+    return DisaggConfig(pools["prefill"], pools["decode"], fixed, per_token, link, load, data)
+
+
+def load_disagg(source: str | Path, overrides: list[str] | None = None) -> DisaggConfig:
+    from llmqueue.cluster.config import read_cluster_data
+
+    return parse_disagg(*read_cluster_data(source, overrides))
+
+
+@dataclass
+class DisaggRun:
+    summary: dict
+    first_token_time: np.ndarray
+    finish_time: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+
+def run_disagg(cfg: DisaggConfig) -> DisaggRun:
+    """Both pools, the transfer between them, and the end-to-end latencies."""
+    from llmqueue.cluster.run import generate_pool, summarize_pool
+    from llmqueue.cluster.sim import simulate_pool
+    from llmqueue.metrics import latency_stats
+
+    workload, requests = generate_pool(cfg.prefill)
+    n = len(requests)
+    lam = workload.arrival_rate
+    gaps = workload.arrivals
+    prefill_requests = Requests(requests.arrival_time, requests.num_prompt_tokens, np.zeros(n, np.int64))
+    pre = simulate_pool(cfg.prefill, prefill_requests)
+    pre_run = summarize_pool(cfg.prefill, pre, StageWorkload(lam, workload.mean_prompt_len, 0.0, gaps))
+    first = np.full(n, np.nan)
+    for idx, r in zip(pre.replica_requests, pre.results):
+        first[idx] = r.finish_time
+    outputs = requests.num_output_tokens
+    goes = np.flatnonzero(~np.isnan(first) & (outputs > 0))
+    ready = first[goes] + cfg.transfer_durations(requests.num_prompt_tokens[goes].astype(np.float64))
+    order = np.argsort(ready, kind="stable")
+    goes, ready = goes[order], ready[order]
+    decode_requests = Requests(ready, np.ones(len(goes), np.int64), outputs[goes] - 1)
+    share = len(goes) / max(n, 1)
+    mean_d = float(outputs[goes].mean()) if len(goes) else 0.0
+    dec = simulate_pool(cfg.decode, decode_requests)
+    dec_run = summarize_pool(cfg.decode, dec, StageWorkload(lam * share, 1.0, max(mean_d - 1.0, 0.0)))
+    finish = np.where(outputs == 0, first, np.nan)
+    for idx, r in zip(dec.replica_requests, dec.results):
+        finish[goes[idx]] = r.finish_time
+    horizon = max(pre.horizon_s, dec.horizon_s)
+    done = finish <= horizon
+    started = first <= horizon
+    arrival = requests.arrival_time
+    tpot = (finish - first)[done & (outputs > 0)] / outputs[done & (outputs > 0)]
+    transfer = cfg.transfer_durations(requests.num_prompt_tokens.astype(np.float64))
+    c_p = pre_run.capacity.pooled_capacity_tokens_per_s
+    c_d = dec_run.capacity.pooled_capacity_tokens_per_s
+    mp, md = workload.mean_prompt_len, workload.mean_output_len
+    lam_star = min(c_p / mp, c_d / md if md > 0 else np.inf)
+    pools_stable = [pre_run.summary["pool"]["verdict"], dec_run.summary["pool"]["verdict"]]
+    summary = {
+        "arrived": int(np.count_nonzero(arrival <= horizon)), "completed": int(np.count_nonzero(done)),
+        "horizon_s": horizon, "arrival_rate": lam, "load": cfg.load,
+        "max_stable_rate_rps": lam_star, "binding_pool": "prefill" if c_p / mp <= (c_d / md if md else np.inf)
+        else "decode",
+        "verdict": "unstable" if "unstable" in pools_stable else "stable" if pools_stable == ["stable", "stable"]
+        else "inconclusive",
+        "ttft_s": latency_stats(first[started] - arrival[started]), "tpot_s": latency_stats(tpot),
+        "e2e_s": latency_stats(finish[done] - arrival[done]), "transfer_s": latency_stats(transfer),
+        "prefill": pre_run.summary, "decode": dec_run.summary,
+    }
+    return DisaggRun(summary, first, finish)
+
+
+def plan(cfg: DisaggConfig, gpus: int) -> list[dict]:
+    """λ*_PD = min(P C_P / m_p, D C_D / m_d) of every split P + D = ``gpus`` (one replica per GPU, the
+    first replica of each pool standing for all), best first."""
+    from llmqueue.analysis import capacity
+    from llmqueue.runner import batch_time_of, build_workload
+
+    gpus = integer(gpus, "--gpus", 2, what="a prefill and a decode GPU at least")
+    w = build_workload(cfg.prefill.base)
+    cp = capacity(batch_time_of(cfg.prefill.replicas[0].config), cfg.prefill.replicas[0].config.engine["token_budget"])[1]
+    cd = capacity(batch_time_of(cfg.decode.replicas[0].config), cfg.decode.replicas[0].config.engine["token_budget"])[1]
+    rows = []
+    for p in range(1, gpus):
+        d = gpus - p
+        pre, dec = p * cp / w.mean_prompt_len, d * cd / max(w.mean_output_len, 1e-12)
+        rows.append({"prefill": p, "decode": d, "prefill_rate_rps": pre, "decode_rate_rps": dec,
+                     "max_stable_rate_rps": min(pre, dec), "binding": "prefill" if pre <= dec else "decode"})
+    rows.sort(key=lambda r: -r["max_stable_rate_rps"])
+    return rows
+
+
+__all__ = ["DisaggConfig", "DisaggRun", "is_disaggregated", "load_disagg", "parse_disagg", "plan", "run_disagg"]
