@@ -389,6 +389,13 @@ def test_bad_disaggregated_input_names_the_key(cluster, key, allowed):
 def test_cli_runs_the_disaggregated_scenarios(capsys):
     code, out, _ = run_cli(capsys, "cluster", "plan", "pd-4-4", "--gpus", "8")
     assert code == 0 and "best split of 8 GPUs: 4 prefill : 4 decode" in out
+    code, out, _ = run_cli(capsys, "cluster", "plan", "pd-4-4", "--gpus", "4", "--bisect", "1", "--json", "--set",
+                           "cluster.prefill.router=round-robin", "--set", "cluster.decode.router=round-robin",
+                           "--set", "run.horizon_s=200")
+    best = json.loads(out)["splits"][0]
+    assert code == 0 and (best["prefill"], best["decode"]) == (2, 2)
+    # conservative: inconclusive near the boundary fails, so the passing rate is at most λ*_PD
+    assert 0.85 * best["max_stable_rate_rps"] < best["simulated"]["passing_rps"] <= best["max_stable_rate_rps"]
     code, out, _ = run_cli(capsys, "cluster", "capacity", "pd-6-2")
     assert code == 0 and "decode pool binds" in out
     code, out, _ = run_cli(capsys, "cluster", "simulate", "pd-4-4", "--set", "run.horizon_s=20", "--json")

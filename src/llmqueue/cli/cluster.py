@@ -227,16 +227,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not disagg:
         raise ConfigError("config", args.config, "a disaggregated cluster config ([cluster.prefill] and "
                                                  "[cluster.decode]; e.g. the scenario pd-4-4)")
-    rows = plan(parse_disagg(data, base_dir), args.gpus)
+    cfg = parse_disagg(data, base_dir)
+    rows = plan(cfg, args.gpus)
+    if args.bisect < 0:
+        raise ConfigError("--bisect", args.bisect, "an integer >= 0 (the best splits to check by simulation)")
+    for r in rows[:args.bisect]:
+        from llmqueue.cluster.disagg import simulated_max_rate
+
+        r["simulated"] = simulated_max_rate(cfg, r["prefill"], r["decode"], r["max_stable_rate_rps"])
     if args.json:
         print(json.dumps({"splits": rows}, default=float))
         return 0
-    print(_table(("P:D", "prefill req/s", "decode req/s", "λ*_PD req/s", "binds"),
+    sim = [(f"{r['simulated']['passing_rps']:.2f}–{r['simulated']['failing_rps']:.2f}" if "simulated" in r else "-")
+           for r in rows]
+    print(_table(("P:D", "prefill req/s", "decode req/s", "λ*_PD req/s", "binds", "simulated: stable–not (req/s)"),
                  [(f"{r['prefill']}:{r['decode']}", fmt(r["prefill_rate_rps"]), fmt(r["decode_rate_rps"]),
-                   fmt(r["max_stable_rate_rps"]), r["binding"]) for r in rows]))
+                   fmt(r["max_stable_rate_rps"]), r["binding"], x) for r, x in zip(rows, sim)]))
     b = rows[0]
     print(f"\nbest split of {args.gpus} GPUs: {b['prefill']} prefill : {b['decode']} decode, λ*_PD = "
-          f"{b['max_stable_rate_rps']:.4g} req/s (Theorem 2 per pool; simulate to check: llmqueue cluster simulate)")
+          f"{b['max_stable_rate_rps']:.4g} req/s (Theorem 2 per pool" + ("; simulated: stable at the first rate of "
+          "the last column, not shown stable at the second" if args.bisect else "; --bisect K checks it by simulation")
+          + ")")
     return 0
 
 
@@ -277,6 +288,8 @@ def register(sub) -> None:
     q = csub.add_parser("plan", help="prefill/decode: the best P:D split of --gpus GPUs (Theorem 2 per pool)")
     q.add_argument("config")
     q.add_argument("--gpus", type=int, required=True)
+    q.add_argument("--bisect", type=int, default=0, metavar="K",
+                   help="check the K best splits by simulation: bisect λ on the pools' verdict (run.horizon_s, seed)")
     add_overrides(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_plan)

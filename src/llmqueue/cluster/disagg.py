@@ -220,4 +220,38 @@ def plan(cfg: DisaggConfig, gpus: int) -> list[dict]:
     return rows
 
 
-__all__ = ["DisaggConfig", "DisaggRun", "is_disaggregated", "load_disagg", "parse_disagg", "plan", "run_disagg"]
+def with_split(cfg: DisaggConfig, prefill: int, decode: int, rate: float | None = None) -> DisaggConfig:
+    """The same config with ``prefill`` and ``decode`` replicas (of each pool's first replica's engine)
+    and, given, the arrival rate."""
+    data = copy.deepcopy(cfg.data)
+    c = data["cluster"]
+    for which, n in (("prefill", prefill), ("decode", decode)):
+        first = c[which]["replicas"]
+        c[which]["replicas"] = n if not isinstance(first, list) else [{**{k: v for k, v in first[0].items()
+                                                                           if k not in ("count", "name")}, "count": n}]
+    if rate is not None:
+        data["workload"]["rate"] = float(rate)
+    return parse_disagg(data, cfg.prefill.base.base_dir)
+
+
+def simulated_max_rate(cfg: DisaggConfig, prefill: int, decode: int, closed_form: float, *, rel_tol: float = 0.05,
+                       probes: int = 8) -> dict:
+    """Bisection on λ for one split: a rate passes when run_disagg's verdict is ``stable`` (both pools;
+    ``inconclusive`` fails, so the search is conservative).  Starts from [0.8, 1.1] × the closed form."""
+    def passes(rate: float) -> bool:
+        return run_disagg(with_split(cfg, prefill, decode, rate)).summary["verdict"] == "stable"
+
+    lo, hi, tried = 0.8 * closed_form, 1.1 * closed_form, 0
+    while tried < probes and not passes(lo):
+        hi, lo, tried = lo, lo / 2, tried + 1
+    while tried < probes and passes(hi):
+        lo, hi, tried = hi, hi * 1.5, tried + 1
+    while tried < probes and hi - lo > rel_tol * lo:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+        tried += 1
+    return {"passing_rps": lo, "failing_rps": hi, "probes": tried}
+
+
+__all__ = ["DisaggConfig", "DisaggRun", "is_disaggregated", "load_disagg", "parse_disagg", "plan", "run_disagg",
+           "simulated_max_rate", "with_split"]
