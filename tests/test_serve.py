@@ -161,7 +161,7 @@ def test_the_server_streams_counts_refuses_bad_input_and_shuts_down_cleanly(tmp_
         # a client that disconnects mid-stream cancels its request in the engine
         host, port = url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": [5] * 8, "max_tokens": 900,
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": [5] * 8, "max_tokens": 1000,
                                                                   "ignore_eos": True, "stream": True}),
                      headers={"Content-Type": "application/json"})
         resp = conn.getresponse()

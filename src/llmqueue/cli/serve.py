@@ -100,8 +100,8 @@ def register(sub) -> None:
 
     b = sub.add_parser("serve-bench", help="load the server at Poisson rates and compare with the simulator")
     b.add_argument("config", help="serve config: the scheduler, model and the workload's prompt/output lengths")
-    b.add_argument("--loads", default="0.3,0.6,0.8,1.2",
-                   help="arrival rates as fractions of the predicted capacity λ*, comma-separated")
+    b.add_argument("--loads", default="0.3,0.6,0.8,1.3",
+                   help="arrival rates as fractions of the predicted capacity λ* (served-batch fit), comma-separated")
     b.add_argument("--rates", help="arrival rates in requests/s instead of --loads, comma-separated")
     b.add_argument("--requests", type=int, default=120, help="requests sent at each rate (default 120)")
     b.add_argument("--seed", type=int, default=0, help="seed of the arrivals and lengths (default 0)")

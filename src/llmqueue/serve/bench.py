@@ -286,29 +286,38 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
     log(f"   served-batch fit: {_fit_line(served)}; λ* = {capacity:.2f} req/s")
     rates = list(rates) if rates else [f * capacity for f in loads]
     rows = []
-    server = ServerProcess(config_path, keep)
-    try:
-        _load(server, settings, workload, capacity, 4, seed + 2000, vocab)   # warm-up
-        for i, rate in enumerate(rates):
+    status, metrics = 0, ""
+    for i, rate in enumerate(rates):   # a fresh server per rate, its batches logged
+        log_i = out / f"batches_{i}.csv"
+        server = ServerProcess(config_path, keep, extra=["--batch-log", str(log_i)])
+        try:
+            _load(server, settings, workload, capacity, 4, seed + 2000, vocab)   # warm-up
             samples, requests = _load(server, settings, workload, rate, num_requests, seed + i, vocab)
-            measured = measured_row(samples)
-            predicted = predicted_row(served_cfg, requests)
-            grid_pred = predicted_row(grid_cfg, requests)
-            row = {"rate_rps": rate, "load": rate / capacity, "measured": measured, "predicted": predicted,
-                   "predicted_grid": grid_pred, "error": {k: _error(measured[k], predicted[k]) for k in predicted},
-                   "error_grid": {k: _error(measured[k], grid_pred[k]) for k in grid_pred}}
-            rows.append(row)
-            log(f"   λ = {rate:.2f} req/s ({rate / capacity:.2f} λ*): TTFT {measured['ttft_s'] * 1e3:.1f} ms measured, "
-                f"{predicted['ttft_s'] * 1e3:.1f} predicted; TPOT {measured['tpot_s'] * 1e3:.2f} / "
-                f"{predicted['tpot_s'] * 1e3:.2f} ms; served {measured['served_rps']:.2f} / "
-                f"{predicted['served_rps']:.2f} req/s; {measured['errors']} errors")
-        metrics = server.metrics()
-    finally:
-        status, rest = server.stop()
+            metrics = server.metrics()
+        finally:
+            status = max(status, server.stop()[0])
+        measured = measured_row(samples)
+        run = served_fit(log_i, workload.mean_prompt_len, workload.mean_output_len)
+        predictions = {"predicted": predicted_row(served_cfg, requests),
+                       "predicted_grid": predicted_row(grid_cfg, requests),
+                       "predicted_run": predicted_row(_with_batch_time(cfg, run), requests)}
+        row = {"rate_rps": rate, "load": rate / capacity, "measured": measured, **predictions,
+               "run_fit": {"r2": run.r2, **run.batch_time.to_dict()},
+               "run_capacity_rps": analysis_of(_with_batch_time(cfg, run), workload).max_stable_rate_rps,
+               **{k.replace("predicted", "error"): {q: _error(measured[q], v) for q, v in p.items()}
+                  for k, p in predictions.items()}}
+        rows.append(row)
+        predicted = predictions["predicted"]
+        log(f"   λ = {rate:.2f} req/s ({rate / capacity:.2f} λ*): TTFT {measured['ttft_s'] * 1e3:.1f} ms measured, "
+            f"{predicted['ttft_s'] * 1e3:.1f} predicted, {row['predicted_run']['ttft_s'] * 1e3:.1f} with the run's "
+            f"batches; TPOT {measured['tpot_s'] * 1e3:.2f} / {predicted['tpot_s'] * 1e3:.2f} / "
+            f"{row['predicted_run']['tpot_s'] * 1e3:.2f} ms; served {measured['served_rps']:.2f} / "
+            f"{predicted['served_rps']:.2f} req/s; {measured['errors']} errors")
     over = [r for r in rows if r["load"] > 1.0]
     saturation = {"capacity_rps": capacity, "grid_capacity_rps": grid_capacity,
                   "measured_rps": max((r["measured"]["served_rps"] for r in over), default=None),
-                  "simulated_rps": max((r["predicted"]["served_rps"] for r in over), default=None)}
+                  "simulated_rps": max((r["predicted"]["served_rps"] for r in over), default=None),
+                  "run_capacity_rps": over[-1]["run_capacity_rps"] if over else None}
     if saturation["measured_rps"] is not None:
         saturation["error"] = _error(saturation["measured_rps"], capacity)
     return {"config": str(config_path), "scheduler": cfg.engine["scheduler"], "token_budget": cfg.engine["token_budget"],
@@ -322,23 +331,26 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
 
 def table(report: dict) -> list[str]:
     """A Markdown table of the comparison: measured / simulated with the served-batch fit / with the grid fit."""
-    head = ("λ (req/s)", "load", "TTFT p50 ms: meas / sim / grid", "err", "TPOT p50 ms: meas / sim / grid", "err",
-            "throughput req/s: meas / sim", "served req/s: meas / sim")
+    head = ("λ (req/s)", "load", "TTFT p50 ms: meas / sim / grid / run", "err sim / run",
+            "TPOT p50 ms: meas / sim / grid / run", "err sim / run", "throughput req/s: meas / sim",
+            "served req/s: meas / sim / run")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
-        m, p, g, e = r["measured"], r["predicted"], r["predicted_grid"], r["error"]
-        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {m['ttft_s'] * 1e3:.1f} / {p['ttft_s'] * 1e3:.1f} / "
-                     f"{g['ttft_s'] * 1e3:.1f} | {e['ttft_s'] * 100:+.0f} % | {m['tpot_s'] * 1e3:.2f} / "
-                     f"{p['tpot_s'] * 1e3:.2f} / {g['tpot_s'] * 1e3:.2f} | {e['tpot_s'] * 100:+.0f} % | "
-                     f"{m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} | {m['served_rps']:.2f} / "
-                     f"{p['served_rps']:.2f} |")
+        m, p, g, u, e, eu = (r[k] for k in ("measured", "predicted", "predicted_grid", "predicted_run", "error",
+                                             "error_run"))
+        ms = lambda key, d: " / ".join(f"{x[key] * 1e3:.{d}f}" for x in (m, p, g, u))
+        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {ms('ttft_s', 1)} | {e['ttft_s'] * 100:+.0f} / "
+                     f"{eu['ttft_s'] * 100:+.0f} % | {ms('tpot_s', 2)} | {e['tpot_s'] * 100:+.0f} / "
+                     f"{eu['tpot_s'] * 100:+.0f} % | {m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} | "
+                     f"{m['served_rps']:.2f} / {p['served_rps']:.2f} / {u['served_rps']:.2f} |")
     s = report["saturation"]
     lines.append("")
     lines.append(f"Predicted capacity λ* = {s['capacity_rps']:.2f} req/s from the served-batch fit "
                  f"({s['grid_capacity_rps']:.2f} from the grid calibration).")
     if s.get("measured_rps") is not None:
         lines.append(f"Above λ*: served {s['measured_rps']:.2f} req/s measured, {s['simulated_rps']:.2f} simulated "
-                     f"({s['error'] * 100:+.1f} % from λ*).")
+                     f"({s['error'] * 100:+.1f} % from λ*); λ* of the overloaded run's own batches: "
+                     f"{s['run_capacity_rps']:.2f} req/s.")
     return lines
 
 
@@ -357,6 +369,7 @@ def plot(report: dict, path: Path) -> Path:
         ax.plot(x, [r["measured"][key] * scale for r in rows], "o-", label="measured (openai client)")
         ax.plot(x, [r["predicted"][key] * scale for r in rows], "s--", label="simulated (served-batch fit)")
         ax.plot(x, [r["predicted_grid"][key] * scale for r in rows], "^:", label="simulated (grid calibration)")
+        ax.plot(x, [r["predicted_run"][key] * scale for r in rows], "x-.", label="simulated (the run's own batches)")
         ax.axvline(report["saturation"]["capacity_rps"], color="grey", lw=0.8, ls=":", label="predicted λ*")
         ax.set_xlabel("arrival rate (req/s)")
         ax.set_ylabel(label)
