@@ -296,14 +296,10 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def write_requests_csv(path: Path, result) -> None:
-    blank = lambda a: ["" if np.isnan(x) else x for x in a.tolist()]
-    write_columns_csv(path, {
-        "rid": np.arange(len(result.arrival_time)), "arrival_time": result.arrival_time,
-        "num_prompt_tokens": result.num_prompt_tokens, "num_output_tokens": result.num_output_tokens,
-        "first_token_time": blank(result.first_token_time), "finish_time": blank(result.finish_time),
-        "rejected": result.rejected.astype(int),
-        **({"preemptions": result.kv.preemptions, "recomputed_tokens": result.kv.recomputed} if result.kv is not None
-           else {})})
+    """requests.csv of a run (:func:`llmqueue.tables.request_columns`; NaN as an empty cell)."""
+    from llmqueue.tables import request_columns, write_table
+
+    saved(write_table(request_columns(result), path, "csv"))
 
 
 def rejected_cell(rejected: int, arrived: int) -> str:
