@@ -306,3 +306,49 @@ def test_bad_configs_and_a_taken_port_are_one_line_errors(tmp_path, capsys):
             assert len(err) == 1 and err[0].startswith("llmqueue: error:") and words in err[0], err
     finally:
         taken.close()
+
+
+async def _asgi_post(app, path: str, body: bytes) -> tuple[int, dict]:
+    """One POST straight into the ASGI app (no socket, no lifespan: the engine loop is not started)."""
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_a_full_queue_is_a_429_and_a_stopped_engine_a_503_over_http():
+    from llmqueue.serve.app import Service, create_app
+    from llmqueue.serve.exporter import Metrics
+    from llmqueue.serve.protocol import Limits
+    from llmqueue.serve.settings import serve_settings
+    from llmqueue.serve.tokenizer import ByteTokenizer
+
+    loop = _loop("sarathi", {}, max_waiting=1)
+    loop.submit(Generation([5], 2, False, lambda *_: None))   # the queue is full: nothing drains it
+    metrics = Metrics("tiny", 1024)
+    app = create_app(Service(loop, ByteTokenizer(512), Limits("tiny", 512, 1024, 1024, 64, 16), serve_settings({}),
+                             metrics))
+    body = b'{"model": "tiny", "prompt": "x", "stream": true}'
+    status, err = asyncio.run(_asgi_post(app, "/v1/completions", body))
+    assert status == 429 and err["error"]["code"] == "rate_limit_exceeded" and "max_waiting = 1" in err["error"]["message"]
+    loop.stop()
+    status, err = asyncio.run(_asgi_post(app, "/v1/chat/completions",
+                                         b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}]}'))
+    assert status == 503 and err["error"]["code"] == "service_unavailable"
+    text = metrics.render().decode()
+    assert 'llmqueue:requests_refused_total{status="429"} 1.0' in text
+    assert 'llmqueue:requests_refused_total{status="503"} 1.0' in text
