@@ -1,4 +1,4 @@
-"""Networks of engines (PAPER.md §6): conservation, routes, the traffic equations, policies, the CLI.
+"""Networks of engines (paper §5): conservation, routes, the traffic equations, policies, the CLI.
 
 The long seeded stability checks (Rybko–Stolyar table, fork-join/DAG at and above capacity)
 are in test_network_stability.py (marked slow).

@@ -1,4 +1,4 @@
-"""Seeded stability checks of networks (PAPER.md §6, paper §5.4): slow, run in CI with -m slow.
+"""Seeded stability checks of networks (paper §5.4): slow, run in CI with -m slow.
 
 The numbers behind docs/network.md's tables (benchmarks/network_evidence.py regenerates them).
 """

@@ -1,4 +1,4 @@
-"""Per-engine policies across classes (PAPER.md §6, paper §5).
+"""Per-engine policies across classes (paper §5).
 
 * ``fcfs`` (default): the engine's scheduler sees one queue in order of arrival at the engine
   (sub-requests get increasing ids as they are admitted), so Sarathi-Serve is the paper's K-FCFS.

@@ -1,4 +1,4 @@
-"""Built-in network scenarios (PAPER.md §6): TOML texts, registered in :mod:`llmqueue.scenarios`.
+"""Built-in network scenarios (paper §5): TOML texts, registered in :mod:`llmqueue.scenarios`.
 
 ``llmqueue scenarios show NAME`` prints one; ``llmqueue simulate NAME`` runs it.
 """
@@ -10,7 +10,7 @@ _STAIRCASE = 'batch_time = { model = "staircase", c_ms = 11.28, a_ms = 35.47, b0
 
 
 def _rybko_stolyar(first: str, second: str, comment: str) -> str:
-    return f"""# Paper §5.4 (PAPER.md §6): the Rybko–Stolyar network of two LLM engines.
+    return f"""# Paper §5.4: the Rybko–Stolyar network of two LLM engines.
 # Type A: a short hop at S1 then a long hop at S2; type B: the mirror.  Each engine is
 # offered 608 λ tokens/s against 768: ρ = 0.9 at λ = 1.1368 jobs/s per type.
 # {comment}
@@ -88,7 +88,7 @@ NETWORK_SCENARIOS: dict[str, tuple[str, str]] = {
     "fork-join": (
         ("A planner on engine P forks 3 workers on engine W, joined by a summariser on P; Sarathi, "
          "staircase batch time, at 0.9 of the computed capacity"),
-        f"""# Fork-join agent (PAPER.md §6): plan on P -> 3 parallel workers on W -> summarise on P.
+        f"""# Fork-join agent (paper §5): plan on P -> 3 parallel workers on W -> summarise on P.
 # Prompts grow with what earlier hops produced (add_previous_output).
 [network]
 load = 0.9            # fraction of the largest stable scaling (the bottleneck's ρ)
@@ -140,7 +140,7 @@ seed = 0
     "dag": (
         ("A DAG over four engines: plan, then search and code in parallel, merged on a fourth engine; "
          "acyclic between engines, so the traffic equations predict stability below capacity"),
-        f"""# DAG agent (PAPER.md §6): plan -> (search || code) -> merge, one engine per step.
+        f"""# DAG agent (paper §5): plan -> (search || code) -> merge, one engine per step.
 [network]
 load = 0.9
 
@@ -209,7 +209,7 @@ seed = 0
     "agent-loop": (
         ("ReAct-style agent: an LLM step and a tool call repeated a geometric number of rounds "
          "(mean 3.2, at most 10), then an answer; plus plain chat requests on the same engine"),
-        f"""# Agent loop (PAPER.md §6): think on the LLM, call a tool (a delay station), repeat with
+        f"""# Agent loop (paper §5): think on the LLM, call a tool (a delay station), repeat with
 # probability 0.7 (at most 10 rounds), then answer.  Each step's prompt grows with the previous output.
 [network]
 load = 0.9
@@ -267,7 +267,7 @@ seed = 0
     "tandem": (
         ("A chain of three engines (Orca, Sarathi, Sarathi; budgets 512, 1024, 512), each prompt growing "
          "with the previous output, at 0.9 of the computed capacity"),
-        f"""# Tandem chain (PAPER.md §6): draft on E1 -> refine on E2 -> check on E3.
+        f"""# Tandem chain (paper §5): draft on E1 -> refine on E2 -> check on E3.
 [network]
 load = 0.9
 

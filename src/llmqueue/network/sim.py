@@ -1,4 +1,4 @@
-"""The event loop of a network of engines and delay stations (PAPER.md §6, paper §5).
+"""The event loop of a network of engines and delay stations (paper §5).
 
 Each engine is a single-engine :class:`~llmqueue.core.engine.Engine` used through its public API,
 with the same conventions as :func:`llmqueue.core.simulator.simulate`: batches run back to back,
