@@ -181,3 +181,17 @@ def test_network_tables_print_units(capsys):
     assert main(["network", "simulate", "rybko-stolyar", "--set", "run.horizon_s=300"]) == 0
     out = capsys.readouterr().out
     assert "TTFT p50 (s)" in out and "E2E p99 (s)" in out and "hop p50 (s)" in out
+
+
+def test_the_serve_bench_figure(tmp_path, drawn):
+    from llmqueue.serve import bench
+
+    point = {"ttft_s": 0.05, "tpot_s": 0.02, "throughput_rps": 4.0}
+    rows = [{"rate_rps": r, **{k: {q: v * r for q, v in point.items()}
+                               for k in ("measured", "predicted", "predicted_grid", "predicted_run")}}
+            for r in (4.0, 8.0, 12.0)]
+    bench.plot({"rows": rows, "saturation": {"capacity_rps": 15.1}, "scheduler": "sarathi", "token_budget": 256},
+               tmp_path / "b.png")
+    (fig,) = drawn
+    check_figure(fig)
+    assert all(any(ln.get_label().startswith("predicted λ*") for ln in ax.get_lines()) for ax in fig.axes)

@@ -362,38 +362,30 @@ def table(report: dict) -> list[str]:
 
 
 def plot(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Client-measured against simulated TTFT, time between tokens and throughput, per arrival rate
+    (llmqueue.plots' look: distinct lines, units, the legend off the data, λ* drawn)."""
+    from llmqueue.plots import legend_outside, line_style, plt, save_figure
 
     rows = report["rows"]
     x = [r["rate_rps"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, label, scale in ((axes[0], "ttft_s", "median TTFT (ms)", 1e3), (axes[1], "tpot_s",
-                                  "median time between tokens (ms)", 1e3), (axes[2], "throughput_rps",
-                                  "throughput (req/s)", 1.0)):
-        ax.plot(x, [r["measured"][key] * scale for r in rows], "o-", label="measured (openai client)")
-        ax.plot(x, [r["predicted"][key] * scale for r in rows], "s--", label="simulated (served-batch fit)")
-        ax.plot(x, [r["predicted_grid"][key] * scale for r in rows], "^:", label="simulated (grid calibration)")
-        ax.plot(x, [r["predicted_run"][key] * scale for r in rows], "x-.", label="simulated (the run's own batches)")
-        ax.axvline(report["saturation"]["capacity_rps"], color="grey", lw=0.8, ls=":", label="predicted λ*")
-        ax.set_xlabel("arrival rate (req/s)")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), dpi=110)
+    series = (("measured", "measured (openai client)"), ("predicted", "simulated (served-batch fit)"),
+              ("predicted_grid", "simulated (grid calibration)"), ("predicted_run", "simulated (the run's own batches)"))
+    for ax, key, label, scale in ((axes[0], "ttft_s", "median time to first token (ms)", 1e3),
+                                  (axes[1], "tpot_s", "median time between tokens (ms)", 1e3),
+                                  (axes[2], "throughput_rps", "throughput (requests/s)", 1.0)):
+        for i, (name, what) in enumerate(series):
+            ax.plot(x, [r[name][key] * scale for r in rows], label=what, **line_style(i, len(series)))
+        ax.axvline(report["saturation"]["capacity_rps"], color="grey", lw=0.8, ls=":",
+                   label=f"predicted λ* = {report['saturation']['capacity_rps']:.1f} requests/s")
+        ax.set_xlabel("arrival rate (requests/s)")
         ax.set_ylabel(label)
         if key == "ttft_s":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
+    legend_outside(axes[-1])
     fig.suptitle(f"llmqueue serve ({report['scheduler']}, b_max = {report['token_budget']}): client-measured vs "
                  "simulated", fontsize=10)
-    fig.tight_layout()
-    from llmqueue.files import atomic_path
-
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(args) -> int:
