@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmqueue.cli.common import (
@@ -37,6 +39,53 @@ from llmqueue.errors import LlmqueueError
 from llmqueue.real import require_torch
 
 DEFAULT_VIDUR_ROOT = "../shared/data/vidur_profiles"
+#: seconds between progress lines when stderr is not a terminal (a log, CI)
+PROGRESS_EVERY_S = 5.0
+#: how each source of the batch-time model is named in the tables
+SOURCE_NAMES = {"config": "the config's batch-time model", "file": "the calibration file's model",
+                "machine": "this machine's cached calibration", "fresh": "a calibration measured just now"}
+
+
+class _Progress(Progress):
+    """The one-line display on a terminal; elsewhere (a log, CI) a plain line every few seconds."""
+
+    def __init__(self, quiet: bool) -> None:
+        tty = sys.stderr.isatty()
+        super().__init__(tty and not quiet)
+        self.plain = not tty
+        self.began = time.monotonic()
+        self.next = self.began + PROGRESS_EVERY_S
+
+    def __call__(self, name: str, fraction: float) -> None:
+        super().__call__(name, fraction)
+        now = time.monotonic()
+        if self.plain and now >= self.next:
+            self.next = now + PROGRESS_EVERY_S
+            print(f"  {name}: {fraction * 100:.0f} % after {now - self.began:.0f} s", file=sys.stderr, flush=True)
+
+
+MIX_WARNING = "batch_time.model = prefill_decode"
+
+
+@contextmanager
+def _one_mix_warning():
+    """The prefill_decode caveat once per command, in the words of the first model that raised it
+    (the simulator column's): each run and fit would repeat it with its own numbers."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            said = False
+            kept = []
+            for w in caught:
+                if str(w.message).startswith(MIX_WARNING):
+                    if said:
+                        continue
+                    said = True
+                kept.append(w)
+    for w in kept:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _ints(arg: str, flag: str) -> list[int]:
@@ -99,24 +148,50 @@ def _check_config_file(source: str) -> None:
     check_input_file(Path(source), "config", "TOML file", MAX_CONFIG_BYTES)
 
 
-def _setup(args: argparse.Namespace):
-    """The config and [real] settings, the schedulers to run, the real engine and the out folder."""
-    from llmqueue.real.serve import RealEngine, load_engine_config
+def _setup(args: argparse.Namespace, progress: Progress | None = None):
+    """The config (its batch time settled: file, cached or fresh calibration, or its own table),
+    the [real] settings, the schedulers to run, the real engine, the out folder and the source."""
+    from llmqueue.real import read_engine_data, split_engine_config
+    from llmqueue.real.machine import resolve
+    from llmqueue.real.serve import RealEngine, real_settings
 
     _check_config_file(args.config)
-    cfg, settings = load_engine_config(args.config, args.set)
-    names = scheduler_names(args.schedulers, [cfg.engine["scheduler"]])
-    engine = RealEngine(settings, cfg.base_dir)
+    base = split_engine_config(args.config, args.set)[0]      # every table checked before the model loads
+    data, real = read_engine_data(args.config, args.set)
+    settings = real_settings(real)
+    names = scheduler_names(args.schedulers, [base.engine["scheduler"]])
+    engine = RealEngine(settings, base.base_dir)
+    report = None if progress is None else (lambda done, total: progress("calibration", done / total))
+    resolved = resolve(data, base.base_dir, engine, args.batch_time, args.recalibrate, report)
+    if progress is not None:
+        progress.done()
+    for note in resolved.notes:
+        print(f"llmqueue: {note}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return cfg, settings, names, engine, out
+    return resolved.config, settings, names, engine, out, resolved
+
+
+def _source_label(resolved) -> str:
+    """The simulator column's name: where its batch-time model came from."""
+    if resolved.label == "machine" and any(n.startswith("calibrating") for n in resolved.notes):
+        return "fresh"
+    return resolved.label
 
 
 def cmd_engine_run(args: argparse.Namespace) -> int:
     require_torch()
-    cfg, settings, names, engine, out = _setup(args)
+    with _one_mix_warning():
+        return _engine_run(args)
+
+
+def _engine_run(args: argparse.Namespace) -> int:
+    from llmqueue.real.machine import drift_line, probed_run
+
+    progress = _Progress(args.json)
+    cfg, settings, names, engine, out, resolved = _setup(args, progress)
+    source = SOURCE_NAMES[_source_label(resolved)]
     write_text(out / "config.toml", dumps({**cfg.portable(), "real": settings.to_table()}))
-    progress = Progress(sys.stderr.isatty() and not args.json)
     from llmqueue.runner import build_workload, generate
 
     workload = build_workload(cfg)
@@ -126,11 +201,13 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
         warnings.warn(shortfall)
     total = max(len(requests), 1)
     runs = []
+    written: list[str] = []
     sim_kv: dict[str, dict] = {}   # with engine.kv_blocks: the simulator's summary on the same requests
     stop = None
     try:
         for name in names:
-            run = engine.run(cfg, name, requests, lambda now, n, name=name: progress(name, n / total))
+            run = probed_run(engine, cfg, name, requests, lambda now, n, name=name: progress(name, n / total),
+                             resolved.calibration)
             progress.done()
             runs.append(run)
             if "kv" in run.summary:
@@ -142,6 +219,7 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
             prefix = f"{name}_" if len(names) > 1 else ""
             write_requests_csv(out / f"{prefix}requests.csv", run.result)
             write_columns_csv(out / f"{prefix}batches.csv", run.result.batches)
+            written += [f"{prefix}requests.csv", f"{prefix}batches.csv"]
             write_json(out / "summary.json", {"config": cfg.portable(), "runs": [r.summary for r in runs]})
     except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: what finished is printed and kept
         stop = exc
@@ -156,9 +234,9 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
         print(json.dumps({"runs": summaries}, default=float))
     else:
         print(_real_line(summaries[0]))
-        print(analysis_line(runs[0]) + "  (from the config's batch-time model)")
+        print(analysis_line(runs[0]) + f"  (from {source})")
         clock = {"measured": "measured service time", "wall": "wall time",
-                 "model": "model time (the config's batch-time model)"}[summaries[0]["real"]["clock"]]
+                 "model": f"model time ({source})"}[summaries[0]["real"]["clock"]]
         print(f"horizon {runs[0].result.end_time:.0f} s of {clock}, seed {cfg.run.seed}, "
               f"{summaries[0]['arrived']} arrivals\n")
         print(table(summaries))
@@ -171,21 +249,27 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
             print(f"{s['scheduler']}: mean batch {r['mean_batch_ms']:.2f} ms{measured}, KV peak {r['kv_peak_reserved_tokens']} "
                   f"tokens reserved, at most {r['peak_waiting_for_memory']} waiting for memory, "
                   f"{r['output_tokens']} output tokens, wall {s['wall_s']:.0f} s")
+        for run in runs:
+            d = run.summary["real"].get("drift")
+            if d is not None:
+                print(drift_line(run.summary["scheduler"], d, run.summary["work_conserving_claimed"]))
         if sim_kv:
             print("\n" + _kv_head(summaries[0]))
-            print("\n".join(_kv_table([(s["scheduler"], s, {"config": sim_kv[s["scheduler"]]}) for s in summaries
+            label = _source_label(resolved)
+            print("\n".join(_kv_table([(s["scheduler"], s, {label: sim_kv[s["scheduler"]]}) for s in summaries
                                        if s["scheduler"] in sim_kv])))
-            print("(sim (config): the simulator with the config's batch-time model on the same requests)")
+            print(f"(sim ({label}): the simulator with {source} on the same requests)")
+    files = [out / "summary.json", out / "timeseries.csv", out / "config.toml", *(out / f for f in written)]
     if not args.no_plot:
         from llmqueue.plots import plot_in_system
 
         a = runs[0].analysis
-        png = saved(plot_in_system(runs, out / "number_in_system.png",
-                             f"Real engine: requests in system, λ = {a.arrival_rate:.2f} req/s "
-                             f"(ρ = {a.rho:.2f} by the config's model), b_max = {a.token_budget}",
-                             xlabel="engine clock (s): measured service time or wall clock, as configured"))
-        if not args.json:
-            print(f"\nwrote {png}, {out / 'summary.json'}, timeseries.csv, requests.csv, batches.csv")
+        files.insert(0, saved(plot_in_system(runs, out / "number_in_system.png",
+                              f"Real engine: requests in system, λ = {a.arrival_rate:.2f} req/s "
+                              f"(ρ = {a.rho:.2f} by {source}), b_max = {a.token_budget}",
+                              xlabel="engine clock (s): measured service time or wall clock, as configured")))
+    if not args.json:
+        print(f"\nwrote {out}/: " + ", ".join(Path(f).name for f in files))
     if stop is not None:
         done = ", ".join(r.summary["scheduler"] for r in runs)
         return interrupted(stop, f"{len(runs)} of {len(names)} schedulers finished ({done}), shown in the table; "
@@ -193,20 +277,29 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _span(r: tuple[float, float] | None) -> str:
+    return "-" if r is None else f"{fmt(r[0], 3)}–{fmt(r[1], 3)}"
+
+
 def cmd_engine_validate(args: argparse.Namespace) -> int:
     require_torch()
+    with _one_mix_warning():
+        return _engine_validate(args)
+
+
+def _engine_validate(args: argparse.Namespace) -> int:
+    from llmqueue.real.machine import drift_line
     from llmqueue.real.validate import QUANTITIES, validate
 
-    cfg, settings, names, engine, out = _setup(args)
-    if args.calibrate:
-        from llmqueue.real.calibrate import calibrate_config
-        from llmqueue.real.serve import TIMERS
-
-        cfg, fit = calibrate_config(cfg, engine.model, TIMERS[settings.timer], seed=cfg.run.seed)
-        print(f"recalibrated just before the runs: {fit.name}, R² {fit.r2:.4f}, "
-              + ", ".join(f"{k} = {v:.4g}" for k, v in fit.batch_time.to_dict().items() if k != "model"))
+    args.recalibrate = args.recalibrate or args.calibrate
+    cfg, settings, names, engine, out, resolved = _setup(args, _Progress(args.json))
+    label = _source_label(resolved)
+    if label == "fresh":
+        fit = cfg.engine["batch_time"]
+        print("calibrated just before the runs: prefill_decode+context, "
+              + ", ".join(f"{k} = {v:.4g}" for k, v in fit.items() if k != "model"))
     rows: list[dict] = []
-    keys = ("scheduler", "real", "sim", "relative_error", "batch_time")
+    keys = ("scheduler", "real", "sim", "relative_error", "batch_time", "range", "drift")
 
     def on_done(row: dict) -> None:
         rows.append(row)
@@ -214,35 +307,44 @@ def cmd_engine_validate(args: argparse.Namespace) -> int:
 
     stop = None
     try:
-        validate(cfg, engine, names, refit=not args.no_refit, on_done=on_done)
+        validate(cfg, engine, names, refit=not args.no_refit, on_done=on_done, label=label,
+                 calibration=resolved.calibration)
     except KeyboardInterrupt as exc:   # Ctrl-C or SIGTERM: what finished is printed and kept
         if not rows:
             return interrupted(exc, f"no scheduler finished; {kept_files()}")
         stop = exc
     if args.json:
-        print(json.dumps([{**{k: r[k] for k in ("scheduler", "relative_error")},
+        print(json.dumps([{**{k: r[k] for k in ("scheduler", "relative_error", "range", "drift")},
                            **({"kv": {"real": r["real"]["kv"], **{f"sim_{k}": s["kv"] for k, s in r["sim"].items()}}}
                               if "kv" in r["real"] else {})} for r in rows], default=float))
         return _validate_end(stop, rows, names)
     print(_real_line(rows[0]["real"]))
-    print(analysis_line(rows[0]["sim_runs"]["config"]))
+    print(analysis_line(rows[0]["sim_runs"][label]) + f"  (from {SOURCE_NAMES[label]})")
     sims = list(rows[0]["sim"])
-    head = ("scheduler", "quantity", "real", *(f"sim ({k})" for k in sims), *(f"error ({k})" for k in sims))
+    ranged = bool(rows[0]["range"])
+    head = ("scheduler", "quantity", "real", *(f"sim ({k})" for k in sims),
+            *((f"range ({label}, drift)",) if ranged else ()), *(f"error ({k})" for k in sims))
     lines = [head]
     for r in rows:
-        for label, get in QUANTITIES:
-            errs = [r["relative_error"][k][label] for k in sims]
-            lines.append((r["scheduler"], label, fmt(get(r["real"]), 3), *(fmt(get(r["sim"][k]), 3) for k in sims),
-                          *("-" if e is None else f"{e * 100:+.1f}%" for e in errs)))
+        for q, get in QUANTITIES:
+            errs = [r["relative_error"][k][q] for k in sims]
+            span = (_span(r["range"][label][q]),) if ranged else ()
+            lines.append((r["scheduler"], q, fmt(get(r["real"]), 3), *(fmt(get(r["sim"][k]), 3) for k in sims),
+                          *span, *("-" if e is None else f"{e * 100:+.1f}%" for e in errs)))
     widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
     for i, x in enumerate(lines):
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(x, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    print(f"(sim ({label}): the simulator with {SOURCE_NAMES[label]}; range: the same with its batch times scaled "
+          "by the drift measured around the run)" if ranged else f"(sim ({label}): the simulator with "
+          f"{SOURCE_NAMES[label]})")
     if "kv" in rows[0]["real"]:
         print("\n" + _kv_head(rows[0]["real"]))
         print("\n".join(_kv_table([(r["scheduler"], r["real"], r["sim"]) for r in rows])))
     for r in rows:
+        if r["drift"] is not None:
+            print(drift_line(r["scheduler"], r["drift"], r["real"]["work_conserving_claimed"]))
         if "run_fit" in r["batch_time"]:
             bt = r["batch_time"]["run_fit"]
             print(f"{r['scheduler']}: run_fit = prefill_decode fitted to the real run's {r['real']['batches']} batches, "
@@ -274,6 +376,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise LlmqueueError(f"--repeats: {args.repeats} is not allowed: an integer >= 1")
     header: list[str] = []
     cfg = None
+    calibration = None
     if args.config:
         if args.vidur_model or args.samples:   # numpy only: the [real] table is not needed
             from llmqueue.cli.common import config_from
@@ -325,10 +428,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         prefill, decode = prefill or list(DEFAULT_PREFILL), decode or list(DEFAULT_DECODE)
         context = context or list(DEFAULT_CONTEXT)
         points = grid_points(prefill, decode, context, budget)
-        progress = Progress(sys.stderr.isatty() and not args.json)
+        progress = _Progress(args.json)
         try:
             samples = measure(model, points, TIMERS[settings.timer], repeats=args.repeats, seed=args.seed,
                               progress=lambda done, total: progress("calibration", done / total))
+            calibration = _calibration(model, settings, samples, prefill, decode, context, budget)
         except KeyboardInterrupt as exc:
             progress.done()
             return interrupted(exc, "nothing fitted, nothing written (measurements are kept only for a finished "
@@ -354,6 +458,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     samples.write_csv(out / "samples.csv")      # written whole (llmqueue.files)
     saved(out / "samples.csv")
+    if calibration is not None:   # measured here: a file for --batch-time and engine.batch_time.file
+        calibration.write(out / "calibration.json")
+        saved(out / "calibration.json")
     for fit in fits:
         write_text(out / f"batch_time_{fit.name.replace('+', '_')}.toml", batch_time_toml(fit, header))
     write_text(out / "batch_time.toml", batch_time_toml(best, [*header, "the fit with the highest R²"]))
@@ -374,8 +481,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in params.items())
         print(f"  {fit.name:<24} R² {fit.r2:.4f}  RMSE {fit.to_dict()['rmse_ms']:.2f} ms  {shown}")
     print(f"\nwrote {out / 'batch_time.toml'} ({best.name}), one batch_time_<model>.toml per model, fits.json, "
-          f"samples.csv" + ("" if args.no_plot else ", residuals.png"))
+          f"samples.csv" + (", calibration.json" if calibration is not None else "")
+          + ("" if args.no_plot else ", residuals.png"))
     return 0
+
+
+def _add_batch_time(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-time", metavar="FILE",
+                   help="batch times from FILE: a calibration.json (checked against the model and budget) or a "
+                        "batch_time.toml from llmqueue calibrate; replaces the config's engine.batch_time")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="measure this machine's batch times now and refresh the cached calibration")
+
+
+def _calibration(model, settings, samples, prefill, decode, context, budget):
+    """The measured grid as a calibration file's contents, with the probe timed now."""
+    import time as clock
+
+    from llmqueue.real.machine import Calibration, machine_of, probe, probe_points, shape_of
+    from llmqueue.real.serve import TIMERS
+
+    reference = probe(model, TIMERS[settings.timer], probe_points(budget, model.config.max_position))
+    grid = {"prefill": list(prefill), "decode": list(decode), "context": list(context), "max_tokens": budget}
+    return Calibration(machine_of(settings.threads, settings.timer), shape_of(model.config), grid, samples,
+                       reference, clock.time())
 
 
 def register(sub) -> None:
@@ -387,6 +516,7 @@ def register(sub) -> None:
     r.add_argument("--out", default="llmqueue_output/engine", help="folder for summary.json, CSVs and the plot")
     r.add_argument("--json", action="store_true", help="print the summaries as JSON")
     r.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    _add_batch_time(r)
     add_overrides(r)
     r.set_defaults(func=cmd_engine_run)
 
@@ -395,11 +525,12 @@ def register(sub) -> None:
     v.add_argument("--schedulers", help="comma-separated (default: the config's)")
     v.add_argument("--out", default="llmqueue_output/validate", help="folder for validation.json")
     v.add_argument("--calibrate", action="store_true",
-                   help="first re-measure the batch-time model on this machine now (grid up to the budget) and "
-                        "simulate with that fit instead of the config's")
+                   help="the same as --recalibrate: measure this machine now (grid up to the budget), cache it "
+                        "and simulate with that fit instead of the config's")
     v.add_argument("--no-refit", action="store_true",
                    help="skip the second simulation with a model fitted to the real run's own batches")
     v.add_argument("--json", action="store_true")
+    _add_batch_time(v)
     add_overrides(v)
     v.set_defaults(func=cmd_engine_validate)
 

@@ -54,26 +54,54 @@ def refit_config(config: Config, result: Result) -> tuple[Config, Fit]:
     return parse_config(data, config.base_dir), fit
 
 
+def scaled_config(config: Config, factor: float) -> Config:
+    """``config`` with every batch time multiplied by ``factor`` (the drift's bounds)."""
+    from llmqueue.real.machine import scaled
+
+    data = copy.deepcopy(config.data)
+    data["engine"]["batch_time"] = scaled(config.engine["batch_time"], factor)
+    return parse_config(data, config.base_dir)
+
+
+def prediction_range(config: Config, name: str, workload, requests, drift: dict) -> dict:
+    """Per quantity (low, high) of the simulator with the batch times scaled by the drift's low
+    and high factors (and 1): the prediction the measured drift allows."""
+    values: dict[str, list[float]] = {label: [] for label, _ in QUANTITIES}
+    for factor in sorted({drift["low"], 1.0, drift["high"]}):
+        cfg = config if factor == 1.0 else scaled_config(config, factor)
+        s = execute(cfg, build_engine(cfg, name), workload, requests).summary
+        for label, get in QUANTITIES:
+            v = get(s)
+            if v is not None:
+                values[label].append(v)
+    return {label: (min(v), max(v)) if v else None for label, v in values.items()}
+
+
 def validate(config: Config, engine: RealEngine, schedulers: Sequence[str], refit: bool = True,
-             on_done: Callable[[dict], None] | None = None) -> list[dict]:
-    """Per scheduler: the real run's summary, the simulations' summaries ("config", and "run_fit"
-    with ``refit``) and their relative errors."""
+             on_done: Callable[[dict], None] | None = None, label: str = "config", calibration=None) -> list[dict]:
+    """Per scheduler: the real run's summary (between two drift probes), the simulations'
+    summaries (``label``: the config's batch-time model, and "run_fit" with ``refit``), their
+    relative errors, and the range of the ``label`` simulation that the measured drift allows."""
+    from llmqueue.real.machine import probed_run
+
     workload = build_workload(config)
     requests = generate(config, workload)
     rows = []
     for name in schedulers:
-        real = engine.run(config, name, requests)
-        sims = {"config": execute(config, build_engine(config, name), workload, requests)}
+        real = probed_run(engine, config, name, requests, calibration=calibration)
+        sims = {label: execute(config, build_engine(config, name), workload, requests)}
         fit = None
         if refit:
             fitted, fit = refit_config(config, real.result)
             sims["run_fit"] = execute(fitted, build_engine(fitted, name), workload, requests)
+        drift = real.summary["real"].get("drift")
         row = {"scheduler": name, "real": real.summary, "sim": {k: r.summary for k, r in sims.items()},
-               "relative_error": {k: {label: relative_error(get(r.summary), get(real.summary))
-                                      for label, get in QUANTITIES} for k, r in sims.items()},
-               "batch_time": {"config": config.engine["batch_time"],
+               "relative_error": {k: {q: relative_error(get(r.summary), get(real.summary))
+                                      for q, get in QUANTITIES} for k, r in sims.items()},
+               "batch_time": {label: config.engine["batch_time"],
                               **({"run_fit": {**fit.batch_time.to_dict(), "r2": fit.r2}} if fit else {})},
-               "real_run": real, "sim_runs": sims}
+               "range": {label: prediction_range(config, name, workload, requests, drift)} if drift else {},
+               "drift": drift, "real_run": real, "sim_runs": sims}
         rows.append(row)
         if on_done is not None:
             on_done(row)

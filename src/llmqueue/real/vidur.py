@@ -87,6 +87,10 @@ def load_profile(root: str | Path, model: str, device: str, tensor_parallel: int
     if device not in DEVICES:
         raise LlmqueueError(f"--device: {device!r} is not allowed; allowed: {', '.join(DEVICES)}")
     folder, layers, heads, kv_heads = MODELS[model]
+    if not Path(root).is_dir():
+        raise LlmqueueError(f"--vidur-root: {root} not found: Vidur's GPU profiles are data outside the package "
+                            f"(microsoft/vidur's data/profiling); pass --vidur-root PATH, or use the fits shipped "
+                            f"in docs/batch_time/vidur_*.toml")
     path = Path(root) / "compute" / device / folder / "mlp.csv"
     if not path.exists():
         raise LlmqueueError(f"{path}: no Vidur profile of {model} on {device} (see the profiles' README)")

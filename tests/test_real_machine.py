@@ -1,0 +1,175 @@
+"""Machine-relative runs (tiny model): calibration files, the calibration cache, the drift probe,
+and the real engine against the simulator with bounds a noisy machine keeps (docs/real_engine.md,
+"Machine-relative runs" and "Error bars").
+
+Marked ``real``; skipped without PyTorch.  No test asserts a duration.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from llmqueue.cli import main  # noqa: E402
+
+pytestmark = [pytest.mark.real, pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")]
+
+MACHINE_TOML = """
+[engine]
+scheduler = "sarathi"
+token_budget = 64
+[engine.batch_time]
+calibration = "machine"
+[workload]
+arrival = "poisson"
+load = 0.5
+prompt = {dist = "poisson", mean = 20}
+output = {dist = "poisson", mean = 8}
+[run]
+horizon_s = 1.5
+seed = 1
+[real]
+model = {preset = "tiny"}
+kv_capacity_tokens = 8192
+warmup_batches = 1
+"""
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "llmqueue"
+
+
+def _config(tmp_path, text=MACHINE_TOML, name="machine.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmqueue: error: "), err
+    return err[0]
+
+
+def test_cached_calibration_is_measured_once_then_reused(tmp_path, cache, capsys):
+    cfg = _config(tmp_path)
+    out = tmp_path / "run"
+    assert main(["engine", "run", cfg, "--out", str(out), "--no-plot"]) == 0
+    io = capsys.readouterr()
+    assert "calibrating this machine (no calibration" in io.err
+    (entry,) = cache.glob("calibration-*.json")
+    assert "from a calibration measured just now" in io.out
+    # The "wrote" line names exactly the files written.
+    wrote = io.out.strip().splitlines()[-1]
+    assert wrote.startswith(f"wrote {out}/: ")
+    for name in wrote.split(": ", 1)[1].split(", "):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())["runs"][0]
+    drift = summary["real"]["drift"]
+    assert {"probe_before", "probe_after", "run_batches", "cpu_per_wall", "low", "high"} <= set(drift)
+    assert drift["low"] <= 1 <= drift["high"]
+    # Reused: no second measurement.
+    assert main(["engine", "run", cfg, "--out", str(out), "--no-plot", "--json"]) == 0
+    io = capsys.readouterr()
+    assert "batch times: this machine's calibration from" in io.err and "calibrating" not in io.err
+    # A stale entry is measured again, with a note saying why.
+    data = json.loads(entry.read_text())
+    data["created_unix"] -= 3 * 86400
+    entry.write_text(json.dumps(data))
+    assert main(["engine", "run", cfg, "--out", str(out), "--no-plot", "--json"]) == 0
+    assert "h old" in capsys.readouterr().err
+    # A damaged entry too; --recalibrate always measures.
+    entry.write_text("{not json")
+    assert main(["engine", "run", cfg, "--out", str(out), "--no-plot", "--json"]) == 0
+    assert "unusable" in capsys.readouterr().err
+    assert main(["engine", "run", cfg, "--out", str(out), "--no-plot", "--json", "--recalibrate"]) == 0
+    assert "calibrating this machine (--recalibrate)" in capsys.readouterr().err
+
+
+def test_calibration_file_checked_against_the_run(tmp_path, cache, capsys):
+    cfg = _config(tmp_path)
+    cal = tmp_path / "cal"
+    assert main(["calibrate", "--config", cfg, "--prefill", "0,8,32,64", "--decode", "0,1,4", "--context", "8,32",
+                 "--repeats", "1", "--out", str(cal), "--no-plot"]) == 0
+    assert "calibration.json" in capsys.readouterr().out
+    file = cal / "calibration.json"
+    run = ["engine", "run", cfg, "--out", str(tmp_path / "r"), "--no-plot"]
+    assert main([*run, "--batch-time", str(file)]) == 0
+    assert "from the calibration file's model" in capsys.readouterr().out
+    # The config key names the file too (relative to the config), and a batch_time.toml is accepted.
+    keyed = _config(tmp_path, MACHINE_TOML.replace('calibration = "machine"', 'file = "cal/calibration.json"'), "k.toml")
+    assert main(["engine", "run", keyed, "--out", str(tmp_path / "r"), "--no-plot", "--json"]) == 0
+    assert main([*run, "--json", "--batch-time", str(cal / "batch_time.toml")]) == 0
+    capsys.readouterr()
+    # Bad input: one line each, naming what is wrong.
+    assert main([*run, "--batch-time", str(file), "--set", "real.model.num_layers=3"]) == 2
+    assert "calibrated for a different model" in _error(capsys)
+    assert main([*run, "--batch-time", str(file), "--set", "engine.token_budget=128"]) == 2
+    assert "covers batches up to 64 tokens" in _error(capsys)
+    assert main([*run, "--batch-time", str(tmp_path / "missing.json")]) == 2
+    assert "no such batch-time file" in _error(capsys)
+    data = json.loads(file.read_text())
+    data["created_unix"] -= 3 * 86400
+    (tmp_path / "stale.json").write_text(json.dumps(data))
+    assert main([*run, "--batch-time", str(tmp_path / "stale.json")]) == 2
+    assert "stale calibration" in _error(capsys)
+    del data["samples"]
+    (tmp_path / "damaged.json").write_text(json.dumps(data))
+    assert main([*run, "--batch-time", str(tmp_path / "damaged.json")]) == 2
+    assert "damaged calibration file" in _error(capsys)
+    (tmp_path / "other.json").write_text("[1, 2]")
+    assert main([*run, "--batch-time", str(tmp_path / "other.json")]) == 2
+    assert "not a calibration file" in _error(capsys)
+    bad = _config(tmp_path, MACHINE_TOML.replace('calibration = "machine"', 'calibration = "yesterday"'), "b.toml")
+    assert main(["engine", "run", bad, "--no-plot"]) == 2
+    assert "engine.batch_time.calibration" in _error(capsys)
+
+
+def test_real_engine_against_the_simulator(tmp_path, cache, capsys):
+    """Fresh calibration, load 0.5: throughput, median TTFT and E2E, mean number in system within
+    25 % of the simulator fitted to the run's batches, and of the machine's calibration unless the
+    drift probe flags the machine as changed; the fresh fit is labelled as such, the prefill_decode
+    caveat is printed once."""
+    cfg = _config(tmp_path)
+    out = tmp_path / "v"
+    assert main(["engine", "validate", cfg, "--calibrate", "--out", str(out), "--set", "run.horizon_s=2"]) == 0
+    io = capsys.readouterr()
+    assert "sim (fresh)" in io.out and "sim (config)" not in io.out and "range (fresh, drift)" in io.out
+    assert sum("batch_time.model = prefill_decode" in line for line in io.err.splitlines()) <= 1
+    row = json.loads((out / "validation.json").read_text())["rows"][0]
+    quantities = ("throughput_rps", "ttft_p50_s", "e2e_p50_s", "mean_in_system")
+    errors = row["relative_error"]
+    assert abs(errors["fresh"]["throughput_rps"]) < 0.05 and abs(errors["run_fit"]["throughput_rps"]) < 0.05
+    for q in quantities:
+        assert abs(errors["run_fit"][q]) < 0.25, (q, errors["run_fit"][q])
+    if not row["drift"]["changed"]:
+        for q in quantities:
+            assert abs(errors["fresh"][q]) < 0.25, (q, errors["fresh"][q], row["drift"])
+    low, high = row["range"]["fresh"]["mean_in_system"]
+    assert low <= row["sim"]["fresh"]["mean_in_system"] <= high
+
+
+def test_vidur_profiles_missing_is_one_line(tmp_path, capsys):
+    assert main(["calibrate", "--vidur-model", "llama-2-7b", "--vidur-root", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "o"), "--no-plot"]) == 2
+    assert "Vidur's GPU profiles are data outside the package" in _error(capsys)
+
+
+def test_demo_verdicts_hold_on_this_machine(tmp_path, cache, capsys):
+    """The docs' demo, loads relative to this machine's calibration: at 0.6 FasterTransformer
+    diverges and Sarathi does not; at 0.95 vanilla vLLM diverges."""
+    cfg = _config(tmp_path, MACHINE_TOML.replace("kv_capacity_tokens = 8192", "kv_capacity_tokens = 65536"))
+    out = tmp_path / "d"
+    verdicts = {}
+    for load, schedulers in ((0.6, "sarathi,fastertransformer"), (0.95, "vllm")):
+        assert main(["engine", "run", cfg, "--schedulers", schedulers, "--set", f"workload.load={load}",
+                     "--set", "run.horizon_s=2", "--out", str(out), "--no-plot", "--json"]) == 0
+        for s in json.loads(capsys.readouterr().out)["runs"]:
+            verdicts[s["scheduler"], load] = s["verdict"]
+    assert verdicts["fastertransformer", 0.6] == "unstable" and verdicts["sarathi", 0.6] != "unstable"
+    assert verdicts["vllm", 0.95] == "unstable"
