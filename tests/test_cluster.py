@@ -43,14 +43,22 @@ def test_a_pool_of_one_replica_is_exactly_one_engine(router):
     assert run.summary["pool"]["e2e_s"] == single.summary["e2e_s"]
 
 
-def test_a_pool_of_one_with_memory_under_least_kv_runs_the_engines_batches():
-    base = {**FIG1, "engine": {**FIG1["engine"], "kv_blocks": 400}}
-    cfg = pool(1, "least-kv", base=base)
+@pytest.mark.parametrize("router", ["least-kv", "jsq", "round-robin"])
+def test_a_pool_of_one_with_memory_is_exactly_one_engine(router):
+    # 300 blocks at 0.9 of λ*: memory binds and vLLM-style admission preempts
+    base = {**FIG1, "engine": {"scheduler": "vllm-v1", "token_budget": 512, "kv_blocks": 300},
+            "workload": {"arrival": "poisson", "rate": 12.5}}
+    cfg = pool(1, router, base=base)
     single = run_config(cfg.base)
-    r = run_pool(cfg).result.results[0]
+    run = run_pool(cfg)
+    r = run.result.results[0]
+    assert single.summary["kv"]["preemptions"] > 0
     np.testing.assert_array_equal(r.batch_end_time, single.result.batch_end_time)
     np.testing.assert_array_equal(r.finish_time, single.result.finish_time)
     np.testing.assert_array_equal(r.kv.batch_blocks, single.result.kv.batch_blocks)
+    np.testing.assert_array_equal(r.kv.preemptions, single.result.kv.preemptions)
+    np.testing.assert_array_equal(r.kv.recomputed, single.result.kv.recomputed)
+    assert without_wall(run.summary["replicas"][0]["summary"]) == without_wall(single.summary)
 
 
 def test_least_kv_spreads_by_reported_memory():
@@ -286,6 +294,15 @@ def test_power_of_two_is_near_jsq_and_far_below_random_unbatched():
                                                                                                      "power-of-d"])}
     assert runs["power-of-d"] < 0.5 * runs["random"]
     assert runs["jsq"] <= runs["power-of-d"] < 2.0 * runs["jsq"]
+
+
+def test_a_reporting_delay_costs_jsq_latency():
+    # Finishes reported 1 s late (10 services): the router still counts its own sends at once, so it
+    # balances what it sent, but not what the replicas have finished meanwhile.
+    base = {**UNBATCHED, "run": {"horizon_s": 100.0, "seed": 1}}
+    fresh = run_pool(pool(4, "jsq", base=base)).summary["pool"]["e2e_s"]["mean"]
+    stale = run_pool(pool(4, "jsq", base=base, report_delay_s=1.0)).summary["pool"]["e2e_s"]["mean"]
+    assert stale > 1.2 * fresh
 
 
 @pytest.mark.slow

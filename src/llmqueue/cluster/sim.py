@@ -149,6 +149,7 @@ def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, se
     ends: list[list[np.ndarray]] = [[] for _ in range(n_rep)]
     tokens: list[list[np.ndarray]] = [[] for _ in range(n_rep)]
     memory = [e.kv is not None for e in engines]
+    victims = [_watch_preemptions(e) if m else {} for e, m in zip(engines, memory)]
 
     def advance(j: int, until: float) -> None:
         nonlocal seq
@@ -206,8 +207,25 @@ def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, se
         idx = np.asarray(mine[j], dtype=np.int64)
         parts.append(idx)
         results.append(_replica_result(engine, steppers[j], _subset(requests, idx), first[j], finish[j], rejected[j],
-                                       ends[j], tokens[j], horizon, rc.drain))
+                                       ends[j], tokens[j], horizon, rc.drain, victims[j]))
     return replica, results, parts
+
+
+def _watch_preemptions(engine) -> dict:
+    """rid -> Request of every request ``engine`` preempts (its ``_preempt`` wrapped on this instance).
+    Stepper reports no per-request preemptions; a request recomputes only after a preemption, so
+    these objects give every nonzero preemption and recompute count of the run."""
+    seen: dict = {}
+    preempt = engine._preempt
+
+    def watched(victims):
+        victims = list(victims)
+        for v in victims:
+            seen[v.rid] = v
+        return preempt(victims)
+
+    engine._preempt = watched
+    return seen
 
 
 def in_engine_first_tokens(stepper: Stepper) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +242,7 @@ def in_engine_first_tokens(stepper: Stepper) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _replica_result(engine, stepper: Stepper, requests: Requests, first: dict, finish: dict, rejected: list,
-                    ends: list, tokens: list, horizon: float, drain: bool) -> Result:
+                    ends: list, tokens: list, horizon: float, drain: bool, victims: dict | None = None) -> Result:
     """The :class:`Result` simulate() would give for this replica's requests (Stepper's contract)."""
     n = len(requests)
     ft, fin = np.full(n, np.nan), np.full(n, np.nan)
@@ -244,9 +262,12 @@ def _replica_result(engine, stepper: Stepper, requests: Requests, first: dict, f
                     bt, engine.violations)
     if engine.kv is not None:   # stepped with memory: the reference loop (the engine kept its series)
         kv = engine.kv
+        preemptions, recomputed = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        for rid, r in (victims or {}).items():
+            preemptions[rid], recomputed[rid] = r.preemptions, r.recomputed
         result.kv = KVRecord(kv.blocks, kv.block_size, kv.policy, np.asarray(engine.kv_starts, dtype=float),
                              np.asarray(engine.kv_series, dtype=np.int64), np.asarray(engine.kv_waste, dtype=np.int64),
-                             np.zeros(n, np.int64), np.zeros(n, np.int64), engine.memory_limited)
+                             preemptions, recomputed, engine.memory_limited)
     result.meta["method"] = stepper.method
     return result
 
