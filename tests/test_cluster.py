@@ -114,6 +114,27 @@ def test_routing_is_deterministic_per_seed_and_changes_with_it(router):
         assert not np.array_equal(simulate_pool(other, requests).replica, a.replica)
 
 
+def test_power_of_d_refreshing_only_its_sampled_replicas_decides_as_refreshing_all():
+    from llmqueue.cluster.routers import PowerOfD
+    from llmqueue.cluster.sim import build_router
+
+    class Eager(PowerOfD):
+        def candidates(self):
+            return None   # every replica brought up to date before each decision
+
+    cfg = pool(6, "power-of-d", {"d": 2}, base={**FIG1, "workload": {"rate": 70.0}, "run": {"horizon_s": 30.0,
+                                                                                            "seed": 4}})
+    requests = build_workload(cfg.base).generate(4, horizon_s=30.0)
+    lazy = simulate_pool(cfg, requests)
+    ref = build_router(cfg)
+    eager = Eager(6, ref.rng, d=2)
+    eager.capacities = ref.capacities
+    full = simulate_pool(cfg, requests, router=eager)
+    np.testing.assert_array_equal(lazy.replica, full.replica)
+    for a, b in zip(lazy.results, full.results):
+        np.testing.assert_array_equal(a.finish_time, b.finish_time)
+
+
 def test_session_affinity_keeps_each_session_on_one_replica():
     cfg = pool(5, "affinity", base={**FIG1, "workload": {"rate": 40.0}}, sessions=30)
     run = run_pool(cfg)

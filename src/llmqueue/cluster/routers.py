@@ -70,6 +70,13 @@ class Router:
         """Dynamic routers: the replica for a request arriving now."""
         raise NotImplementedError
 
+    def candidates(self) -> list[int] | None:
+        """Dynamic routers: the replicas the next ``choose`` will read (None: all of them).  Only
+        these are brought up to date before it; the others' view entries may be stale, and are
+        refreshed when a later decision reads them (the replicas' runs do not depend on when they
+        are advanced)."""
+        return None
+
     def shares(self, capacities: np.ndarray) -> np.ndarray | None:
         """Static routers: the long-run share of the arrivals each replica gets (None: unknown)."""
         return None
@@ -182,10 +189,17 @@ class PowerOfD(Router):
             else np.argsort(keys, axis=1).tolist()
         self._next = 0
 
-    def choose(self, view, prompt, output, session):
+    def _current(self) -> list[int]:
         if self._next >= len(self._picks):
             self._draw()
-        picks = self._picks[self._next]
+        return self._picks[self._next]
+
+    def candidates(self):
+        # perf: only the d sampled replicas are advanced before a decision (docs/performance.md, "Clusters")
+        return self._current()
+
+    def choose(self, view, prompt, output, session):
+        picks = self._current()
         self._next += 1
         load = view.in_flight
         best = picks[0]

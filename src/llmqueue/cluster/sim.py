@@ -185,13 +185,15 @@ def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, se
             view.kv_use[j] = (e.kv_series[-1] / max(e.kv.usable, 1)) if e.kv_series and holding[j] else 0.0
 
     in_flight, outstanding = view.in_flight, view.outstanding_tokens
-    choose = router.choose
+    choose, candidates = router.choose, router.candidates
+    everyone = range(n_rep)
     for i, t in enumerate(arrivals):
         seen = t - delay
-        for j in range(n_rep):
+        wanted = candidates()
+        for j in everyone if wanted is None else wanted:
             if holding[j] and clock[j] < seen:
                 advance(j, seen)
-        while reports and reports[0][0] <= seen:
+        while reports and reports[0][0] <= seen:   # (a replica refreshed late reports its past finishes now)
             _, _, j, work = heapq.heappop(reports)
             in_flight[j] -= 1
             outstanding[j] -= work
