@@ -242,6 +242,11 @@ def test_a_router_of_ones_own_in_one_file(tmp_path):
         parse_cluster({**data, "cluster": {**data["cluster"], "router_options": {"limit": "x"}}}, tmp_path)
     with pytest.raises(ConfigError, match="a Router subclass named 'Nope'"):
         parse_cluster({**data, "cluster": {"replicas": 3, "router": "mine.py:Nope"}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"an existing router file: path/to/router.py:ClassName \(docs/cluster.md\)"):
+        parse_cluster({**data, "cluster": {"replicas": 3, "router": "gone.py:X"}}, tmp_path)
+    (tmp_path / "broken.py").write_text("import nosuchmodule\n")
+    with pytest.raises(ConfigError, match="a router file that imports: .*broken.py:1: ModuleNotFoundError"):
+        parse_cluster({**data, "cluster": {"replicas": 3, "router": "broken.py:X"}}, tmp_path)
 
 
 def test_every_scenario_loads_and_names_a_registered_router():
@@ -286,6 +291,11 @@ def test_cli_capacity_simulate_compare_and_scenarios(capsys, tmp_path):
     assert code == 0 and "pool-agents" in out
     code, out, _ = run_cli(capsys, "cluster", "scenarios", "pool-agents")
     assert code == 0 and "[cluster]" in out
+
+
+def test_cli_compare_names_a_bad_router_as_the_flag(capsys):
+    code, _, err = run_cli(capsys, "cluster", "compare", "pool-jsq", "--routers", "jsq,fastest")
+    assert code == 2 and err.startswith("llmqueue: error: --routers = 'fastest' is not allowed: one of round-robin")
 
 
 @pytest.mark.parametrize("argv, key", [

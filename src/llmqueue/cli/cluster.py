@@ -165,6 +165,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if disagg:
         raise ConfigError("config", args.config, "a pool of replicas (compare routers one pool at a time; a "
                                                  "disaggregated config runs with simulate, capacity and plan)")
+    from llmqueue.cluster.routers import router_class
+
+    for name in routers:   # each named before any runs
+        router_class(name, Path.cwd(), field="--routers")
     cfg = parse_cluster(data, base_dir)
     runs = compare_routers(cfg, routers)
     if args.out:

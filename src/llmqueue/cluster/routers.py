@@ -272,8 +272,12 @@ def router_class(name: Any, base_dir: Path | None = None, field: str = "cluster.
         return ROUTERS[name]
     if not custom.is_reference(name):
         raise ConfigError(field, name, f"one of {', '.join(ROUTERS)}, or {HOW}")
-    path, cls_name = custom.split_reference(custom.resolve(name, base_dir, field), field)
-    module = custom._import(Path(path), name, field)
+    try:
+        path, cls_name = custom.split_reference(custom.resolve(name, base_dir, field), field)
+        module = custom._import(Path(path), name, field)
+    except ConfigError as exc:   # the importer speaks of policy files: say router
+        raise ConfigError(field, name, exc.allowed.replace(custom.HOW, HOW).replace("policy file", "router file")
+                          .replace("a policy", "a router")) from None
     cls = module.__dict__.get(cls_name)
     if not (isinstance(cls, type) and issubclass(cls, Router) and cls is not Router):
         raise ConfigError(field, name, f"a Router subclass named {cls_name!r} in {path} (llmqueue.cluster.Router)")
