@@ -195,3 +195,11 @@ def test_the_serve_bench_figure(tmp_path, drawn):
     (fig,) = drawn
     check_figure(fig)
     assert all(any(ln.get_label().startswith("predicted λ*") for ln in ax.get_lines()) for ax in fig.axes)
+
+
+def test_the_cluster_figure(capsys, tmp_path, drawn):
+    code = main(["cluster", "simulate", "pool-jsq", "--set", "run.horizon_s=60", "--plot", str(tmp_path / "c.png")])
+    assert code == 0, capsys.readouterr().err
+    (fig,) = drawn
+    check_figure(fig)
+    assert len([ln for ln in fig.axes[0].get_lines()]) >= 2     # a line per replica

@@ -73,7 +73,7 @@ def plot_pool(run, path: Path, points: int = 600) -> Path:
         label = f"{rep['replica']} ({rep['share']:.0%} of arrivals, {rep['summary']['verdict']})"
         top.plot(t, backlog(result, t), linewidth=1.2, label=label, **line_style(i, n, points))
         bottom.plot(t, in_system(result, t), linewidth=1.2, label=label, **line_style(i, n, points))
-    top.set_ylabel("backlog (unprocessed tokens)")
+    top.set_ylabel("unprocessed tokens at the replica (tokens)")
     bottom.set_ylabel("requests in system")
     bottom.set_xlabel("simulated time (s)")
     top.set_title(f"{n} replicas, router {run.summary['router']}: pool {run.summary['pool']['verdict']}")

@@ -272,6 +272,7 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
     width = max(map(len, SCENARIOS))
     for name, (desc, _) in SCENARIOS.items():
         print(f"{name:<{width}}  {desc}")
+    print("\nreplica pools behind a router (docs/cluster.md): llmqueue cluster scenarios")
     return 0
 
 
