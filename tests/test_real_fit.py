@@ -234,3 +234,20 @@ def test_only_the_real_engine_modules_import_torch_at_load_time():
         bad = {m for m in names if m.split(".")[0] == "torch"
                or (m.startswith("llmqueue.real.") and m.rsplit(".", 1)[1] + ".py" in torch_ok)}
         assert not bad, (path, bad)
+
+
+def test_models_are_chosen_by_held_out_error():
+    """The mix-aware model predicts batches it was not fitted to better than the token-only ones
+    on mix-dependent data, and best_fit keeps the lowest held-out RMSE (not the highest R²)."""
+    from llmqueue.real.fit import best_fit, heldout_rmse
+
+    s = _synthetic(noise=0.02)
+    fits = fit_all(s, 256, *workload_mix(64, 32))
+    held = {f.name: f.heldout_rmse for f in fits}
+    assert all(v is not None and v > 0 for v in held.values())
+    assert held["prefill_decode+context"] < held["staircase"]
+    assert best_fit(fits).heldout_rmse == min(held.values())
+    assert fits[0].to_dict()["heldout_rmse_ms"] == pytest.approx(held["staircase"] * 1e3)
+    tiny = Samples(*(getattr(s, c)[:6] for c in ("prefill_tokens", "decode_tokens", "context_tokens",
+                                                  "attention_pairs", "seconds")))
+    assert heldout_rmse(tiny, lambda x: fit_prefill_decode(x, False)) is None   # too few for 5 folds

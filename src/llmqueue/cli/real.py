@@ -277,6 +277,54 @@ def _engine_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_engine_capacity(args: argparse.Namespace) -> int:
+    require_torch()
+    with _one_mix_warning():
+        return _engine_capacity(args)
+
+
+def _engine_capacity(args: argparse.Namespace) -> int:
+    from llmqueue.real.capacity import real_capacity
+
+    if args.steps < 0 or not args.horizon > 0:
+        raise LlmqueueError(f"--steps/--horizon: {args.steps}, {args.horizon} are not allowed: steps >= 0, "
+                            "horizon > 0 seconds")
+    if not 0 < args.low < args.high:
+        raise LlmqueueError(f"--low/--high: {args.low}, {args.high} are not allowed: 0 < low < high (fractions of λ*)")
+    args.schedulers = args.scheduler
+    cfg, settings, names, engine, out, resolved = _setup(args, _Progress(args.json))
+    if settings.clock == "model":
+        raise LlmqueueError("real.clock: \"model\" is not allowed here: the model clock's times are the "
+                            "config's model, so its capacity is the simulator's")
+    if len(names) != 1:
+        raise LlmqueueError(f"--scheduler: {args.scheduler!r} is not allowed: one scheduler")
+
+    def on_trial(t: dict) -> None:
+        if not args.json:
+            print(f"  load {t['load']:.3f} (λ = {t['arrival_rate_rps']:.2f} req/s): {t['side']:<8} ({t['why']}), "
+                  f"served {t['throughput_rps']:.2f} req/s, {t['final_in_system']} in system at the end, "
+                  f"wall {t['wall_s']:.0f} s", flush=True)
+
+    result = real_capacity(cfg, engine, names[0], args.low, args.high, args.steps, args.horizon,
+                           resolved.calibration, on_trial)
+    write_json(out / "capacity.json", {"config": cfg.portable(), **result})
+    if args.json:
+        print(json.dumps(result, default=float))
+        return 0
+    lam = result["predicted_lambda_star_rps"]
+    lo, hi = result["stable_up_to_rps"], result["unstable_from_rps"]
+    span = (f"above {lo:.2f} req/s (stable at the highest load tried)" if hi is None else
+            f"below {hi:.2f} req/s (unstable at every load tried)" if lo is None else
+            f"between {lo:.2f} and {hi:.2f} req/s")
+    print(f"{result['scheduler']}: real saturation rate {span}; predicted λ* {lam:.2f} req/s "
+          f"({SOURCE_NAMES[_source_label(resolved)]})")
+    if result["overloaded_tokens_per_s"] is not None:
+        print(f"overloaded runs served up to {result['overloaded_tokens_per_s']:.0f} tokens/s; predicted capacity "
+              f"{result['predicted_capacity_tokens_per_s']:.0f} tokens/s")
+    print(f"\nwrote {out / 'capacity.json'}")
+    return 0
+
+
 def _span(r: tuple[float, float] | None) -> str:
     return "-" if r is None else f"{fmt(r[0], 3)}–{fmt(r[1], 3)}"
 
@@ -367,7 +415,7 @@ def _grid_line(prefill: list[int], decode: list[int], context: list[int], budget
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from llmqueue.real.fit import Samples, batch_time_toml, fit_all, workload_mix
+    from llmqueue.real.fit import Samples, batch_time_toml, best_fit, fit_all, workload_mix
 
     prefill = _ints(args.prefill, "--prefill") if args.prefill else None
     decode = _ints(args.decode, "--decode") if args.decode else None
@@ -393,7 +441,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             _check_config_file(args.config)
             cfg, settings = load_engine_config(args.config, args.set)
     budget = args.max_tokens or (cfg.engine["token_budget"] if cfg else 512)
-    if args.samples:
+    if args.from_run is not None:
+        if not args.config or args.samples or args.vidur_model:
+            raise LlmqueueError("--from-run: needs --config (the run's workload and engine) and neither --samples "
+                                "nor --vidur-model")
+        if not args.from_run > 0:
+            raise LlmqueueError(f"--from-run: {args.from_run} is not allowed: seconds of measured time > 0")
+        samples, calibration, run_header = _from_run(args)
+        header += run_header
+    elif args.samples:
         samples = Samples.read_csv(args.samples)
         header.append(f"fitted by llmqueue calibrate from {args.samples}")
     elif args.vidur_model:
@@ -453,7 +509,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         header.append(f"token-only view (capacity, λ*) of prefill_decode: the workload's mix, m_p = "
                       f"{w.mean_prompt_len:g}, m_d = {w.mean_output_len:g}")
     fits = fit_all(samples, budget, fraction, mean_context)
-    best = max(fits, key=lambda f: f.r2)
+    best = best_fit(fits)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     samples.write_csv(out / "samples.csv")      # written whole (llmqueue.files)
@@ -463,7 +519,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         saved(out / "calibration.json")
     for fit in fits:
         write_text(out / f"batch_time_{fit.name.replace('+', '_')}.toml", batch_time_toml(fit, header))
-    write_text(out / "batch_time.toml", batch_time_toml(best, [*header, "the fit with the highest R²"]))
+    write_text(out / "batch_time.toml", batch_time_toml(best, [*header, "the fit with the lowest held-out "
+                                                                "(5-fold) RMSE"]))
     write_json(out / "fits.json", {"header": header, "samples": len(samples), "token_budget": budget,
                                    "fits": [f.to_dict() for f in fits], "best": best.name})
     if not args.no_plot:
@@ -475,12 +532,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     for line in header:
         print(line)
-    print(f"{len(samples)} batches; R² over all of them:")
+    print(f"{len(samples)} batches; R² and RMSE over all of them, and RMSE on batches each fit did not see "
+          f"(5-fold held out; the best is kept):")
     for fit in fits:
         params = {k: v for k, v in fit.batch_time.to_dict().items() if k not in ("model", "points_ms")}
         shown = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in params.items())
-        print(f"  {fit.name:<24} R² {fit.r2:.4f}  RMSE {fit.to_dict()['rmse_ms']:.2f} ms  {shown}")
-    print(f"\nwrote {out / 'batch_time.toml'} ({best.name}), one batch_time_<model>.toml per model, fits.json, "
+        held = fit.to_dict()["heldout_rmse_ms"]
+        held = "   -   " if held is None else f"{held:.2f} ms"
+        print(f"  {fit.name:<24} R² {fit.r2:.4f}  RMSE {fit.to_dict()['rmse_ms']:.2f} ms  held out {held}  {shown}")
+    print(f"\nwrote {out / 'batch_time.toml'} ({best.name}, lowest held-out RMSE), one batch_time_<model>.toml per model, fits.json, "
           f"samples.csv" + (", calibration.json" if calibration is not None else "")
           + ("" if args.no_plot else ", residuals.png"))
     return 0
@@ -492,6 +552,40 @@ def _add_batch_time(p: argparse.ArgumentParser) -> None:
                         "batch_time.toml from llmqueue calibrate; replaces the config's engine.batch_time")
     p.add_argument("--recalibrate", action="store_true",
                    help="measure this machine's batch times now and refresh the cached calibration")
+
+
+def _from_run(args: argparse.Namespace):
+    """A short real run of the config (its scheduler, load and batch-time source; horizon
+    ``--from-run`` seconds of measured time): its batches as samples, and a calibration file."""
+    from llmqueue.real import read_engine_data, split_engine_config
+    from llmqueue.real.machine import resolve
+    from llmqueue.real.serve import RealEngine, real_settings
+    from llmqueue.real.validate import batch_samples
+
+    base = split_engine_config(args.config, args.set)[0]
+    data, real = read_engine_data(args.config, [*args.set, f"run.horizon_s={args.from_run!r}"])
+    settings = real_settings(real)
+    if settings.clock == "model":
+        raise LlmqueueError("--from-run: needs real.clock = \"measured\" or \"wall\" (the model clock's times "
+                            "are the config's model, not measurements)")
+    engine = RealEngine(settings, base.base_dir)
+    progress = _Progress(args.json)
+    resolved = resolve(data, base.base_dir, engine, None, False,
+                       lambda done, total: progress("calibration", done / total))
+    progress.done()
+    cfg = resolved.config
+    run = engine.run(cfg, None, None, lambda now, n: progress("run", min(1.0, now / args.from_run)))
+    progress.done()
+    samples = batch_samples(run.result)
+    if len(samples) < 4:
+        raise LlmqueueError(f"--from-run: the run had {len(samples)} batches; a longer run or a higher load is needed")
+    c = engine.model.config
+    budget = cfg.engine["token_budget"]
+    header = [f"fitted by llmqueue calibrate to a {args.from_run:g} s real run of {args.config} "
+              f"({run.summary['scheduler']}, λ = {run.analysis.arrival_rate:.3g} req/s, {len(samples)} batches): "
+              f"{c.num_params / 1e6:.1f} M params, hidden {c.hidden_size}, {c.num_layers} layers, {c.dtype}"]
+    cal = _calibration(engine.model, settings, samples, [], [], [], budget)
+    return samples, cal, header
 
 
 def _calibration(model, settings, samples, prefill, decode, context, budget):
@@ -534,9 +628,25 @@ def register(sub) -> None:
     add_overrides(v)
     v.set_defaults(func=cmd_engine_validate)
 
+    k = esub.add_parser("capacity", help="the largest stable rate on the real engine by short runs (bisection)")
+    k.add_argument("config")
+    k.add_argument("--scheduler", help="one scheduler (default: the config's)")
+    k.add_argument("--low", type=float, default=0.5, help="lowest load tried, a fraction of λ* (default 0.5)")
+    k.add_argument("--high", type=float, default=1.2, help="highest load, tried first (default 1.2)")
+    k.add_argument("--steps", type=int, default=4, help="bisection steps after the first run (default 4)")
+    k.add_argument("--horizon", type=float, default=20.0, help="seconds of measured time per run (default 20)")
+    k.add_argument("--out", default="llmqueue_output/engine_capacity", help="folder for capacity.json")
+    k.add_argument("--json", action="store_true")
+    _add_batch_time(k)
+    add_overrides(k)
+    k.set_defaults(func=cmd_engine_capacity)
+
     c = sub.add_parser("calibrate", help="fit batch-time models to the real engine, a samples CSV or Vidur profiles")
     c.add_argument("--config", help="engine config: its [real] model and threads, token budget and workload mix")
     c.add_argument("--samples", help="fit a samples CSV (from an earlier calibration) instead of measuring")
+    c.add_argument("--from-run", type=float, metavar="SECONDS",
+                   help="with --config: fit the batches of a short real run of the config (SECONDS of measured "
+                        "time) instead of a grid")
     c.add_argument("--vidur-model", help="fit Vidur GPU profiles of this model instead (llama-2-7b, llama-3-8b)")
     c.add_argument("--device", default="a100", help="with --vidur-model: a100 or h100 (default a100)")
     c.add_argument("--vidur-root", default=DEFAULT_VIDUR_ROOT, help=f"profiles folder (default {DEFAULT_VIDUR_ROOT})")

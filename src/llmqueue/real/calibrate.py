@@ -26,40 +26,67 @@ DEFAULT_CONTEXT = (64, 256, 512)
 
 
 def grid_points(prefill: Sequence[int], decode: Sequence[int], context: Sequence[int],
-                max_tokens: int) -> list[tuple[int, int, int]]:
-    """(P, D, K) with 1 <= P + D <= max_tokens; K only matters (and varies) when D > 0."""
-    return [(p, d, k) for p in prefill for d in decode if 1 <= p + d <= max_tokens
-            for k in (context if d else [0])]
+                max_tokens: int, cached: Sequence[int] = ()) -> list[tuple[int, ...]]:
+    """(P, D, K) with 1 <= P + D <= max_tokens; K only matters (and varies) when D > 0.  With
+    ``cached``, also (P, D, K, C): the prompt chunk continues after C cached tokens (a later chunk
+    of a chunked prompt), alone and with a middle decode count at a middle context."""
+    points: list[tuple[int, ...]] = [(p, d, k) for p in prefill for d in decode if 1 <= p + d <= max_tokens
+                                     for k in (context if d else [0])]
+    mid_d = sorted(decode)[len(decode) // 2] if decode else 0
+    mid_k = sorted(context)[len(context) // 2] if context else 0
+    for c in cached:
+        for p in prefill:
+            for d in sorted({0, mid_d}):
+                if p > 0 and c > 0 and p + d <= max_tokens:
+                    points.append((p, d, mid_k if d else 0, c))
+    return points
 
 
-def measure(model: Transformer, points: Sequence[tuple[int, int, int]], timer: Callable[[], float],
+def run_grid(mean_prompt_len: float, mean_output_len: float, max_tokens: int) -> dict:
+    """A grid that covers what runs of a workload contain: fresh and later prompt chunks (after
+    m_p/2 and m_p cached tokens), decode contexts m_p + m_d·{0, ½, 1, 2}, and decode counts up to
+    128 (the batches schedulers form near capacity), within the budget."""
+    decode = sorted({*DEFAULT_DECODE, 96, 128})
+    return {"prefill": list(DEFAULT_PREFILL), "decode": [d for d in decode if d <= max_tokens],
+            "context": workload_contexts(mean_prompt_len, mean_output_len),
+            "cached": sorted({max(1, round(mean_prompt_len / 2)), max(1, round(mean_prompt_len))}),
+            "max_tokens": max_tokens}
+
+
+def _cached(point: tuple[int, ...]) -> int:
+    return point[3] if len(point) > 3 else 0
+
+
+def measure(model: Transformer, points: Sequence[tuple[int, ...]], timer: Callable[[], float],
             repeats: int = 3, seed: int = 0,
             progress: Callable[[int, int], None] | None = None) -> Samples:
-    """Median seconds of each grid point on ``model``."""
+    """Median seconds of each grid point (P, D, K) or (P, D, K, C) on ``model``."""
     max_position = model.config.max_position
-    longest = max(max(p, k + 1) for p, _, k in points)
+    longest = max(max(_cached(pt) + pt[0], pt[2] + 1) for pt in points)
     if longest >= max_position:
         from llmqueue.errors import ConfigError
 
         raise ConfigError("--context", longest, f"below the model's max_position = {max_position}")
-    capacity = max(p + d * (k + 1) for p, d, k in points)
+    capacity = max(_cached(pt) + pt[0] + pt[1] * (pt[2] + 1) for pt in points)
     pool = KVPool(model.config, capacity)
     rng = np.random.default_rng(seed)
-    times: dict[tuple[int, int, int], list[float]] = {pt: [] for pt in points}
+    times: dict[tuple[int, ...], list[float]] = {pt: [] for pt in points}
     model.forward([Chunk(0, 0, [1] * max(1, min(256, capacity - 1)))], pool.k, pool.v)   # warm-up
     done, total = 0, len(points) * repeats
     for _ in range(repeats):
         for i in rng.permutation(len(points)):
-            p, d, k = points[i]
-            chunks = [Chunk(0, 0, [1] * p)] if p else []
-            chunks += [Chunk(p + j * (k + 1), k, [1]) for j in range(d)]
+            p, d, k = points[i][:3]
+            c = _cached(points[i])
+            chunks = [Chunk(0, c, [1] * p)] if p else []
+            chunks += [Chunk(c + p + j * (k + 1), k, [1]) for j in range(d)]
             began = timer()
             model.forward(chunks, pool.k, pool.v).argmax(-1)
             times[points[i]].append(timer() - began)
             done += 1
             if progress is not None:
                 progress(done, total)
-    rows = [(p, d, k, p * (p + 1) // 2 + d * (k + 1), float(np.median(times[(p, d, k)]))) for p, d, k in points]
+    rows = [(pt[0], pt[1], pt[2], pt[0] * _cached(pt) + pt[0] * (pt[0] + 1) // 2 + pt[1] * (pt[2] + 1),
+             float(np.median(times[pt]))) for pt in points]
     return Samples.from_rows(rows)
 
 

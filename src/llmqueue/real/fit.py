@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,9 +137,11 @@ class Fit:
     batch_time: BatchTime
     r2: float
     residuals: np.ndarray
+    heldout_rmse: float | None = None   # seconds, k-fold (:func:`heldout_rmse`); None when not computed
 
     def to_dict(self) -> dict:
         return {"name": self.name, "r2": self.r2, "rmse_ms": float(np.sqrt(np.mean(self.residuals ** 2)) * 1e3),
+                "heldout_rmse_ms": None if self.heldout_rmse is None else self.heldout_rmse * 1e3,
                 "batch_time": self.batch_time.to_dict()}
 
 
@@ -232,13 +234,59 @@ def fit_prefill_decode(s: Samples, context: bool, prefill_fraction: float = 0.5,
     return _fit("prefill_decode+context" if context else "prefill_decode", model, y, pred)
 
 
+def fitters(token_budget: int, prefill_fraction: float = 0.5, mean_context: float = 0.0):
+    """Every model's fitting function (samples -> Fit), in the order staircase, piecewise_linear,
+    table, prefill_decode (±context)."""
+    return [lambda s: fit_staircase(s, token_budget), fit_piecewise_linear, fit_table,
+            lambda s: fit_prefill_decode(s, False, prefill_fraction, mean_context),
+            lambda s: fit_prefill_decode(s, True, prefill_fraction, mean_context)]
+
+
+def predict(batch_time: BatchTime, s: Samples) -> np.ndarray:
+    """Each sample's seconds by ``batch_time``: by its mix for prefill_decode, else by its token count."""
+    if isinstance(batch_time, PrefillDecode):
+        return (batch_time.c + batch_time.prefill * s.prefill_tokens + batch_time.decode * s.decode_tokens
+                + batch_time.context * s.attention_pairs)
+    return np.asarray(batch_time.seconds(s.tokens.astype(np.int64)), dtype=float)
+
+
+def subset(s: Samples, mask: np.ndarray) -> Samples:
+    return Samples(*(getattr(s, c)[mask] for c in SAMPLE_COLUMNS))
+
+
+def heldout_rmse(s: Samples, fitter, folds: int = 5, seed: int = 0) -> float | None:
+    """Root mean square error (seconds) of ``fitter``'s model on samples it was not fitted to:
+    ``folds``-fold cross-validation over a seeded shuffle; None with too few samples or a fold
+    the model cannot be fitted to."""
+    n = len(s)
+    if n < 2 * folds:
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    errors = np.empty(n)
+    for k in range(folds):
+        test = np.zeros(n, dtype=bool)
+        test[order[k::folds]] = True
+        try:
+            fit = fitter(subset(s, ~test))
+        except LlmqueueError:
+            return None
+        errors[test] = s.seconds[test] - predict(fit.batch_time, subset(s, test))
+    return float(np.sqrt(np.mean(errors ** 2)))
+
+
 def fit_all(s: Samples, token_budget: int, prefill_fraction: float = 0.5, mean_context: float = 0.0) -> list[Fit]:
-    """Every model, in the order staircase, piecewise_linear, table, prefill_decode (±context)."""
+    """Every model, in the order staircase, piecewise_linear, table, prefill_decode (±context),
+    each with its held-out (5-fold) RMSE."""
     if len(s) < 4:
         raise LlmqueueError(f"calibration needs at least 4 measured batches, got {len(s)}")
-    return [fit_staircase(s, token_budget), fit_piecewise_linear(s), fit_table(s),
-            fit_prefill_decode(s, False, prefill_fraction, mean_context),
-            fit_prefill_decode(s, True, prefill_fraction, mean_context)]
+    return [replace(fitter(s), heldout_rmse=heldout_rmse(s, fitter))
+            for fitter in fitters(token_budget, prefill_fraction, mean_context)]
+
+
+def best_fit(fits: list[Fit]) -> Fit:
+    """The model with the lowest held-out error (the highest R² where none was computed)."""
+    scored = [f for f in fits if f.heldout_rmse is not None]
+    return min(scored, key=lambda f: f.heldout_rmse) if scored else max(fits, key=lambda f: f.r2)
 
 
 def workload_mix(mean_prompt_len: float, mean_output_len: float) -> tuple[float, float]:

@@ -340,6 +340,9 @@ def resolve(data: dict, base_dir: Path, engine, batch_time_file: str | None = No
     from llmqueue.real import batch_time_source
     from llmqueue.runner import build_workload
 
+    if batch_time_file is not None and recalibrate:
+        raise LlmqueueError("--batch-time and --recalibrate: choose one (a file's batch times, or a fresh "
+                            "measurement of this machine)")
     data = copy.deepcopy(data)
     spec = batch_time_source(data)
     if batch_time_file is not None:
@@ -371,10 +374,9 @@ def resolve(data: dict, base_dir: Path, engine, batch_time_file: str | None = No
             table = cal.batch_time(w.mean_prompt_len, w.mean_output_len)
         label = "file"
     else:
-        from llmqueue.real.calibrate import DEFAULT_DECODE, DEFAULT_PREFILL, workload_contexts
+        from llmqueue.real.calibrate import run_grid
 
-        grid = {"prefill": list(DEFAULT_PREFILL), "decode": list(DEFAULT_DECODE),
-                "context": workload_contexts(w.mean_prompt_len, w.mean_output_len), "max_tokens": budget}
+        grid = run_grid(w.mean_prompt_len, w.mean_output_len, budget)
         cal, why = (None, "--recalibrate") if recalibrate else cached(machine, shape, grid)
         if cal is None:
             notes.append(f"calibrating this machine ({why}): a grid of batches, then cached")
@@ -395,7 +397,7 @@ def measure_calibration(engine, grid: dict, machine: dict, repeats: int = 3, pro
     from llmqueue.real.serve import TIMERS
 
     model, timer = engine.model, TIMERS[engine.settings.timer]
-    points = grid_points(grid["prefill"], grid["decode"], grid["context"], grid["max_tokens"])
+    points = grid_points(grid["prefill"], grid["decode"], grid["context"], grid["max_tokens"], grid.get("cached", ()))
     samples = measure(model, points, timer, repeats=repeats, seed=0, progress=progress)
     reference = probe(model, timer, probe_points(grid["max_tokens"], model.config.max_position))
     return Calibration(machine, shape_of(model.config), grid, samples, reference, time.time())
