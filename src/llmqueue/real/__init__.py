@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from llmqueue.config import Config, parse_config, parse_override, parse_toml, set_dotted
+from llmqueue.checks import check_input_file
+from llmqueue.config import MAX_CONFIG_BYTES, Config, parse_config, parse_override, parse_toml, set_dotted
 from llmqueue.errors import ConfigError, LlmqueueError
 
 INSTALL_HINT = "install the cpu extra: pip install 'llmqueue[cpu]'"
@@ -33,8 +34,10 @@ SOURCE_KEYS = ("file", "calibration")
 
 
 def read_engine_data(path: str | Path, overrides: Sequence[str] = ()) -> tuple[dict, dict]:
-    """An engine config's raw tables (with ``--set`` overrides) and its ``[real]`` table."""
+    """An engine config's raw tables (with ``--set`` overrides) and its ``[real]`` table; a file that
+    is not a regular one of at most MAX_CONFIG_BYTES is refused before it is read."""
     p = Path(path)
+    check_input_file(p, "config", "TOML file", MAX_CONFIG_BYTES)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):

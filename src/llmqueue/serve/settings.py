@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmqueue.checks import check_input_file, integer, number
-from llmqueue.config import MAX_CONFIG_BYTES, Config, parse_config, parse_override, parse_toml, set_dotted
+from llmqueue.checks import integer, number
+from llmqueue.config import Config, parse_config
 from llmqueue.errors import ConfigError
 
 #: the most output tokens any request may ask for (the model's context bounds it further)
@@ -64,18 +64,11 @@ def serve_settings(spec: Mapping | None, field: str = "serve") -> ServeSettings:
 
 def load_serve_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, dict, ServeSettings]:
     """The simulator's config, the raw ``[real]`` table and the ``[serve]`` settings of a file."""
+    from llmqueue.real import read_engine_data
+
     p = Path(path)
-    check_input_file(p, "config", "TOML file", MAX_CONFIG_BYTES)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        raise ConfigError("config", str(p), "an existing, readable UTF-8 TOML file") from None
-    data = parse_toml(text, str(p))
-    for item in overrides:
-        set_dotted(data, *parse_override(item))
+    data, real = read_engine_data(p, overrides)
     serve = data.pop("serve", {})
-    real = data.pop("real", {})
-    for name, table in (("serve", serve), ("real", real)):
-        if not isinstance(table, dict):
-            raise ConfigError(name, table, "a table")
+    if not isinstance(serve, dict):
+        raise ConfigError("serve", serve, "a table")
     return parse_config(data, p.resolve().parent), real, serve_settings(serve)
