@@ -318,6 +318,8 @@ def _engine_capacity(args: argparse.Namespace) -> int:
             f"between {lo:.2f} and {hi:.2f} req/s")
     print(f"{result['scheduler']}: real saturation rate {span}; predicted λ* {lam:.2f} req/s "
           f"({SOURCE_NAMES[_source_label(resolved)]})")
+    print(f"most served in one trial: {result['most_served_rps']:.2f} req/s (a plateau of served rates across "
+          "loads marks the real capacity too)")
     if result["overloaded_tokens_per_s"] is not None:
         print(f"overloaded runs served up to {result['overloaded_tokens_per_s']:.0f} tokens/s; predicted capacity "
               f"{result['predicted_capacity_tokens_per_s']:.0f} tokens/s")

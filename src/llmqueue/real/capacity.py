@@ -88,4 +88,5 @@ def real_capacity(config: Config, engine, scheduler: str | None = None, low: flo
             "predicted_capacity_tokens_per_s": analysis.capacity_tokens_per_s,
             "stable_up_to_load": lo, "unstable_from_load": hi,
             "stable_up_to_rps": None if lo is None else lo * lam, "unstable_from_rps": None if hi is None else hi * lam,
-            "overloaded_tokens_per_s": max(over) if over else None, "horizon_s": horizon_s, "trials": trials}
+            "overloaded_tokens_per_s": max(over) if over else None,
+            "most_served_rps": max(t["throughput_rps"] for t in trials), "horizon_s": horizon_s, "trials": trials}
