@@ -251,3 +251,19 @@ def test_models_are_chosen_by_held_out_error():
     tiny = Samples(*(getattr(s, c)[:6] for c in ("prefill_tokens", "decode_tokens", "context_tokens",
                                                   "attention_pairs", "seconds")))
     assert heldout_rmse(tiny, lambda x: fit_prefill_decode(x, False)) is None   # too few for 5 folds
+
+
+def test_a_token_only_model_that_cannot_be_fitted_is_left_out_with_its_reason():
+    """Noisy timings that fall with the token count: the staircase has no positive step, so it is
+    skipped (named), while the prefill_decode fits remain (a calibration does not fail on noise)."""
+    p = np.array([0, 8, 32, 0, 8, 32, 0, 8, 32, 16, 24, 4], dtype=float)
+    d = np.array([1, 1, 1, 4, 4, 4, 8, 8, 8, 0, 0, 2], dtype=float)
+    z = np.zeros_like(p)
+    y = 1e-3 * (2.0 - 0.01 * (p + d))
+    s = Samples(p, d, z, p * (p + 1) / 2 + d, y)
+    skipped: list[str] = []
+    names = [f.name for f in fit_all(s, 64, skipped=skipped)]
+    assert "staircase" not in names and "prefill_decode+context" in names
+    assert any("staircase fit" in r for r in skipped)
+    with pytest.raises(LlmqueueError, match="staircase fit"):
+        fit_all(s, 64)

@@ -510,7 +510,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         fraction, mean_context = workload_mix(w.mean_prompt_len, w.mean_output_len)
         header.append(f"token-only view (capacity, λ*) of prefill_decode: the workload's mix, m_p = "
                       f"{w.mean_prompt_len:g}, m_d = {w.mean_output_len:g}")
-    fits = fit_all(samples, budget, fraction, mean_context)
+    skipped: list[str] = []
+    fits = fit_all(samples, budget, fraction, mean_context, skipped)
     best = best_fit(fits)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -524,7 +525,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     write_text(out / "batch_time.toml", batch_time_toml(best, [*header, "the fit with the lowest held-out "
                                                                 "(5-fold) RMSE"]))
     write_json(out / "fits.json", {"header": header, "samples": len(samples), "token_budget": budget,
-                                   "fits": [f.to_dict() for f in fits], "best": best.name})
+                                   "fits": [f.to_dict() for f in fits], "best": best.name, "not_fitted": skipped})
     if not args.no_plot:
         from llmqueue.real.plots import plot_residuals
 
@@ -542,6 +543,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         held = fit.to_dict()["heldout_rmse_ms"]
         held = "   -   " if held is None else f"{held:.2f} ms"
         print(f"  {fit.name:<24} R² {fit.r2:.4f}  RMSE {fit.to_dict()['rmse_ms']:.2f} ms  held out {held}  {shown}")
+    for reason in skipped:
+        print(f"  not fitted: {reason}")
     print(f"\nwrote {out / 'batch_time.toml'} ({best.name}, lowest held-out RMSE), one batch_time_<model>.toml per model, fits.json, "
           f"samples.csv" + (", calibration.json" if calibration is not None else "")
           + ("" if args.no_plot else ", residuals.png"))

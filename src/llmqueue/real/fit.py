@@ -274,13 +274,25 @@ def heldout_rmse(s: Samples, fitter, folds: int = 5, seed: int = 0) -> float | N
     return float(np.sqrt(np.mean(errors ** 2)))
 
 
-def fit_all(s: Samples, token_budget: int, prefill_fraction: float = 0.5, mean_context: float = 0.0) -> list[Fit]:
+def fit_all(s: Samples, token_budget: int, prefill_fraction: float = 0.5, mean_context: float = 0.0,
+            skipped: list[str] | None = None) -> list[Fit]:
     """Every model, in the order staircase, piecewise_linear, table, prefill_decode (±context),
-    each with its held-out (5-fold) RMSE."""
+    each with its held-out (5-fold) RMSE.  A token-only model that cannot be fitted (noisy
+    timings that do not grow with the token count) is left out, its reason appended to
+    ``skipped``; the prefill_decode fits always exist (non-negative least squares)."""
     if len(s) < 4:
         raise LlmqueueError(f"calibration needs at least 4 measured batches, got {len(s)}")
-    return [replace(fitter(s), heldout_rmse=heldout_rmse(s, fitter))
-            for fitter in fitters(token_budget, prefill_fraction, mean_context)]
+    fits = []
+    for fitter in fitters(token_budget, prefill_fraction, mean_context):
+        try:
+            fit = fitter(s)
+        except LlmqueueError as exc:
+            if skipped is None:
+                raise
+            skipped.append(str(exc))
+            continue
+        fits.append(replace(fit, heldout_rmse=heldout_rmse(s, fitter)))
+    return fits
 
 
 def best_fit(fits: list[Fit]) -> Fit:
