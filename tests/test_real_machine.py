@@ -131,13 +131,14 @@ def test_calibration_file_checked_against_the_run(tmp_path, cache, capsys):
 
 
 def test_real_engine_against_the_simulator(tmp_path, cache, capsys):
-    """Fresh calibration, load 0.5: throughput, median TTFT and E2E, mean number in system within
+    """Fresh calibration, load 0.5, 6 s: throughput, median TTFT and E2E, mean number in system within
     25 % of the simulator fitted to the run's batches, and of the machine's calibration unless the
     drift probe flags the machine as changed; the fresh fit is labelled as such, the prefill_decode
     caveat is printed once."""
     cfg = _config(tmp_path)
     out = tmp_path / "v"
-    assert main(["engine", "validate", cfg, "--calibrate", "--out", str(out), "--set", "run.horizon_s=2"]) == 0
+    # 6 s of arrivals: a 2 s run's medians missed the 25 % bound by sampling alone (e2e p50 +25.005 % once in CI)
+    assert main(["engine", "validate", cfg, "--calibrate", "--out", str(out), "--set", "run.horizon_s=6"]) == 0
     io = capsys.readouterr()
     assert "sim (fresh)" in io.out and "sim (config)" not in io.out and "range (fresh, drift)" in io.out
     assert sum("batch_time.model = prefill_decode" in line for line in io.err.splitlines()) <= 1
