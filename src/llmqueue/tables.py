@@ -40,24 +40,25 @@ class Frames(NamedTuple):
     timeseries: Any
 
 
+def _require(module: str, extra: str, what: str):
+    """``module`` imported, or an error naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LlmqueueError(f"{what} needs {module.split('.')[0]}, which is not installed: pip install "
+                            f"'llmqueue[{extra}]' (CSV and JSON need nothing more)") from None
+
+
 def require_pandas(what: str):
     """The pandas module, or an error naming the extra that installs it."""
-    try:
-        import pandas
-    except ImportError:
-        raise LlmqueueError(f"{what} needs pandas, which is not installed: pip install 'llmqueue[pandas]' "
-                            "(CSV and JSON need nothing more)") from None
-    return pandas
+    return _require("pandas", "pandas", what)
 
 
 def _require_pyarrow(what: str):
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise LlmqueueError(f"{what} needs pyarrow, which is not installed: pip install 'llmqueue[parquet]' "
-                            "(CSV and JSON need nothing more)") from None
-    return pyarrow
+    _require("pyarrow.parquet", "parquet", what)
+    return _require("pyarrow", "parquet", what)
 
 
 # ---- a run's tables ------------------------------------------------------------------------

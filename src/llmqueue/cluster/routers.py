@@ -134,35 +134,35 @@ class Random(Router):
         return self.probabilities(capacities)
 
 
-class JoinShortestQueue(Router):
+class _Least(Router):
+    """The replica with the least of one quantity the router sees (``measure``: a View attribute);
+    ties take turns, so equal replicas share the arrivals."""
+
+    pooled_stable = True
+    measure = ""
+
+    def __init__(self, replicas, rng, **options):
+        super().__init__(replicas, rng, **options)
+        self._turn = 0
+
+    def choose(self, view, prompt, output, session):
+        self._turn = self._turn + 1 if self._turn + 1 < self.replicas else 0
+        return _least(getattr(view, self.measure), self._turn)
+
+
+class JoinShortestQueue(_Least):
     """The replica with the fewest requests in flight (AIBrix ``least-request``; the Gateway API
     inference extension's queue scorer, which llm-d's scheduler loads)."""
 
     name = "jsq"
-    pooled_stable = True
-
-    def __init__(self, replicas, rng, **options):
-        super().__init__(replicas, rng, **options)
-        self._turn = 0
-
-    def choose(self, view, prompt, output, session):
-        self._turn = self._turn + 1 if self._turn + 1 < self.replicas else 0
-        return _least(view.in_flight, self._turn)
+    measure = "in_flight"
 
 
-class LeastTokens(Router):
+class LeastTokens(_Least):
     """The replica with the fewest outstanding tokens (prompt + output of its requests in flight)."""
 
     name = "least-tokens"
-    pooled_stable = True
-
-    def __init__(self, replicas, rng, **options):
-        super().__init__(replicas, rng, **options)
-        self._turn = 0
-
-    def choose(self, view, prompt, output, session):
-        self._turn = self._turn + 1 if self._turn + 1 < self.replicas else 0
-        return _least(view.outstanding_tokens, self._turn)
+    measure = "outstanding_tokens"
 
 
 class PowerOfD(Router):
