@@ -387,3 +387,26 @@ def test_cli_report_counts_runs_of_another_process(capsys, tmp_path):
     line = cli_sweep._report(SweepStats(points=3, skipped=2, ok=1, elsewhere=2, reclaimed=1), 3, 1, "x", 1.0,
                              tmp_path / "s.db")
     assert "2 already stored (2 by another process meanwhile), 1 ran ok, 0 failed (1 taken over" in line
+
+
+def test_opening_a_store_another_process_holds_waits_then_names_it(tmp_path, monkeypatch):
+    """Processes creating one new store at once: an open that finds it "locked" tries again (seen
+    once in a full suite: the third of three sweep processes failed), and past OPEN_WAIT_S says so."""
+    from llmqueue.errors import LlmqueueError
+    from llmqueue.sweep import store as store_module
+
+    real_open, calls = Store._open, []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        real_open(self)
+
+    monkeypatch.setattr(Store, "_open", flaky)
+    with Store(tmp_path / "s.db") as store:
+        assert store.version == SCHEMA_VERSION and len(calls) == 3
+    monkeypatch.setattr(Store, "_open", lambda self: (_ for _ in ()).throw(sqlite3.OperationalError("database is locked")))
+    monkeypatch.setattr(store_module, "OPEN_WAIT_S", 0.1)
+    with pytest.raises(LlmqueueError, match="not a usable SQLite database .database is locked"):
+        Store(tmp_path / "t.db")

@@ -39,6 +39,7 @@ from llmqueue.errors import LlmqueueError
 SCHEMA_VERSION = 2
 DEFAULT_STORE = "llmqueue_output/sweep.db"            # `llmqueue sweep`
 DEFAULT_MAX_RATE_STORE = "llmqueue_output/max_rate.db"  # `llmqueue max-rate`: its own, so results never mix the two
+OPEN_WAIT_S = 30.0      # how long opening a store retries while another process holds it ("locked")
 LEASE_S = 60.0          # a lease not renewed for this long is stale (its owner is taken for dead)
 
 # Migrations: the statements that take a store from version i - 1 to i (each idempotent).
@@ -193,8 +194,23 @@ class Store:
 
     def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path, self.readonly = Path(path), readonly
+        deadline = time.monotonic() + OPEN_WAIT_S
+        while True:
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as exc:
+                # Processes opening one new store at once: the WAL switch and the migration can
+                # answer "locked" without waiting on the busy timeout; try again a while.
+                if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                    raise LlmqueueError(f"store {self.path}: not a usable SQLite database ({exc})") from None
+                with contextlib.suppress(Exception):
+                    self.conn.close()
+                time.sleep(0.05)
+
+    def _open(self) -> None:
         try:
-            if readonly:
+            if readonly := self.readonly:
                 if not self.path.is_file():
                     raise LlmqueueError(f"store {self.path}: no such file (create one with `llmqueue sweep`)")
                 self.conn = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, timeout=30)
@@ -206,6 +222,8 @@ class Store:
                 self._migrate()
             elif readonly and self.version == 0:
                 raise LlmqueueError(f"store {self.path}: not an llmqueue store (no runs table)")
+        except sqlite3.OperationalError:
+            raise
         except sqlite3.DatabaseError as exc:
             raise LlmqueueError(f"store {self.path}: not a usable SQLite database ({exc})") from None
 
