@@ -459,6 +459,10 @@ def check_stepping(case, cuts: list[float], stop_at_finish: bool, method: str, o
     assert finish == dict(zip(done.tolist(), once.finish_time[done].tolist()))
     assert first == dict(zip(done.tolist(), once.first_token_time[done].tolist()))
     assert sorted(rejected) == np.flatnonzero(once.rejected).tolist()
+    ids, times = stepper.in_engine()   # the requests left inside: neither finished nor rejected
+    left = np.flatnonzero(np.isnan(once.finish_time) & ~once.rejected & (once.arrival_time <= stepper.now))
+    assert ids.tolist() == left.tolist() and stepper.num_in_engine == len(left)
+    np.testing.assert_array_equal(times, once.first_token_time[left])
 
 
 @pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")

@@ -230,25 +230,12 @@ def _watch_preemptions(engine) -> dict:
     return seen
 
 
-def in_engine_first_tokens(stepper: Stepper) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, first-token times) of the requests still inside a stepped engine that have their first
-    token (NaN for the others).  Stepper reports first tokens only with finishes; a run's result also
-    needs those of requests still running at the horizon, so they are read from the state it
-    carries (its compiled call, or its reference requests) — a public accessor would be better."""
-    carried = getattr(stepper, "_carried", None)
-    if carried is not None:
-        return np.asarray(carried.rid, np.int64), np.asarray(carried.first_token_time, np.float64)
-    held = list(getattr(stepper, "_requests", {}).values())
-    return (np.array([r.rid for r in held], np.int64),
-            np.array([np.nan if r.first_token_time is None else r.first_token_time for r in held], np.float64))
-
-
 def _replica_result(engine, stepper: Stepper, requests: Requests, first: dict, finish: dict, rejected: list,
                     ends: list, tokens: list, horizon: float, drain: bool, victims: dict | None = None) -> Result:
     """The :class:`Result` simulate() would give for this replica's requests (Stepper's contract)."""
     n = len(requests)
     ft, fin = np.full(n, np.nan), np.full(n, np.nan)
-    rids, times = in_engine_first_tokens(stepper)
+    rids, times = stepper.in_engine()
     ft[rids] = times
     if first:
         k = np.fromiter(first.keys(), np.int64, len(first))

@@ -108,6 +108,18 @@ class Stepper:
         """Requests inside the engine (queued or running), not counting those still to arrive."""
         return self.engine.num_in_engine if self._carried is None else int(self._carried.in_engine)
 
+    def in_engine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, first-token times) of the requests inside the engine now, queued or running (NaN:
+        no first token yet), ids ascending.  Finishes report their first tokens; a run cut at a
+        horizon also needs those of the requests still running."""
+        if self._carried is not None:
+            order = np.argsort(self._carried.rid, kind="stable")
+            return (np.asarray(self._carried.rid, np.int64)[order],
+                    np.asarray(self._carried.first_token_time, np.float64)[order])
+        held = sorted(self._requests.values(), key=lambda r: r.rid)
+        return (np.array([r.rid for r in held], np.int64),
+                np.array([np.nan if r.first_token_time is None else r.first_token_time for r in held], np.float64))
+
     def advance(self, until: float, *, stop_at_finish: bool = False) -> Advanced:
         """Run the batches that start before ``until`` (the engine stops at the first batch
         boundary at or after it, or idles); with ``stop_at_finish``, return after the first batch
