@@ -9,10 +9,12 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmqueue import cli
 from llmqueue.cluster import Router, compare_routers, load_cluster, parse_cluster, pool_capacity, run_pool
-from llmqueue.cluster.routers import ROUTERS, stable_hash
+from llmqueue.cluster.routers import ROUTERS, View, stable_hash
 from llmqueue.cluster.sim import simulate_pool
 from llmqueue.errors import ConfigError
 from llmqueue.runner import build_workload, run_config
@@ -100,6 +102,89 @@ def test_the_event_loop_gives_each_replica_the_run_simulate_gives(scheduler, del
         np.testing.assert_array_equal(a.first_token_time, b.first_token_time)
         np.testing.assert_array_equal(a.finish_time, b.finish_time)
         assert a.end_time == b.end_time
+
+
+# ---- the compiled pool loop (_fastcore.run_pool) against the Python loop over steppers -------
+
+HETERO_REPLICAS = [{"name": "fast", "count": 1},
+                   {"name": "slow", "count": 1, "scheduler": "vllm", "token_budget": 256,
+                    "batch_time": {"model": "staircase", "c_ms": 22.56, "a_ms": 70.94, "b0": 128}},
+                   {"name": "capped", "count": 1, "scheduler": "orca", "max_batch_requests": 3}]
+
+
+def assert_same_pool_run(a, b) -> None:
+    np.testing.assert_array_equal(a.replica, b.replica)
+    for x, y in zip(a.results, b.results, strict=True):
+        for f in ("arrival_time", "first_token_time", "finish_time", "rejected", "batch_end_time", "batch_tokens"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f), err_msg=f)
+        assert (x.end_time, x.violations, x.scheduler, x.token_budget) == (y.end_time, y.violations, y.scheduler,
+                                                                           y.token_budget)
+
+
+def check_compiled_pool(router, replicas, scheduler, budget, cap, delay, drain, hetero, load, seed, d=None):
+    engine = {"scheduler": scheduler, "token_budget": budget, **({"max_batch_requests": cap} if cap else {})}
+    cluster = {"router": router, "report_delay_s": delay,
+               "replicas": HETERO_REPLICAS + [{"name": "more", "count": replicas}] if hetero else replicas}
+    if d is not None:
+        cluster["router_options"] = {"d": min(d, replicas + 3 * hetero)}
+    cfg = parse_cluster({"engine": engine, "workload": {"arrival": "poisson", "load": load},
+                         "run": {"horizon_s": 15.0, "seed": seed, "drain": drain}, "cluster": cluster})
+    requests = build_workload(cfg.base).generate(seed, horizon_s=15.0)
+    compiled = simulate_pool(cfg, requests)
+    assert compiled.meta["method"] == ["fast"]
+    assert_same_pool_run(compiled, simulate_pool(cfg, requests, compiled=False))
+    return compiled
+
+
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
+@pytest.mark.parametrize("router", ["jsq", "least-tokens", "power-of-d"])
+@pytest.mark.parametrize("scheduler, budget, cap", [("sarathi", 512, None), ("vllm", 128, None),
+                                                    ("fastertransformer", 300, 4), ("maxweight", 256, None)])
+def test_the_compiled_pool_loop_decides_and_runs_as_the_python_loop(router, scheduler, budget, cap):
+    # every decision and batch identical, rejections included (prompts over a non-splitting budget)
+    runs = [check_compiled_pool(router, replicas, scheduler, budget, cap, delay, drain, hetero, load, seed)
+            for replicas, delay, drain, hetero, load, seed in [(1, 0.0, False, False, 0.9, 1), (4, 0.3, False, True, 1.2, 2),
+                                                               (3, 0.0, True, False, 0.7, 3)]]
+    if scheduler == "vllm":
+        assert any(r.rejected.any() for run in runs for r in run.results)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::llmqueue.model.batch_time.AssumptionWarning")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["jsq", "least-tokens", "power-of-d"]), st.integers(1, 6),
+       st.sampled_from([("sarathi", 512), ("vllm", 200), ("orca", 256), ("fastertransformer", 400), ("vllm-v1", 512),
+                        ("maxweight", 128)]),
+       st.sampled_from([None, 2, 8]), st.sampled_from([0.0, 0.05, 2.0]), st.booleans(), st.booleans(),
+       st.floats(0.3, 1.5), st.integers(0, 50), st.integers(1, 4))
+def test_the_compiled_pool_loop_decides_and_runs_as_the_python_loop_many(router, replicas, policy, cap, delay, drain,
+                                                                         hetero, load, seed, d):
+    check_compiled_pool(router, replicas, *policy, cap, delay, drain, hetero, load, seed,
+                        d if router == "power-of-d" else None)
+
+
+def test_power_of_d_draws_its_picks_at_once_as_one_by_one():
+    from llmqueue.cluster.routers import PowerOfD
+
+    one, bulk = (PowerOfD(7, np.random.default_rng(5), d=3) for _ in range(2))
+    seq = []
+    for _ in range(5000):
+        seq.append(one.candidates())
+        one.choose(View([1.0] * 7), 1, 1, 0)
+    mixed = [bulk.candidates()]   # a block begun one by one, then the rest at once, then one by one
+    bulk.choose(View([1.0] * 7), 1, 1, 0)
+    rest = bulk.picks(4998).tolist()
+    assert seq == mixed + rest + [bulk.candidates()]
+
+
+def test_the_compiled_pool_loop_runs_where_it_can_and_says_why_not():
+    cfg = pool(2, "jsq", base={**FIG1, "run": {**FIG1["run"], "method": "reference"}})
+    requests = build_workload(cfg.base).generate(3, horizon_s=60.0)
+    assert simulate_pool(cfg, requests).meta["method"] == ["reference (selected)"]
+    with pytest.raises(ConfigError, match="run.method = 'reference'"):
+        simulate_pool(cfg, requests, compiled=True)
+    with pytest.raises(ConfigError, match="decides in Python"):
+        simulate_pool(pool(2, "jsq"), requests, router=TurnByTurn(2, None), compiled=True)
 
 
 @pytest.mark.parametrize("router", ["random", "jsq", "power-of-d", "affinity"])

@@ -183,11 +183,30 @@ class PowerOfD(Router):
         self._picks: list[list[int]] = []
         self._next = 0
 
-    def _draw(self) -> None:
+    def _block(self) -> np.ndarray:
         keys = self.rng.random((self._BLOCK, self.replicas))
-        self._picks = np.argpartition(keys, self.d - 1, axis=1)[:, :self.d].tolist() if self.d < self.replicas \
-            else np.argsort(keys, axis=1).tolist()
+        return np.argpartition(keys, self.d - 1, axis=1)[:, :self.d] if self.d < self.replicas \
+            else np.argsort(keys, axis=1)
+
+    def _draw(self) -> None:
+        self._picks = self._block().tolist()
         self._next = 0
+
+    def picks(self, n: int) -> np.ndarray:
+        """The d choices of the next ``n`` arrivals at once (n × d), the draws :meth:`choose` would
+        make one block at a time (the compiled pool loop reads them)."""
+        out = [np.asarray(self._picks[self._next:self._next + n], dtype=np.int64).reshape(-1, self.d)]
+        self._next += len(out[0])
+        left = n - len(out[0])
+        while left > 0:
+            block = self._block()
+            out.append(block[:left])
+            if left < len(block):
+                self._picks, self._next = block.tolist(), left
+            else:
+                self._picks, self._next = [], 0
+            left -= len(out[-1])
+        return np.concatenate(out).astype(np.int64, copy=False)
 
     def _current(self) -> list[int]:
         if self._next >= len(self._picks):

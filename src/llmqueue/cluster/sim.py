@@ -14,7 +14,9 @@ one run.
   straddles that time has already reported everything finished by then), applies the finishes
   reported by then to the router's :class:`~llmqueue.cluster.routers.View`, asks the router, and
   queues the request on the chosen replica.  A request routed while its replica's batch runs joins
-  the next batch boundary, as in one engine.
+  the next batch boundary, as in one engine.  For the built-in jsq, least-tokens and power-of-d
+  routers on replicas the compiled core steps, the same loop runs in C (``_fastcore.run_pool``:
+  the same decisions and batches, tests/test_cluster.py).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmqueue.cluster.config import ClusterConfig
-from llmqueue.cluster.routers import Router, View, make_router
+from llmqueue.cluster.routers import JoinShortestQueue, LeastTokens, PowerOfD, Router, View, make_router
+from llmqueue.core import fastcore
 from llmqueue.core.simulator import KVRecord, Result, simulate
 from llmqueue.core.stepper import Stepper
+from llmqueue.errors import InternalError
 from llmqueue.model.workload import Requests
 
 #: The routing stream of a seed: np.random.default_rng([seed, ROUTING_STREAM]) (arrivals and
@@ -86,8 +90,11 @@ def _subset(requests: Requests, idx: np.ndarray) -> Requests:
     return Requests(requests.arrival_time[idx], requests.num_prompt_tokens[idx], requests.num_output_tokens[idx])
 
 
-def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | None = None) -> PoolResult:
-    """Route ``requests`` to the pool's replicas and simulate them (module note)."""
+def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | None = None,
+                  compiled: bool | None = None) -> PoolResult:
+    """Route ``requests`` to the pool's replicas and simulate them (module note).  ``compiled``:
+    the compiled pool loop for a built-in dynamic router (None: wherever it can run; False: the
+    Python loop over steppers; True: it or an error)."""
     from llmqueue.runner import build_engine
 
     started = _time.perf_counter()
@@ -113,7 +120,13 @@ def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | No
                                     record_batches=rc.record_batches, method=rc.method))
             if not rc.drain:
                 results[-1].end_time = horizon
+    elif compiled is not False and _compiled_reason(router, engines, rc.method) is None:
+        replica, results, parts = _dynamic_compiled(cfg, router, engines, requests, horizon)
     else:
+        if compiled:
+            from llmqueue.errors import ConfigError
+            raise ConfigError("run.method", "compiled pool", f"a pool the compiled loop runs "
+                              f"({_compiled_reason(router, engines, rc.method)})")
         replica, results, parts = _dynamic(cfg, router, engines, requests, session, horizon)
     out = PoolResult(requests, replica, results, parts, horizon if not rc.drain else max(
         [r.end_time for r in results] + [float(requests.arrival_time[-1]) if len(requests) else 0.0]),
@@ -121,6 +134,66 @@ def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | No
     out.wall_s = _time.perf_counter() - started
     out.meta["method"] = sorted({r.meta.get("method", "fast") for r in results})
     return out
+
+
+#: The built-in dynamic routers the compiled pool loop runs (its router codes, _fastcore.c run_pool).
+COMPILED_ROUTERS = {JoinShortestQueue: 0, LeastTokens: 1, PowerOfD: 2}
+
+
+def _compiled_reason(router: Router, engines, method: str) -> str | None:
+    """Why this pool cannot run on the compiled pool loop (None: it can)."""
+    if method != "fast":
+        return f"run.method = {method!r}"
+    if type(router) not in COMPILED_ROUTERS:
+        return f"router {router.name!r} decides in Python"
+    if fastcore.unavailable() is not None:
+        return fastcore.unavailable()
+    for j, engine in enumerate(engines):
+        why = fastcore.reason(engine, piecewise=True)
+        if why is not None:
+            return f"replica {j}: {why}"
+    return None
+
+
+def _dynamic_compiled(cfg: ClusterConfig, router: Router, engines, requests: Requests, horizon: float):
+    """:func:`_dynamic` in C (``_fastcore.run_pool``): the same decisions and batches, without a
+    Python call per arrival."""
+    from llmqueue.network.fast import _engine_spec
+
+    n = len(requests)
+    arrivals = np.ascontiguousarray(requests.arrival_time, dtype=np.float64)
+    prompts = np.ascontiguousarray(requests.num_prompt_tokens, dtype=np.int64)
+    outputs = np.ascontiguousarray(requests.num_output_tokens, dtype=np.int64)
+    code = COMPILED_ROUTERS[type(router)]
+    d = 0
+    picks = np.zeros(0, np.int64)
+    if isinstance(router, PowerOfD):
+        d = router.d
+        picks = np.ascontiguousarray(router.picks(n), dtype=np.int64).reshape(-1)
+    replica = np.zeros(n, np.int64)
+    first, finish = np.full(n, np.nan), np.full(n, np.nan)
+    rejected = np.zeros(n, np.int64)
+    try:
+        per = fastcore.core().run_pool(tuple(_engine_spec(e) for e in engines), arrivals, prompts, outputs, code, picks,
+                                       d, float(cfg.report_delay_s), float(horizon), fastcore.RING, replica, first,
+                                       finish, rejected)
+    except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
+        raise InternalError(f"pool core: {exc}") from exc
+    rc = cfg.base.run
+    results, parts = [], []
+    for j, (engine, (ends, tokens, violations, _in_engine, now)) in enumerate(zip(engines, per, strict=True)):
+        idx = np.flatnonzero(replica == j)
+        parts.append(idx)
+        sub = _subset(requests, idx)
+        engine.violations += violations
+        last = float(sub.arrival_time[-1]) if len(idx) else 0.0
+        result = Result(engine.scheduler.name, engine.token_budget, max(now, last) if rc.drain else horizon,
+                        sub.arrival_time, sub.num_prompt_tokens, sub.num_output_tokens, first[idx], finish[idx],
+                        rejected[idx].astype(bool), np.frombuffer(ends, dtype=np.float64),
+                        np.frombuffer(tokens, dtype=np.int64), engine.violations)
+        result.meta["method"] = "fast"
+        results.append(result)
+    return replica, results, parts
 
 
 def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, session: np.ndarray, horizon: float):

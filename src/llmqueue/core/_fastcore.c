@@ -8,8 +8,9 @@
  * not written here: run() and run_network() receive each engine's Plan.encode().
  *   run()          one engine fed by an array of arrivals (simulator.simulate, streaming);
  *   run_network()  engines, delay stations and the jobs' routes (forks, joins, loops) of a
- *                  network (network/sim.py): the event loop of network/sim.py in C.
- * Both give the same batches as the reference loops (loop.py, network/sim.py over Engine.step)
+ *                  network (network/sim.py): the event loop of network/sim.py in C;
+ *   run_pool()     replicas behind a dynamic router (cluster/sim.py): its event loop in C.
+ * All give the same batches as the reference loops (loop.py, network/sim.py, cluster/sim.py)
  * bit for bit: batch ends are added one at a time (end = now + t_b) as there.
  *
  * Requests are indices (rid = order of admission).  Plans are counts: a batch gives one decode
@@ -2026,6 +2027,254 @@ done:
     return result;
 }
 
+/* ---- a pool of replicas behind a dynamic router (cluster/sim.py) ------------------------ */
+
+/* The built-in dynamic routers (cluster/routers.py): fewest in flight, fewest outstanding tokens
+ * (ties take turns), and power of d choices (the d picks drawn by the router, ties to the first). */
+enum { ROUTE_JSQ = 0, ROUTE_LEAST_TOKENS = 1, ROUTE_POWER_OF_D = 2 };
+
+/* A finish (or rejection) the router hears of at `time`. */
+typedef struct { double time; int64_t seq; int64_t j, work; } Report;
+#define REPORT_LESS(x, y) ((x)->time < (y)->time || ((x)->time == (y)->time && (x)->seq < (y)->seq))
+DEFINE_HEAP(Reports, Report, REPORT_LESS)
+
+typedef struct {
+    int J;
+    Engine *E;
+    Req *R;
+    const double *arrivals;
+    int64_t *rejected;        /* per request: 1 turned away at admission */
+    double *clock;            /* each replica's time */
+    int64_t *holding;         /* requests routed to it and not yet finished (what it really holds) */
+    int64_t *in_flight, *outstanding;   /* what the router knows */
+    Buf *mine;                /* each replica's requests, in arrival order */
+    Py_ssize_t *cursor;       /* ... of which mine[:cursor] have been admitted */
+    Reports reports;
+    int64_t seq;
+} Pool;
+
+static inline int hear(Pool *P, double time, int j, int64_t r) {
+    return Reports_push(&P->reports, (Report){time, P->seq++, j, P->R->prompts[r] + P->R->outputs[r]});
+}
+
+/* What a batch (or a round) of replica j finished: the router hears at their finish times. */
+static int pool_finished(Pool *P, int j) {
+    Engine *E = &P->E[j];
+    Buf *lists[2] = {&E->pfin, &E->dfin};
+    for (int l = 0; l < 2; l++) {
+        Py_ssize_t n = (Py_ssize_t)(lists[l]->size / sizeof(int64_t));
+        const int64_t *rid = (const int64_t *)lists[l]->data;
+        for (Py_ssize_t k = 0; k < n; k++)
+            if (hear(P, P->R->finish[rid[k]], j, rid[k])) return -1;
+        P->holding[j] -= n;
+        lists[l]->size = 0;
+    }
+    return 0;
+}
+
+/* Stepper.advance(until) of replica j: the loop of run() resumed at its clock, fed by its own
+ * requests; the batches that start before `until` (it stops at the first boundary at or after
+ * it, or idles). */
+static int pool_advance(Pool *P, Reporter *rep, int j, double until) {
+    Engine *E = &P->E[j];
+    const double *arrivals = P->arrivals;
+    const int64_t *mine = (const int64_t *)P->mine[j].data;
+    Py_ssize_t n = (Py_ssize_t)(P->mine[j].size / sizeof(int64_t)), i = P->cursor[j];
+    double now = P->clock[j];
+    for (;;) {
+        while (i < n && arrivals[mine[i]] <= now) {
+            int64_t r = mine[i++];
+            int ok = engine_admit(E, r);
+            if (ok < 0) return -1;
+            if (!ok) {   /* turned away: the router hears at once */
+                P->rejected[r] = 1;
+                P->holding[j]--;
+                if (hear(P, arrivals[r], j, r)) return -1;
+            }
+        }
+        if (!E->in_engine) {
+            if (i >= n || arrivals[mine[i]] > until) break;
+            now = arrivals[mine[i]];
+            continue;
+        }
+        if (now >= until) break;
+        if (engine_batch(E, now, &now) || report(rep, 1, now) || pool_finished(P, j)) return -1;
+        double lim = until;
+        if (i < n && arrivals[mine[i]] < lim) lim = arrivals[mine[i]];
+        int rc;
+        do {   /* decode-only rounds, as in run(); a round that finishes someone is heard */
+            rc = engine_rounds(E, &now, lim);
+            if (rc < 0 || pool_finished(P, j)) return -1;
+        } while (rc == 1);
+    }
+    P->cursor[j] = i;
+    P->clock[j] = now;
+    return 0;
+}
+
+static inline int64_t least_of(const int64_t *v, int J, int start) {
+    int best = start;
+    int64_t value = v[start];
+    for (int k = 1; k < J; k++) {
+        int j = start + k;
+        if (j >= J) j -= J;
+        if (v[j] < value) { best = j; value = v[j]; }
+    }
+    return best;
+}
+
+PyDoc_STRVAR(run_pool_doc,
+"run_pool(engines, arrivals, prompts, outputs, router, picks, d, delay, horizon, ring, replica, first,\n"
+"         finish, rejected)\n"
+"--\n\n"
+"A pool of engines behind a dynamic router on the compiled core: the event loop of\n"
+"llmqueue.cluster.sim._dynamic in C (that module calls it and documents the rules).  engines: one\n"
+"run_network engine spec per replica (one queue group); router 0 jsq, 1 least-tokens, 2 power-of-d\n"
+"(picks: n x d replica indices drawn by the router); delay: the reporting delay.  Writes each\n"
+"request's replica, first-token and finish times and rejection; returns [(ends, tokens,\n"
+"violations, in_engine, now) per replica].");
+
+static PyObject *run_pool(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *engines;
+    Py_buffer b[8];
+    int router;
+    long long d, ring;
+    double delay, horizon;
+    memset(b, 0, sizeof(b));
+    if (!PyArg_ParseTuple(args, "O!y*y*y*iy*LddLw*w*w*w*:run_pool", &PyTuple_Type, &engines, &b[0], &b[1], &b[2],
+                          &router, &b[3], &d, &delay, &horizon, &ring, &b[4], &b[5], &b[6], &b[7]))
+        return NULL;
+    PyObject *result = NULL;
+    Pool P;
+    memset(&P, 0, sizeof(P));
+    Reporter rep = {Py_None, 1, 0, 0, 0};
+    enum { NB = 8 * 64 };
+    Py_buffer eb[NB];
+    int neb = 0;
+    int64_t *pl = NULL, *dl = NULL;
+    Py_ssize_t n = b[0].len / (Py_ssize_t)sizeof(double);
+    P.J = (int)PyTuple_GET_SIZE(engines);
+    if (!buffer_ok(&b[0], "arrivals", n, 8) || !buffer_ok(&b[1], "prompts", n, 8) || !buffer_ok(&b[2], "outputs", n, 8)
+        || !buffer_ok(&b[4], "replica", n, 8) || !buffer_ok(&b[5], "first", n, 8) || !buffer_ok(&b[6], "finish", n, 8)
+        || !buffer_ok(&b[7], "rejected", n, 8))
+        goto done;
+    if (P.J < 1 || 4 * P.J > NB || router < ROUTE_JSQ || router > ROUTE_POWER_OF_D
+        || (router == ROUTE_POWER_OF_D && (d < 1 || d > P.J || b[3].len != (Py_ssize_t)(n * d * 8))) || !(delay >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "run_pool: bad replicas, router or picks");
+        goto done;
+    }
+    const double *arrivals = b[0].buf;
+    const int64_t *prompts = b[1].buf, *outputs = b[2].buf, *picks = b[3].buf;
+    int64_t *replica = b[4].buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!(arrivals[i] == arrivals[i]) || (i && arrivals[i] < arrivals[i - 1]) || prompts[i] < 1 || outputs[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "run_pool: arrivals must be ordered, prompts >= 1, outputs >= 0");
+            goto done;
+        }
+    if (router == ROUTE_POWER_OF_D)
+        for (Py_ssize_t k = 0; k < n * d; k++)
+            if (picks[k] < 0 || picks[k] >= P.J) {
+                PyErr_SetString(PyExc_ValueError, "run_pool: a pick outside the pool");
+                goto done;
+            }
+    pl = malloc((size_t)(n + 1) * sizeof(int64_t));
+    dl = malloc((size_t)(n + 1) * sizeof(int64_t));
+    P.E = calloc((size_t)P.J, sizeof(Engine));
+    P.clock = calloc((size_t)P.J, sizeof(double));
+    P.holding = calloc((size_t)P.J, sizeof(int64_t));
+    P.in_flight = calloc((size_t)P.J, sizeof(int64_t));
+    P.outstanding = calloc((size_t)P.J, sizeof(int64_t));
+    P.mine = calloc((size_t)P.J, sizeof(Buf));
+    P.cursor = calloc((size_t)P.J, sizeof(Py_ssize_t));
+    if (!pl || !dl || !P.E || !P.clock || !P.holding || !P.in_flight || !P.outstanding || !P.mine || !P.cursor) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Req R = {pl, dl, prompts, outputs, NULL, b[5].buf, b[6].buf};
+    P.R = &R;
+    P.arrivals = arrivals;
+    P.rejected = b[7].buf;
+    int64_t longest = longest_of(outputs, n);
+    for (int j = 0; j < P.J; j++) {
+        PyObject *spec = PyTuple_GET_ITEM(engines, j);
+        if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 9) {
+            PyErr_SetString(PyExc_ValueError, "bad engine spec");
+            goto done;
+        }
+        int first_b = neb;
+        for (int k = 0; k < 4; k++)
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(spec, k), &eb[neb++], PyBUF_SIMPLE)) { neb--; goto done; }
+        long long budget = PyLong_AsLongLong(PyTuple_GET_ITEM(spec, 4));
+        long long cap = PyLong_AsLongLong(PyTuple_GET_ITEM(spec, 5));
+        int splits = PyObject_IsTrue(PyTuple_GET_ITEM(spec, 6)), has_useful = PyObject_IsTrue(PyTuple_GET_ITEM(spec, 7));
+        long G = PyLong_AsLong(PyTuple_GET_ITEM(spec, 8));
+        if (PyErr_Occurred()) goto done;
+        if (G != 1) {
+            PyErr_SetString(PyExc_ValueError, "run_pool: a replica has one queue group");
+            goto done;
+        }
+        if (engine_init(&P.E[j], &R, &rep, eb[first_b].buf, eb[first_b].len / 8, eb[first_b + 1].buf,
+                        eb[first_b + 1].len / 8, budget, cap, splits, eb[first_b + 2].buf, eb[first_b + 2].len / 8,
+                        has_useful, eb[first_b + 3].buf, eb[first_b + 3].len / 8, 1, 0, 1, n, longest, ring))
+            goto done;
+    }
+    int turn = 0, J = P.J;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double seen = arrivals[i] - delay;
+        const int64_t *wanted = router == ROUTE_POWER_OF_D ? picks + i * d : NULL;
+        int m = wanted ? (int)d : J;
+        for (int k = 0; k < m; k++) {
+            int j = wanted ? (int)wanted[k] : k;
+            if (P.holding[j] && P.clock[j] < seen && pool_advance(&P, &rep, j, seen)) goto done;
+        }
+        while (P.reports.n && P.reports.a[0].time <= seen) {
+            Report h = Reports_pop(&P.reports);
+            P.in_flight[h.j]--;
+            P.outstanding[h.j] -= h.work;
+        }
+        int64_t j;
+        if (router == ROUTE_POWER_OF_D) {
+            j = wanted[0];
+            for (int k = 1; k < m; k++)
+                if (P.in_flight[wanted[k]] < P.in_flight[j]) j = wanted[k];
+        } else {
+            turn = turn + 1 < J ? turn + 1 : 0;
+            j = least_of(router == ROUTE_JSQ ? P.in_flight : P.outstanding, J, turn);
+        }
+        replica[i] = j;
+        if (push_rid(&P.mine[j], i)) goto done;
+        P.holding[j]++;
+        P.in_flight[j]++;
+        P.outstanding[j] += prompts[i] + outputs[i];
+    }
+    PyObject *per = PyList_New(J);
+    if (!per) goto done;
+    for (int j = 0; j < J; j++) {
+        Engine *E = &P.E[j];
+        if (pool_advance(&P, &rep, j, horizon)) { Py_DECREF(per); goto done; }
+        PyObject *ends = buf_take(&E->ends), *tokens = buf_take(&E->tokens);
+        PyObject *item = (ends && tokens) ? Py_BuildValue("OOLLd", ends, tokens, (long long)E->violations,
+                                                          (long long)E->in_engine, P.clock[j]) : NULL;
+        Py_XDECREF(ends);
+        Py_XDECREF(tokens);
+        if (!item) { Py_DECREF(per); goto done; }
+        PyList_SET_ITEM(per, j, item);
+    }
+    result = per;
+done:
+    if (P.E)
+        for (int j = 0; j < P.J; j++) engine_free(&P.E[j]);
+    if (P.mine)
+        for (int j = 0; j < P.J; j++) buf_free(&P.mine[j]);
+    free(P.E); free(P.clock); free(P.holding); free(P.in_flight); free(P.outstanding); free(P.mine); free(P.cursor);
+    free(P.reports.a); free(pl); free(dl);
+    for (int k = 0; k < neb; k++) PyBuffer_Release(&eb[k]);
+    for (int k = 0; k < 8; k++)
+        if (b[k].obj) PyBuffer_Release(&b[k]);
+    return result;
+}
+
 /* ---- sampling jobs' routes (network/routes.py Route.sample) ------------------------------ */
 
 enum { MOVE = 0, FORK = 1, END = 2 };
@@ -2275,6 +2524,7 @@ done:
 static PyMethodDef methods[] = {
     {"run", run, METH_VARARGS, run_doc},
     {"run_network", run_network, METH_VARARGS, run_network_doc},
+    {"run_pool", run_pool, METH_VARARGS, run_pool_doc},
     {"sample_jobs", sample_jobs, METH_VARARGS, sample_jobs_doc},
     {NULL, NULL, 0, NULL},
 };
