@@ -8,9 +8,10 @@ its v_d decode iterations there: a request of 1 token and v_d − 1 outputs, i.e
 one token each. Each pool has its own replicas and router ([cluster.prefill], [cluster.decode],
 each a [cluster] table of docs/cluster.md).
 
-Not yet modelled: the prompt's KV on the decode replica. The engine core cannot admit a
-request whose prompt is already computed, so decode replicas with ``kv_blocks`` are refused
-rather than given memory that would leave out the prompt's blocks.
+Decode replicas with KV memory (``kv_blocks``) hold the transferred prompt: there the request is
+v_p + 1 prompt tokens of which v_p are computed on admission (:meth:`Engine.admit`'s computed
+context), so it waits until blocks for its whole sequence are free and holds ⌈(v_p + k)/B⌉
+blocks after k decode iterations; a preempted one recomputes its prompt on the decode replica.
 
 Capacity: the prefill pool serves λ m_p prompt tokens/s against its pooled capacity C_P, and the
 decode pool λ m_d tokens/s against C_D, so λ*_PD = min(C_P / m_p, C_D / m_d). For G identical
@@ -115,12 +116,10 @@ def parse_disagg(data: dict[str, Any], base_dir: Path | None = None) -> DisaggCo
             pools[which] = parse_cluster(_pool_data(data, which), base_dir)
         except ConfigError as exc:
             raise _prefixed(exc, which) from None
-    for which, why in (("decode", "the core cannot yet admit a request whose prompt's KV arrived by transfer, so "
-                                  "its memory would leave the prompt out"),
-                       ("prefill", "memory in disaggregated pools is not modelled yet")):
-        if any(r.config.engine.get("kv_blocks") is not None for r in pools[which].replicas):
-            raise ConfigError(f"cluster.{which}.replicas", "kv_blocks", f"{which} replicas without engine.kv_blocks: "
-                              f"{why} (docs/cluster.md, disaggregation)")
+    if any(r.config.engine.get("kv_blocks") is not None for r in pools["prefill"].replicas):
+        raise ConfigError("cluster.prefill.replicas", "kv_blocks", "prefill replicas without engine.kv_blocks: a "
+                          "prefill replica holds a prompt's blocks until the decode replica has read them, which is "
+                          "not modelled yet (memory goes on [[cluster.decode.replicas]]; docs/cluster.md)")
     if load is not None:
         w = build_workload(pools["prefill"].base)
         caps = {k: sum(capacity(batch_time_of(r.config), r.config.engine["token_budget"])[1] for r in p.replicas)
@@ -170,8 +169,14 @@ def run_disagg(cfg: DisaggConfig) -> DisaggRun:
     decode_requests = Requests(ready, np.ones(len(goes), np.int64), outputs[goes] - 1)
     share = len(goes) / max(n, 1)
     mean_d = float(outputs[goes].mean()) if len(goes) else 0.0
-    dec = simulate_pool(cfg.decode, decode_requests)
-    dec_run = summarize_pool(cfg.decode, dec, StageWorkload(lam * share, 1.0, max(mean_d - 1.0, 0.0)))
+    stage = StageWorkload(lam * share, 1.0, max(mean_d - 1.0, 0.0))
+    if _has_memory(cfg.decode):
+        check_decode_memory(cfg, requests.num_prompt_tokens[goes] + outputs[goes])
+        dec = simulate_decode_memory(cfg.decode, decode_requests, requests.num_prompt_tokens[goes])
+        dec_run = summarize_pool(_without_memory(cfg.decode), dec, stage)
+    else:
+        dec = simulate_pool(cfg.decode, decode_requests)
+        dec_run = summarize_pool(cfg.decode, dec, stage)
     finish = np.where(outputs == 0, first, np.nan)
     for idx, r in zip(dec.replica_requests, dec.results):
         finish[goes[idx]] = r.finish_time
@@ -197,7 +202,115 @@ def run_disagg(cfg: DisaggConfig) -> DisaggRun:
         "e2e_s": latency_stats(finish[done] - arrival[done]), "transfer_s": latency_stats(transfer),
         "prefill": pre_run.summary, "decode": dec_run.summary,
     }
+    if _has_memory(cfg.decode):
+        summary["decode_kv"] = _kv_totals(dec_run.summary)
     return DisaggRun(summary, first, finish)
+
+
+# ---- decode replicas with KV memory ---------------------------------------------------------
+
+def _has_memory(pool: ClusterConfig) -> bool:
+    return any(r.config.engine.get("kv_blocks") is not None for r in pool.replicas)
+
+
+def _kv_totals(pool_summary: dict) -> dict:
+    """The decode pool's KV memory over its replicas with memory: preemptions, recomputed tokens and
+    batches memory limited (sums), peak and mean block utilisation (largest, mean)."""
+    kv = [r["summary"]["kv"] for r in pool_summary["replicas"] if "kv" in r["summary"]]
+    return {"replicas": len(kv), "preemptions": sum(k["preemptions"] for k in kv),
+            "recomputed_tokens": sum(k["recomputed_tokens"] for k in kv),
+            "memory_limited_batches": sum(k["memory_limited_batches"] for k in kv),
+            "peak_utilisation": max(k["peak_utilisation"] for k in kv),
+            "mean_utilisation": float(np.mean([k["mean_utilisation"] for k in kv]))}
+
+
+def _replica_field(cfg: DisaggConfig, j: int) -> str:
+    """The config key of decode replica ``j``'s kv_blocks."""
+    tables = cfg.data["cluster"]["decode"]["replicas"]
+    if isinstance(tables, list):
+        seen = 0
+        for k, table in enumerate(tables):
+            seen += int(table.get("count", 1))
+            if j < seen and "kv_blocks" in table:
+                return f"cluster.decode.replicas[{k}].kv_blocks"
+    return "engine.kv_blocks"
+
+
+def check_decode_memory(cfg: DisaggConfig, lengths: np.ndarray) -> None:
+    """A decode replica holds a request's prompt and output (v_p + v_d tokens in its last iteration):
+    one that cannot hold the longest of ``lengths`` is a ConfigError naming its kv_blocks."""
+    from llmqueue.model.kv import make_kv
+
+    if not len(lengths):
+        return
+    longest = int(lengths.max())
+    for j, r in enumerate(cfg.decode.replicas):
+        kv = make_kv(r.config.engine)
+        if kv is not None and kv.blocks_for(longest) > kv.usable:
+            raise ConfigError(_replica_field(cfg, j), kv.blocks, f"at least {kv.blocks_for(longest) + 1} blocks of "
+                              f"{kv.block_size} tokens (block 0 is reserved): decode replica {r.name} holds a "
+                              f"request's transferred prompt and its output, {longest} tokens for the longest one")
+
+
+def _without_memory(pool: ClusterConfig) -> ClusterConfig:
+    """The pool's config without kv_blocks, for its summaries: the single-engine memory bounds
+    (docs/memory.md) assume a replica that also prefills, so they are not applied to decode
+    replicas; their KV use and preemptions are still reported (``kv`` of each replica's summary)."""
+    from dataclasses import replace
+
+    from llmqueue.cluster.config import Replica
+    from llmqueue.config import Config
+
+    def bare(config: Config) -> Config:
+        engine = {k: v for k, v in config.engine.items() if k not in ("kv_blocks", "block_size", "kv_policy",
+                                                                      "prefix_caching")}
+        return Config({**config.data, "engine": engine}, config.base_dir, config.run)
+
+    return replace(pool, replicas=tuple(Replica(r.name, bare(r.config)) for r in pool.replicas))
+
+
+def simulate_decode_memory(pool: ClusterConfig, requests: Requests, prompts: np.ndarray):
+    """:func:`~llmqueue.cluster.sim.simulate_pool` for a decode pool with KV memory: request i (one
+    token and v_d − 1 outputs) arrives with its ``prompts[i]`` transferred tokens computed.  Each
+    replica's engine sees v_p + 1 prompt tokens, v_p of them computed (``Engine.transferred_prompts``),
+    on the reference loop; the result's request arrays keep the one-token prompts, so the summaries
+    count only the work the decode replica does."""
+    import time
+
+    from llmqueue.cluster import sim
+    from llmqueue.core.simulator import simulate
+    from llmqueue.runner import build_engine
+
+    started = time.perf_counter()
+    router = sim.build_router(pool)
+    router.capacities = np.asarray(sim.capacities_of(pool))
+    engines = [build_engine(r.config) for r in pool.replicas]
+    for e in engines:
+        e.transferred_prompts = e.kv is not None
+    full = Requests(requests.arrival_time, requests.num_prompt_tokens + prompts, requests.num_output_tokens)
+    horizon = sim.pool_horizon(pool, full)
+    session = sim.sessions_of(pool, len(full))
+    rc = pool.base.run
+    if router.static:
+        replica = np.asarray(router.assign(full.num_prompt_tokens, full.num_output_tokens, session), dtype=np.int64)
+        parts = [np.flatnonzero(replica == j) for j in range(len(engines))]
+        results = []
+        for engine, idx in zip(engines, parts):
+            sub = Requests(full.arrival_time[idx], full.num_prompt_tokens[idx], full.num_output_tokens[idx])
+            results.append(simulate(engine, sub, horizon_s=None if rc.drain else horizon, drain=rc.drain,
+                                    record_batches=rc.record_batches, method="reference" if engine.kv else rc.method))
+            if not rc.drain:
+                results[-1].end_time = horizon
+    else:
+        replica, results, parts = sim._dynamic(pool, router, engines, full, session, horizon)
+    for idx, result in zip(parts, results):   # the one-token prompts the summaries count
+        result.num_prompt_tokens = requests.num_prompt_tokens[idx]
+    end = horizon if not rc.drain else max([r.end_time for r in results] + [
+        float(requests.arrival_time[-1]) if len(requests) else 0.0])
+    out = sim.PoolResult(requests, replica, results, parts, end, pool.router, session)
+    out.wall_s = time.perf_counter() - started
+    out.meta["method"] = sorted({r.meta.get("method", "fast") for r in results})
+    return out
 
 
 def plan(cfg: DisaggConfig, gpus: int) -> list[dict]:

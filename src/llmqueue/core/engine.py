@@ -15,6 +15,13 @@ With prefix caching (``kv.prefix_caching``, docs/prefix_caching.md) the blocks l
 allocates while it schedules); tokens found in the cache leave the demand before the batch's
 work-conserving bound is taken.  ``contents`` (set by :func:`~llmqueue.core.simulator.simulate`) gives
 each request's content description by request id.
+
+A request may arrive with *computed context*: the first ``computed`` tokens of its prompt already
+have their KV on this engine (prefill/decode disaggregation: moved over from a prefill replica,
+docs/cluster.md).  It waits in :attr:`Engine.awaiting` (vLLM: WAITING) until blocks for its whole
+sequence are free, then takes the blocks of its computed tokens and joins the running requests
+(:meth:`Engine._admit_context`).  A preempted one recomputes its whole sequence here, prompt
+included, as vLLM's decode instance does (the connector loads a request's KV once).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import heapq
 import os
 import warnings
 from bisect import bisect_left, insort
+from collections import deque
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -33,7 +41,7 @@ from llmqueue.errors import InternalError
 from llmqueue.model.kv import KVCache, PrefixPool
 from llmqueue.model.request import Request, apply_batch
 from llmqueue.schedulers import EngineState, Scheduler
-from llmqueue.schedulers.plan import seq_len
+from llmqueue.schedulers.plan import seq_len, started_kv
 
 _RID = attrgetter("rid")
 _STAMP = attrgetter("stamp")
@@ -93,19 +101,34 @@ class Engine:
         self.kv_starts: list[float] = []  # with kv, each batch's start,
         self.kv_series: list[int] = []   # its blocks in use (after its allocation)
         self.kv_waste: list[int] = []     # and its tokens computed again after a preemption
+        self.awaiting: deque[Request] = deque()   # computed context, waiting for blocks (FCFS)
+        #: every request arrives with its prompt's KV but for its last token (a decode replica of
+        #: prefill/decode disaggregation: ``admit`` takes computed = prompt − 1)
+        self.transferred_prompts = False
 
     @property
     def has_work(self) -> bool:
         return self.num_in_engine > 0
 
-    def admit(self, request: Request) -> bool:
-        """Queue ``request``; a prompt the scheduler can never serve is rejected (False)."""
-        if request.num_prompt_tokens > self.token_budget and not self.scheduler.splits_prompts:
+    def admit(self, request: Request, computed: int = 0) -> bool:
+        """Queue ``request``; a prompt the scheduler can never serve is rejected (False).  ``computed``:
+        tokens of its prompt whose KV is already here (module note; needs KV memory)."""
+        if self.transferred_prompts and not computed:
+            computed = request.num_prompt_tokens - 1
+        if computed and (self.kv is None or self.pool is not None or not 0 < computed < request.num_prompt_tokens):
+            raise InternalError(f"request {request.rid}: {computed} computed tokens of {request.num_prompt_tokens} "
+                                "need KV memory without prefix caching and at least one prompt token to compute")
+        if request.num_prompt_tokens - computed > self.token_budget and not self.scheduler.splits_prompts:
             self.rejected.append(request)
             return False
         if self.kv is not None and not self.kv.fits(request.num_prompt_tokens, request.num_output_tokens):
             self.rejected.append(request)   # larger than the whole cache: it could never finish
             return False
+        if computed:
+            request.prefill_left = request.num_prompt_tokens - computed
+            self.awaiting.append(request)
+            self.num_in_engine += 1
+            return True
         if self.pool is not None:
             request.blocks = []
             contents = self.contents
@@ -133,6 +156,9 @@ class Engine:
     def step(self, now: float) -> Step:
         """Plan, time and apply one batch starting at ``now``."""
         state = self.state
+        awaiting = self.awaiting
+        if awaiting:
+            self._admit_context()
         demand = self.demand()
         bound = self.bound(demand)
         plan = self.scheduler.plan(state)
@@ -150,7 +176,7 @@ class Engine:
         tokens = plan.num_tokens
         if tokens < 1 or tokens > self.token_budget:
             raise InternalError(f"{self.scheduler!r} planned {tokens} tokens with demand {demand}")
-        if plan.memory_limited:
+        if plan.memory_limited or awaiting:   # (awaiting: memory keeps a request out)
             self.memory_limited += 1
         elif tokens != bound:
             self.violations += 1
@@ -210,6 +236,42 @@ class Engine:
             while at < len(prefilling) and prefilling[at].prefill_left != seq_len(prefilling[at]):
                 at += 1
             prefilling.insert(at, victim)
+
+    def _admit_context(self) -> None:
+        """Before a batch is planned, start waiting requests with computed context, first come first
+        served, while blocks for the whole sequence are free once every running request has grown by
+        its next chunk (``reserve``: blocks for prompt + output, nothing to grow).  Each takes the
+        blocks of its computed tokens (``reserve``: all) and joins the running requests last.  vLLM
+        ``Scheduler.schedule``: the waiting phase after the running one, ``allocate_slots`` with
+        ``num_external_computed_tokens`` and ``full_sequence_must_fit``; the first refusal ends it."""
+        kv = self.kv
+        state = self.state
+        awaiting = self.awaiting
+        reserve = kv.policy == "reserve"
+        free = kv.usable - state.kv_used
+        started = started_kv(state)
+        if not reserve and state.kv_used:   # blocks the running requests take in this batch, at most
+            size, budget = kv.block_size, self.token_budget
+            free -= sum(1 for r in state.decoding if seq_len(r) % size == 0)
+            for j in range(started):
+                r = state.prefilling[j]
+                done = seq_len(r) - r.prefill_left
+                free -= kv.blocks_for(done + min(r.prefill_left, budget)) - kv.blocks_for(done)
+        at = started   # behind the prompts that hold blocks, ahead of the waiting ones
+        while awaiting:
+            request = awaiting[0]
+            need = kv.blocks_for(request.num_prompt_tokens + request.num_output_tokens if reserve else seq_len(request))
+            if need > free:
+                break
+            awaiting.popleft()
+            take = need if reserve else kv.blocks_for(seq_len(request) - request.prefill_left)
+            free -= need   # (headroom for its own chunk in this batch)
+            state.kv_used += take
+            self._stamps += 1
+            request.stamp = self._stamps
+            state.prefilling.insert(at, request)
+            at += 1
+            state.total_prefill_left += request.prefill_left
 
     def _allocate(self, plan: BatchPlan) -> None:
         """Take the blocks of a planned batch (before it is applied); stamp newly admitted requests."""
@@ -274,7 +336,7 @@ class Engine:
         state = self.state
         kv = self.kv
         requests = list(state.prefilling) + state.decoding
-        if len(requests) != self.num_in_engine or len({id(r) for r in requests}) != len(requests):
+        if len(requests) + len(self.awaiting) != self.num_in_engine or len({id(r) for r in requests}) != len(requests):
             raise InternalError(f"{len(requests)} requests queued, {self.num_in_engine} in the engine")
         if state.total_prefill_left != sum(r.prefill_left for r in state.prefilling):
             raise InternalError("total_prefill_left does not match the queued prefills")

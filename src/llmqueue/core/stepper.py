@@ -59,17 +59,21 @@ class Stepper:
         self._prompts: list[np.ndarray] = []
         self._outputs: list[np.ndarray] = []
         self._rids: list[np.ndarray] = []
+        self._computed: dict[int, int] = {}   # request id -> computed context tokens (admit(computed=...))
         self._next_rid = 0
         self._last_arrival = -np.inf
         self._carried: fastcore.Call | None = None
         self._requests: dict[int, Request] = {}   # reference: requests inside the engine, by id
         self._durations = np.asarray(engine.durations, dtype=np.float64)
 
-    def admit(self, arrival_time, num_prompt_tokens, num_output_tokens, content=None) -> np.ndarray:
+    def admit(self, arrival_time, num_prompt_tokens, num_output_tokens, content=None, computed=None) -> np.ndarray:
         """Queue requests that arrive at these times (non-decreasing, none before an earlier
         one); a request arriving before the engine's time joins its next batch boundary.
         Returns their ids (0, 1, ... in admission order).  ``content`` (prefix caching,
-        docs/prefix_caching.md): one content description per request (a tuple of spans, or None)."""
+        docs/prefix_caching.md): one content description per request (a tuple of spans, or None).
+        ``computed`` (KV memory): per request, the tokens of its prompt whose KV is already on this
+        engine (0 to prompt − 1; prefill/decode disaggregation, docs/cluster.md): they hold blocks from
+        its admission, which waits until blocks for its whole sequence are free."""
         times = np.atleast_1d(np.asarray(arrival_time, dtype=np.float64))
         prompts = np.atleast_1d(np.asarray(num_prompt_tokens, dtype=np.int64))
         outputs = np.atleast_1d(np.asarray(num_output_tokens, dtype=np.int64))
@@ -84,6 +88,17 @@ class Stepper:
             raise ConfigError("admit.num_prompt_tokens", prompts.tolist()[:5],
                               "prompts of at least 1 token and outputs of at least 0")
         rids = np.arange(self._next_rid, self._next_rid + len(times), dtype=np.int64)
+        if computed is not None:
+            computed = np.atleast_1d(np.asarray(computed))
+            if len(computed) != len(times):
+                raise ConfigError("admit.computed", len(computed), f"one count per request ({len(times)})")
+            if computed.dtype.kind not in "iu" or np.any(computed < 0) or np.any(computed >= prompts):
+                raise ConfigError("admit.computed", computed.tolist()[:5], "integers from 0 to the prompt's "
+                                  "length − 1 (its last token is computed here)")
+            if np.any(computed) and (self.engine.kv is None or getattr(self.engine, "pool", None) is not None):
+                raise ConfigError("admit.computed", "given", "an engine with kv_blocks and without prefix "
+                                  "caching (computed context matters only as KV blocks held)")
+            self._computed.update((r, c) for r, c in zip(rids.tolist(), computed.tolist()) if c)
         if content is not None:
             if getattr(self.engine, "pool", None) is None:
                 raise ConfigError("admit.content", "given", "an engine with prefix_caching = true (else "
@@ -160,10 +175,11 @@ class Stepper:
         rejected: list[int] = []
         ends: list[float] = []
         tokens: list[int] = []
+        computed = self._computed
         while True:  # the loop of loop.run_reference, resumable
             while i < n and arrivals[i] <= now:
                 r = Request(int(rids[i]), float(arrivals[i]), int(prompts[i]), int(outputs[i]))
-                if engine.admit(r):
+                if engine.admit(r, computed.pop(r.rid, 0) if computed else 0):
                     self._requests[r.rid] = r
                 else:
                     rejected.append(r.rid)
