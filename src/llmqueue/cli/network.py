@@ -84,6 +84,22 @@ def analysis_lines(net, a, st=None) -> list[str]:
     return lines
 
 
+def pool_lines(a) -> list[str]:
+    """``network capacity``'s pools: each replica's Theorem 2 capacity and, under a static router, its share of
+    the pool's visits and ρ there (docs/network.md, "Pools as engines"; docs/cluster.md)."""
+    lines = []
+    for p in a.pools:
+        if p is None:
+            continue
+        rows = [(f"{p.engine}.{name}", fmt(c, 1), "-" if p.shares is None else f"{p.shares[r]:.1%}",
+                 "-" if p.replica_rho is None else fmt(p.replica_rho[r], 4))
+                for r, (name, c) in enumerate(zip(p.replicas, p.capacity_tokens_per_s))]
+        lines += ["", f"pool {p.engine}: {len(p.replicas)} replicas, router {p.router} ({p.kind}); pooled capacity "
+                      f"{p.pooled_capacity_tokens_per_s:,.1f} tokens/s",
+                  _table(("replica", "capacity tok/s", "share", "ρ"), rows), p.reason]
+    return lines
+
+
 def memory_lines(net, a, memory: list) -> list[str]:
     """``network capacity``'s KV-cache section: per engine with kv_blocks, the memory bounds of its
     visits (docs/network.md, "KV-cache memory"), each number with where it comes from."""
@@ -165,6 +181,8 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     print(capacity_table(a))
     for line in analysis_lines(net, a, st):
         print(line)
+    for line in pool_lines(a):
+        print(line)
     if memory is not None and any(m is not None for m in memory):
         for line in memory_lines(net, a, memory):
             print(line)
@@ -195,13 +213,35 @@ def summary_tables(s: dict) -> str:
                 f"{fmt(c['tokens_per_job'], 1)} ({c['expected_tokens_per_job']:.1f})") for c in s["classes"]]
     hops = [(f"{c['class']}.{h['hop']}", h["engine"], str(h["visits"]), fmt(h["ttft_s"]["p50"], 3),
              fmt(h["ttft_s"]["p99"], 3), fmt(h["hop_latency_s"]["p50"], 2)) for c in s["classes"] for h in c["hops"]]
-    return "\n\n".join([
+    tables = [
         _table(("engine", "policy", "scheduler", "ρ", "busy", "tok/s", "slope tok/s", "verdict", "peak backlog",
                 "prefill/batch", "decode/batch", "TTFT p50 (s)", "TTFT p99 (s)", "violations", "rejected"), engines),
         _table(("class", "jobs/s", "arrived", "completed", "rejected", "done/s", "E2E p50 (s)", "E2E p99 (s)",
                 "tokens/job (expected)"), classes),
         _table(("hop", "engine", "visits", "TTFT p50 (s)", "TTFT p99 (s)", "hop p50 (s)"), hops),
-    ])
+    ]
+    pools = pool_table(s)
+    if pools is not None:
+        tables.append(pools)
+    return "\n\n".join(tables)
+
+
+def pool_table(s: dict) -> str | None:
+    """Each replica of each pool node (docs/network.md, "Pools as engines"): its share of the pool's
+    visits (and the static router's predicted share), ρ at the rate it received, its verdict and latencies."""
+    rows = []
+    for e in s["engines"]:
+        for r in e.get("replicas", ()):
+            x = r["summary"]
+            rows.append((f"{e['engine']}.{r['replica']}", e["router"], x["scheduler"], f"{r['share']:.3f}",
+                         "-" if r["predicted_share"] is None else f"{r['predicted_share']:.3f}", fmt(x["rho"], 3),
+                         fmt(x["token_throughput"], 0), fmt(x["backlog_slope_tokens_per_s"], 1), x["verdict"],
+                         fmt(x["ttft_s"]["p50"], 3), fmt(x["ttft_s"]["p99"], 3), fmt(x["e2e_s"]["p50"], 2),
+                         rejected_cell(x["rejected"], x["arrived"])))
+    if not rows:
+        return None
+    return _table(("replica", "router", "scheduler", "share", "predicted", "ρ", "tok/s", "slope tok/s", "verdict",
+                   "TTFT p50 (s)", "TTFT p99 (s)", "visit p50 (s)", "rejected"), rows)
 
 
 def kv_table(s: dict) -> str | None:
@@ -273,7 +313,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "engine": names[result.sub_engine] if len(names) else [], "arrival_time": result.arrival_time,
             "num_prompt_tokens": result.num_prompt_tokens, "num_output_tokens": result.num_output_tokens,
             "first_token_time": blank(result.first_token_time), "finish_time": blank(result.finish_time),
-            "rejected": result.rejected.astype(int)})
+            "rejected": result.rejected.astype(int),
+            **({} if result.replica_of is None else {"replica": _replica_names(net, result)})})
     if args.json:
         print(json.dumps(s, default=float))
         return 0
@@ -298,6 +339,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if plot:
         print(f"wrote {plot}")
     return 0
+
+
+def _replica_names(net, result) -> list[str]:
+    """Each visit's replica label (a pool's ``r0``, ``r1``, ...; empty at an engine that is no pool)."""
+    label = {p: ("" if net.engines[j].pool is None else net.engines[j].pool.labels[r])
+             for j, phys in enumerate(result.replica_of) for r, p in enumerate(phys)}
+    return [label[p] for p in result.sub_phys.tolist()]
 
 
 def _plot_target(args: argparse.Namespace) -> Path | None:

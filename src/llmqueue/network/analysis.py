@@ -64,15 +64,33 @@ class NetworkAnalysis:
     cyclic: bool                              # some job returns to an engine it left
     work_conserving: bool                     # every engine's policy claims it
     classes: tuple[ClassLoad, ...]
+    pools: tuple = ()                         # per engine: its PoolLoad when it is a pool of replicas, else None
 
     @property
     def max_rho(self) -> float:
         return float(self.rho.max())
 
+    def pool_verdict(self) -> tuple[str, str] | None:
+        """What the pools' routers add below max ρ ≤ 1 (docs/cluster.md, "Capacity and prediction"):
+        ("unstable", why) when a static router sends a replica more than its capacity, ("not predicted",
+        why) when a router is not known to keep every replica below its own capacity; None otherwise."""
+        for p in self.pools:
+            if p is not None and p.replica_rho is not None and max(p.replica_rho) > 1:
+                return "unstable", p.reason
+        for p in self.pools:
+            if p is not None and p.kind == "unknown" and self.max_rho <= 1:
+                return "not predicted", p.reason
+        return None
+
     def prediction(self) -> str:
         """What the traffic equations say about this network at these rates."""
         if self.max_rho > 1:
             return "unstable"
+        pool = self.pool_verdict()
+        if pool is not None and pool[0] == "unstable":
+            return "unstable"
+        if pool is not None and self.max_rho < 1:
+            return f"not predicted ({pool[1]})"
         if self.max_rho < 1 and not self.cyclic and self.work_conserving:
             return "stable"
         if self.max_rho < 1:
@@ -94,7 +112,93 @@ class NetworkAnalysis:
             "cyclic": self.cyclic,
             "work_conserving": self.work_conserving,
             "predicted": self.prediction(),
+            **({"pools": {self.engines[j]: p.to_dict() for j, p in enumerate(self.pools) if p is not None}}
+               if any(p is not None for p in self.pools) else {}),
         }
+
+
+@dataclass(frozen=True)
+class PoolLoad:
+    """A pool node's load split over its replicas (docs/network.md, "Pools as engines"; the pool capacity of
+    docs/cluster.md, llmqueue.cluster.capacity): each replica's Theorem 2 capacity C_r (arXiv 2504.07347
+    §3.2), the pooled C = Σ C_r, and for a static router each replica's share s_r of the node's visits (for
+    session affinity: of its jobs, whose hops there stay together) and ρ_r = offered · s_r / C_r."""
+
+    engine: str
+    router: str
+    kind: str                                 # "static", "pooled" (JSQ-type: stable below C) or "unknown"
+    replicas: tuple[str, ...]
+    capacity_tokens_per_s: tuple[float, ...]  # C_r
+    pooled_capacity_tokens_per_s: float       # C = Σ C_r
+    offered_tokens_per_s: float
+    shares: tuple[float, ...] | None          # static routers
+    replica_rho: tuple[float, ...] | None     # static routers
+    binding: str | None                       # static routers: the replica of the largest ρ_r
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"router": self.router, "kind": self.kind, "replicas": list(self.replicas),
+                "capacity_tokens_per_s": list(self.capacity_tokens_per_s),
+                "pooled_capacity_tokens_per_s": self.pooled_capacity_tokens_per_s,
+                "offered_tokens_per_s": self.offered_tokens_per_s, "rho": self.offered_tokens_per_s
+                / self.pooled_capacity_tokens_per_s, "shares": None if self.shares is None else list(self.shares),
+                "replica_rho": None if self.replica_rho is None else list(self.replica_rho), "binding": self.binding,
+                "reason": self.reason}
+
+
+def replica_capacities(spec) -> list[float]:
+    """Theorem 2's capacity b_max / t_{b_max} of each engine of a node (its replicas, or itself)."""
+    return [capacity(r.batch_time, r.token_budget)[1] for r in spec.replicas]
+
+
+def node_capacity(spec) -> float:
+    """The node's capacity: one engine's, or a pool's pooled capacity Σ_r C_r (docs/cluster.md)."""
+    caps = replica_capacities(spec)
+    return caps[0] if len(caps) == 1 else float(np.sum(caps))
+
+
+def pool_router(spec, rng=None):
+    """The pool's router, built as the stand-alone cluster builds it (its options checked), on ``rng``
+    (default: a throw-away stream, for the analysis)."""
+    from llmqueue.cluster.routers import make_router
+
+    pool = spec.pool
+    return make_router(pool.router_cls, replica_capacities(spec),
+                       np.random.default_rng(0) if rng is None else rng, pool.router_options)
+
+
+def pool_load(spec, offered: float) -> PoolLoad:
+    """How a pool node's offered tokens split over its replicas (llmqueue.cluster.capacity's rules)."""
+    from types import SimpleNamespace
+
+    from llmqueue.cluster.capacity import static_shares
+
+    pool = spec.pool
+    caps = np.asarray(replica_capacities(spec))
+    pooled = float(caps.sum())
+    router = pool_router(spec)
+    names = tuple(pool.labels)
+    # each job is a session (affinity hashes job ids, uniform over the ring: cluster's "no sessions" case)
+    shares = static_shares(SimpleNamespace(sessions=None, size=len(caps)), router, caps)
+    rho = offered / pooled
+    if shares is not None:
+        r_j = offered * shares / caps
+        k = int(np.argmax(r_j))
+        what = "jobs (each job a session)" if router.name == "affinity" else "visits"
+        reason = (f"{pool.router} sends replica {spec.name}.{names[k]} {shares[k]:.1%} of the pool's {what}: ρ = "
+                  f"{r_j[k]:.4f} there" + (f" although the pool's ρ = {rho:.4f}" if r_j[k] > 1 else ""))
+        return PoolLoad(spec.name, pool.router, "static", names, tuple(caps.tolist()), pooled, offered,
+                        tuple(shares.tolist()), tuple(r_j.tolist()), f"{spec.name}.{names[k]}", reason)
+    if router.pooled_stable or len(caps) == 1 or (pool.router == "power-of-d" and len(set(caps.tolist())) == 1):
+        reason = ("one replica: the router has no choice" if len(caps) == 1 else
+                  f"{pool.router} never sends work to a longer queue while a shorter one waits: stable below the "
+                  f"pooled capacity (ρ = {rho:.4f})")
+        return PoolLoad(spec.name, pool.router, "pooled", names, tuple(caps.tolist()), pooled, offered, None, None,
+                        None, reason)
+    reason = (f"pool {spec.name}: {pool.router} is not known to keep every replica below its own capacity "
+              f"(pooled ρ = {rho:.4f})")
+    return PoolLoad(spec.name, pool.router, "unknown", names, tuple(caps.tolist()), pooled, offered, None, None, None,
+                    reason)
 
 
 def _solve(n: int, edges: list[tuple[int, int, float]], rhs: np.ndarray, diag: np.ndarray | None = None) -> np.ndarray:
@@ -205,17 +309,19 @@ def analyze_network(net: Network) -> NetworkAnalysis:
             if h.is_engine:
                 tokens[k, h.engine] += load.tokens[h.index]
                 visits[k, h.engine] += load.visits[h.index]
-    cap = np.array([capacity(e.batch_time, e.token_budget)[1] for e in net.engines])
+    cap = np.array([node_capacity(e) for e in net.engines])   # a pool: the pooled capacity Σ_r C_r
     rates = np.asarray(net.rates if net.rates else [c.arrivals.rate for c in net.classes], dtype=float)
     offered = rates @ tokens
     rho = offered / cap
     top = int(np.argmax(rho))
-    wc = all(scheduler_class(e.scheduler).work_conserving for e in net.engines)
+    wc = all(scheduler_class(r.scheduler).work_conserving for e in net.engines for r in e.replicas)
+    pools = tuple(None if e.pool is None else pool_load(e, float(offered[j])) for j, e in enumerate(net.engines))
     return NetworkAnalysis(
         engines=tuple(e.name for e in net.engines), rates=tuple(float(r) for r in rates),
         capacity_tokens_per_s=cap, offered_tokens_per_s=offered, rho=rho, tokens_per_job=tokens,
         visits_per_job=visits, max_scaling=float(1.0 / rho[top]) if rho[top] > 0 else float("inf"),
         bottleneck=net.engines[top].name, cyclic=engine_graph_cyclic(net), work_conserving=wc, classes=loads,
+        pools=pools if any(p is not None for p in pools) else (),
     )
 
 
@@ -287,7 +393,7 @@ def engine_memory(net: Network, analysis: NetworkAnalysis, samples: int = MEMORY
     out: list[dict | None] = []
     for j, spec in enumerate(net.engines):
         kv = spec.kv
-        if kv is None or kv.prefix_caching:   # with prefix caching: engine_prefix (a visit's hits need no
+        if kv is None or kv.prefix_caching or spec.pool is not None:   # a pool: per replica (not yet); with prefix caching: engine_prefix (a visit's hits need no
             out.append(None)                  # iterations and shared blocks are held once: these bounds do not hold)
             continue
         reserve = kv.policy == RESERVE
@@ -406,7 +512,7 @@ def engine_prefix(net: Network, analysis: NetworkAnalysis) -> list[dict | None]:
     every context block found cached (a necessary bound: above it unstable), each with its source."""
     out: list[dict | None] = []
     for j, spec in enumerate(net.engines):
-        if not spec.prefix_caching:
+        if not spec.prefix_caching or spec.pool is not None:   # a pool: per replica (not yet)
             out.append(None)
             continue
         context = 0.0

@@ -35,8 +35,15 @@ ORDER_STATIC, ORDER_PRESSURE = 0, 1   # the core's group orders (_fastcore.c)
 AHEAD = 1.25
 
 
-def reason(engines: list[Engine]) -> str | None:
-    """Why this network cannot run on the compiled core (None: it can)."""
+def reason(engines: list[Engine], net: Network | None = None) -> str | None:
+    """Why this network cannot run on the compiled core (None: it can).  A network with a pool of
+    replicas (docs/network.md, "Pools as engines") runs on the reference loop: its router decides
+    at each admission, which the compiled network core does not model."""
+    pools = [f"{e.name}: {len(e.pool.replicas)} replica{'s' if len(e.pool.replicas) > 1 else ''}, "
+             f"router {e.pool.router}"
+             for e in (net.engines if net is not None else ()) if e.pool is not None]
+    if pools:
+        return f"pools run on the reference network simulator ({'; '.join(pools)})"
     with_prefix = [j for j, engine in enumerate(engines) if engine.kv is not None and engine.kv.prefix_caching]
     if with_prefix:   # the compiled cores have no prefix cache (docs/prefix_caching.md)
         which = ", ".join(map(str, with_prefix))

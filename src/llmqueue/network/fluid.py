@@ -124,6 +124,11 @@ def fluid_model(net: Network, analysis, policies: list[tuple[str, tuple[int, ...
         if spec.max_batch_requests is not None:
             raise NotFluid(f"engine {spec.name} has a request cap k_max (its batches need not be full at fluid "
                            "scale; paper §6)")
+        pool = analysis.pools[j] if analysis.pools else None
+        if pool is not None and len(pool.replicas) > 1 and pool.kind != "pooled":
+            raise NotFluid(f"engine {spec.name} is a pool under router {pool.router} (its replicas are separate "
+                           "stations; the fluid model takes a pool as one server of the pooled capacity only under "
+                           "a JSQ-type router)")
     names, engine, tokens, visit, vnames, vclass, arr = [], [], [], [], [], [], []
     edges: list[tuple[int, int, float]] = []
     cap = np.asarray(analysis.capacity_tokens_per_s, dtype=float)

@@ -54,7 +54,10 @@ def engine_summaries(result: NetworkResult) -> list[dict]:
             m_p, m_d = prompt_rate / visit_rate, (offered - prompt_rate) / visit_rate
         else:
             m_p, m_d = 1.0, 0.0
-        single = analyze(spec.batch_time, spec.token_budget, visit_rate, m_p, m_d, spec.max_batch_requests)
+        if spec.pool is not None and len(spec.pool.replicas) > 1:   # the pooled capacity (docs/cluster.md)
+            single = _pooled_analysis(a, j, visit_rate, m_p, m_d)
+        else:
+            single = analyze(spec.batch_time, spec.token_budget, visit_rate, m_p, m_d, spec.max_batch_requests)
         engine = result.engines[j]
         r = result.engine_result(j)
         s = summarize(r, single, work_conserving=engine.scheduler.work_conserving,
@@ -67,14 +70,62 @@ def engine_summaries(result: NetworkResult) -> list[dict]:
         busy = float((np.minimum(b["end_time"][started], result.end_time) - b["start_time"][started]).sum())
         s.update({
             "engine": spec.name, "policy": spec.policy, "predicted": a.prediction(),
-            "busy_fraction": busy / result.end_time if result.end_time > 0 else 0.0,
+            "busy_fraction": busy / len(spec.replicas) / result.end_time if result.end_time > 0 else 0.0,
             "token_utilisation": s["token_throughput"] / single.capacity_tokens_per_s,
             "mean_prefill_tokens": float(b["num_prefill_tokens"].mean()) if len(b["end_time"]) else 0.0,
             "mean_decode_tokens": float(b["num_decode_tokens"].mean()) if len(b["end_time"]) else 0.0,
             "peak_backlog_tokens": int(backlog(r, np.linspace(0, result.end_time, _GRID)).max()),
         })
+        if spec.pool is not None:
+            s.update(pool_summary(result, j, visit_rate, m_p, m_d))
         out.append(s)
     return out
+
+
+def _pooled_analysis(a, j: int, visit_rate: float, m_p: float, m_d: float):
+    """The pool as one server of the pooled capacity (llmqueue.cluster.capacity.pooled_analysis)."""
+    from llmqueue.cluster.capacity import PoolCapacity, pooled_analysis
+
+    p = a.pools[j]
+    pooled = p.pooled_capacity_tokens_per_s
+    offered = float(a.offered_tokens_per_s[j])
+    per = m_p + m_d
+    cap = PoolCapacity(p.router, list(p.replicas), list(p.capacity_tokens_per_s), pooled, visit_rate, m_p, m_d,
+                       offered, offered / pooled, pooled / per if per > 0 else float("inf"),
+                       None if p.shares is None else list(p.shares), None if p.replica_rho is None
+                       else list(p.replica_rho), p.binding, None, "", p.reason)
+    return pooled_analysis(cap)
+
+
+def pool_summary(result: NetworkResult, j: int, visit_rate: float, m_p: float, m_d: float) -> dict:
+    """A pool node's router and each replica's summary (docs/network.md, "Pools as engines"): the
+    single-engine summary of its visits and batches against Theorem 2 at the rate it received."""
+    net, a = result.network, result.analysis
+    spec = net.engines[j]
+    pool, load = spec.pool, a.pools[j]
+    mine = result.sub_engine == j
+    arrived = result.arrival_time <= result.end_time
+    n = max(int((mine & arrived).sum()), 1)
+    replicas = []
+    for r, rep in enumerate(pool.replicas):
+        res = result.replica_result(j, r)
+        share = float((res.arrival_time <= result.end_time).sum()) / n
+        engine = result.replica_engines[result.replica_of[j][r]]
+        single = analyze(rep.batch_time, rep.token_budget, visit_rate * share, m_p, m_d, rep.max_batch_requests)
+        s = summarize(res, single, work_conserving=engine.scheduler.work_conserving,
+                      tolerance=net.verdict_tolerance, reject_tolerance=net.reject_tolerance,
+                      splits_prompts=engine.scheduler.splits_prompts, engine=rep.name)
+        del s["wall_s"]
+        replicas.append({"replica": pool.labels[r], "scheduler": rep.scheduler, "token_budget": rep.token_budget,
+                         "capacity_tokens_per_s": load.capacity_tokens_per_s[r], "share": share,
+                         "predicted_share": None if load.shares is None else load.shares[r],
+                         "predicted_rho": None if load.replica_rho is None else load.replica_rho[r],
+                         "summary": s})
+    return {"router": pool.router, "router_kind": load.kind, "report_delay_s": pool.report_delay_s,
+            "replicas_count": len(pool.replicas), "pooled_capacity_tokens_per_s": load.pooled_capacity_tokens_per_s,
+            "pool_reason": load.reason,
+            "replicas_unstable": [r["replica"] for r in replicas if r["summary"]["verdict"] == UNSTABLE],
+            "replicas": replicas}
 
 
 def class_summaries(result: NetworkResult) -> list[dict]:
@@ -119,6 +170,9 @@ def network_timeseries(result: NetworkResult, points: int = _GRID) -> dict[str, 
     series = {"time_s": t}
     for j, spec in enumerate(result.network.engines):
         series[f"{spec.name}_backlog_tokens"] = backlog(result.engine_result(j), t)
+        if spec.pool is not None and len(spec.pool.replicas) > 1:   # and each replica's
+            for r, label in enumerate(spec.pool.labels):
+                series[f"{spec.name}.{label}_backlog_tokens"] = backlog(result.replica_result(j, r), t)
     series["total_backlog_tokens"] = backlog(result.total_result(), t)
     series["jobs_in_network"] = in_system(result.total_result(), t)
     return series
@@ -165,14 +219,14 @@ def summarize_network(result: NetworkResult) -> dict:
             "peak_growth": float(last / second) if second > 0 else None,
             "jobs_arrived": arrived, "jobs_completed": int((result.job_exit_time <= T).sum()),
             "max_rho": a.max_rho, "max_scaling": a.max_scaling, "bottleneck": a.bottleneck, "cyclic": a.cyclic,
-            "work_conserving_violations": int(sum(e.violations for e in result.engines)),
+            "work_conserving_violations": result.violations,
         },
         "engines": engines,
         "classes": class_summaries(result),
         "analysis": a.to_dict(),
         "wall_s": result.wall_s,
     }
-    if result.kv:
+    if result.kv or result.replica_kv:
         out["network"]["kv"] = kv_totals(engines)
     return out
 
@@ -195,6 +249,8 @@ def kv_totals(engines: list[dict]) -> dict:
     """The network's KV memory in one place: the engines with ``kv_blocks`` and the sums over them of
     their ``kv`` summaries (each engine's own is :func:`llmqueue.metrics.kv_summary` of its visits)."""
     kv = [e for e in engines if "kv" in e]
+    kv += [{**r["summary"], "engine": f"{e['engine']}.{r['replica']}"} for e in engines if "kv" not in e
+           for r in e.get("replicas", ()) if "kv" in r["summary"]]   # a pool's replicas
     total = lambda key: int(sum(e["kv"][key] for e in kv))
     return {"engines": [e["engine"] for e in kv], "preemptions": total("preemptions"),
             "preempted_visits": total("preempted_requests"), "recomputed_tokens": total("recomputed_tokens"),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +33,8 @@ POLICIES = (FCFS, PRIORITY, MAX_PRESSURE)
 EXIT = -1            # route target: the job leaves the network
 ENGINE_KEYS = {"name", "scheduler", "token_budget", "max_batch_requests", "batch_time", "policy", "class_priority",
                "kv_blocks", "block_size", "kv_policy", "prefix_caching"}
+#: a node that is a pool of replicas behind a router (docs/network.md, "Pools as engines")
+POOL_KEYS = {"replicas", "router", "router_options", "report_delay_s"}
 CLASS_KEYS = {"name", "arrival", "rate", "cv", "add_previous_output", "add_previous_context", "hops"}
 HOP_KEYS = {"id", "engine", "delay", "prompt", "output", "next", "p", "fork", "join", "loop", "rounds",
             "continue_p", "max_rounds", "add_previous_output", "add_previous_context"}
@@ -100,10 +102,30 @@ class EngineSpec:
     class_priority: tuple[int, ...]      # class indices, highest priority first
     kv: KVCache | None = None            # KV-cache memory (kv_blocks, block_size, kv_policy, prefix_caching);
                                          # None: unlimited
+    pool: PoolSpec | None = None         # a pool of replicas behind a router (None: one engine)
 
     @property
     def prefix_caching(self) -> bool:
         return self.kv is not None and self.kv.prefix_caching
+
+    @property
+    def replicas(self) -> tuple[EngineSpec, ...]:
+        """The engines of this node: its replicas, or itself."""
+        return (self,) if self.pool is None else self.pool.replicas
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A node of N replicas behind a router (docs/network.md, "Pools as engines"; the routers of
+    docs/cluster.md).  Each replica is an :class:`EngineSpec` (its own scheduler, budget, batch time,
+    KV memory); the router decides at each sub-request's admission, the job being the session."""
+
+    replicas: tuple[EngineSpec, ...]
+    labels: tuple[str, ...]               # replica names: r0, r1, ... or NAME.i for named replica tables
+    router: str                           # a name of llmqueue.cluster.routers.ROUTERS, or path.py:Class
+    router_cls: type
+    router_options: dict
+    report_delay_s: float
 
 
 @dataclass(frozen=True)
@@ -261,12 +283,15 @@ def parse_network(data: Mapping[str, Any], base_dir: Path | None = None) -> Netw
 
 
 def _engine(t: dict, where: str, class_names: list[str], base_dir: Path | None = None) -> EngineSpec:
+    pool_keys = {k: t[k] for k in POOL_KEYS if k in t}
+    if pool_keys:
+        return _pool(t, pool_keys, where, class_names, base_dir)
     name = t.get("scheduler", "sarathi")
     cls = scheduler_class(name, base_dir, f"{where}.scheduler")  # a registered name, or a policy file
     if custom.is_reference(name) and name not in SCHEDULERS:
         name = custom.resolve(name, base_dir)   # absolute: the run may start in another folder
     options = {k: v for k, v in t.items() if k not in ENGINE_KEYS}
-    _check_keys(options, ENGINE_KEYS | set(cls.options), where)   # the message lists every key an engine takes
+    _check_keys(options, ENGINE_KEYS | POOL_KEYS | set(cls.options), where)   # the message lists every key an engine takes
     try:
         custom.build(cls, options, f"{where}.scheduler")
     except ConfigError as exc:  # re-word "engine.X" as "engines[i].X"
@@ -302,6 +327,63 @@ def _engine(t: dict, where: str, class_names: list[str], base_dir: Path | None =
         raise ConfigError(exc.field.replace("engine.", f"{where}.", 1), exc.value,
                           exc.allowed.replace("engine.kv_blocks", f"{where}.kv_blocks")) from None
     return EngineSpec(t["name"], name, options, budget, cap, batch_time, policy, ranks, kv)
+
+
+def _pool(t: dict, keys: dict, where: str, class_names: list[str], base_dir: Path | None) -> EngineSpec:
+    """A node with ``replicas``: the stand-alone cluster's schema (llmqueue.cluster.config: an integer N,
+    or replica tables overriding this table's keys, each with an optional count and name) and routers
+    (llmqueue.cluster.routers), with the errors naming ``engines[i].replicas`` and so on."""
+    from llmqueue.cluster.config import _replica_tables
+    from llmqueue.cluster.routers import make_router, router_class
+
+    if "replicas" not in keys:
+        other = next(iter(sorted(keys)))
+        raise ConfigError(f"{where}.{other}", keys[other], f"set together with {where}.replicas (the pool's size, "
+                                                           "or its replica tables)")
+    try:
+        tables = _replica_tables(keys["replicas"])
+    except ConfigError as exc:   # "cluster.replicas..." -> "engines[i].replicas..."
+        raise ConfigError(exc.field.replace("cluster.replicas", f"{where}.replicas", 1), exc.value,
+                          exc.allowed.replace("copies of [engine]", "copies of this engine")
+                          .replace("[engine] keys", "this engine's keys")) from None
+    base = {k: v for k, v in t.items() if k not in POOL_KEYS}
+    options = keys.get("router_options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}.router_options", options, "a table of the router's options")
+    router = keys.get("router", "jsq")
+    cls = router_class(router, base_dir, f"{where}.router")
+    if custom.is_reference(router):
+        router = custom.resolve(router, base_dir, f"{where}.router")   # absolute: the run may start elsewhere
+    delay = number(keys.get("report_delay_s", 0.0), f"{where}.report_delay_s", at_least=0)
+    parsed: dict[str, EngineSpec] = {}   # one validation per distinct replica table
+    replicas, labels = [], []
+    for label, overrides, field in tables:
+        field = field.replace("cluster.replicas", f"{where}.replicas", 1)
+        key = repr(sorted(overrides.items()))
+        if key not in parsed:
+            bad = sorted(set(overrides) & (POOL_KEYS | {"name"}))
+            if bad:
+                raise ConfigError(f"{field}.{bad[0]}", overrides[bad[0]], "a key of one engine (a replica is no pool)")
+            table = dict(base)
+            if "scheduler" in overrides and overrides["scheduler"] != table.get("scheduler", "sarathi"):
+                table = {k: v for k, v in table.items() if k in ENGINE_KEYS}   # the base's policy options stay
+            table.update(overrides)
+            parsed[key] = _engine(table, field if field != f"{where}.replicas" else where, class_names, base_dir)
+        replicas.append(replace(parsed[key], name=f"{t['name']}.{label}"))
+        labels.append(label)
+    if cls.needs_memory and any(r.kv is None for r in replicas):
+        raise ConfigError(f"{where}.router", cls.name, f"a router other than {cls.name}, or kv_blocks set for every "
+                                                       f"replica ({cls.name} reads their KV use)")
+    from llmqueue.analysis import capacity
+    try:   # the options' names and types, now (power-of-d's d against the pool's size)
+        make_router(cls, [capacity(r.batch_time, r.token_budget)[1] for r in replicas], np.random.default_rng(0),
+                    options, f"{where}.router_options")
+    except ConfigError as exc:
+        raise ConfigError(exc.field.replace("cluster.router_options", f"{where}.router_options", 1), exc.value,
+                          exc.allowed) from None
+    pool = PoolSpec(tuple(replicas), tuple(labels), router, cls, dict(options), delay)
+    first = replicas[0]
+    return replace(first, name=t["name"], pool=pool)
 
 
 def _class(t: dict, where: str, engine_names: list[str], delay_names: list[str],

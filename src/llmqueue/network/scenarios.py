@@ -264,6 +264,72 @@ horizon_s = 3600.0    # an hour: a warm-up and four relaxation times (about 150 
 seed = 0
 """,
     ),
+    "agent-pool": (
+        ("The agent loop on a pool: the LLM node is 4 replicas of the Fig. 1 engine behind a router with "
+         "session affinity (a job's hops stay on one replica); try --set engines.llm.router=jsq"),
+        f"""# Agent loop on a pool of replicas (paper §5 network; docs/network.md, "Pools as engines"):
+# think on the LLM, call a tool, repeat with probability 0.7 (at most 10 rounds), then answer;
+# plus chat requests.  The LLM node is 4 identical replicas behind a router.  With session
+# affinity (consistent hashing of the job id, as vLLM's production stack's session router) every
+# hop of a job runs on one replica; the hash ring gives the replicas unequal shares of the jobs
+# (28.2 %, 25.0 %, 23.8 %, 23.0 %), so at 0.95 of the pooled capacity replica r0 is above its own
+# capacity (ρ = 1.015: unstable), while jsq keeps every replica below it.
+[network]
+load = 0.95           # of the pooled capacity: 4 × 3342.9 tokens/s
+
+[[engines]]
+name = "llm"
+scheduler = "sarathi"
+token_budget = 512
+{_STAIRCASE}
+replicas = 4          # or a list of tables overriding this engine's keys (heterogeneous pools)
+router = "affinity"   # round-robin | random | jsq | least-tokens | power-of-d | least-kv | affinity | FILE.py:Class
+router_options = {{ virtual_nodes = 100 }}
+report_delay_s = 0.0  # the age of the finishes the dynamic routers see
+
+[[delays]]
+name = "tool"
+dist = "exponential"
+mean_s = 2.0
+
+[[classes]]
+name = "agent"
+rate = 1.0
+add_previous_output = true
+
+[[classes.hops]]
+id = "think"
+engine = "llm"
+prompt = {{ dist = "poisson", mean = 300 }}
+output = {{ dist = "poisson", mean = 40 }}
+
+[[classes.hops]]
+id = "tool"
+delay = "tool"
+loop = "think"
+continue_p = 0.7
+max_rounds = 10
+
+[[classes.hops]]
+id = "answer"
+engine = "llm"
+prompt = {{ dist = "poisson", mean = 50 }}
+output = {{ dist = "poisson", mean = 150 }}
+
+[[classes]]
+name = "chat"
+rate = 2.0
+
+[[classes.hops]]
+engine = "llm"
+prompt = {{ dist = "poisson", mean = 129 }}
+output = {{ dist = "poisson", mean = 112 }}
+
+[run]
+horizon_s = 3600.0
+seed = 0
+""",
+    ),
     "tandem": (
         ("A chain of three engines (Orca, Sarathi, Sarathi; budgets 512, 1024, 512), each prompt growing "
          "with the previous output, at 0.9 of the computed capacity"),

@@ -24,10 +24,15 @@ Prefix caching (``prefix_caching``; docs/network.md, "Prefix caching in networks
 of a job carries its context as content spans (the previous LLM visit's spans and its own span,
 ``own_key``); a visit with ``add_previous_context`` at an engine with prefix caching gets them as
 its ``content``, so it finds the previous visit's full blocks if they are still cached there.
+
+Pools (an engine with ``replicas``; docs/network.md, "Pools as engines"): each replica is an engine of
+its own (the loop's engines are the replicas, node by node), and the node's router picks one at each
+sub-request's admission (:class:`PoolRouter`), the job being the session.  Only this loop runs pools.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -37,10 +42,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmqueue.cluster.routers import RoundRobin, Random, View
+from llmqueue.cluster.sim import ROUTING_STREAM
 from llmqueue.core.engine import Engine
 from llmqueue.errors import ConfigError
 from llmqueue.network import fast
-from llmqueue.network.analysis import NetworkAnalysis, analyze_network
+from llmqueue.network.analysis import NetworkAnalysis, analyze_network, pool_router
 from llmqueue.network.model import FCFS, MAX_PRESSURE, PRIORITY, Network
 from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
 from llmqueue.network.routes import Segment
@@ -57,7 +64,7 @@ Jobs = list[list[tuple[float, Segment, int]]]   # per class: (entry time, root s
 class SubRequest(Request):
     """A request for one hop of a job at one engine."""
 
-    __slots__ = ("buffer", "covered", "group", "hop", "job", "spans", "token")
+    __slots__ = ("buffer", "covered", "group", "hop", "job", "phys", "spans", "token")
 
 
 class Job:
@@ -119,11 +126,8 @@ def buffers_of(net: Network) -> dict[tuple[int, int], int]:
 def check_caches(net: Network, analysis: NetworkAnalysis) -> None:
     """An engine's KV cache must hold a visit of mean size (prompt, growth included, + output) at each
     of its hops, as a single engine's must hold a request of mean size: else most visits there would
-    be rejected (a larger visit is rejected, and its job counted as rejected)."""
-    for j, spec in enumerate(net.engines):
-        kv = spec.kv
-        if kv is None:
-            continue
+    be rejected (a larger visit is rejected, and its job counted as rejected).  A pool: every replica's."""
+    for j, node in enumerate(net.engines):
         worst = None
         for k, cls in enumerate(net.classes):
             load = analysis.classes[k]
@@ -136,21 +140,22 @@ def check_caches(net: Network, analysis: NetworkAnalysis) -> None:
             continue
         mean, cls, h = worst
         size = math.ceil(round(mean, 6))
-        if not kv.fits(size, 0):
-            raise ConfigError(f"engines[{j}].kv_blocks", kv.blocks,
-                              f"at least {kv.blocks_for(size) + 1} blocks of {kv.block_size} tokens: the cache must "
-                              f"hold a visit of mean size ({size} tokens, prompt + output, at hop {h.id!r} of class "
-                              f"{cls.name!r}, prompt growth included; block 0 is reserved); larger visits are "
-                              "rejected and their jobs counted as rejected")
+        for kv in [r.kv for r in node.replicas if r.kv is not None]:
+            if not kv.fits(size, 0):
+                raise ConfigError(f"engines[{j}].kv_blocks", kv.blocks,
+                                  f"at least {kv.blocks_for(size) + 1} blocks of {kv.block_size} tokens: the cache must "
+                                  f"hold a visit of mean size ({size} tokens, prompt + output, at hop {h.id!r} of class "
+                                  f"{cls.name!r}, prompt growth included; block 0 is reserved); larger visits are "
+                                  "rejected and their jobs counted as rejected")
 
 
 def build_engines(net: Network, analysis: NetworkAnalysis, counts: list[int]) -> list[Engine]:
-    """One Engine per [[engines]] entry, its scheduler wrapped by the engine's policy, its KV cache
-    (``kv_blocks``) checked against the mean visit (:func:`check_caches`)."""
+    """One Engine per [[engines]] entry (a pool: one per replica, node by node), its scheduler wrapped
+    by the engine's policy, its KV cache (``kv_blocks``) checked against the mean visit (:func:`check_caches`)."""
     check_caches(net, analysis)
     buffers = buffers_of(net)
     engines = []
-    for j, spec in enumerate(net.engines):
+    for j, spec in ((j, r) for j, node in enumerate(net.engines) for r in node.replicas):
         scheduler = make_scheduler(spec.scheduler, **spec.options)
         if spec.policy != FCFS and scheduler.program is not None and scheduler.program.load is not None:
             raise ConfigError(f"engines[{j}].scheduler", spec.scheduler,
@@ -204,9 +209,50 @@ class NetworkResult:
     wall_s: float = 0.0
     meta: dict = field(default_factory=dict)
     kv: list[KVRecord | None] = field(default_factory=list)   # per engine with kv_blocks (empty: none has)
+    # pools (docs/network.md, "Pools as engines"); None when no engine is a pool.  The loop's engines are
+    # the replicas, node by node ("physical" engines): node j's are replica_of[j], sub-request i ran on
+    # sub_phys[i], and replica_engines / replica_batches / replica_kv are indexed by physical engine.
+    # Then engines[j] is node j's first replica, batches[j] its replicas' batches merged in time order, and
+    # kv[j] its replica's record for a pool of one (None for a larger pool: see its replicas').
+    replica_of: list[list[int]] | None = None
+    sub_phys: np.ndarray | None = None
+    replica_engines: list[Engine] | None = None
+    replica_batches: list[dict[str, np.ndarray]] | None = None
+    replica_kv: list[KVRecord | None] | None = None
+
+    def _physical(self) -> tuple[list[Engine], list[dict], list, np.ndarray]:
+        if self.replica_of is None:
+            return self.engines, self.batches, self.kv, self.sub_engine
+        return self.replica_engines, self.replica_batches, self.replica_kv, self.sub_phys
+
+    @property
+    def violations(self) -> int:
+        """Work-conservation violations (Eqs. 8–9) over every engine, each replica of a pool included."""
+        return int(sum(e.violations for e in self._physical()[0]))
+
+    def is_pool(self, j: int) -> bool:
+        return self.replica_of is not None and self.network.engines[j].pool is not None
+
+    def replica_result(self, j: int, r: int) -> Result:
+        """Replica r of pool node j as a single-engine :class:`Result`: its visits and its batches."""
+        p = self.replica_of[j][r]
+        m = self.sub_phys == p
+        b = self.replica_batches[p]
+        engine = self.replica_engines[p]
+        return Result(scheduler=engine.scheduler.name, token_budget=engine.token_budget, end_time=self.end_time,
+                      arrival_time=self.arrival_time[m], num_prompt_tokens=self.num_prompt_tokens[m],
+                      num_output_tokens=self.num_output_tokens[m], first_token_time=self.first_token_time[m],
+                      finish_time=self.finish_time[m], rejected=self.rejected[m], batch_end_time=b["end_time"],
+                      batch_tokens=b["num_prefill_tokens"] + b["num_decode_tokens"], violations=engine.violations,
+                      batches=b, kv=self.replica_kv[p] if self.replica_kv else None)
 
     def engine_result(self, j: int) -> Result:
-        """Engine j's sub-requests and batches as a single-engine :class:`Result` (for its metrics)."""
+        """Engine j's sub-requests and batches as a single-engine :class:`Result` (for its metrics); a pool
+        node's: every visit, its replicas' batches in time order (a pool of one: its replica's own)."""
+        if self.is_pool(j):
+            if len(self.replica_of[j]) == 1:
+                return self.replica_result(j, 0)
+            return self._pool_result(j)
         m = self.sub_engine == j
         b = self.batches[j]
         engine = self.engines[j]
@@ -216,6 +262,23 @@ class NetworkResult:
                       finish_time=self.finish_time[m], rejected=self.rejected[m], batch_end_time=b["end_time"],
                       batch_tokens=b["num_prefill_tokens"] + b["num_decode_tokens"], violations=engine.violations,
                       batches=b, kv=self.kv[j] if self.kv else None)
+
+    def _pool_result(self, j: int) -> Result:
+        """The pool as one system, as llmqueue.cluster.run.merged_result: recomputed tokens are no progress."""
+        m = self.sub_engine == j
+        phys = self.replica_of[j]
+        b = self.batches[j]
+        tokens = b["num_prefill_tokens"] + b["num_decode_tokens"]
+        if self.replica_kv and any(self.replica_kv[p] is not None for p in phys):
+            tokens = tokens - b["recomputed"]
+        names = {self.replica_engines[p].scheduler.name for p in phys}
+        return Result(scheduler=names.pop() if len(names) == 1 else "pool",
+                      token_budget=int(sum(self.replica_engines[p].token_budget for p in phys)), end_time=self.end_time,
+                      arrival_time=self.arrival_time[m], num_prompt_tokens=self.num_prompt_tokens[m],
+                      num_output_tokens=self.num_output_tokens[m], first_token_time=self.first_token_time[m],
+                      finish_time=self.finish_time[m], rejected=self.rejected[m], batch_end_time=b["end_time"],
+                      batch_tokens=tokens, violations=int(sum(self.replica_engines[p].violations for p in phys)),
+                      batches={k: v for k, v in b.items() if k != "recomputed"})
 
     def total_result(self) -> Result:
         """The whole network as one queue of jobs: backlog = unprocessed tokens of every job in it.
@@ -227,32 +290,110 @@ class NetworkResult:
         caching, the tokens a visit finds cached at its first admission are work the job never brings
         (as one engine's backlog, metrics._Backlog): they leave the job's tokens.
         """
-        ends = np.concatenate([b["end_time"] for b in self.batches])
+        engines, batches, kvs, sub_engine = self._physical()   # a pool: each replica's batches
+        ends = np.concatenate([b["end_time"] for b in batches])
         tokens = np.concatenate([b["num_prefill_tokens"] + b["num_decode_tokens"]
-                                 - (0 if not self.kv or self.kv[j] is None else self.kv[j].batch_recomputed)
-                                 for j, b in enumerate(self.batches)])
+                                 - (0 if not kvs or kvs[j] is None else kvs[j].batch_recomputed)
+                                 for j, b in enumerate(batches)])
         by_end = np.argsort(ends, kind="stable")
         n = len(self.job_entry_time)
         work = self.job_tokens
-        hits = [(j, r.first_hit_tokens) for j, r in enumerate(self.kv)
+        hits = [(j, r.first_hit_tokens) for j, r in enumerate(kvs or [])
                 if r is not None and r.first_hit_tokens is not None]
         if hits:
             work = work.copy()
             for j, first in hits:
-                np.subtract.at(work, self.sub_job[self.sub_engine == j], first)
+                np.subtract.at(work, self.sub_job[sub_engine == j], first)
         return Result(scheduler="network", token_budget=0, end_time=self.end_time,
                       arrival_time=self.job_entry_time, num_prompt_tokens=work,
                       num_output_tokens=np.zeros(n, dtype=np.int64), first_token_time=np.full(n, np.nan),
                       finish_time=self.job_exit_time, rejected=self.job_rejected, batch_end_time=ends[by_end],
-                      batch_tokens=tokens[by_end], violations=sum(e.violations for e in self.engines))
+                      batch_tokens=tokens[by_end], violations=sum(e.violations for e in engines))
+
+
+class PoolRouter:
+    """A pool node's router inside the network loop (docs/network.md, "Pools as engines").
+
+    It decides at each sub-request's admission at the pool, from what a real router sees
+    (:class:`~llmqueue.cluster.routers.View`): the visits it sent and their prompt + output tokens, less
+    the finishes reported by now − ``report_delay_s``; with memory, each replica's share of KV blocks in
+    use at its last batch started by then.  The job's index is the session (affinity keeps a job's
+    hops at the pool on one replica).  Round robin and random decide in order of arrival at the pool
+    from blocks of their own ``assign``; other static routers (affinity, one's own) are asked one
+    visit at a time.  Every decision draws from the node's routing stream
+    ``default_rng([seed, ROUTING_STREAM, j])`` (llmqueue.cluster.sim's stream, one per pool node)."""
+
+    def __init__(self, spec, j: int, seed: int, engines: list[Engine]) -> None:
+        self.router = pool_router(spec, np.random.default_rng([int(seed), ROUTING_STREAM, j]))
+        self.n = len(engines)
+        self.engines = engines
+        self.field = f"engines[{j}].router"
+        self.name = spec.pool.router
+        self.delay = spec.pool.report_delay_s
+        self.view = View(list(self.router.capacities))
+        self.reports: list[tuple[float, int, int, int]] = []   # (time, seq, replica, tokens) not yet seen
+        self.seq = 0
+        self.static = self.router.static
+        self.blocked = isinstance(self.router, (RoundRobin, Random))
+        self.block: list[int] = []
+        self.next = 0
+        self.memory = [e.kv is not None for e in engines]
+
+    def route(self, r: SubRequest, session: int, now: float) -> int:
+        """The replica (0..N−1) of a sub-request admitted at ``now``."""
+        if self.static:
+            if self.blocked:   # their decisions depend only on the order of arrival (and the stream)
+                if self.next >= len(self.block):
+                    z = np.zeros(self.n * 1024, dtype=np.int64)   # a multiple of N: round robin's turns carry on
+                    self.block = np.asarray(self.router.assign(z, z, z), dtype=np.int64).tolist()
+                    self.next = 0
+                j = self.block[self.next]
+                self.next += 1
+            else:
+                one = lambda x: np.array([x], dtype=np.int64)
+                j = int(np.asarray(self.router.assign(one(r.num_prompt_tokens), one(r.num_output_tokens),
+                                                      one(session)))[0])
+        else:
+            view, seen = self.view, now - self.delay
+            reports = self.reports
+            while reports and reports[0][0] <= seen:
+                _, _, k, work = heapq.heappop(reports)
+                view.in_flight[k] -= 1
+                view.outstanding_tokens[k] -= work
+            for k, e in enumerate(self.engines):
+                if self.memory[k]:   # the blocks of its last batch started by `seen`; an emptied replica holds none
+                    i = bisect.bisect_right(e.kv_starts, seen) - 1
+                    view.kv_use[k] = e.kv_series[i] / max(e.kv.usable, 1) if i >= 0 and view.in_flight[k] else 0.0
+            j = self.router.choose(view, r.num_prompt_tokens, r.num_output_tokens, session)
+            view.in_flight[j] += 1
+            view.outstanding_tokens[j] += r.num_prompt_tokens + r.num_output_tokens
+        if not (isinstance(j, (int, np.integer)) and 0 <= j < self.n):
+            raise ConfigError(self.field, self.name, f"a router whose decisions are replica indices 0..{self.n - 1}")
+        return int(j)
+
+    def finished(self, j: int, r: SubRequest, t: float) -> None:
+        """Replica j reports ``r`` finished (or turned away) at ``t``."""
+        if not self.static:
+            heapq.heappush(self.reports, (t, self.seq, j, r.num_prompt_tokens + r.num_output_tokens))
+            self.seq += 1
 
 
 class _Simulation:
-    def __init__(self, net: Network, analysis: NetworkAnalysis) -> None:
+    def __init__(self, net: Network, analysis: NetworkAnalysis, seed: int | None = None) -> None:
         self.net = net
         self.buffer = buffers_of(net)
         self.counts = [0] * len(self.buffer)
-        self.engines = build_engines(net, analysis, self.counts)
+        self.engines = build_engines(net, analysis, self.counts)   # a pool: one per replica, node by node
+        self.first, self.replica_of, self.node_of = [], [], []
+        for j, node in enumerate(net.engines):
+            self.first.append(len(self.node_of))
+            self.replica_of.append(list(range(len(self.node_of), len(self.node_of) + len(node.replicas))))
+            self.node_of.extend([j] * len(node.replicas))
+        seed = net.seed if seed is None else seed
+        self.routers = [None if node.pool is None else
+                        PoolRouter(node, j, seed, [self.engines[p] for p in self.replica_of[j]])
+                        for j, node in enumerate(net.engines)]
+        self.pools = any(r is not None for r in self.routers)
         self.grouped = [e.scheduler if isinstance(e.scheduler, GroupedScheduler) else None for e in self.engines]
         self.busy = [False] * len(self.engines)
         self.records: list[list[tuple]] = [[] for _ in self.engines]
@@ -288,14 +429,21 @@ class _Simulation:
                         r.content = spans
                 r.buffer = self.buffer[(job.cls, hop.index)]
                 self.subs.append(r)
-                grouped = self.grouped[hop.engine]
+                p = self.first[hop.engine]
+                router = self.routers[hop.engine]
+                if router is not None:   # a pool: its router picks the replica (the job is the session)
+                    p += router.route(r, job.index, now)
+                r.phys = p
+                grouped = self.grouped[p]
                 if grouped is not None:
                     r.group = grouped.group_of[(job.cls, hop.index)]
-                if self.engines[hop.engine].admit(r):
+                if self.engines[p].admit(r):
                     self.counts[r.buffer] += 1
                     if grouped is not None:
                         grouped.admitted(r)
                 else:
+                    if router is not None:   # turned away: the router hears at once
+                        router.finished(p - self.first[hop.engine], r, now)
                     job.rejected = True
                 return
             if seg.branches:
@@ -323,6 +471,10 @@ class _Simulation:
             if engine.checks:   # LLMQUEUE_CHECKS: the groups still mirror the engine
                 self.grouped[j].check(engine.state)
         plan = s.plan
+        router = self.routers[self.node_of[j]] if self.pools else None
+        if router is not None:   # the batch's finishes, reported when it ends
+            for r in s.finished:
+                router.finished(j - self.first[self.node_of[j]], r, s.end_time)
         self.records[j].append((s.start_time, s.end_time, plan.num_prefill_tokens, len(plan.decode),
                                 plan.num_requests, s.demand, s.bound))
         self.busy[j] = True
@@ -395,8 +547,8 @@ def simulate_network(net: Network, *, seed: int | None = None, horizon_s: float 
     drain = net.drain if drain is None else drain
     analysis = analyze_network(net)
     horizon = float("inf") if drain else horizon_s
-    sim = _Simulation(net, analysis)
-    why = fast.reason(sim.engines) if method == "fast" else "selected"
+    sim = _Simulation(net, analysis, seed)
+    why = fast.reason(sim.engines, net) if method == "fast" else "selected"
     if why is None:
         groups = fast.groups_of(sim.engines)
         if jobs is None and sim.track:   # the compiled sampler does not grow contexts: the same jobs from Python
@@ -442,7 +594,7 @@ def _collect(sim: _Simulation, analysis: NetworkAnalysis, end_time: float) -> Ne
             if engine.kv is None:
                 kv.append(None)
                 continue
-            mine = [r for r in subs if r.hop.engine == j]   # by id, as engine_result's arrays
+            mine = [r for r in subs if r.phys == j]   # by id, as engine_result's arrays
             record = KVRecord(engine.kv.blocks, engine.kv.block_size, engine.kv.policy,
                               np.asarray(engine.kv_starts, dtype=float), np.asarray(engine.kv_series, dtype=np.int64),
                               np.asarray(engine.kv_waste, dtype=np.int64),
@@ -454,8 +606,18 @@ def _collect(sim: _Simulation, analysis: NetworkAnalysis, end_time: float) -> Ne
                 record.first_hit_tokens = np.array([first.get(r.rid, 0) for r in mine], dtype=np.int64)
                 record.prefix = engine.pool.stats()
             kv.append(record)
+    engines, pools = sim.engines, {}
+    if sim.pools:   # per node: its first replica, its replicas' batches merged, its replica's KV for a pool of one
+        pools = {"replica_of": sim.replica_of, "sub_phys": np.array([r.phys for r in subs], dtype=np.int64),
+                 "replica_engines": sim.engines, "replica_batches": batches, "replica_kv": kv}
+        engines = [sim.engines[rs[0]] for rs in sim.replica_of]
+        node_kv = [kv[rs[0]] if kv and len(rs) == 1 else None for rs in sim.replica_of]
+        kv = node_kv if any(k is not None for k in node_kv) or kv else []
+        batches = [batches[rs[0]] if len(rs) == 1 else _merged_batches([batches[p] for p in rs],
+                                                                        [kv_of(pools, p) for p in rs])
+                   for rs in sim.replica_of]
     return NetworkResult(
-        network=sim.net, analysis=analysis, end_time=end_time, engines=sim.engines,
+        network=sim.net, analysis=analysis, end_time=end_time, engines=engines,
         sub_engine=np.array([r.hop.engine for r in subs], dtype=np.int64),
         sub_class=np.array([r.job.cls for r in subs], dtype=np.int64),
         sub_hop=np.array([r.hop.index for r in subs], dtype=np.int64),
@@ -470,5 +632,20 @@ def _collect(sim: _Simulation, analysis: NetworkAnalysis, end_time: float) -> Ne
         job_entry_time=np.array([j.entry_time for j in jobs], dtype=float),
         job_exit_time=np.array([nan if j.exit_time is None else j.exit_time for j in jobs]),
         job_tokens=np.array([j.total_tokens for j in jobs], dtype=np.int64),
-        job_rejected=np.array([j.rejected for j in jobs], dtype=bool), kv=kv,
+        job_rejected=np.array([j.rejected for j in jobs], dtype=bool), kv=kv, **pools,
     )
+
+
+def kv_of(pools: dict, p: int) -> KVRecord | None:
+    kv = pools["replica_kv"]
+    return kv[p] if kv else None
+
+
+def _merged_batches(parts: list[dict[str, np.ndarray]], kvs: list[KVRecord | None]) -> dict[str, np.ndarray]:
+    """A pool's replicas' batches in time order (stable: replica order at equal ends), with each batch's
+    recomputed tokens (``recomputed``: 0 without memory)."""
+    cols = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    cols["recomputed"] = np.concatenate([np.zeros(len(b["end_time"]), np.int64) if kv is None else kv.batch_recomputed
+                                         for b, kv in zip(parts, kvs)])
+    order = np.argsort(cols["end_time"], kind="stable")
+    return {k: v[order] for k, v in cols.items()}

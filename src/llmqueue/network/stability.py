@@ -112,6 +112,14 @@ def stability(net: Network, analysis, policies: list[tuple[str, tuple[int, ...]]
         j = int(np.argmax(a.rho))
         return Stability(UNSTABLE, f"ρ = {a.max_rho:.4f} > 1 at engine {a.engines[j]}", REFS["traffic"], traffic,
                          traffic, scaling_source="traffic equations")
+    pool = a.pool_verdict()   # a pool's router (docs/network.md, "Pools as engines")
+    if pool is not None:
+        routed = min([traffic] + [1.0 / max(p.replica_rho) for p in a.pools
+                                  if p is not None and p.replica_rho is not None and max(p.replica_rho) > 0])
+        if pool[0] == UNSTABLE:
+            return Stability(UNSTABLE, pool[1], REFS["traffic"], routed, traffic, scaling_source="static routing")
+        if a.max_rho < 1:
+            return Stability(NOT_PREDICTED, pool[1], REFS["traffic"], None, traffic)
     if not a.cyclic and a.work_conserving and a.max_rho < 1:
         return Stability(STABLE, f"acyclic routing between engines, work-conserving engines, max ρ = {a.max_rho:.4f}",
                          REFS["acyclic"], traffic, traffic, scaling_source="traffic equations")
@@ -138,8 +146,8 @@ def stability(net: Network, analysis, policies: list[tuple[str, tuple[int, ...]]
     if vs and vs[0]["load"] > 0:
         upper = min(upper, 1.0 / vs[0]["load"])
     alpha, source = (fluid_scaling(model, upper) if scaling else (None, ""))
-    memory = [e.name for e in net.engines if e.kv is not None]
-    caching = [e.name for e in net.engines if e.prefix_caching]
+    memory = [e.name for e in net.engines if any(r.kv is not None for r in e.replicas)]
+    caching = [e.name for e in net.engines if any(r.prefix_caching for r in e.replicas)]
     if vs and vs[0]["load"] > 1:
         verdict, reason, rests = (UNSTABLE, f"virtual station {_fmt_vs(vs[0])} > 1 although max ρ = "
                                   f"{a.max_rho:.4f}" + _growth_note(fl), REFS["virtual"])
