@@ -8,11 +8,13 @@ No test asserts a duration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -122,8 +124,30 @@ async def _openai_calls(url: str) -> list[tuple[int, int, int, int | None, str]]
         await client.close()
 
 
-def test_the_server_streams_counts_refuses_bad_input_and_shuts_down_cleanly(tmp_path):
-    server = ServerProcess(_config(tmp_path))
+def _children(pid: int) -> list[int]:
+    """The engine processes of the server ``pid`` (Linux /proc): its children started by
+    multiprocessing's spawn (not its resource tracker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("engine_loop", ["process", "thread"])
+def test_the_server_streams_counts_refuses_bad_input_and_shuts_down_cleanly(tmp_path, engine_loop):
+    server = ServerProcess(_config(tmp_path), [f"serve.engine_loop={engine_loop}"])
+    engines = _children(server.proc.pid) if Path("/proc/self/task").is_dir() else []
+    assert len(engines) == (engine_loop == "process") or not Path("/proc/self/task").is_dir()
     try:
         url = server.url
         # concurrent streaming requests with the openai client: one chunk per token, usage counted
@@ -193,6 +217,29 @@ def test_the_server_streams_counts_refuses_bad_input_and_shuts_down_cleanly(tmp_
         status, rest = server.stop()
     assert status == 0, rest
     assert "stopped by SIGTERM" in rest and "Traceback" not in rest
+    assert all(_gone(pid) for pid in engines)   # the engine process ended with the server
+
+
+def test_an_engine_process_that_dies_is_a_503_and_the_server_stays_up(tmp_path):
+    import os
+    import signal
+
+    server = ServerProcess(_config(tmp_path))
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2}).encode()
+        assert _post(server.url, "/v1/completions", body)[0] == 200
+        (engine,) = _children(server.proc.pid)
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _post(server.url, "/health", b"", method="GET")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, err = _post(server.url, "/v1/completions", body)
+        assert status == 503 and "the engine process exited" in err["error"]["message"], err
+        assert "vllm:num_requests_running" in server.metrics()   # the HTTP side still answers
+    finally:
+        status, rest = server.stop()
+    lines = [line for line in rest.splitlines() if line.startswith("llmqueue: error:")]
+    assert status == 2 and len(lines) == 1 and "the engine process exited" in lines[0] and "Traceback" not in rest
 
 
 def test_an_api_key_is_required_when_given_and_health_and_metrics_stay_open(tmp_path):
@@ -290,6 +337,8 @@ def test_bad_configs_and_a_taken_port_are_one_line_errors(tmp_path, capsys):
     from llmqueue.cli import main
 
     good = _config(tmp_path)
+    paged = tmp_path / "paged.toml"
+    paged.write_text(CONFIG.format(scheduler="vllm-v1", kv="kv_blocks = 64"))
     bad = tmp_path / "bad.toml"
     bad.write_text("[serve]\nmax_waiting = -1\n")
     taken = socket.socket()
@@ -299,6 +348,8 @@ def test_bad_configs_and_a_taken_port_are_one_line_errors(tmp_path, capsys):
         for argv, words in [(["serve", str(bad)], "serve.max_waiting = -1"),
                             (["serve", str(tmp_path / "none.toml")], "readable UTF-8 TOML"),
                             (["serve", str(good), "--set", "engine.scheduler=nope"], "engine.scheduler"),
+                            # found in the engine process, raised in the server's
+                            (["serve", str(paged), "--set", "engine.prefix_caching=true"], "engine.prefix_caching"),
                             (["serve", str(good), "--port", str(taken.getsockname()[1])], "cannot listen on"),
                             (["serve-bench", str(good), "--loads", "0.5,-1"], "--rates/--loads")]:
             assert main(argv) == 2

@@ -15,6 +15,9 @@ from llmqueue.cli.common import add_overrides
 from llmqueue.errors import LlmqueueError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: serve-bench's calibration ramp (llmqueue.serve.bench.CALIBRATION_LOADS; repeated here so that
+#: registering the command imports neither numpy nor the bench)
+CALIBRATION_LOADS = (0.15, 0.3, 0.5, 0.7)
 
 
 def _port(value: str) -> int:
@@ -49,10 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         service = build_service(cfg, real, settings, api_key, batch_log=args.batch_log is not None)
         host, port = sock.getsockname()[:2]
-        e, m = service.loop.engine, service.loop.executor.model.config
-        print(f"llmqueue serve: model {settings.model_name!r} ({m.num_params / 1e6:.1f} M params, {m.dtype}), "
-              f"scheduler {e.scheduler.name}, token budget {e.token_budget}, context {service.limits.max_context}, "
-              f"tokenizer {service.tokenizer.name}; listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+        info = service.info
+        print(f"llmqueue serve: model {settings.model_name!r} ({info['num_params'] / 1e6:.1f} M params, "
+              f"{info['dtype']}), scheduler {info['scheduler']}, token budget {info['token_budget']}, context "
+              f"{service.limits.max_context}, tokenizer {service.tokenizer.name}, engine in its own "
+              f"{settings.engine_loop}; listening on http://{host}:{port}/v1", file=sys.stderr, flush=True)
         try:
             stopped_by = run(service, sock, args.log_level)
         finally:
@@ -70,7 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"llmqueue serve: {how}: {loop.served} requests served"
           + (f", batches written to {args.batch_log}" if args.batch_log else ""), file=sys.stderr)
     if loop.error is not None:
-        raise LlmqueueError(f"the engine loop failed while serving: {type(loop.error).__name__}: {loop.error}")
+        from llmqueue.serve.worker import EngineFailed
+
+        why = str(loop.error) if isinstance(loop.error, EngineFailed) else f"{type(loop.error).__name__}: {loop.error}"
+        raise LlmqueueError(f"the engine loop failed while serving: {why}")
     return 0
 
 
@@ -103,6 +110,9 @@ def register(sub) -> None:
     b.add_argument("--loads", default="0.3,0.6,0.8,1.3",
                    help="arrival rates as fractions of the predicted capacity λ* (served-batch fit), comma-separated")
     b.add_argument("--rates", help="arrival rates in requests/s instead of --loads, comma-separated")
+    b.add_argument("--calibration-loads", default=",".join(str(x) for x in CALIBRATION_LOADS),
+                   help="rates of the calibration load, as fractions of the grid calibration's λ* "
+                        f"(default {','.join(str(x) for x in CALIBRATION_LOADS)})")
     b.add_argument("--requests", type=int, default=120, help="requests sent at each rate (default 120)")
     b.add_argument("--seed", type=int, default=0, help="seed of the arrivals and lengths (default 0)")
     b.add_argument("--repeats", type=int, default=3, help="timings per point of the calibration grid (default 3)")

@@ -7,7 +7,8 @@ The project's schedulers (paper arXiv 2504.07347, §4) plan every batch of a rea
 
 Modules, each one noun: ``tokenizer`` (text <-> token ids, no download), ``settings`` (the
 ``[serve]`` table), ``protocol`` (OpenAI request validation and response bodies, no web
-framework), ``loop`` (the engine thread: one batch at a time, arrivals from the server),
+framework), ``loop`` (the engine loop: one batch at a time, arrivals from the server), ``worker`` (that loop
+in its own process, the default),
 ``exporter`` (Prometheus metrics under vLLM's names), ``app`` (the FastAPI routes and the
 uvicorn server), ``bench`` (the load client, calibration and simulation of the same arrivals).
 """

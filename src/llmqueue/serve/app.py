@@ -54,6 +54,7 @@ class Service:
     settings: ServeSettings
     metrics: Metrics
     api_key: str | None = None
+    info: dict | None = None     # the engine's limits and names (llmqueue.serve.worker.engine_info)
 
 
 def _error(exc: APIError, metrics: Metrics | None = None) -> JSONResponse:
@@ -310,15 +311,21 @@ def run(service: Service, sock: socket.socket, log_level: str = "warning") -> in
                             limit_concurrency=2 * s.max_waiting + 256, h11_max_incomplete_event_size=64 * 1024,
                             server_header=False)
     server = _Server(config)
+    if service.settings.engine_loop != "thread":   # the engine has its own process and GIL
+        return _serve(server, sock)
     # perf: the engine thread gives the GIL up around every torch op and must get it back from the
     # HTTP thread; at the default 5 ms switch interval each such wait could last 5 ms (batches ran
     # 2-3x slower than calibrated while tokens streamed); 0.2 ms keeps the waits short.
     switch = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
-        server.run(sockets=[sock])
+        return _serve(server, sock)
     finally:
         sys.setswitchinterval(switch)
+
+
+def _serve(server: _Server, sock: socket.socket) -> int | None:
+    server.run(sockets=[sock])
     return server.signal
 
 
@@ -327,24 +334,37 @@ SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 def build_service(config, real: dict, settings: ServeSettings, api_key: str | None = None,
                   batch_log: bool = False) -> Service:
-    """The model, tokenizer, engine (the config's scheduler) and engine loop of a serve config."""
-    import torch
-
-    from llmqueue.real.serve import load_model, real_settings
-    from llmqueue.serve.loop import build_engine
+    """The model, tokenizer, engine (the config's scheduler) and engine loop of a serve config:
+    the engine in its own process (``serve.engine_loop = "process"``) or a thread of this one."""
     from llmqueue.serve.tokenizer import load_tokenizer
 
-    rs = real_settings(real)
-    torch.set_num_threads(rs.threads)
-    model = load_model(rs, config.base_dir)
-    tokenizer = load_tokenizer(settings.tokenizer, model.config.vocab_size, config.base_dir)
-    engine, executor = build_engine(config, rs, model)
-    max_context = executor.max_request_tokens()
-    if engine.kv is not None:
-        max_context = min(max_context, engine.kv.usable * engine.kv.block_size)
-    max_prompt = max_context if engine.scheduler.splits_prompts else min(max_context, engine.token_budget)
-    limits = Limits(settings.model_name, model.config.vocab_size, max_context, max_prompt,
+    if settings.engine_loop == "process":
+        from llmqueue.serve.worker import EngineProcess
+
+        loop = EngineProcess(config, real, settings.tokenizer, settings.max_waiting, None, batch_log)
+        info = loop.info
+        try:
+            tokenizer = load_tokenizer(settings.tokenizer, info["vocab_size"], config.base_dir)
+        except BaseException:
+            loop.stop()
+            raise
+        metrics = loop.metrics = Metrics(settings.model_name, info["max_context"])   # (nothing ran yet)
+    else:
+        import torch
+
+        from llmqueue.real.serve import load_model, real_settings
+        from llmqueue.serve.loop import build_engine
+        from llmqueue.serve.worker import engine_info
+
+        rs = real_settings(real)
+        torch.set_num_threads(rs.threads)
+        model = load_model(rs, config.base_dir)
+        tokenizer = load_tokenizer(settings.tokenizer, model.config.vocab_size, config.base_dir)
+        engine, executor = build_engine(config, rs, model)
+        info = engine_info(engine, executor)
+        metrics = Metrics(settings.model_name, info["max_context"])
+        loop = EngineLoop(engine, executor, tokenizer.eos_id, settings.max_waiting, metrics, batch_log)
+    max_context = info["max_context"]
+    limits = Limits(settings.model_name, info["vocab_size"], max_context, info["max_prompt"],
                     min(settings.max_tokens, max_context), min(settings.default_max_tokens, max_context))
-    metrics = Metrics(settings.model_name, max_context)
-    loop = EngineLoop(engine, executor, tokenizer.eos_id, settings.max_waiting, metrics, batch_log)
-    return Service(loop, tokenizer, limits, settings, metrics, api_key)
+    return Service(loop, tokenizer, limits, settings, metrics, api_key, info)

@@ -2,16 +2,20 @@
 prediction for the same arrivals (docs/serving.md, "Measured against the simulator").
 
 1. Calibrate the batch-time model of the config's ``[real]`` model on this machine (the grid of
-   :func:`llmqueue.real.calibrate.calibrate_config`, wall-clock timer, before the server starts),
-   which gives the predicted capacity λ* (paper arXiv 2504.07347, §5, Theorem 2).
-2. Start ``llmqueue serve`` in a child process on a free port.
-3. At each rate, send the config workload's Poisson arrivals (prompt of ``v_p`` token ids,
-   ``max_tokens = v_d + 1``, ``ignore_eos``) with the ``openai`` client's asyncio API, streamed,
-   and time every token as the client receives it.
-4. Simulate the same arrivals with the calibrated model and the same scheduler.
+   :func:`llmqueue.real.calibrate.calibrate_config`, wall-clock timer, before the server starts).
+2. Start ``llmqueue serve`` in a child process on a free port with a batch log, send it a
+   calibration ramp (Poisson loads from light to about its capacity), and fit the batch-time
+   model to the batches it ran: the served-batch fit, whose λ* (paper arXiv 2504.07347, §5,
+   Theorem 2) sets the measured rates.
+3. At each rate, a fresh server: the calibration ramp again (fitted alone: the machine as it is
+   just before the measurement), then the config workload's Poisson arrivals (prompt of ``v_p``
+   token ids, ``max_tokens = v_d + 1``, ``ignore_eos``) with the ``openai`` client's asyncio API,
+   streamed, every token timed as the client receives it.
+4. Simulate the same arrivals with each fit (and the grid's, and the run's own batches') and the
+   same scheduler.
 5. Compare median TTFT, median time between tokens per request (TPOT, what the simulator's
-   ``tbt_s`` is), and throughput; near saturation the served rate (completions per second while
-   arrivals last) against λ*; write bench.json, bench.md and bench.png.
+   ``tbt_s`` is), throughput, and at the rate above λ* the completions per second against λ*;
+   write bench.json, bench.md and bench.png.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ import numpy as np
 
 from llmqueue.errors import LlmqueueError
 
-#: the calibration load's rates, as fractions of the grid calibration's λ* (a batch inside the server
-#: costs more than alone, so 0.6 of the grid's λ* is about the server's own capacity on 2 shared cores;
-#: a ramp (0.2, 0.4, 0.6) predicted no better there, docs/serving.md)
-CALIBRATION_LOADS = (0.6,)
+#: the calibration load's rates, as fractions of the grid calibration's λ*: a ramp from light load
+#: (batches of a few requests, as below saturation) to about the server's capacity (full batches), so
+#: that the fit sees every batch shape the measured rates give.  One rate near capacity gave batches
+#: of one shape only: its intercept was not identified (R² 0.3-0.75, c 21-25 ms against 5-9 ms) and
+#: the time between tokens at light load came out 35-51 % too long (docs/serving.md).
+CALIBRATION_LOADS = (0.15, 0.3, 0.5, 0.7)
 PORT_LINE = re.compile(r"listening on http://([^:/]+|\[[^\]]+\]):(\d+)/v1")
 
 
@@ -181,7 +187,12 @@ def measured_row(samples: list[Sample]) -> dict:
     tokens = sum(len(s.token_times) for s in ok)
     span = max((s.token_times[-1] for s in ok), default=0.0) - arrivals.min()
     gaps = [b - a for s in ok for a, b in zip(s.token_times, s.token_times[1:])]
-    return {"completed": len(ok), "errors": len(samples) - len(ok), "ttft_s": _median(s.ttft for s in ok),
+    kinds: dict[str, int] = {}
+    for s in samples:
+        if s.error is not None or not s.token_times:
+            kinds[s.error or "no tokens"] = kinds.get(s.error or "no tokens", 0) + 1
+    return {"completed": len(ok), "errors": len(samples) - len(ok), "error_kinds": kinds,
+            "ttft_s": _median(s.ttft for s in ok),
             "tpot_s": _median(s.tpot for s in ok), "itl_s": _median(gaps),
             "throughput_rps": len(ok) / span if span > 0 else float("nan"),
             "output_tokens_per_s": tokens / span if span > 0 else float("nan"),
@@ -209,21 +220,39 @@ def _error(measured: float, predicted: float) -> float:
     return (measured - predicted) / predicted if predicted else float("nan")
 
 
-def served_fit(batch_log: Path, mean_prompt_len: float, mean_output_len: float):
-    """prefill_decode (+ attention pairs) fitted to a server's batch log: each batch's busy time of
-    the engine thread (plan, forward pass, tokens handed back), as it was while serving."""
-    from llmqueue.real.fit import Samples, fit_prefill_decode, workload_mix
+def _batch_samples(batch_log: Path, rows_from: int = 0, rows_to: int | None = None):
+    from llmqueue.real.fit import Samples
 
     import csv
 
     with open(batch_log, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))[rows_from:rows_to]
     if len(rows) < 10:
         raise LlmqueueError(f"{batch_log}: {len(rows)} batches, too few to fit a batch-time model")
     col = lambda name: np.array([float(r[name]) for r in rows])
-    samples = Samples(col("prefill_tokens"), col("decode_tokens"), np.zeros(len(rows)), col("attention_pairs"),
-                      col("busy_duration"))
-    return fit_prefill_decode(samples, True, *workload_mix(mean_prompt_len, mean_output_len))
+    return Samples(col("prefill_tokens"), col("decode_tokens"), np.zeros(len(rows)), col("attention_pairs"),
+                   col("busy_duration"))
+
+
+def served_fit(batch_log: Path, mean_prompt_len: float, mean_output_len: float, rows_from: int = 0,
+               rows_to: int | None = None):
+    """prefill_decode (+ attention pairs) fitted to a server's batch log (its rows ``rows_from`` to
+    ``rows_to``): each batch's busy time of the engine loop (plan, forward pass, tokens handed
+    back), as it was while serving."""
+    from llmqueue.real.fit import fit_prefill_decode, workload_mix
+
+    return fit_prefill_decode(_batch_samples(batch_log, rows_from, rows_to), True,
+                              *workload_mix(mean_prompt_len, mean_output_len))
+
+
+def batch_time_ratio(batch_log: Path, fit, rows_from: int = 0) -> float:
+    """The logged batches' total busy time over what ``fit`` gives the same batches: 1 when the
+    calibration still holds, above 1 when the batches became slower (drift, contention)."""
+    s = _batch_samples(batch_log, rows_from)
+    bt = fit.batch_time.to_dict()
+    predicted = (bt["c_ms"] + bt["prefill_ms_per_token"] * s.prefill_tokens + bt["decode_ms_per_token"] * s.decode_tokens
+                 + bt.get("context_ms_per_token", 0.0) * s.attention_pairs) / 1e3
+    return float(s.seconds.sum() / predicted.sum())
 
 
 def _with_batch_time(config, fit):
@@ -242,6 +271,14 @@ def _fit_line(fit) -> str:
             f"decode {bt['decode_ms_per_token']:.4f} ms/token, context {bt['context_ms_per_token']:.2g} ms/pair")
 
 
+def _batches_so_far(metrics_text: str) -> int:
+    """Batches the server ran so far (``llmqueue:batch_duration_seconds_count`` of /metrics)."""
+    match = re.search(r"^llmqueue:batch_duration_seconds_count (\S+)$", metrics_text, re.MULTILINE)
+    if match is None:
+        raise LlmqueueError("the server's /metrics has no llmqueue:batch_duration_seconds_count")
+    return int(float(match.group(1)))
+
+
 def _load(server, settings, workload, rate, num_requests, seed, vocab):
     from llmqueue.model.workload import Requests, Workload, make_arrivals
 
@@ -255,7 +292,7 @@ def _load(server, settings, workload, rate, num_requests, seed, vocab):
 
 
 def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests: int = 120, seed: int = 0,
-              repeats: int = 3, out: Path = Path("."), log=print) -> dict:
+              repeats: int = 3, out: Path = Path("."), log=print, calibration_loads=CALIBRATION_LOADS) -> dict:
     """Calibrate (grid, then the server's own batches), load at each rate, simulate the same arrivals."""
     import torch
 
@@ -278,7 +315,7 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
     keep = [*overrides, f"serve.max_waiting={max(num_requests, 1) * 2}"]
     # 2. the server's own batches under load: what a batch costs while the server also speaks HTTP
     batch_log = out / "calibration_batches.csv"
-    ramp = [f * grid_capacity for f in CALIBRATION_LOADS]
+    ramp = [f * grid_capacity for f in calibration_loads]
     log(f"2. calibration load: {num_requests} requests at each of {', '.join(f'{r:.1f}' for r in ramp)} req/s, "
         "batches logged ...")
     server = ServerProcess(config_path, keep, extra=["--batch-log", str(batch_log)])
@@ -294,41 +331,62 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
     rates = list(rates) if rates else [f * capacity for f in loads]
     rows = []
     status, metrics = 0, ""
+    near_requests = max(20, num_requests // 2)
     for i, rate in enumerate(rates):   # a fresh server per rate, its batches logged
         log_i = out / f"batches_{i}.csv"
         server = ServerProcess(config_path, keep, extra=["--batch-log", str(log_i)])
         try:
             _load(server, settings, workload, capacity, 4, seed + 2000, vocab)   # warm-up
+            # the calibration ramp again, on this server just before its measured load: the machine
+            # as it is now (other processes come and go on a shared machine)
+            for j, f in enumerate(calibration_loads):
+                _load(server, settings, workload, f * grid_capacity, near_requests, seed + 3000 + 10 * i + j, vocab)
+            first = _batches_so_far(server.metrics())
             samples, requests = _load(server, settings, workload, rate, num_requests, seed + i, vocab)
             metrics = server.metrics()
         finally:
             status = max(status, server.stop()[0])
         measured = measured_row(samples)
-        run = served_fit(log_i, workload.mean_prompt_len, workload.mean_output_len)
+        mp, mo = workload.mean_prompt_len, workload.mean_output_len
+        near = served_fit(log_i, mp, mo, 0, first)
+        run = served_fit(log_i, mp, mo, first)
+        ratio = {"served": batch_time_ratio(log_i, served, first), "near": batch_time_ratio(log_i, near, first),
+                 "grid": batch_time_ratio(log_i, grid, first)}
         predictions = {"predicted": predicted_row(served_cfg, requests),
+                       "predicted_near": predicted_row(_with_batch_time(cfg, near), requests),
                        "predicted_grid": predicted_row(grid_cfg, requests),
                        "predicted_run": predicted_row(_with_batch_time(cfg, run), requests)}
         row = {"rate_rps": rate, "load": rate / capacity, "measured": measured, **predictions,
-               "run_fit": {"r2": run.r2, **run.batch_time.to_dict()},
+               "near_fit": {"r2": near.r2, **near.batch_time.to_dict()},
+               "near_capacity_rps": analysis_of(_with_batch_time(cfg, near), workload).max_stable_rate_rps,
+               "run_fit": {"r2": run.r2, **run.batch_time.to_dict()}, "batch_time_ratio": ratio,
                "run_capacity_rps": analysis_of(_with_batch_time(cfg, run), workload).max_stable_rate_rps,
                **{k.replace("predicted", "error"): {q: _error(measured[q], v) for q, v in p.items()}
                   for k, p in predictions.items()}}
         rows.append(row)
-        predicted = predictions["predicted"]
-        log(f"   λ = {rate:.2f} req/s ({rate / capacity:.2f} λ*): TTFT {measured['ttft_s'] * 1e3:.1f} ms measured, "
-            f"{predicted['ttft_s'] * 1e3:.1f} predicted, {row['predicted_run']['ttft_s'] * 1e3:.1f} with the run's "
-            f"batches; TPOT {measured['tpot_s'] * 1e3:.2f} / {predicted['tpot_s'] * 1e3:.2f} / "
-            f"{row['predicted_run']['tpot_s'] * 1e3:.2f} ms; served {measured['served_rps']:.2f} / "
-            f"{predicted['served_rps']:.2f} req/s; {measured['errors']} errors")
+        four = (measured, *(predictions[k] for k in ("predicted", "predicted_near", "predicted_run")))
+        show = lambda key, scale, d: " / ".join(f"{x[key] * scale:.{d}f}" for x in four)
+        log(f"   λ = {rate:.2f} req/s ({rate / capacity:.2f} λ*), measured / simulated with the fit before the runs / "
+            f"just before / the run's batches: TTFT {show('ttft_s', 1e3, 1)} ms; TPOT {show('tpot_s', 1e3, 2)} ms; "
+            f"throughput {show('throughput_rps', 1, 2)} req/s; the run's batches {ratio['served']:.2f} / "
+            f"{ratio['near']:.2f}x those fits, {ratio['grid']:.2f}x the grid's; {measured['errors']} errors "
+            f"{measured['error_kinds'] or ''}")
     over = [r for r in rows if r["load"] > 1.0]
+    # the saturation rate: completions over the whole overloaded run (first arrival to last
+    # completion; the server is busy throughout), and the middle-half served rate for reference
+    top = max(over, key=lambda r: r["rate_rps"]) if over else None
     saturation = {"capacity_rps": capacity, "grid_capacity_rps": grid_capacity,
-                  "measured_rps": max((r["measured"]["served_rps"] for r in over), default=None),
-                  "simulated_rps": max((r["predicted"]["served_rps"] for r in over), default=None),
-                  "run_capacity_rps": over[-1]["run_capacity_rps"] if over else None}
-    if saturation["measured_rps"] is not None:
+                  "measured_rps": top["measured"]["throughput_rps"] if top else None,
+                  "simulated_rps": top["predicted"]["throughput_rps"] if top else None,
+                  "measured_served_rps": top["measured"]["served_rps"] if top else None,
+                  "near_capacity_rps": top["near_capacity_rps"] if top else None,
+                  "run_capacity_rps": top["run_capacity_rps"] if top else None}
+    if top is not None:
         saturation["error"] = _error(saturation["measured_rps"], capacity)
+        saturation["error_near"] = _error(saturation["measured_rps"], saturation["near_capacity_rps"])
     return {"config": str(config_path), "scheduler": cfg.engine["scheduler"], "token_budget": cfg.engine["token_budget"],
-            "requests_per_rate": num_requests, "seed": seed,
+            "requests_per_rate": num_requests, "seed": seed, "calibration_loads": list(calibration_loads),
+            "engine_loop": settings.engine_loop,
             "calibration": {"grid": {"r2": grid.r2, **grid.batch_time.to_dict()},
                             "served": {"r2": served.r2, **served.batch_time.to_dict()}},
             "rows": rows, "saturation": saturation, "server_exit": status,
@@ -337,54 +395,70 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
 
 
 def table(report: dict) -> list[str]:
-    """A Markdown table of the comparison: measured / simulated with the served-batch fit / with the grid fit."""
-    head = ("λ (req/s)", "load", "TTFT p50 ms: meas / sim / grid / run", "err sim / run",
-            "TPOT p50 ms: meas / sim / grid / run", "err sim / run", "throughput req/s: meas / sim",
-            "served req/s: meas / sim / run")
+    """A Markdown table of the comparison: measured / simulated with the calibration before the runs /
+    with the calibration just before the rate / with the rate's own batches (grid: in bench.json)."""
+    head = ("λ (req/s)", "load", "TTFT p50 ms: meas / sim / near / run", "err sim / near / run",
+            "TPOT p50 ms: meas / sim / near / run", "err sim / near / run", "throughput req/s: meas / sim / near",
+            "batches ÷ fit: sim / near")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
-        m, p, g, u, e, eu = (r[k] for k in ("measured", "predicted", "predicted_grid", "predicted_run", "error",
-                                             "error_run"))
-        ms = lambda key, d: " / ".join(f"{x[key] * 1e3:.{d}f}" for x in (m, p, g, u))
-        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {ms('ttft_s', 1)} | {e['ttft_s'] * 100:+.0f} / "
-                     f"{eu['ttft_s'] * 100:+.0f} % | {ms('tpot_s', 2)} | {e['tpot_s'] * 100:+.0f} / "
-                     f"{eu['tpot_s'] * 100:+.0f} % | {m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} | "
-                     f"{m['served_rps']:.2f} / {p['served_rps']:.2f} / {u['served_rps']:.2f} |")
+        m, p, n, u = (r[k] for k in ("measured", "predicted", "predicted_near", "predicted_run"))
+        e, en, eu = (r[k] for k in ("error", "error_near", "error_run"))
+        ms = lambda key, d: " / ".join(f"{x[key] * 1e3:.{d}f}" for x in (m, p, n, u))
+        err = lambda key: " / ".join(f"{x[key] * 100:+.0f}" for x in (e, en, eu)) + " %"
+        ratio = r["batch_time_ratio"]
+        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {ms('ttft_s', 1)} | {err('ttft_s')} | "
+                     f"{ms('tpot_s', 2)} | {err('tpot_s')} | {m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} / "
+                     f"{n['throughput_rps']:.2f} | {ratio['served']:.2f} / {ratio['near']:.2f} |")
     s = report["saturation"]
     lines.append("")
-    lines.append(f"Predicted capacity λ* = {s['capacity_rps']:.2f} req/s from the served-batch fit "
+    lines.append(f"Predicted capacity λ* = {s['capacity_rps']:.2f} req/s from the served-batch fit before the runs "
                  f"({s['grid_capacity_rps']:.2f} from the grid calibration).")
     if s.get("measured_rps") is not None:
-        lines.append(f"Above λ*: served {s['measured_rps']:.2f} req/s measured, {s['simulated_rps']:.2f} simulated "
-                     f"({s['error'] * 100:+.1f} % from λ*); λ* of the overloaded run's own batches: "
+        lines.append(f"At the highest rate: {s['measured_rps']:.2f} req/s completed over the run measured "
+                     f"({s['error'] * 100:+.1f} % from λ*; {s['error_near'] * 100:+.1f} % from the λ* = "
+                     f"{s['near_capacity_rps']:.2f} of the fit just before), {s['simulated_rps']:.2f} simulated; "
+                     f"middle-half served rate {s['measured_served_rps']:.2f} req/s; λ* of the run's own batches "
                      f"{s['run_capacity_rps']:.2f} req/s.")
     return lines
 
 
 def plot(report: dict, path: Path) -> Path:
     """Client-measured against simulated TTFT, time between tokens and throughput, per arrival rate
-    (llmqueue.plots' look: distinct lines, units, the legend off the data, λ* drawn)."""
-    from llmqueue.plots import legend_outside, line_style, plt, save_figure
+    (llmqueue.plots' look: distinct lines, labels with units, the legend off the data, λ* drawn)."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    from llmqueue.plots import legend_outside, line_style, metric_label, plt, save_figure
 
     rows = report["rows"]
     x = [r["rate_rps"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), dpi=110)
-    series = (("measured", "measured (openai client)"), ("predicted", "simulated (served-batch fit)"),
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), dpi=120)
+    series = (("measured", "measured (openai client)"), ("predicted", "simulated (served-batch fit before the runs)"),
+              ("predicted_near", "simulated (served-batch fit just before)"),
               ("predicted_grid", "simulated (grid calibration)"), ("predicted_run", "simulated (the run's own batches)"))
-    for ax, key, label, scale in ((axes[0], "ttft_s", "median time to first token (ms)", 1e3),
-                                  (axes[1], "tpot_s", "median time between tokens (ms)", 1e3),
-                                  (axes[2], "throughput_rps", "throughput (requests/s)", 1.0)):
+    series = tuple((k, what) for k, what in series if all(k in r for r in rows))
+    capacity = report["saturation"]["capacity_rps"]
+    # the client's time between tokens of a request is the simulator's tbt_s (docs/serving.md)
+    ms = lambda key: metric_label(key).replace("(s)", "(ms)")
+    for ax, key, label, scale in ((axes[0], "ttft_s", ms("ttft_s.p50"), 1e3),
+                                  (axes[1], "tpot_s", ms("tbt_s.p50") + ", per request", 1e3),
+                                  (axes[2], "throughput_rps", metric_label("throughput_rps"), 1.0)):
         for i, (name, what) in enumerate(series):
-            ax.plot(x, [r[name][key] * scale for r in rows], label=what, **line_style(i, len(series)))
-        ax.axvline(report["saturation"]["capacity_rps"], color="grey", lw=0.8, ls=":",
-                   label=f"predicted λ* = {report['saturation']['capacity_rps']:.1f} requests/s")
-        ax.set_xlabel("arrival rate (requests/s)")
+            ax.plot(x, [r[name][key] * scale for r in rows], linewidth=1.4, label=what, **line_style(i, len(series)))
+        ax.axvline(capacity, color="k", linestyle=":", linewidth=1,
+                   label=f"predicted λ* = {capacity:.1f} requests/s")
+        ax.set_xlabel("arrival rate λ (requests/s)")
         ax.set_ylabel(label)
-        if key == "ttft_s":
+        if key != "throughput_rps":
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.grid(True, which="both", alpha=0.3)
     legend_outside(axes[-1])
-    fig.suptitle(f"llmqueue serve ({report['scheduler']}, b_max = {report['token_budget']}): client-measured vs "
-                 "simulated", fontsize=10)
+    engine = report.get("engine_loop", "thread")
+    fig.suptitle(f"llmqueue serve ({report['scheduler']}, b_max = {report['token_budget']}, engine in its own "
+                 f"{engine}): client-measured vs simulated", fontsize=10)
     return save_figure(fig, path)
 
 
@@ -408,8 +482,15 @@ def main(args) -> int:
         raise LlmqueueError(f"--repeats: {args.repeats} is not allowed: an integer >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        ramp = tuple(float(x) for x in args.calibration_loads.split(",") if x.strip())
+    except ValueError:
+        ramp = ()
+    if not ramp or min(ramp) <= 0 or not all(np.isfinite(ramp)):
+        raise LlmqueueError(f"--calibration-loads: {args.calibration_loads!r} is not allowed: comma-separated "
+                            "numbers > 0")
     report = run_bench(args.config, args.set, rates, loads, args.requests, args.seed, args.repeats, out,
-                       log=lambda line: print(line, file=sys.stderr))
+                       log=lambda line: print(line, file=sys.stderr), calibration_loads=ramp)
     write_json(out / "bench.json", report)
     lines = table(report)
     write_text(out / "bench.md", "\n".join(lines) + "\n")

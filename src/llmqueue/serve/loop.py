@@ -18,6 +18,9 @@ batches with :func:`withdraw`.
 
 Admission control: at most ``max_waiting`` requests may wait for their first token; beyond
 that :meth:`EngineLoop.submit` raises :class:`QueueFull` (the server answers 429).
+
+By default the server runs this loop in a process of its own (:mod:`llmqueue.serve.worker`,
+``serve.engine_loop = "process"``); as a thread of the server (``"thread"``) it shares the GIL.
 """
 
 from __future__ import annotations

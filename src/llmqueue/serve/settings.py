@@ -32,10 +32,12 @@ class ServeSettings:
     default_max_tokens: int = 16       # completions without max_tokens (OpenAI's default)
     max_tokens: int = 4096             # most output tokens one request may ask for
     shutdown_timeout_s: float = 10.0   # on SIGINT/SIGTERM, requests in flight get this long to finish
+    engine_loop: str = "process"       # "process": the engine in its own process; "thread": in the server's
 
 
 _INT_KEYS = {"max_waiting": 1, "max_body_bytes": 64, "default_max_tokens": 1, "max_tokens": 1}
 _FLOAT_KEYS = ("body_timeout_s", "request_timeout_s", "shutdown_timeout_s")
+ENGINE_LOOPS = ("process", "thread")
 
 
 def serve_settings(spec: Mapping | None, field: str = "serve") -> ServeSettings:
@@ -50,6 +52,9 @@ def serve_settings(spec: Mapping | None, field: str = "serve") -> ServeSettings:
             value = integer(value, f"{field}.{key}", _INT_KEYS[key])
         elif key in _FLOAT_KEYS:
             value = number(value, f"{field}.{key}", above=0)
+        elif key == "engine_loop":
+            if value not in ENGINE_LOOPS:
+                raise ConfigError(f"{field}.{key}", value, f"one of {', '.join(ENGINE_LOOPS)}")
         elif not isinstance(value, str) or not value or len(value) > 256:
             raise ConfigError(f"{field}.{key}", value, "a non-empty string of at most 256 characters")
         values[key] = value
