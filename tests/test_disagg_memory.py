@@ -182,6 +182,10 @@ def test_tight_decode_memory_slows_decoding():
     assert tight["decode_kv"]["preemptions"] > 0 and tight["decode_kv"]["memory_limited_batches"] > 0
     assert tight["decode_kv"]["peak_utilisation"] <= 1.0
     assert all(r["summary"]["kv"]["kv_blocks"] == 700 for r in tight["decode"]["replicas"])
+    # memory leaves Theorem 2 an upper bound: below it nothing is predicted (pool and replicas)
+    assert plain["decode"]["pool"]["predicted"] == "stable"
+    assert tight["decode"]["pool"]["predicted"] == "not predicted"
+    assert {r["summary"]["predicted"] for r in tight["decode"]["replicas"]} == {"not predicted (memory)"}
 
 
 def test_decode_memory_too_small_for_the_longest_request_names_the_key():

@@ -173,7 +173,7 @@ def run_disagg(cfg: DisaggConfig) -> DisaggRun:
     if _has_memory(cfg.decode):
         check_decode_memory(cfg, requests.num_prompt_tokens[goes] + outputs[goes])
         dec = simulate_decode_memory(cfg.decode, decode_requests, requests.num_prompt_tokens[goes])
-        dec_run = summarize_pool(_without_memory(cfg.decode), dec, stage)
+        dec_run = _hedged(cfg.decode, summarize_pool(_without_memory(cfg.decode), dec, stage), stage)
     else:
         dec = simulate_pool(cfg.decode, decode_requests)
         dec_run = summarize_pool(cfg.decode, dec, stage)
@@ -267,6 +267,28 @@ def _without_memory(pool: ClusterConfig) -> ClusterConfig:
         return Config({**config.data, "engine": engine}, config.base_dir, config.run)
 
     return replace(pool, replicas=tuple(Replica(r.name, bare(r.config)) for r in pool.replicas))
+
+
+def _hedged(pool: ClusterConfig, run, stage: StageWorkload):
+    """``run`` (summarised without memory) with the predictions of a pool with memory: the pool's from
+    :func:`~llmqueue.cluster.capacity.pool_capacity` of the real config, and no ``stable`` for a
+    replica with memory (Theorem 2 is then only an upper bound)."""
+    from dataclasses import replace
+
+    from llmqueue.cluster.capacity import pool_capacity
+    from llmqueue.metrics import STABLE
+
+    cap = pool_capacity(pool, stage)
+    s = run.summary
+    s["capacity"] = cap.to_dict()
+    s["pool"]["predicted"], s["pool"]["predicted_reason"] = cap.predicted, cap.reason
+    for rep, r in zip(pool.replicas, s["replicas"]):
+        if rep.config.engine.get("kv_blocks") is not None and r["summary"].get("predicted") == STABLE:
+            r["summary"]["predicted"] = "not predicted (memory)"
+            r["summary"]["predicted_reason"] = ("below Theorem 2's capacity, but with KV memory it is only an upper "
+                                                "bound (the memory bounds of docs/memory.md assume a replica that "
+                                                "also prefills)")
+    return replace(run, capacity=cap)
 
 
 def simulate_decode_memory(pool: ClusterConfig, requests: Requests, prompts: np.ndarray):
