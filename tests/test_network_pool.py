@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import copy
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from llmqueue.errors import ConfigError
 from llmqueue.network import analyze_network, load_network, parse_network, simulate_network, summarize_network
 from llmqueue.network.fast import reason
 
+PREFIX = Path(__file__).resolve().parents[1] / "examples" / "network_prefix.toml"
 ROUTERS = ("round-robin", "random", "jsq", "least-tokens", "power-of-d", "affinity")
 POOL_KEYS = {"router", "router_kind", "report_delay_s", "replicas_count", "pooled_capacity_tokens_per_s",
              "pool_reason", "replicas_unstable", "replicas"}
@@ -284,3 +286,38 @@ def test_bad_pool_input_is_one_line_naming_the_key(capsys, tmp_path, pool, field
     assert main(["network", "simulate", "agent-loop", *sets]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("llmqueue: ") and field in err[0] and "Traceback" not in err[0]
+
+
+# ---- memory and prefix caching per replica -----------------------------------------------------
+
+def test_pool_replicas_with_memory_report_their_own_kv_and_least_kv_reads_it():
+    data = data_of("agent-loop", "run.horizon_s=120", "engines.llm.kv_blocks=300")
+    r = simulate_network(parse_network(pooled(data, replicas=2, router="least-kv", report_delay_s=0.1)))
+    s = summarize_network(r)
+    e = s["engines"][0]
+    assert "kv" not in e and all("kv" in x["summary"] for x in e["replicas"])
+    assert s["network"]["kv"]["engines"] == ["llm.r0", "llm.r1"]
+    assert s["network"]["kv"]["preemptions"] == sum(x["summary"]["kv"]["preemptions"] for x in e["replicas"])
+    assert min(x["share"] for x in e["replicas"]) > 0.3
+
+
+def test_affinity_keeps_each_agents_context_cached_on_its_replica():
+    """With prefix caching, session affinity finds the previous step's context on the job's replica;
+    jsq and round robin scatter the steps and almost never do (docs/network.md, "Pools as engines")."""
+    sets = ["engines.llm.replicas=4", "run.horizon_s=200", "network.load=1.2"]
+    hit = {}
+    for router in ("affinity", "jsq"):
+        s = summarize_network(simulate_network(load_network(PREFIX,
+                                                            [*sets, f"engines.llm.router={router}"])))
+        hit[router] = s["network"]["kv"]["prefix_caching"]["hit_rate"]
+    assert hit["affinity"] > 0.6 and hit["jsq"] < 0.15, hit
+
+
+def test_heterogeneous_pool_runs_each_replica_with_its_own_engine():
+    data = pooled(chat(0.6, horizon=200.0), replicas=[{"count": 1}, {"count": 1, "name": "small", "token_budget": 256,
+                                                                     "scheduler": "orca"}], router="jsq")
+    s = summarize_network(simulate_network(parse_network(data)))
+    reps = s["engines"][0]["replicas"]
+    assert [(x["replica"], x["scheduler"], x["token_budget"]) for x in reps] == [("r0", "sarathi", 512),
+                                                                                ("small", "orca", 256)]
+    assert reps[0]["share"] > reps[1]["share"] > 0.1 and s["engines"][0]["scheduler"] == "pool"
