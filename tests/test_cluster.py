@@ -506,7 +506,7 @@ def test_plan_splits_gpus_by_the_pools_capacities():
     ({"kv_bytes_per_token": 1.0}, "cluster.link_bytes_per_s", "given with the other"),
     ({"link_bytes_per_s": 0, "kv_bytes_per_token": 1.0}, "cluster.link_bytes_per_s", "> 0"),
     ({"decode": {"replicas": 0}}, "cluster.decode.replicas", "at least 1 replica"),
-    ({"decode": {"replicas": [{"kv_blocks": 400}]}}, "cluster.decode.replicas", "without engine.kv_blocks"),
+    ({"prefill": {"replicas": [{"kv_blocks": 400}]}}, "cluster.prefill.replicas", "without engine.kv_blocks"),
     ({"prefill": {"replicas": 2, "router": "fastest"}}, "cluster.prefill.router", "one of round-robin"),
     ({"bandwidth": 1}, "cluster.bandwidth", "a known key"),
 ])
