@@ -28,6 +28,33 @@ from llmqueue.cluster.routers import SessionAffinity
 from llmqueue.metrics import STABLE, UNSTABLE
 
 
+def mg1_sojourn(rho: float, service_cv2: float) -> float:
+    """Mean time in system of an M/G/1 FCFS queue, in mean services (Pollaczek–Khinchine):
+    1 + ρ(1 + c²) / (2(1 − ρ)); c² the squared coefficient of variation of the service.  What a
+    replica behind random routing is when it serves one request at a time (Poisson splitting)."""
+    if not 0 <= rho < 1:
+        return float("inf")
+    return 1.0 + rho * (1.0 + service_cv2) / (2.0 * (1.0 - rho))
+
+
+def supermarket_sojourn(rho: float, d: int = 2, terms: int = 64) -> float:
+    """Mean time in system under power of d choices, in mean services, in Mitzenmacher's limit of
+    infinitely many exponential servers (the supermarket model, 2001):
+    Σ_{i≥1} ρ^((d^i − d)/(d − 1)); d = 1 is M/M/1's 1/(1 − ρ)."""
+    if not 0 <= rho < 1:
+        return float("inf")
+    if d == 1:
+        return 1.0 / (1.0 - rho)
+    total = 0.0
+    for i in range(1, terms + 1):
+        power = (d ** i - d) / (d - 1)
+        term = rho ** power
+        total += term
+        if term < 1e-16:
+            break
+    return total
+
+
 @dataclass(frozen=True)
 class PoolCapacity:
     router: str

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 from llmqueue.plots import legend_outside, line_style, save_figure
@@ -216,4 +217,25 @@ def memory(rows: Sequence[dict], path: Path) -> Path:
     ax.set_title("Largest stable rate with KV memory: simulation against the closed form", fontsize=10)
     legend_outside(ax)
     ax.grid(True, axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def routers(points: dict, path: Path) -> Path:
+    """The unbatched pool's mean time in system per router against the load, with the closed forms."""
+    loads = sorted(points)
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    lines = [("random", "random"), ("power_of_two", "power of two"), ("jsq", "JSQ"),
+             ("mg1", "M/G/1 (Pollaczek–Khinchine)"), ("supermarket", "supermarket limit, d = 2")]
+    for i, (key, label) in enumerate(lines):
+        ys = [points[x][key] for x in loads]
+        style = line_style(i, 3) if i < 3 else {**line_style(i - 3, 3), "linestyle": ":", "lw": 1.2, "marker": None}
+        ax.plot(loads, [np.nan if y is None else y for y in ys], label=label, **style)   # a closed form: its router's colour, dotted
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("load ρ (of the pooled capacity)")
+    ax.set_ylabel("mean time in system / mean service (log scale)")
+    ax.set_title("16 replicas serving one request at a time: routers against routing theory", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    legend_outside(ax)
     return save_figure(fig, path)

@@ -1,7 +1,8 @@
 """The runs behind ``llmqueue reproduce``, as tasks for the sweep executors (docs/reproduce.md).
 
-A job is a JSON-able dict: ``kind`` = ``single`` (a single-engine config, arXiv 2504.07347 §3, §4, §6) or
-``network`` (a network scenario with ``--set`` overrides, arXiv 2504.07347 §5), plus what to keep of
+A job is a JSON-able dict: ``kind`` = ``single`` (a single-engine config, arXiv 2504.07347 §3, §4, §6),
+``network`` (a network scenario with ``--set`` overrides, arXiv 2504.07347 §5) or ``cluster`` (a
+pool or prefill/decode config, docs/cluster.md), plus what to keep of
 the run beyond its summary (a time series, the served (prefill, decode) rates, the steady
 batch shapes).  :func:`run_job` runs one in a worker; the driver stores its outcome in the
 sweep store, keyed by the job's hash, so an interrupted reproduction resumes where it stopped.
@@ -33,7 +34,8 @@ def run_job(task: Task) -> dict[str, Any]:
     """Run one job (in a worker) and return the sweep outcome; its ``summary`` is the job's result."""
     start = time.perf_counter()
     job = task.data
-    result = _network(job, task.seed) if job["kind"] == "network" else _single(job, task.seed)
+    kinds = {"network": _network, "cluster": _cluster}
+    result = kinds.get(job["kind"], _single)(job, task.seed)
     return {"status": OK, "summary": result, "error": None, "wall_s": time.perf_counter() - start,
             "version": __version__}
 
@@ -95,6 +97,26 @@ def _network(job: dict, seed: int) -> dict:
                             "total_backlog_tokens": _floats(path.remaining_tokens(model)),
                             **{f"{e}_backlog_tokens": _floats(engines[:, j]) for j, e in enumerate(model.engines)}}
     return out
+
+
+def _cluster(job: dict, seed: int) -> dict:
+    """A pool (docs/cluster.md) or a prefill/decode pair: its summary without wall times."""
+    from llmqueue.cluster import parse_cluster, run_pool
+    from llmqueue.cluster.disagg import is_disaggregated, parse_disagg, run_disagg
+
+    data = {**job["config"], "run": {**job["config"].get("run", {}), "seed": seed}}
+    out = (run_disagg(parse_disagg(data, Path("."))) if is_disaggregated(data)
+           else run_pool(parse_cluster(data, Path(".")))).summary
+    return _without_wall(out)
+
+
+def _without_wall(value):
+    """``value`` without its ``wall_s`` entries, at any depth (machine-dependent: kept apart)."""
+    if isinstance(value, dict):
+        return {k: _without_wall(v) for k, v in value.items() if k != "wall_s"}
+    if isinstance(value, list):
+        return [_without_wall(v) for v in value]
+    return value
 
 
 def _floats(values: np.ndarray) -> list[float]:

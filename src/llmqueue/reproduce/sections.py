@@ -56,6 +56,11 @@ class Scale:
     mem_blocks: tuple[int, ...] = (1000, 2000, 3000)
     mem_dc_horizon: float = 300.0
     mem_seeds: int = 3
+    cl_loads: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
+    cl_horizon: float = 600.0       # the unbatched pools (routing theory)
+    cl_long: float = 3600.0         # Fig. 1 pools: random vs independent engines, the mixed pool
+    cl_seeds: int = 3
+    cl_pd_horizon: float | None = None   # the P:D scenarios (None: their own 300 s)
 
 
 SCALES = {
@@ -64,18 +69,22 @@ SCALES = {
                   sat_budgets=(128, 256, 384, 512, 768, 1024, 1536, 2048), sat_horizon=1200.0, pointc_horizon=3600.0,
                   rs_seeds=5, rs_horizon=6000.0, topo_seeds=3, topo_horizon=3600.0,
                   lat_budgets=(128, 256, 512, 1024, 2048), lat_loads=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9), lat_horizon=1800.0,
-                  mem_blocks=(1000, 2000, 2500, 3000), mem_dc_horizon=600.0, mem_seeds=3),
+                  mem_blocks=(1000, 2000, 2500, 3000), mem_dc_horizon=600.0, mem_seeds=3,
+                  cl_loads=(0.5, 0.7, 0.8, 0.9), cl_horizon=600.0, cl_long=3600.0, cl_seeds=5),
     "quick": Scale("quick", fig1_loads=FIG1_LOADS, fig1_seeds=2, fig1_horizon=1200.0, thm2_loads=(0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4),
                    thm2_seeds=3, thm2_horizon=1200.0, maxrate_seeds=2, maxrate_rel_tol=0.02, maxrate_horizon=3600.0,
                    sat_budgets=(128, 512, 1024, 2048), sat_horizon=600.0, pointc_horizon=1800.0,
                    rs_seeds=1, rs_horizon=6000.0, topo_seeds=1, topo_horizon=3600.0,
                    lat_budgets=(128, 512, 2048), lat_loads=(0.3, 0.6, 0.8, 0.9), lat_horizon=1200.0,
-                   mem_blocks=(1000, 2000, 3000), mem_dc_horizon=200.0, mem_seeds=2),
+                   mem_blocks=(1000, 2000, 3000), mem_dc_horizon=200.0, mem_seeds=2,
+                   cl_loads=(0.7, 0.9), cl_horizon=300.0, cl_long=1200.0, cl_seeds=3),
     "smoke": Scale("smoke", fig1_loads=FIG1_LOADS, fig1_seeds=1, fig1_horizon=60.0, thm2_loads=(0.6, 1.0, 1.4), thm2_seeds=1, thm2_horizon=60.0,
                    maxrate_seeds=1, maxrate_rel_tol=0.25, maxrate_horizon=60.0, sat_budgets=(128, 512), sat_horizon=30.0,
                    pointc_horizon=60.0, rs_seeds=1, rs_horizon=300.0, topo_seeds=1, topo_horizon=200.0,
                    lat_budgets=(128, 512), lat_loads=(0.5, 0.8), lat_horizon=60.0,
-                   mem_blocks=(2000,), mem_dc_horizon=10.0, mem_seeds=1),
+                   mem_blocks=(2000,), mem_dc_horizon=10.0, mem_seeds=1,
+                   cl_loads=(0.9,), cl_horizon=20.0, cl_long=30.0, cl_seeds=1,
+                   cl_pd_horizon=30.0),
 }
 
 
@@ -912,6 +921,193 @@ class Memory(Section):
             plots=[("memory_max_rate.png", "Bisection brackets against λ_mem, the fluid sufficient bound and λ*.")])
 
 
+# ---- 9. Clusters ------------------------------------------------------------------------
+
+#: One token per batch (budget 1, 10 ms batches, Sarathi's FCFS): each replica serves one request
+#: at a time, a service of 1 + o batches, o geometric with mean 9: 0.1 s on average.
+UNBATCHED_POOL = {
+    "engine": {"scheduler": "sarathi", "token_budget": 1, "batch_time": {"model": "constant", "duration_ms": 10.0}},
+    "workload": {"arrival": "poisson", "prompt": {"dist": "fixed", "value": 1},
+                 "output": {"dist": "geometric", "mean": 9}},
+    "cluster": {"replicas": 16},
+}
+CL_ROUTERS = ("random", "power-of-d", "jsq")
+PD_SPLITS = ("pd-2-6", "pd-4-4", "pd-6-2")
+
+
+def _cluster_job(data: dict, horizon: float | None = None) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    if horizon is not None:
+        data["run"] = {**data.get("run", {}), "horizon_s": horizon}
+    return {"kind": "cluster", "config": data}
+
+
+def _unbatched(load: float, router: str, horizon: float) -> dict:
+    data = {**UNBATCHED_POOL, "workload": {**UNBATCHED_POOL["workload"], "load": load},
+            "cluster": {**UNBATCHED_POOL["cluster"], "router": router}}
+    return _cluster_job(data, horizon)
+
+
+def _service_moments() -> tuple[float, float]:
+    """The unbatched pool's service, in batches: its mean and squared coefficient of variation,
+    from the workload's own output distribution (10^6 draws, a fixed seed)."""
+    from llmqueue.config import parse_config
+    from llmqueue.runner import build_workload
+
+    single = {k: v for k, v in UNBATCHED_POOL.items() if k != "cluster"}
+    wl = build_workload(parse_config({**single, "workload": {**single["workload"], "rate": 1.0}}))
+    o = wl.generate(0, num_requests=1_000_000).num_output_tokens.astype(float)
+    service = 1.0 + o
+    return float(service.mean()), float(service.var() / service.mean() ** 2)
+
+
+class Clusters(Section):
+    key, title = "clusters", "9. Clusters: routers, pooled capacity and prefill/decode disaggregation"
+    claim = ("Beyond the paper, whose model is one engine: a pool of replicas, each the paper's engine, behind a router "
+             "(docs/cluster.md). Routing theory checked on the simulator: random routing splits a Poisson stream, so "
+             "each replica is an independent engine at λ/N (with one request served at a time, an M/G/1 queue: "
+             "Pollaczek–Khinchine); power of two choices comes close to Mitzenmacher's supermarket limit "
+             "Σ ρ^(2^i − 2) and far below random, JSQ lower still; on a mixed pool at 0.8 of the pooled capacity "
+             "equal-weight random routing overloads the slow replicas while JSQ keeps every replica stable; and a "
+             "prefill/decode split is stable exactly where both pools' Theorem 2 capacities carry the load.")
+
+    def jobs(self, s):
+        from llmqueue.cluster.scenarios import scenario_data as cluster_scenario
+
+        out = []
+        for load in s.cl_loads:
+            for router in CL_ROUTERS:
+                out += [(f"unbatched/{load}/{router}", _unbatched(load, router, s.cl_horizon), seed)
+                        for seed in range(s.cl_seeds)]
+        for seed in range(s.cl_seeds):
+            out.append(("identical/pool", _cluster_job(cluster_scenario("pool-random"), s.cl_long), seed))
+            out.append(("identical/engine", single_job(scenario_config("fig1", scheduler="sarathi", load=0.9,
+                                                                       horizon=s.cl_long)), 1000 + seed))
+            mixed = cluster_scenario("pool-heterogeneous")
+            for router in ("random", "jsq"):
+                mixed["cluster"]["router"] = router
+                out.append((f"mixed/{router}", _cluster_job(mixed, s.cl_long), seed))
+        for name in PD_SPLITS:
+            out.append((name, _cluster_job(cluster_scenario(name), s.cl_pd_horizon), 0))
+        return out
+
+    def assemble(self, s, got, searched, plots):
+        from llmqueue.cluster.capacity import mg1_sojourn, supermarket_sojourn
+        from llmqueue.cluster.disagg import load_disagg, plan
+
+        mean_service, cv2 = _service_moments()
+        numbers: dict[str, Any] = {"service_batches_mean": mean_service, "service_cv2": cv2}
+        checks: list[bool] = []
+        urows, points = [], {}
+        tol_pk, tol_sm = (0.15, 0.25) if s.name != "smoke" else (1.0, 1.0)
+        for load in s.cl_loads:
+            got_means = {}
+            for router in CL_ROUTERS:
+                runs = [got(f"unbatched/{load}/{router}", seed) for seed in range(s.cl_seeds)]
+                e2e = [r["pool"]["e2e_s"]["mean"] for r in runs if r and r["pool"]["e2e_s"]]
+                got_means[router] = None if not e2e else float(np.mean(e2e)) / (mean_service * 0.01)
+            pk, sm = mg1_sojourn(load, cv2), supermarket_sojourn(load, 2)
+            r, p, j = got_means["random"], got_means["power-of-d"], got_means["jsq"]
+            ok = (None not in (r, p, j) and abs(r / pk - 1) <= tol_pk and abs(p / sm - 1) <= tol_sm
+                  and j <= p < r)
+            checks.append(ok)
+            numbers[f"unbatched/{load}"] = {"random": r, "power_of_two": p, "jsq": j, "mg1": pk, "supermarket": sm,
+                                            "agrees": ok}
+            points[load] = numbers[f"unbatched/{load}"]
+            urows.append([f"{load:g}", num(r), num(pk), num(p), num(sm), num(j), "yes" if ok else "NO"])
+        if points:
+            figures.routers(points, plots / "cluster_routers.png")
+        # random to N identical replicas against one engine at λ/N
+        pool_runs = [got("identical/pool", seed) for seed in range(s.cl_seeds)]
+        engine_runs = [got("identical/engine", 1000 + seed) for seed in range(s.cl_seeds)]
+        rep_e2e = [rr["summary"]["e2e_s"]["mean"] for r in pool_runs if r for rr in r["replicas"]]
+        eng_e2e = [r["e2e_s"]["mean"] for r in engine_runs if r]
+        ident = {"replica_e2e_mean_s": mean(rep_e2e), "engine_e2e_mean_s": mean(eng_e2e),
+                 "replica_verdicts": verdict_counts([rr["summary"] for r in pool_runs if r for rr in r["replicas"]]),
+                 "engine_verdicts": verdict_counts(engine_runs)}
+        tol_id = 0.05 if s.name != "smoke" else 1.0
+        ident["agrees"] = bool(rep_e2e and eng_e2e and abs(ident["replica_e2e_mean_s"] / ident["engine_e2e_mean_s"] - 1)
+                               <= tol_id)
+        checks.append(ident["agrees"])
+        numbers["identical"] = ident
+        # the mixed pool
+        mrows = []
+        for router in ("random", "jsq"):
+            runs = [got(f"mixed/{router}", seed) for seed in range(s.cl_seeds)]
+            ok_runs = [r for r in runs if r]
+            pool_v = verdict_counts([r["pool"] for r in ok_runs])
+            slow_v = verdict_counts([rr["summary"] for r in ok_runs for rr in r["replicas"]
+                                     if rr["replica"].startswith("slow")])
+            shares = [[rr["share"] for rr in r["replicas"]] for r in ok_runs]
+            numbers[f"mixed/{router}"] = {"pool": pool_v, "slow_replicas": slow_v,
+                                          "shares": None if not shares else np.mean(shares, axis=0).tolist()}
+            want = UNSTABLE_V if router == "random" else "stable"
+            ok = bool(ok_runs) and all_are([r["pool"] for r in ok_runs], want) and (
+                router == "jsq" or all_are([rr["summary"] for r in ok_runs for rr in r["replicas"]
+                                            if rr["replica"].startswith("slow")], UNSTABLE_V))
+            checks.append(ok or s.name == "smoke")
+            mrows.append([router, show_counts(pool_v), show_counts(slow_v),
+                          " / ".join(f"{100 * x:.0f} %" for x in numbers[f"mixed/{router}"]["shares"] or []),
+                          "yes" if ok else "NO"])
+        # prefill/decode splits of 8 GPUs
+        prows = []
+        planned = {f"{p['prefill']}:{p['decode']}": p for p in plan(load_disagg(PD_SPLITS[0]), 8)}
+        for name in PD_SPLITS:
+            run = got(name, 0)
+            split = name.removeprefix("pd-").replace("-", ":")
+            lam_pd = planned[split]["max_stable_rate_rps"]
+            rate = None if run is None else run["arrival_rate"]
+            expect = None if rate is None else ("stable" if rate < lam_pd else UNSTABLE_V)
+            verdict = None if run is None else run["verdict"]
+            ok = verdict is not None and verdict == expect
+            checks.append(ok or s.name == "smoke")
+            numbers[name] = {"lambda_pd_rps": lam_pd, "binds": planned[split]["binding"], "rate_rps": rate,
+                             "verdict": verdict, "expected": expect}
+            prows.append([split, num(planned[split]["prefill_rate_rps"]), num(planned[split]["decode_rate_rps"]), num(lam_pd),
+                          planned[split]["binding"], num(rate), verdict or "—", "yes" if ok else "NO"])
+        verdict = REPRODUCED if all(checks) else DIFFERS
+        u = numbers.get(f"unbatched/{s.cl_loads[-1]}", {})
+        text = (f"Unbatched pools of 16 (service {num(mean_service * 0.01, 3)} s, c² = {num(cv2, 3)}): at ρ = "
+                f"{s.cl_loads[-1]:g} random routing gives {num(u.get('random'))} mean services against "
+                f"Pollaczek–Khinchine's {num(u.get('mg1'))}, power of two {num(u.get('power_of_two'))} against the "
+                f"supermarket limit {num(u.get('supermarket'))}, JSQ {num(u.get('jsq'))}; "
+                f"{sum(1 for l in s.cl_loads if numbers[f'unbatched/{l}']['agrees'])} of {len(s.cl_loads)} loads "
+                f"agree within {tol_pk:.0%} / {tol_sm:.0%}. Random routing to 8 Fig. 1 replicas at 0.9·λ* each: mean "
+                f"E2E {num(ident['replica_e2e_mean_s'])} s per replica against {num(ident['engine_e2e_mean_s'])} s "
+                f"for one engine at λ/8 ({'agrees' if ident['agrees'] else 'does NOT agree'} within {tol_id:.0%}). "
+                f"Mixed pool at 0.8 of the pooled capacity: random {show_counts(numbers['mixed/random']['pool'])}, "
+                f"its slow replicas {show_counts(numbers['mixed/random']['slow_replicas'])}; JSQ "
+                f"{show_counts(numbers['mixed/jsq']['pool'])}. P:D splits of 8 GPUs at "
+                f"{num(numbers[PD_SPLITS[0]]['rate_rps'])} requests/s: "
+                + ", ".join(f"{n.removeprefix('pd-').replace('-', ':')} {numbers[n]['verdict']} (λ*_PD "
+                            f"{num(numbers[n]['lambda_pd_rps'])})" for n in PD_SPLITS) + ".")
+        return self.result(
+            config="# unbatched pools (routing theory):\n" + _toml(UNBATCHED_POOL)
+                   + f"\n# varied: workload.load = {', '.join(f'{x:g}' for x in s.cl_loads)} (of the pooled λ*); "
+                     f"cluster.router = {', '.join(CL_ROUTERS)}; run.horizon_s = {s.cl_horizon:g}; seeds "
+                     f"0..{s.cl_seeds - 1}\n\n# and the cluster scenarios pool-random (against fig1 at 0.9·λ*), "
+                     f"pool-heterogeneous (random, jsq), {s.cl_long:g} s, and {', '.join(PD_SPLITS)} "
+                     "(llmqueue cluster scenarios)",
+            verdict=verdict, verdict_text=text, numbers=numbers,
+            tables=[Table("Unbatched pool of 16 replicas: mean time in system in mean services (mean over seeds) "
+                          "against the closed forms. P–K: M/G/1 (Pollaczek–Khinchine) with the service's own c²; "
+                          "supermarket: Mitzenmacher's d = 2 limit (exponential service, N → ∞).",
+                          ["ρ", "random", "M/G/1 (P–K)", "power of two", "supermarket limit", "JSQ", "agrees"],
+                          urows),
+                    Table("Mixed pool: 2 replicas and 2 of half their speed at 0.8 of the pooled capacity "
+                          "(verdicts over seeds; shares of the arrivals fast, fast, slow, slow).",
+                          ["router", "pool", "slow replicas", "shares", "as predicted"], mrows),
+                    Table("Prefill/decode splits of 8 identical GPUs (llmqueue cluster plan): each pool's Theorem 2 "
+                          "rate, the split's λ*_PD = min of the two, and the simulated verdict at the scenarios' rate.",
+                          ["P:D", "prefill req/s", "decode req/s", "λ*_PD req/s", "binds", "rate req/s",
+                           "verdict", "as predicted"], prows)],
+            plots=[("cluster_routers.png", "Mean time in system (in mean services) of the unbatched pool against "
+                                           "the load, per router, with the two closed forms.")])
+
+
+UNSTABLE_V = "unstable"
+
+
 def _thrash_config(scheduler: str, horizon: float) -> dict:
     data = scenario_config("theorem2", scheduler=scheduler, load=0.5, horizon=horizon)
     data["engine"]["kv_blocks"] = 600
@@ -927,4 +1123,5 @@ def _config_block(scenario: str, varied: list[str]) -> str:
     return scenario_text(scenario).strip() + "\n\n# varied:\n" + "\n".join(f"#   {v}" for v in varied)
 
 
-SECTIONS: list[Section] = [Fig8(), Fig1(), Theorem2(), BatchTimeModels(), Region(), Networks(), Latency(), Memory()]
+SECTIONS: list[Section] = [Fig8(), Fig1(), Theorem2(), BatchTimeModels(), Region(), Networks(), Latency(), Memory(),
+                           Clusters()]
