@@ -294,44 +294,20 @@ def _hedged(pool: ClusterConfig, run, stage: StageWorkload):
 def simulate_decode_memory(pool: ClusterConfig, requests: Requests, prompts: np.ndarray):
     """:func:`~llmqueue.cluster.sim.simulate_pool` for a decode pool with KV memory: request i (one
     token and v_d − 1 outputs) arrives with its ``prompts[i]`` transferred tokens computed.  Each
-    replica's engine sees v_p + 1 prompt tokens, v_p of them computed (``Engine.transferred_prompts``),
-    on the reference loop; the result's request arrays keep the one-token prompts, so the summaries
+    replica's engine sees v_p + 1 prompt tokens, v_p of them computed (``Engine.transferred_prompts``,
+    on the reference loop); the result's request arrays keep the one-token prompts, so the summaries
     count only the work the decode replica does."""
-    import time
-
-    from llmqueue.cluster import sim
-    from llmqueue.core.simulator import simulate
+    from llmqueue.cluster.sim import simulate_pool
     from llmqueue.runner import build_engine
 
-    started = time.perf_counter()
-    router = sim.build_router(pool)
-    router.capacities = np.asarray(sim.capacities_of(pool))
     engines = [build_engine(r.config) for r in pool.replicas]
     for e in engines:
         e.transferred_prompts = e.kv is not None
     full = Requests(requests.arrival_time, requests.num_prompt_tokens + prompts, requests.num_output_tokens)
-    horizon = sim.pool_horizon(pool, full)
-    session = sim.sessions_of(pool, len(full))
-    rc = pool.base.run
-    if router.static:
-        replica = np.asarray(router.assign(full.num_prompt_tokens, full.num_output_tokens, session), dtype=np.int64)
-        parts = [np.flatnonzero(replica == j) for j in range(len(engines))]
-        results = []
-        for engine, idx in zip(engines, parts):
-            sub = Requests(full.arrival_time[idx], full.num_prompt_tokens[idx], full.num_output_tokens[idx])
-            results.append(simulate(engine, sub, horizon_s=None if rc.drain else horizon, drain=rc.drain,
-                                    record_batches=rc.record_batches, method="reference" if engine.kv else rc.method))
-            if not rc.drain:
-                results[-1].end_time = horizon
-    else:
-        replica, results, parts = sim._dynamic(pool, router, engines, full, session, horizon)
-    for idx, result in zip(parts, results):   # the one-token prompts the summaries count
+    out = simulate_pool(pool, full, engines=engines)
+    for idx, result in zip(out.replica_requests, out.results):   # the one-token prompts the summaries count
         result.num_prompt_tokens = requests.num_prompt_tokens[idx]
-    end = horizon if not rc.drain else max([r.end_time for r in results] + [
-        float(requests.arrival_time[-1]) if len(requests) else 0.0])
-    out = sim.PoolResult(requests, replica, results, parts, end, pool.router, session)
-    out.wall_s = time.perf_counter() - started
-    out.meta["method"] = sorted({r.meta.get("method", "fast") for r in results})
+    out.requests = requests
     return out
 
 

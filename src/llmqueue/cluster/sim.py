@@ -91,17 +91,21 @@ def _subset(requests: Requests, idx: np.ndarray) -> Requests:
 
 
 def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | None = None,
-                  compiled: bool | None = None) -> PoolResult:
+                  compiled: bool | None = None, engines: list | None = None) -> PoolResult:
     """Route ``requests`` to the pool's replicas and simulate them (module note).  ``compiled``:
     the compiled pool loop for a built-in dynamic router (None: wherever it can run; False: the
-    Python loop over steppers; True: it or an error)."""
+    Python loop over steppers; True: it or an error).  ``engines``: the replicas' fresh engines,
+    one per replica (default: built from their configs)."""
     from llmqueue.runner import build_engine
 
     started = _time.perf_counter()
     router = build_router(cfg) if router is None else router
     if getattr(router, "capacities", None) is None:
         router.capacities = np.asarray(capacities_of(cfg))
-    engines = [build_engine(r.config) for r in cfg.replicas]
+    if engines is None:
+        engines = [build_engine(r.config) for r in cfg.replicas]
+    elif len(engines) != len(cfg.replicas):
+        raise InternalError(f"simulate_pool: {len(engines)} engines for {len(cfg.replicas)} replicas")
     horizon = pool_horizon(cfg, requests)
     session = sessions_of(cfg, len(requests))
     rc = cfg.base.run

@@ -100,6 +100,8 @@ def reason(engine: Engine, piecewise: bool = False) -> str | None:
         return why
     if engine.kv is not None and engine.kv.prefix_caching:
         return "prefix caching runs on the reference interpreter"
+    if getattr(engine, "transferred_prompts", False):
+        return "requests with computed context (transferred prompts) run on the reference interpreter"
     if piecewise and engine.kv is not None:
         return "KV memory runs whole runs on the compiled core; streamed or stepped runs use the reference"
     if engine.num_in_engine or engine.rejected or engine.violations:
