@@ -535,6 +535,20 @@ def test_cli_runs_the_disaggregated_scenarios(capsys):
     assert code == 0 and json.loads(out)["binding_pool"] == "prefill"
 
 
+def test_cli_prints_the_decode_pools_memory(capsys, tmp_path):
+    from llmqueue.cluster.scenarios import scenario_text
+
+    text = scenario_text("pd-4-4").replace('[cluster.decode]\nreplicas = 4\nrouter = "jsq"\n',
+                                           '[cluster.decode]\nrouter = "jsq"\n\n[[cluster.decode.replicas]]\n'
+                                           'count = 4\nkv_blocks = 1200\n')
+    assert "kv_blocks = 1200" in text
+    (tmp_path / "pd.toml").write_text(text)
+    code, out, _ = run_cli(capsys, "cluster", "simulate", str(tmp_path / "pd.toml"), "--set", "run.horizon_s=15")
+    assert code == 0 and "decode KV memory (4 replicas):" in out and "preemptions" in out
+    code, out, _ = run_cli(capsys, "cluster", "simulate", "pd-4-4", "--set", "run.horizon_s=5")
+    assert code == 0 and "decode KV memory" not in out
+
+
 @pytest.mark.slow
 def test_the_three_splits_are_stable_only_where_both_pools_keep_up():
     from llmqueue.cluster.disagg import load_disagg, run_disagg

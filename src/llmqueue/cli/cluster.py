@@ -107,6 +107,11 @@ def print_disagg(s: dict) -> None:
           f"{fmt(s['tpot_s']['mean'], 4)} s (p99 {fmt(s['tpot_s']['p99'], 4)}), E2E mean {fmt(s['e2e_s']['mean'], 2)} s "
           f"(p99 {fmt(s['e2e_s']['p99'], 2)}), KV transfer mean {fmt(s['transfer_s']['mean'], 4)} s; "
           f"{s['completed']} of {s['arrived']} requests completed")
+    kv = s.get("decode_kv")
+    if kv:   # decode replicas with KV memory (docs/cluster.md, "Decode replicas with KV memory")
+        print(f"decode KV memory ({kv['replicas']} replicas): {kv['preemptions']} preemptions, "
+              f"{kv['recomputed_tokens']} tokens recomputed, {kv['memory_limited_batches']} batches memory-limited; "
+              f"block use peak {100 * kv['peak_utilisation']:.0f} %, mean {100 * kv['mean_utilisation']:.0f} %")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
