@@ -18,6 +18,7 @@ from llmqueue.cluster.routers import ROUTERS, View, stable_hash
 from llmqueue.cluster.sim import simulate_pool
 from llmqueue.errors import ConfigError
 from llmqueue.runner import build_workload, run_config
+from tests.test_plots import check_figure, drawn  # noqa: F401  (drawn: the fixture that keeps figures)
 
 FIG1 = {"engine": {"scheduler": "sarathi", "token_budget": 512},
         "workload": {"arrival": "poisson", "rate": 12.0},
@@ -533,6 +534,17 @@ def test_cli_runs_the_disaggregated_scenarios(capsys):
     assert code == 0 and "decode pool binds" in out
     code, out, _ = run_cli(capsys, "cluster", "simulate", "pd-4-4", "--set", "run.horizon_s=20", "--json")
     assert code == 0 and json.loads(out)["binding_pool"] == "prefill"
+
+
+def test_cli_plots_a_disaggregated_run(capsys, tmp_path, drawn):  # noqa: F811
+    code, out, err = run_cli(capsys, "cluster", "simulate", "pd-6-2", "--set", "run.horizon_s=20", "--plot",
+                           str(tmp_path / "pd.png"))
+    assert code == 0, err
+    (fig,) = drawn
+    check_figure(fig)
+    prefill, _, decode, _ = fig.axes
+    assert len(prefill.get_lines()) == 6 and len(decode.get_lines()) == 2   # a line per replica of each pool
+    assert "prefill pool" in prefill.get_title() and "decode pool" in decode.get_title()
 
 
 def test_cli_prints_the_decode_pools_memory(capsys, tmp_path):

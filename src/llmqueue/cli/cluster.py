@@ -59,15 +59,14 @@ POOL_HEAD = ("router", "verdict", "theory", "slope tok/s", "TTFT mean (s)", "TTF
              "E2E p99 (s)", "in-sys final", "rejected", "wall s")
 
 
-def plot_pool(run, path: Path, points: int = 600) -> Path:
-    """Two panels: each replica's backlog (unprocessed tokens) over time, and its requests in
-    system, one line per replica (the figures' one look: plots.line_style, legends off the data)."""
+def _draw_pool(run, top, bottom, points: int, title: str) -> None:
+    """A pool's replicas into two axes: backlog (unprocessed tokens) and requests in system over
+    time, one line per replica (the figures' one look: plots.line_style, legends off the data)."""
     from llmqueue.metrics import backlog, in_system
-    from llmqueue.plots import legend_outside, line_style, plt, save_figure
+    from llmqueue.plots import legend_outside, line_style
 
     pr = run.result
     t = np.linspace(0.0, pr.horizon_s, points)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), dpi=120, sharex=True)
     n = len(pr.results)
     for i, (rep, result) in enumerate(zip(run.summary["replicas"], pr.results)):
         label = f"{rep['replica']} ({rep['share']:.0%} of arrivals, {rep['summary']['verdict']})"
@@ -75,11 +74,33 @@ def plot_pool(run, path: Path, points: int = 600) -> Path:
         bottom.plot(t, in_system(result, t), linewidth=1.2, label=label, **line_style(i, n, points))
     top.set_ylabel("unprocessed tokens at the replica (tokens)")
     bottom.set_ylabel("requests in system")
-    bottom.set_xlabel("simulated time (s)")
-    top.set_title(f"{n} replicas, router {run.summary['router']}: pool {run.summary['pool']['verdict']}")
+    top.set_title(f"{title}{n} replicas, router {run.summary['router']}: pool {run.summary['pool']['verdict']}")
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
     legend_outside(top)
+
+
+def plot_pool(run, path: Path, points: int = 600) -> Path:
+    """Each replica's backlog and requests in system over time (two panels)."""
+    from llmqueue.plots import plt, save_figure
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), dpi=120, sharex=True)
+    _draw_pool(run, top, bottom, points, "")
+    bottom.set_xlabel("simulated time (s)")
+    return save_figure(fig, path)
+
+
+def plot_disagg(run, path: Path, points: int = 600) -> Path:
+    """A prefill/decode run: each pool's replicas as :func:`plot_pool` draws them, prefill above
+    decode (a decode replica's backlog counts its decode tokens)."""
+    from llmqueue.plots import plt, save_figure
+
+    fig, axes = plt.subplots(4, 1, figsize=(10, 13), dpi=120, sharex=True)
+    _draw_pool(run.extra["prefill"], axes[0], axes[1], points, "prefill pool: ")
+    _draw_pool(run.extra["decode"], axes[2], axes[3], points, "decode pool: ")
+    axes[3].set_xlabel("simulated time (s)")
+    fig.suptitle(f"prefill/decode disaggregation at {run.summary['arrival_rate']:.4g} requests/s: "
+                 f"{run.summary['verdict']} ({run.summary['binding_pool']} pool binds)", fontsize=11)
     return save_figure(fig, path)
 
 
@@ -122,9 +143,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if disagg:
         from llmqueue.cluster.disagg import parse_disagg, run_disagg
 
+        run = run_disagg(parse_disagg(data, base_dir))
+        s = run.summary
         if plot is not None:
-            raise ConfigError("--plot", args.plot, "omitted for a disaggregated config (not drawn yet)")
-        s = run_disagg(parse_disagg(data, base_dir)).summary
+            saved(plot_disagg(run, plot))
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)

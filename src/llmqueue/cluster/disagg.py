@@ -204,7 +204,7 @@ def run_disagg(cfg: DisaggConfig) -> DisaggRun:
     }
     if _has_memory(cfg.decode):
         summary["decode_kv"] = _kv_totals(dec_run.summary)
-    return DisaggRun(summary, first, finish)
+    return DisaggRun(summary, first, finish, {"prefill": pre_run, "decode": dec_run})
 
 
 # ---- decode replicas with KV memory ---------------------------------------------------------
