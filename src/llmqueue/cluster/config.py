@@ -96,6 +96,21 @@ def _replica_tables(value: Any) -> list[tuple[str, dict[str, Any], str]]:
     return [(f"r{j}", {}, "cluster.replicas") for j in range(n)]
 
 
+def replica_tables(value: Any, field: str = "cluster.replicas") -> list[tuple[str, dict[str, Any], str]]:
+    """(name, engine-key overrides, field) of every replica a ``replicas`` value (an integer N or replica
+    tables with count and name) describes, its errors naming ``field``: a network's pool node reads its
+    ``engines[i].replicas`` with this (docs/network.md, "Pools as engines")."""
+    if field == "cluster.replicas":
+        return _replica_tables(value)
+    try:
+        tables = _replica_tables(value)
+    except ConfigError as exc:
+        raise ConfigError(exc.field.replace("cluster.replicas", field, 1), exc.value,
+                          exc.allowed.replace("copies of [engine]", "copies of this engine")
+                          .replace("[engine] keys", "this engine's keys")) from None
+    return [(name, overrides, where.replace("cluster.replicas", field, 1)) for name, overrides, where in tables]
+
+
 def _replica_config(base: dict[str, Any], overrides: dict[str, Any], field: str, base_dir: Path) -> Config:
     engine = dict(base.get("engine", {}))
     if "scheduler" in overrides and overrides["scheduler"] != engine.get("scheduler"):
@@ -200,4 +215,4 @@ def load_cluster(source: str | Path, overrides: list[str] | None = None) -> Clus
     return parse_cluster(*read_cluster_data(source, overrides))
 
 
-__all__ = ["ClusterConfig", "Replica", "load_cluster", "parse_cluster", "read_cluster_data"]
+__all__ = ["ClusterConfig", "Replica", "load_cluster", "parse_cluster", "read_cluster_data", "replica_tables"]

@@ -333,19 +333,15 @@ def _pool(t: dict, keys: dict, where: str, class_names: list[str], base_dir: Pat
     """A node with ``replicas``: the stand-alone cluster's schema (llmqueue.cluster.config: an integer N,
     or replica tables overriding this table's keys, each with an optional count and name) and routers
     (llmqueue.cluster.routers), with the errors naming ``engines[i].replicas`` and so on."""
-    from llmqueue.cluster.config import _replica_tables
+    from llmqueue.analysis import capacity
+    from llmqueue.cluster.config import replica_tables
     from llmqueue.cluster.routers import make_router, router_class
 
     if "replicas" not in keys:
         other = next(iter(sorted(keys)))
         raise ConfigError(f"{where}.{other}", keys[other], f"set together with {where}.replicas (the pool's size, "
                                                            "or its replica tables)")
-    try:
-        tables = _replica_tables(keys["replicas"])
-    except ConfigError as exc:   # "cluster.replicas..." -> "engines[i].replicas..."
-        raise ConfigError(exc.field.replace("cluster.replicas", f"{where}.replicas", 1), exc.value,
-                          exc.allowed.replace("copies of [engine]", "copies of this engine")
-                          .replace("[engine] keys", "this engine's keys")) from None
+    tables = replica_tables(keys["replicas"], f"{where}.replicas")
     base = {k: v for k, v in t.items() if k not in POOL_KEYS}
     options = keys.get("router_options", {})
     if not isinstance(options, dict):
@@ -358,7 +354,6 @@ def _pool(t: dict, keys: dict, where: str, class_names: list[str], base_dir: Pat
     parsed: dict[str, EngineSpec] = {}   # one validation per distinct replica table
     replicas, labels = [], []
     for label, overrides, field in tables:
-        field = field.replace("cluster.replicas", f"{where}.replicas", 1)
         key = repr(sorted(overrides.items()))
         if key not in parsed:
             bad = sorted(set(overrides) & (POOL_KEYS | {"name"}))
@@ -366,7 +361,7 @@ def _pool(t: dict, keys: dict, where: str, class_names: list[str], base_dir: Pat
                 raise ConfigError(f"{field}.{bad[0]}", overrides[bad[0]], "a key of one engine (a replica is no pool)")
             table = dict(base)
             if "scheduler" in overrides and overrides["scheduler"] != table.get("scheduler", "sarathi"):
-                table = {k: v for k, v in table.items() if k in ENGINE_KEYS}   # the base's policy options stay
+                table = {k: v for k, v in table.items() if k in ENGINE_KEYS}   # the base's policy options do not carry over
             table.update(overrides)
             parsed[key] = _engine(table, field if field != f"{where}.replicas" else where, class_names, base_dir)
         replicas.append(replace(parsed[key], name=f"{t['name']}.{label}"))
@@ -374,7 +369,6 @@ def _pool(t: dict, keys: dict, where: str, class_names: list[str], base_dir: Pat
     if cls.needs_memory and any(r.kv is None for r in replicas):
         raise ConfigError(f"{where}.router", cls.name, f"a router other than {cls.name}, or kv_blocks set for every "
                                                        f"replica ({cls.name} reads their KV use)")
-    from llmqueue.analysis import capacity
     try:   # the options' names and types, now (power-of-d's d against the pool's size)
         make_router(cls, [capacity(r.batch_time, r.token_budget)[1] for r in replicas], np.random.default_rng(0),
                     options, f"{where}.router_options")

@@ -284,7 +284,7 @@ token_budget = 512
 {_STAIRCASE}
 replicas = 4          # or a list of tables overriding this engine's keys (heterogeneous pools)
 router = "affinity"   # round-robin | random | jsq | least-tokens | power-of-d | least-kv | affinity | FILE.py:Class
-router_options = {{ virtual_nodes = 100 }}
+# router_options = {{ virtual_nodes = 100 }}   # affinity's points per replica on the hash ring (default 100)
 report_delay_s = 0.0  # the age of the finishes the dynamic routers see
 
 [[delays]]
