@@ -431,7 +431,8 @@ def network_path(net, method: str | None = None) -> str:
     from llmqueue.core import fastcore
     from llmqueue.schedulers import make_scheduler
 
-    if (method or net.method) == "reference" or fastcore.unavailable() or any(s.kv is not None for s in net.engines):
+    if ((method or net.method) == "reference" or fastcore.unavailable() or any(s.kv is not None for s in net.engines)
+            or any(getattr(s, "pool", None) is not None for s in net.engines)):   # pools: the reference loop
         return "reference"
     for spec in net.engines:
         policy = make_scheduler(spec.scheduler, **spec.options)

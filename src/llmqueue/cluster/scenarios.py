@@ -119,6 +119,10 @@ seed = 0
 """
 
 
+_LEAST_KV = _pool("least-kv", 0.8).replace(
+    "token_budget = 512\n", "token_budget = 512\nkv_blocks = 3000        # 48,000 tokens per replica (block_size 16)\n", 1)
+
+
 CLUSTER_SCENARIOS: dict[str, tuple[str, str]] = {
     "pool-round-robin": ("8 identical Fig. 1 replicas, round robin, 0.9 of pooled λ*", _pool("round-robin", 0.9)),
     "pool-random": ("8 identical Fig. 1 replicas, random routing, 0.9 of pooled λ*", _pool("random", 0.9)),
@@ -127,6 +131,8 @@ CLUSTER_SCENARIOS: dict[str, tuple[str, str]] = {
                           _pool("least-tokens", 0.9)),
     "pool-power-of-two": ("8 identical Fig. 1 replicas, power of two choices, 0.9 of pooled λ*",
                           _pool("power-of-d", 0.9, "[cluster.router_options]\nd = 2")),
+    "pool-least-kv": ("8 identical Fig. 1 replicas with 3,000 KV blocks each, least KV use, 0.8 of pooled λ* "
+                      "(compare with jsq: reported KV use lags the queues)", _LEAST_KV),
     "pool-heterogeneous": ("2 fast + 2 slow replicas at 0.8 of pooled capacity, equal-weight random routing "
                            "(the slow ones overload; compare with jsq)", _HETERO),
     "pool-agents": ("64 agent sessions on 8 replicas, session affinity by consistent hashing, 0.7 of pooled λ*",

@@ -162,8 +162,6 @@ def _compiled_reason(router: Router, engines, method: str) -> str | None:
 def _dynamic_compiled(cfg: ClusterConfig, router: Router, engines, requests: Requests, horizon: float):
     """:func:`_dynamic` in C (``_fastcore.run_pool``): the same decisions and batches, without a
     Python call per arrival."""
-    from llmqueue.network.fast import _engine_spec
-
     n = len(requests)
     arrivals = np.ascontiguousarray(requests.arrival_time, dtype=np.float64)
     prompts = np.ascontiguousarray(requests.num_prompt_tokens, dtype=np.int64)
@@ -178,7 +176,7 @@ def _dynamic_compiled(cfg: ClusterConfig, router: Router, engines, requests: Req
     first, finish = np.full(n, np.nan), np.full(n, np.nan)
     rejected = np.zeros(n, np.int64)
     try:
-        per = fastcore.core().run_pool(tuple(_engine_spec(e) for e in engines), arrivals, prompts, outputs, code, picks,
+        per = fastcore.core().run_pool(tuple(fastcore.engine_spec(e) for e in engines), arrivals, prompts, outputs, code, picks,
                                        d, float(cfg.report_delay_s), float(horizon), fastcore.RING, replica, first,
                                        finish, rejected)
     except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step

@@ -92,6 +92,20 @@ def policy_arrays(scheduler: Scheduler) -> tuple[np.ndarray, np.ndarray, np.ndar
             np.asarray(getattr(load, "breaks", None) or [], dtype=np.int64), useful is not None)
 
 
+def engine_spec(engine: Engine, inner: Scheduler | None = None, groups: tuple | None = None) -> tuple:
+    """The tuple ``_fastcore.run_network`` and ``run_pool`` read for one engine: the plan of
+    ``inner`` (the policy inside a class-aware wrapper; default the engine's scheduler), batch
+    times, load rule, and its queue groups (count, order, buffers, downstream starts, buffers and
+    probabilities, 1 / mean tokens; default one group, network/fast.py builds the others)."""
+    scheduler = engine.scheduler
+    plan, useful, breaks, has_useful = policy_arrays(scheduler if inner is None else inner)
+    if groups is None:
+        i64, f64 = np.int64, np.float64
+        groups = (1, 0, np.zeros(1, i64), np.zeros(2, i64), np.zeros(0, i64), np.zeros(0, f64), np.ones(1, f64))
+    return (plan, np.asarray(engine.durations, np.float64), useful, breaks, engine.token_budget,
+            engine.max_batch_requests or NO_LIMIT, bool(scheduler.splits_prompts), has_useful, *groups)
+
+
 def reason(engine: Engine, piecewise: bool = False) -> str | None:
     """Why ``engine`` cannot run on the compiled core (None: it can); ``piecewise``: in several calls
     (streaming, stepping), which KV memory does not do yet."""

@@ -27,7 +27,6 @@ from llmqueue.network.model import Network
 from llmqueue.network.policies import ClassPriority, GroupedScheduler, MaxPressure
 from llmqueue.network.routes import Segment
 from llmqueue.model.workload import make_arrivals
-from llmqueue.schedulers.plan import NO_LIMIT
 
 ORDER_STATIC, ORDER_PRESSURE = 0, 1   # the core's group orders (_fastcore.c)
 #: Draws made ahead per stream: this many times the expected number (traffic equations), plus 64;
@@ -66,31 +65,25 @@ def reason(engines: list[Engine], net: Network | None = None) -> str | None:
 
 
 def _engine_spec(engine: Engine) -> tuple:
-    """The tuple run_network reads for one engine: plan, batch times, load rule, groups."""
+    """The tuple run_network reads for one engine (:func:`llmqueue.core.fastcore.engine_spec`), with
+    the queue groups of a class-aware policy."""
     scheduler = engine.scheduler
-    inner = scheduler.inner if isinstance(scheduler, GroupedScheduler) else scheduler
-    plan, useful, breaks, has_useful = fastcore.policy_arrays(inner)
+    if not isinstance(scheduler, GroupedScheduler):
+        return fastcore.engine_spec(engine)
     i64, f64 = np.int64, np.float64
-    groups = 1
+    groups = len(scheduler.prefilling)
     order = ORDER_STATIC
-    buffers = np.zeros(1, i64)
-    ds_start, ds_buf, ds_p = np.zeros(2, i64), np.zeros(0, i64), np.zeros(0, f64)
-    inv = np.ones(1, f64)
-    if isinstance(scheduler, GroupedScheduler):
-        groups = len(scheduler.prefilling)
-        buffers = np.zeros(groups, i64)
-        ds_start = np.zeros(groups + 1, i64)
-        inv = np.ones(groups, f64)
-        if isinstance(scheduler, MaxPressure):
-            order = ORDER_PRESSURE
-            buffers = np.asarray(scheduler.buffers, i64)
-            ds_start = np.cumsum([0, *(len(d) for d in scheduler.downstream)]).astype(i64)
-            ds_buf = np.asarray([b for d in scheduler.downstream for b, _ in d], i64)
-            ds_p = np.asarray([p for d in scheduler.downstream for _, p in d], f64)
-            inv = np.asarray(scheduler.inv_tokens, f64)
-    return (plan, np.asarray(engine.durations, f64), useful, breaks, engine.token_budget,
-            engine.max_batch_requests or NO_LIMIT, bool(scheduler.splits_prompts), has_useful, groups, order, buffers,
-            ds_start, ds_buf, ds_p, inv)
+    buffers = np.zeros(groups, i64)
+    ds_start, ds_buf, ds_p = np.zeros(groups + 1, i64), np.zeros(0, i64), np.zeros(0, f64)
+    inv = np.ones(groups, f64)
+    if isinstance(scheduler, MaxPressure):
+        order = ORDER_PRESSURE
+        buffers = np.asarray(scheduler.buffers, i64)
+        ds_start = np.cumsum([0, *(len(d) for d in scheduler.downstream)]).astype(i64)
+        ds_buf = np.asarray([b for d in scheduler.downstream for b, _ in d], i64)
+        ds_p = np.asarray([p for d in scheduler.downstream for _, p in d], f64)
+        inv = np.asarray(scheduler.inv_tokens, f64)
+    return fastcore.engine_spec(engine, scheduler.inner, (groups, order, buffers, ds_start, ds_buf, ds_p, inv))
 
 
 class Flat:
