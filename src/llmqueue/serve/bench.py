@@ -271,6 +271,23 @@ def _fit_line(fit) -> str:
             f"decode {bt['decode_ms_per_token']:.4f} ms/token, context {bt['context_ms_per_token']:.2g} ms/pair")
 
 
+#: the measured quantity a predicted one is compared with, where their names differ
+_MEASURED = {"ttft_path_s": "ttft_s"}
+
+
+def path_latency(config, samples, requests) -> float:
+    """The time the HTTP path adds to a request's TTFT, which the engine model leaves out (the
+    request's way in, the first chunk's way out, the client's own work): the median over the
+    requests of a calibration load of client TTFT − simulated TTFT with ``config``'s fit."""
+    from llmqueue.core.simulator import simulate
+    from llmqueue.runner import build_engine
+
+    result = simulate(build_engine(config), requests, drain=True)
+    simulated = result.first_token_time - result.arrival_time
+    gaps = [s.ttft - t for s, t in zip(samples, simulated) if s.ttft is not None and np.isfinite(t)]
+    return float(np.median(gaps)) if gaps else 0.0
+
+
 def _batches_so_far(metrics_text: str) -> int:
     """Batches the server ran so far (``llmqueue:batch_duration_seconds_count`` of /metrics)."""
     match = re.search(r"^llmqueue:batch_duration_seconds_count (\S+)$", metrics_text, re.MULTILINE)
@@ -319,15 +336,20 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
     log(f"2. calibration load: {num_requests} requests at each of {', '.join(f'{r:.1f}' for r in ramp)} req/s, "
         "batches logged ...")
     server = ServerProcess(config_path, keep, extra=["--batch-log", str(batch_log)])
+    lightest = None   # the calibration's lightest load, which measures the HTTP path's latency
     try:
         for j, rate in enumerate(ramp):
-            _load(server, settings, workload, rate, num_requests, seed + 1000 + j, vocab)
+            got = _load(server, settings, workload, rate, num_requests, seed + 1000 + j, vocab)
+            if rate == min(ramp):
+                lightest = got
     finally:
         server.stop()
     served = served_fit(batch_log, workload.mean_prompt_len, workload.mean_output_len)
     served_cfg = _with_batch_time(cfg, served)
+    path_before = path_latency(served_cfg, *lightest)
     capacity = analysis_of(served_cfg, workload).max_stable_rate_rps
-    log(f"   served-batch fit: {_fit_line(served)}; λ* = {capacity:.2f} req/s")
+    log(f"   served-batch fit: {_fit_line(served)}; λ* = {capacity:.2f} req/s; the HTTP path adds "
+        f"{path_before * 1e3:.1f} ms to TTFT")
     rates = list(rates) if rates else [f * capacity for f in loads]
     rows = []
     status, metrics = 0, ""
@@ -339,8 +361,11 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
             _load(server, settings, workload, capacity, 4, seed + 2000, vocab)   # warm-up
             # the calibration ramp again, on this server just before its measured load: the machine
             # as it is now (other processes come and go on a shared machine)
+            near_lightest = None
             for j, f in enumerate(calibration_loads):
-                _load(server, settings, workload, f * grid_capacity, near_requests, seed + 3000 + 10 * i + j, vocab)
+                got = _load(server, settings, workload, f * grid_capacity, near_requests, seed + 3000 + 10 * i + j, vocab)
+                if f == min(calibration_loads):
+                    near_lightest = got
             first = _batches_so_far(server.metrics())
             samples, requests = _load(server, settings, workload, rate, num_requests, seed + i, vocab)
             metrics = server.metrics()
@@ -350,24 +375,31 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
         mp, mo = workload.mean_prompt_len, workload.mean_output_len
         near = served_fit(log_i, mp, mo, 0, first)
         run = served_fit(log_i, mp, mo, first)
+        near_cfg = _with_batch_time(cfg, near)
+        path_near = path_latency(near_cfg, *near_lightest)
         ratio = {"served": batch_time_ratio(log_i, served, first), "near": batch_time_ratio(log_i, near, first),
                  "grid": batch_time_ratio(log_i, grid, first)}
         predictions = {"predicted": predicted_row(served_cfg, requests),
-                       "predicted_near": predicted_row(_with_batch_time(cfg, near), requests),
+                       "predicted_near": predicted_row(near_cfg, requests),
                        "predicted_grid": predicted_row(grid_cfg, requests),
                        "predicted_run": predicted_row(_with_batch_time(cfg, run), requests)}
-        row = {"rate_rps": rate, "load": rate / capacity, "measured": measured, **predictions,
+        for key, path in (("predicted", path_before), ("predicted_near", path_near)):
+            predictions[key]["path_s"] = path
+            predictions[key]["ttft_path_s"] = predictions[key]["ttft_s"] + path
+        row = {"rate_rps": rate, "load": rate / capacity, "measured": measured, **predictions, "first_batch": first,
                "near_fit": {"r2": near.r2, **near.batch_time.to_dict()},
                "near_capacity_rps": analysis_of(_with_batch_time(cfg, near), workload).max_stable_rate_rps,
                "run_fit": {"r2": run.r2, **run.batch_time.to_dict()}, "batch_time_ratio": ratio,
                "run_capacity_rps": analysis_of(_with_batch_time(cfg, run), workload).max_stable_rate_rps,
-               **{k.replace("predicted", "error"): {q: _error(measured[q], v) for q, v in p.items()}
+               **{k.replace("predicted", "error"): {q: _error(measured[_MEASURED.get(q, q)], v) for q, v in p.items()
+                                                     if _MEASURED.get(q, q) in measured}
                   for k, p in predictions.items()}}
         rows.append(row)
         four = (measured, *(predictions[k] for k in ("predicted", "predicted_near", "predicted_run")))
-        show = lambda key, scale, d: " / ".join(f"{x[key] * scale:.{d}f}" for x in four)
+        show = lambda key, scale, d: " / ".join(f"{x.get(key, x.get('ttft_s')) * scale:.{d}f}" for x in four)
         log(f"   λ = {rate:.2f} req/s ({rate / capacity:.2f} λ*), measured / simulated with the fit before the runs / "
-            f"just before / the run's batches: TTFT {show('ttft_s', 1e3, 1)} ms; TPOT {show('tpot_s', 1e3, 2)} ms; "
+            f"just before / the run's batches: TTFT {show('ttft_path_s', 1e3, 1)} ms (+ the HTTP path, "
+            f"{path_near * 1e3:.1f} ms just before); TPOT {show('tpot_s', 1e3, 2)} ms; "
             f"throughput {show('throughput_rps', 1, 2)} req/s; the run's batches {ratio['served']:.2f} / "
             f"{ratio['near']:.2f}x those fits, {ratio['grid']:.2f}x the grid's; {measured['errors']} errors "
             f"{measured['error_kinds'] or ''}")
@@ -404,10 +436,11 @@ def table(report: dict) -> list[str]:
     for r in report["rows"]:
         m, p, n, u = (r[k] for k in ("measured", "predicted", "predicted_near", "predicted_run"))
         e, en, eu = (r[k] for k in ("error", "error_near", "error_run"))
-        ms = lambda key, d: " / ".join(f"{x[key] * 1e3:.{d}f}" for x in (m, p, n, u))
-        err = lambda key: " / ".join(f"{x[key] * 100:+.0f}" for x in (e, en, eu)) + " %"
+        # TTFT: the simulators' with the HTTP path's latency measured at the calibration's lightest load
+        ms = lambda key, d: " / ".join(f"{x.get(key, x.get('ttft_s')) * 1e3:.{d}f}" for x in (m, p, n, u))
+        err = lambda key: " / ".join(f"{x.get(key, x.get('ttft_s')) * 100:+.0f}" for x in (e, en, eu)) + " %"
         ratio = r["batch_time_ratio"]
-        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {ms('ttft_s', 1)} | {err('ttft_s')} | "
+        lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {ms('ttft_path_s', 1)} | {err('ttft_path_s')} | "
                      f"{ms('tpot_s', 2)} | {err('tpot_s')} | {m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} / "
                      f"{n['throughput_rps']:.2f} | {ratio['served']:.2f} / {ratio['near']:.2f} |")
     s = report["saturation"]
@@ -444,7 +477,9 @@ def plot(report: dict, path: Path) -> Path:
                                   (axes[1], "tpot_s", ms("tbt_s.p50") + ", per request", 1e3),
                                   (axes[2], "throughput_rps", metric_label("throughput_rps"), 1.0)):
         for i, (name, what) in enumerate(series):
-            ax.plot(x, [r[name][key] * scale for r in rows], linewidth=1.4, label=what, **line_style(i, len(series)))
+            # TTFT: the simulated ones with the HTTP path's latency where the bench measured it
+            values = [r[name].get("ttft_path_s", r[name]["ttft_s"]) if key == "ttft_s" else r[name][key] for r in rows]
+            ax.plot(x, [v * scale for v in values], linewidth=1.4, label=what, **line_style(i, len(series)))
         ax.axvline(capacity, color="k", linestyle=":", linewidth=1,
                    label=f"predicted λ* = {capacity:.1f} requests/s")
         ax.set_xlabel("arrival rate λ (requests/s)")
