@@ -87,6 +87,20 @@ class Generation:
     cancelled: bool = False
 
 
+def claim(owner, gen: Generation) -> None:
+    """Admit ``gen`` to ``owner``'s bounded waiting queue (an engine thread or process; the caller
+    holds its lock): the next request id, one more waiting; raises :class:`Unavailable` when it is
+    stopping or failed, :class:`QueueFull` when ``serve.max_waiting`` requests wait."""
+    if owner.closed:
+        raise Unavailable("the engine is stopping" if owner.error is None else f"the engine failed: {owner.error}")
+    if owner.pending >= owner.max_waiting:
+        raise QueueFull(f"{owner.pending} requests wait for their first token (serve.max_waiting = "
+                        f"{owner.max_waiting})")
+    owner.pending += 1
+    gen.rid = owner._next_rid
+    owner._next_rid += 1
+
+
 def withdraw(engine: Engine, executor: Executor, request: Request) -> None:
     """Take ``request`` out of ``engine`` between batches, as if it had never been admitted:
     out of its queue, its prefill no longer demand, its KV blocks (engine's count) and KV slots
@@ -170,14 +184,7 @@ class EngineLoop:
     def submit(self, gen: Generation) -> None:
         """Queue ``gen``; raises :class:`QueueFull` or :class:`Unavailable`."""
         with self._lock:
-            if self.closed:
-                raise Unavailable("the engine is stopping" if self.error is None else f"the engine failed: {self.error}")
-            if self.pending >= self.max_waiting:
-                raise QueueFull(f"{self.pending} requests wait for their first token (serve.max_waiting = "
-                                f"{self.max_waiting})")
-            self.pending += 1
-            gen.rid = self._next_rid
-            self._next_rid += 1
+            claim(self, gen)
             self._inbox.put((_SUBMIT, gen))
 
     def cancel(self, gen: Generation) -> None:

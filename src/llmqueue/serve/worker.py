@@ -31,7 +31,7 @@ import time
 import warnings
 
 from llmqueue.errors import LlmqueueError
-from llmqueue.serve.loop import ABORT, EngineLoop, Generation, QueueFull, Unavailable, build_engine
+from llmqueue.serve.loop import ABORT, EngineLoop, Generation, build_engine, claim
 
 log = logging.getLogger("llmqueue.serve")
 
@@ -261,14 +261,7 @@ class EngineProcess:
     def submit(self, gen: Generation) -> None:
         """Queue ``gen``; raises :class:`QueueFull` or :class:`Unavailable`."""
         with self._lock:
-            if self.closed:
-                raise Unavailable("the engine is stopping" if self.error is None else f"the engine failed: {self.error}")
-            if self.pending >= self.max_waiting:
-                raise QueueFull(f"{self.pending} requests wait for their first token (serve.max_waiting = "
-                                f"{self.max_waiting})")
-            self.pending += 1
-            gen.rid = self._next_rid
-            self._next_rid += 1
+            claim(self, gen)
             self._gens[gen.rid] = gen
         self._outbox.put((_SUBMIT, gen.rid, gen.prompt_ids, gen.max_tokens, gen.stop_on_eos))
 
