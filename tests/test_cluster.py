@@ -164,6 +164,16 @@ def test_the_compiled_pool_loop_decides_and_runs_as_the_python_loop_many(router,
                         d if router == "power-of-d" else None)
 
 
+@pytest.mark.parametrize("router, compiled", [("jsq", None), ("power-of-d", False), ("round-robin", None)])
+def test_a_pool_run_reports_its_progress_and_the_same_result(router, compiled):
+    cfg = pool(3, router, base={**FIG1, "workload": {"rate": 60.0}, "run": {"horizon_s": 200.0, "seed": 2}})
+    requests = build_workload(cfg.base).generate(2, horizon_s=200.0)
+    seen: list[float] = []
+    with_progress = simulate_pool(cfg, requests, compiled=compiled, progress=seen.append)
+    assert len(seen) >= 2 and seen == sorted(seen) and 0 <= seen[0] and seen[-1] <= 1
+    assert_same_pool_run(with_progress, simulate_pool(cfg, requests, compiled=compiled))
+
+
 def test_power_of_d_draws_its_picks_at_once_as_one_by_one():
     from llmqueue.cluster.routers import PowerOfD
 

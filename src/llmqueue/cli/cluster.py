@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmqueue.cli.common import add_overrides, fmt, plot_path, rejected_cell, saved, write_json
+from llmqueue.cli.common import Progress, add_overrides, fmt, plot_path, rejected_cell, saved, write_json
 from llmqueue.errors import ConfigError
 
 DEFAULT_COMPARE = "round-robin,random,jsq,least-tokens,power-of-d"
@@ -157,7 +157,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             print_disagg(s)
         return 0
     cfg = parse_cluster(data, base_dir)
-    run = run_pool(cfg)
+    progress = Progress(sys.stderr.isatty() and not args.json)
+    try:
+        run = run_pool(cfg, progress)
+    finally:
+        progress.done()
     if plot is not None:
         saved(plot_pool(run, plot))
     if args.out:
@@ -197,7 +201,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name in routers:   # each named before any runs
         router_class(name, Path.cwd(), field="--routers")
     cfg = parse_cluster(data, base_dir)
-    runs = compare_routers(cfg, routers)
+    progress = Progress(sys.stderr.isatty() and not args.json)
+    try:
+        runs = compare_routers(cfg, routers, progress=progress)
+    finally:
+        progress.done()
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -108,10 +108,11 @@ def summarize_pool(cfg: ClusterConfig, pr: PoolResult, workload) -> PoolRun:
     return PoolRun(pr, summary, cap)
 
 
-def run_pool(cfg: ClusterConfig) -> PoolRun:
-    """One run of the configured pool and router."""
+def run_pool(cfg: ClusterConfig, progress: Callable[[str, float], None] | None = None) -> PoolRun:
+    """One run of the configured pool and router (``progress(router, share done)`` now and then)."""
     workload, requests = generate_pool(cfg)
-    return summarize_pool(cfg, simulate_pool(cfg, requests), workload)
+    hook = None if progress is None else (lambda f: progress(cfg.router, f))
+    return summarize_pool(cfg, simulate_pool(cfg, requests, progress=hook), workload)
 
 
 def with_router(cfg: ClusterConfig, router: str) -> ClusterConfig:
@@ -126,13 +127,15 @@ def with_router(cfg: ClusterConfig, router: str) -> ClusterConfig:
 
 
 def compare_routers(cfg: ClusterConfig, routers: Iterable[str],
-                    on_done: Callable[[PoolRun], None] | None = None) -> list[PoolRun]:
+                    on_done: Callable[[PoolRun], None] | None = None,
+                    progress: Callable[[str, float], None] | None = None) -> list[PoolRun]:
     """Each router on the same requests (common random numbers)."""
     workload, requests = generate_pool(cfg)
     runs = []
     for name in routers:
         c = with_router(cfg, name)
-        run = summarize_pool(c, simulate_pool(c, requests), workload)
+        hook = None if progress is None else (lambda f, name=name: progress(name, f))
+        run = summarize_pool(c, simulate_pool(c, requests, progress=hook), workload)
         runs.append(run)
         if on_done is not None:
             on_done(run)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import time as _time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,11 +92,13 @@ def _subset(requests: Requests, idx: np.ndarray) -> Requests:
 
 
 def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | None = None,
-                  compiled: bool | None = None, engines: list | None = None) -> PoolResult:
+                  compiled: bool | None = None, engines: list | None = None,
+                  progress: Callable[[float], None] | None = None) -> PoolResult:
     """Route ``requests`` to the pool's replicas and simulate them (module note).  ``compiled``:
     the compiled pool loop for a built-in dynamic router (None: wherever it can run; False: the
     Python loop over steppers; True: it or an error).  ``engines``: the replicas' fresh engines,
-    one per replica (default: built from their configs)."""
+    one per replica (default: built from their configs).  ``progress``: called now and then with
+    the share of the requests routed (or, static routers, simulated) so far."""
     from llmqueue.runner import build_engine
 
     started = _time.perf_counter()
@@ -118,20 +121,23 @@ def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | No
                                                             f"(0..{len(engines) - 1}) per request")
         parts = [np.flatnonzero(replica == j) for j in range(len(engines))]
         results = []
+        done, total = 0, max(len(requests), 1)
         for engine, idx in zip(engines, parts):
             sub = _subset(requests, idx)
+            hook = None if progress is None else (lambda now, n, done=done: progress((done + n) / total))
             results.append(simulate(engine, sub, horizon_s=None if rc.drain else horizon, drain=rc.drain,
-                                    record_batches=rc.record_batches, method=rc.method))
+                                    record_batches=rc.record_batches, method=rc.method, progress=hook))
+            done += len(idx)
             if not rc.drain:
                 results[-1].end_time = horizon
     elif compiled is not False and _compiled_reason(router, engines, rc.method) is None:
-        replica, results, parts = _dynamic_compiled(cfg, router, engines, requests, horizon)
+        replica, results, parts = _dynamic_compiled(cfg, router, engines, requests, horizon, progress)
     else:
         if compiled:
             from llmqueue.errors import ConfigError
             raise ConfigError("run.method", "compiled pool", f"a pool the compiled loop runs "
                               f"({_compiled_reason(router, engines, rc.method)})")
-        replica, results, parts = _dynamic(cfg, router, engines, requests, session, horizon)
+        replica, results, parts = _dynamic(cfg, router, engines, requests, session, horizon, progress)
     out = PoolResult(requests, replica, results, parts, horizon if not rc.drain else max(
         [r.end_time for r in results] + [float(requests.arrival_time[-1]) if len(requests) else 0.0]),
         cfg.router, session)
@@ -159,7 +165,8 @@ def _compiled_reason(router: Router, engines, method: str) -> str | None:
     return None
 
 
-def _dynamic_compiled(cfg: ClusterConfig, router: Router, engines, requests: Requests, horizon: float):
+def _dynamic_compiled(cfg: ClusterConfig, router: Router, engines, requests: Requests, horizon: float,
+                      progress: Callable[[float], None] | None = None):
     """:func:`_dynamic` in C (``_fastcore.run_pool``): the same decisions and batches, without a
     Python call per arrival."""
     n = len(requests)
@@ -178,7 +185,8 @@ def _dynamic_compiled(cfg: ClusterConfig, router: Router, engines, requests: Req
     try:
         per = fastcore.core().run_pool(tuple(fastcore.engine_spec(e) for e in engines), arrivals, prompts, outputs, code, picks,
                                        d, float(cfg.report_delay_s), float(horizon), fastcore.RING, replica, first,
-                                       finish, rejected)
+                                       finish, rejected,
+                                       None if progress is None else (lambda now, i: progress(i / max(n, 1))))
     except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
         raise InternalError(f"pool core: {exc}") from exc
     rc = cfg.base.run
@@ -198,7 +206,8 @@ def _dynamic_compiled(cfg: ClusterConfig, router: Router, engines, requests: Req
     return replica, results, parts
 
 
-def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, session: np.ndarray, horizon: float):
+def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, session: np.ndarray, horizon: float,
+             progress: Callable[[float], None] | None = None):
     """The event loop of a dynamic router (module note)."""
     rc = cfg.base.run
     n_rep = len(engines)
@@ -263,6 +272,8 @@ def _dynamic(cfg: ClusterConfig, router: Router, engines, requests: Requests, se
     choose, candidates = router.choose, router.candidates
     everyone = range(n_rep)
     for i, t in enumerate(arrivals):
+        if progress is not None and not i & 4095:
+            progress(i / len(arrivals))
         seen = t - delay
         wanted = candidates()
         for j in everyone if wanted is None else wanted:

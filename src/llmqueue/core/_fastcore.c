@@ -2125,30 +2125,31 @@ static inline int64_t least_of(const int64_t *v, int J, int start) {
 
 PyDoc_STRVAR(run_pool_doc,
 "run_pool(engines, arrivals, prompts, outputs, router, picks, d, delay, horizon, ring, replica, first,\n"
-"         finish, rejected)\n"
+"         finish, rejected, progress)\n"
 "--\n\n"
 "A pool of engines behind a dynamic router on the compiled core: the event loop of\n"
 "llmqueue.cluster.sim._dynamic in C (that module calls it and documents the rules).  engines: one\n"
 "run_network engine spec per replica (one queue group); router 0 jsq, 1 least-tokens, 2 power-of-d\n"
 "(picks: n x d replica indices drawn by the router); delay: the reporting delay.  Writes each\n"
 "request's replica, first-token and finish times and rejection; returns [(ends, tokens,\n"
-"violations, in_engine, now) per replica].");
+"violations, in_engine, now) per replica].  progress: None, or called with (now, arrivals routed)\n"
+"every 2,000 batches.");
 
 static PyObject *run_pool(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *engines;
+    PyObject *engines, *progress;
     Py_buffer b[8];
     int router;
     long long d, ring;
     double delay, horizon;
     memset(b, 0, sizeof(b));
-    if (!PyArg_ParseTuple(args, "O!y*y*y*iy*LddLw*w*w*w*:run_pool", &PyTuple_Type, &engines, &b[0], &b[1], &b[2],
-                          &router, &b[3], &d, &delay, &horizon, &ring, &b[4], &b[5], &b[6], &b[7]))
+    if (!PyArg_ParseTuple(args, "O!y*y*y*iy*LddLw*w*w*w*O:run_pool", &PyTuple_Type, &engines, &b[0], &b[1], &b[2],
+                          &router, &b[3], &d, &delay, &horizon, &ring, &b[4], &b[5], &b[6], &b[7], &progress))
         return NULL;
     PyObject *result = NULL;
     Pool P;
     memset(&P, 0, sizeof(P));
-    Reporter rep = {Py_None, 1, 0, 0, 0};
+    Reporter rep = {progress, 0, 0, 0, 0};
     enum { NB = 8 * 64 };
     Py_buffer eb[NB];
     int neb = 0;
@@ -2159,6 +2160,10 @@ static PyObject *run_pool(PyObject *self, PyObject *args) {
         || !buffer_ok(&b[4], "replica", n, 8) || !buffer_ok(&b[5], "first", n, 8) || !buffer_ok(&b[6], "finish", n, 8)
         || !buffer_ok(&b[7], "rejected", n, 8))
         goto done;
+    if (progress != Py_None && !PyCallable_Check(progress)) {
+        PyErr_SetString(PyExc_TypeError, "progress must be callable or None");
+        goto done;
+    }
     if (P.J < 1 || 4 * P.J > NB || router < ROUTE_JSQ || router > ROUTE_POWER_OF_D
         || (router == ROUTE_POWER_OF_D && (d < 1 || d > P.J || b[3].len != (Py_ssize_t)(n * d * 8))) || !(delay >= 0)) {
         PyErr_SetString(PyExc_ValueError, "run_pool: bad replicas, router or picks");
@@ -2222,6 +2227,7 @@ static PyObject *run_pool(PyObject *self, PyObject *args) {
     int turn = 0, J = P.J;
     for (Py_ssize_t i = 0; i < n; i++) {
         double seen = arrivals[i] - delay;
+        rep.admitted = i;
         const int64_t *wanted = router == ROUTE_POWER_OF_D ? picks + i * d : NULL;
         int m = wanted ? (int)d : J;
         for (int k = 0; k < m; k++) {
@@ -2248,6 +2254,7 @@ static PyObject *run_pool(PyObject *self, PyObject *args) {
         P.in_flight[j]++;
         P.outstanding[j] += prompts[i] + outputs[i];
     }
+    rep.admitted = n;
     PyObject *per = PyList_New(J);
     if (!per) goto done;
     for (int j = 0; j < J; j++) {
