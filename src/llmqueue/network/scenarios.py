@@ -73,6 +73,61 @@ seed = 0
 """
 
 
+_AGENT_LOOP = f"""# Agent loop (paper §5): think on the LLM, call a tool (a delay station), repeat with
+# probability 0.7 (at most 10 rounds), then answer.  Each step's prompt grows with the previous output.
+[network]
+load = 0.9
+
+[[engines]]
+name = "llm"
+scheduler = "sarathi"
+token_budget = 512
+{_STAIRCASE}
+policy = "fcfs"       # try "max-pressure", or "priority" with class_priority = ["agent", "chat"]
+
+[[delays]]
+name = "tool"
+dist = "exponential"  # fixed (value_s) | exponential (mean_s) | uniform (low_s, high_s) | lognormal (mean_s, sigma)
+mean_s = 2.0
+
+[[classes]]
+name = "agent"
+rate = 1.0
+add_previous_output = true
+
+[[classes.hops]]
+id = "think"
+engine = "llm"
+prompt = {{ dist = "poisson", mean = 300 }}
+output = {{ dist = "poisson", mean = 40 }}
+
+[[classes.hops]]
+id = "tool"
+delay = "tool"
+loop = "think"        # another round ...
+continue_p = 0.7      # ... with probability 0.7 (geometric), ...
+max_rounds = 10       # ... at most 10 rounds; then on to "answer"
+
+[[classes.hops]]
+id = "answer"
+engine = "llm"
+prompt = {{ dist = "poisson", mean = 50 }}
+output = {{ dist = "poisson", mean = 150 }}
+
+[[classes]]
+name = "chat"
+rate = 2.0
+
+[[classes.hops]]
+engine = "llm"
+prompt = {{ dist = "poisson", mean = 129 }}
+output = {{ dist = "poisson", mean = 112 }}
+
+[run]
+horizon_s = 3600.0    # an hour: a warm-up and four relaxation times (about 150 s each) for a verdict
+seed = 0
+"""
+
 NETWORK_SCENARIOS: dict[str, tuple[str, str]] = {
     "rybko-stolyar": (
         ("Paper §5.4 network of 2 engines at ρ = 0.9, strict priority to the class leaving each engine: "
@@ -209,60 +264,7 @@ seed = 0
     "agent-loop": (
         ("ReAct-style agent: an LLM step and a tool call repeated a geometric number of rounds "
          "(mean 3.2, at most 10), then an answer; plus plain chat requests on the same engine"),
-        f"""# Agent loop (paper §5): think on the LLM, call a tool (a delay station), repeat with
-# probability 0.7 (at most 10 rounds), then answer.  Each step's prompt grows with the previous output.
-[network]
-load = 0.9
-
-[[engines]]
-name = "llm"
-scheduler = "sarathi"
-token_budget = 512
-{_STAIRCASE}
-policy = "fcfs"       # try "max-pressure", or "priority" with class_priority = ["agent", "chat"]
-
-[[delays]]
-name = "tool"
-dist = "exponential"  # fixed (value_s) | exponential (mean_s) | uniform (low_s, high_s) | lognormal (mean_s, sigma)
-mean_s = 2.0
-
-[[classes]]
-name = "agent"
-rate = 1.0
-add_previous_output = true
-
-[[classes.hops]]
-id = "think"
-engine = "llm"
-prompt = {{ dist = "poisson", mean = 300 }}
-output = {{ dist = "poisson", mean = 40 }}
-
-[[classes.hops]]
-id = "tool"
-delay = "tool"
-loop = "think"        # another round ...
-continue_p = 0.7      # ... with probability 0.7 (geometric), ...
-max_rounds = 10       # ... at most 10 rounds; then on to "answer"
-
-[[classes.hops]]
-id = "answer"
-engine = "llm"
-prompt = {{ dist = "poisson", mean = 50 }}
-output = {{ dist = "poisson", mean = 150 }}
-
-[[classes]]
-name = "chat"
-rate = 2.0
-
-[[classes.hops]]
-engine = "llm"
-prompt = {{ dist = "poisson", mean = 129 }}
-output = {{ dist = "poisson", mean = 112 }}
-
-[run]
-horizon_s = 3600.0    # an hour: a warm-up and four relaxation times (about 150 s each) for a verdict
-seed = 0
-""",
+        _AGENT_LOOP,
     ),
     "agent-pool": (
         ("The agent loop on a pool: the LLM node is 4 replicas of the Fig. 1 engine behind a router with "
@@ -286,49 +288,7 @@ replicas = 4          # or a list of tables overriding this engine's keys (heter
 router = "affinity"   # round-robin | random | jsq | least-tokens | power-of-d | least-kv | affinity | FILE.py:Class
 # router_options = {{ virtual_nodes = 100 }}   # affinity's points per replica on the hash ring (default 100)
 report_delay_s = 0.0  # the age of the finishes the dynamic routers see
-
-[[delays]]
-name = "tool"
-dist = "exponential"
-mean_s = 2.0
-
-[[classes]]
-name = "agent"
-rate = 1.0
-add_previous_output = true
-
-[[classes.hops]]
-id = "think"
-engine = "llm"
-prompt = {{ dist = "poisson", mean = 300 }}
-output = {{ dist = "poisson", mean = 40 }}
-
-[[classes.hops]]
-id = "tool"
-delay = "tool"
-loop = "think"
-continue_p = 0.7
-max_rounds = 10
-
-[[classes.hops]]
-id = "answer"
-engine = "llm"
-prompt = {{ dist = "poisson", mean = 50 }}
-output = {{ dist = "poisson", mean = 150 }}
-
-[[classes]]
-name = "chat"
-rate = 2.0
-
-[[classes.hops]]
-engine = "llm"
-prompt = {{ dist = "poisson", mean = 129 }}
-output = {{ dist = "poisson", mean = 112 }}
-
-[run]
-horizon_s = 3600.0
-seed = 0
-""",
+""" + _AGENT_LOOP[_AGENT_LOOP.index("[[delays]]"):],   # the same tool delay, classes and run
     ),
     "tandem": (
         ("A chain of three engines (Orca, Sarathi, Sarathi; budgets 512, 1024, 512), each prompt growing "
@@ -384,3 +344,4 @@ seed = 0
 """,
     ),
 }
+

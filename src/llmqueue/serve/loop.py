@@ -383,11 +383,13 @@ class EngineLoop:
         if not events or self.aio_loop is None:
             return
         try:
-            self.aio_loop.call_soon_threadsafe(_dispatch, events)
+            self.aio_loop.call_soon_threadsafe(dispatch, events)
         except RuntimeError:   # the event loop is closed: nobody is listening any more
             pass
 
 
-def _dispatch(events: list) -> None:
+def dispatch(events: list) -> None:
+    """Hand each (generation, tokens, finish reason) to its stream, on the asyncio loop (the engine
+    thread's and the engine process's events alike)."""
     for gen, tokens, reason in events:
         gen.on_event(tokens, reason)

@@ -31,7 +31,7 @@ import time
 import warnings
 
 from llmqueue.errors import LlmqueueError
-from llmqueue.serve.loop import ABORT, EngineLoop, Generation, build_engine, claim
+from llmqueue.serve.loop import ABORT, EngineLoop, Generation, build_engine, claim, dispatch
 
 log = logging.getLogger("llmqueue.serve")
 
@@ -373,14 +373,9 @@ class EngineProcess:
             events.append((gen, tokens, reason))
         if events and self.aio_loop is not None:
             try:
-                self.aio_loop.call_soon_threadsafe(_deliver, events)
+                self.aio_loop.call_soon_threadsafe(dispatch, events)
             except RuntimeError:   # the event loop is closed: nobody is listening any more
                 pass
-
-
-def _deliver(events: list) -> None:
-    for gen, tokens, reason in events:
-        gen.on_event(tokens, reason)
 
 
 __all__ = ["EngineFailed", "EngineProcess", "engine_info"]
