@@ -174,6 +174,16 @@ def test_a_pool_run_reports_its_progress_and_the_same_result(router, compiled):
     assert_same_pool_run(with_progress, simulate_pool(cfg, requests, compiled=compiled))
 
 
+def test_the_compiled_pool_loop_takes_hundreds_of_replicas():
+    # (its spec buffers were a fixed array of 128 replicas' worth)
+    cfg = pool(300, "jsq", base={**FIG1, "workload": {"arrival": "poisson", "load": 0.9}, "run": {"horizon_s": 2.0,
+                                                                                                    "seed": 1}})
+    requests = build_workload(cfg.base).generate(1, horizon_s=2.0)
+    compiled = simulate_pool(cfg, requests)
+    assert compiled.meta["method"] == ["fast"] and len(compiled.results) == 300
+    assert_same_pool_run(compiled, simulate_pool(cfg, requests, compiled=False))
+
+
 def test_power_of_d_draws_its_picks_at_once_as_one_by_one():
     from llmqueue.cluster.routers import PowerOfD
 

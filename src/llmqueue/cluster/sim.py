@@ -33,7 +33,7 @@ from llmqueue.cluster.routers import JoinShortestQueue, LeastTokens, PowerOfD, R
 from llmqueue.core import fastcore
 from llmqueue.core.simulator import KVRecord, Result, simulate
 from llmqueue.core.stepper import Stepper
-from llmqueue.errors import InternalError
+from llmqueue.errors import ConfigError, InternalError
 from llmqueue.model.workload import Requests
 
 #: The routing stream of a seed: np.random.default_rng([seed, ROUTING_STREAM]) (arrivals and
@@ -116,7 +116,6 @@ def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | No
         replica = np.asarray(router.assign(requests.num_prompt_tokens, requests.num_output_tokens, session),
                              dtype=np.int64)
         if len(replica) != len(requests) or (len(replica) and not 0 <= replica.min() <= replica.max() < len(engines)):
-            from llmqueue.errors import ConfigError
             raise ConfigError("cluster.router", cfg.router, f"a router whose assign() returns one replica index "
                                                             f"(0..{len(engines) - 1}) per request")
         parts = [np.flatnonzero(replica == j) for j in range(len(engines))]
@@ -130,14 +129,14 @@ def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | No
             done += len(idx)
             if not rc.drain:
                 results[-1].end_time = horizon
-    elif compiled is not False and _compiled_reason(router, engines, rc.method) is None:
-        replica, results, parts = _dynamic_compiled(cfg, router, engines, requests, horizon, progress)
     else:
-        if compiled:
-            from llmqueue.errors import ConfigError
-            raise ConfigError("run.method", "compiled pool", f"a pool the compiled loop runs "
-                              f"({_compiled_reason(router, engines, rc.method)})")
-        replica, results, parts = _dynamic(cfg, router, engines, requests, session, horizon, progress)
+        why = "not asked for" if compiled is False else _compiled_reason(router, engines, rc.method)
+        if why is None:
+            replica, results, parts = _dynamic_compiled(cfg, router, engines, requests, horizon, progress)
+        elif compiled:
+            raise ConfigError("run.method", "compiled pool", f"a pool the compiled loop runs ({why})")
+        else:
+            replica, results, parts = _dynamic(cfg, router, engines, requests, session, horizon, progress)
     out = PoolResult(requests, replica, results, parts, horizon if not rc.drain else max(
         [r.end_time for r in results] + [float(requests.arrival_time[-1]) if len(requests) else 0.0]),
         cfg.router, session)
@@ -183,10 +182,10 @@ def _dynamic_compiled(cfg: ClusterConfig, router: Router, engines, requests: Req
     first, finish = np.full(n, np.nan), np.full(n, np.nan)
     rejected = np.zeros(n, np.int64)
     try:
-        per = fastcore.core().run_pool(tuple(fastcore.engine_spec(e) for e in engines), arrivals, prompts, outputs, code, picks,
-                                       d, float(cfg.report_delay_s), float(horizon), fastcore.RING, replica, first,
-                                       finish, rejected,
-                                       None if progress is None else (lambda now, i: progress(i / max(n, 1))))
+        hook = None if progress is None else (lambda now, i: progress(i / max(n, 1)))
+        per = fastcore.core().run_pool(tuple(fastcore.engine_spec(e) for e in engines), arrivals, prompts, outputs,
+                                       code, picks, d, float(cfg.report_delay_s), float(horizon), fastcore.RING,
+                                       replica, first, finish, rejected, hook)
     except RuntimeError as exc:  # an impossible plan: a bug, as in Engine.step
         raise InternalError(f"pool core: {exc}") from exc
     rc = cfg.base.run

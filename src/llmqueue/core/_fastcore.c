@@ -2150,8 +2150,7 @@ static PyObject *run_pool(PyObject *self, PyObject *args) {
     Pool P;
     memset(&P, 0, sizeof(P));
     Reporter rep = {progress, 0, 0, 0, 0};
-    enum { NB = 8 * 64 };
-    Py_buffer eb[NB];
+    Py_buffer *eb = NULL;   /* each replica's four spec buffers */
     int neb = 0;
     int64_t *pl = NULL, *dl = NULL;
     Py_ssize_t n = b[0].len / (Py_ssize_t)sizeof(double);
@@ -2164,7 +2163,7 @@ static PyObject *run_pool(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "progress must be callable or None");
         goto done;
     }
-    if (P.J < 1 || 4 * P.J > NB || router < ROUTE_JSQ || router > ROUTE_POWER_OF_D
+    if (P.J < 1 || router < ROUTE_JSQ || router > ROUTE_POWER_OF_D
         || (router == ROUTE_POWER_OF_D && (d < 1 || d > P.J || b[3].len != (Py_ssize_t)(n * d * 8))) || !(delay >= 0)) {
         PyErr_SetString(PyExc_ValueError, "run_pool: bad replicas, router or picks");
         goto done;
@@ -2185,6 +2184,7 @@ static PyObject *run_pool(PyObject *self, PyObject *args) {
             }
     pl = malloc((size_t)(n + 1) * sizeof(int64_t));
     dl = malloc((size_t)(n + 1) * sizeof(int64_t));
+    eb = calloc((size_t)P.J * 4, sizeof(Py_buffer));
     P.E = calloc((size_t)P.J, sizeof(Engine));
     P.clock = calloc((size_t)P.J, sizeof(double));
     P.holding = calloc((size_t)P.J, sizeof(int64_t));
@@ -2192,7 +2192,7 @@ static PyObject *run_pool(PyObject *self, PyObject *args) {
     P.outstanding = calloc((size_t)P.J, sizeof(int64_t));
     P.mine = calloc((size_t)P.J, sizeof(Buf));
     P.cursor = calloc((size_t)P.J, sizeof(Py_ssize_t));
-    if (!pl || !dl || !P.E || !P.clock || !P.holding || !P.in_flight || !P.outstanding || !P.mine || !P.cursor) {
+    if (!pl || !dl || !eb || !P.E || !P.clock || !P.holding || !P.in_flight || !P.outstanding || !P.mine || !P.cursor) {
         PyErr_NoMemory();
         goto done;
     }
@@ -2277,6 +2277,7 @@ done:
     free(P.E); free(P.clock); free(P.holding); free(P.in_flight); free(P.outstanding); free(P.mine); free(P.cursor);
     free(P.reports.a); free(pl); free(dl);
     for (int k = 0; k < neb; k++) PyBuffer_Release(&eb[k]);
+    free(eb);
     for (int k = 0; k < 8; k++)
         if (b[k].obj) PyBuffer_Release(&b[k]);
     return result;
