@@ -43,12 +43,14 @@ class Run:
     analysis: Analysis
 
 
-def batch_time_of(config: Config) -> BatchTime:
-    return make_batch_time(config.engine["batch_time"])
+def batch_time_of(config: Config, stream: int = 0) -> BatchTime:
+    """The configured batch-time model, its noise (if any) seeded by the run's seed and ``stream``."""
+    return make_batch_time(config.engine["batch_time"]).fresh(config.run.seed, stream)
 
 
-def build_engine(config: Config, scheduler: str | None = None) -> Engine:
-    """The configured engine; ``scheduler`` swaps the policy (its own options then default)."""
+def build_engine(config: Config, scheduler: str | None = None, stream: int = 0) -> Engine:
+    """The configured engine; ``scheduler`` swaps the policy (its own options then default);
+    ``stream``: the engine's index in a pool (its batch-time noise's own stream)."""
     name = scheduler or config.engine["scheduler"]
     options = config.scheduler_options if name == config.engine["scheduler"] else {}
     policy, kv = make_scheduler(name, **options), make_kv(config.engine)
@@ -56,7 +58,7 @@ def build_engine(config: Config, scheduler: str | None = None) -> Engine:
         raise ConfigError("engine.kv_blocks", kv.blocks, f"unset with scheduler {name!r}: it plans in Python "
                           "(plan(state)), which the KV memory rules cannot follow (docs/memory.md); write it as "
                           "compose() returning a Plan to run it with memory")
-    return Engine(policy, config.engine["token_budget"], batch_time_of(config), config.engine.get("max_batch_requests"),
+    return Engine(policy, config.engine["token_budget"], batch_time_of(config, stream), config.engine.get("max_batch_requests"),
                   kv)
 
 

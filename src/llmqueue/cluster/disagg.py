@@ -175,7 +175,7 @@ def run_disagg(cfg: DisaggConfig) -> DisaggRun:
         dec = simulate_decode_memory(cfg.decode, decode_requests, requests.num_prompt_tokens[goes])
         dec_run = _hedged(cfg.decode, summarize_pool(_without_memory(cfg.decode), dec, stage), stage)
     else:
-        dec = simulate_pool(cfg.decode, decode_requests)
+        dec = simulate_pool(cfg.decode, decode_requests, engines=decode_engines(cfg.decode))
         dec_run = summarize_pool(cfg.decode, dec, stage)
     finish = np.where(outputs == 0, first, np.nan)
     for idx, r in zip(dec.replica_requests, dec.results):
@@ -291,6 +291,17 @@ def _hedged(pool: ClusterConfig, run, stage: StageWorkload):
     return replace(run, capacity=cap)
 
 
+#: the decode replicas' batch-time noise streams start here (the prefill replicas' at 0)
+DECODE_STREAMS = 1 << 16
+
+
+def decode_engines(pool: ClusterConfig) -> list:
+    """Fresh engines of the decode replicas, their noise on streams of their own."""
+    from llmqueue.runner import build_engine
+
+    return [build_engine(r.config, stream=DECODE_STREAMS + j) for j, r in enumerate(pool.replicas)]
+
+
 def simulate_decode_memory(pool: ClusterConfig, requests: Requests, prompts: np.ndarray):
     """:func:`~llmqueue.cluster.sim.simulate_pool` for a decode pool with KV memory: request i (one
     token and v_d − 1 outputs) arrives with its ``prompts[i]`` transferred tokens computed.  Each
@@ -298,9 +309,8 @@ def simulate_decode_memory(pool: ClusterConfig, requests: Requests, prompts: np.
     on the reference loop); the result's request arrays keep the one-token prompts, so the summaries
     count only the work the decode replica does."""
     from llmqueue.cluster.sim import simulate_pool
-    from llmqueue.runner import build_engine
 
-    engines = [build_engine(r.config) for r in pool.replicas]
+    engines = decode_engines(pool)
     for e in engines:
         e.transferred_prompts = e.kv is not None
     full = Requests(requests.arrival_time, requests.num_prompt_tokens + prompts, requests.num_output_tokens)

@@ -106,7 +106,7 @@ def simulate_pool(cfg: ClusterConfig, requests: Requests, *, router: Router | No
     if getattr(router, "capacities", None) is None:
         router.capacities = np.asarray(capacities_of(cfg))
     if engines is None:
-        engines = [build_engine(r.config) for r in cfg.replicas]
+        engines = [build_engine(r.config, stream=j) for j, r in enumerate(cfg.replicas)]
     elif len(engines) != len(cfg.replicas):
         raise InternalError(f"simulate_pool: {len(engines)} engines for {len(cfg.replicas)} replicas")
     horizon = pool_horizon(cfg, requests)

@@ -78,6 +78,8 @@ def policy_reason(scheduler: Scheduler, batch_time) -> str | None:
             warnings.warn(f"llmqueue: {why}: it runs on the reference interpreter, not the compiled core",
                           RuntimeWarning, stacklevel=4)
         return why
+    if getattr(batch_time, "noise_cv", None) is not None:
+        return "batch-time noise draws each batch's time at run time: the reference interpreter runs it"
     if not batch_time.tokens_only:
         return f"batch time {batch_time.name!r} depends on more than the token load"
     return None

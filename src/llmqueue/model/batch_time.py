@@ -6,6 +6,10 @@
 * ``table``            interpolated from measured (tokens, seconds) points
 * ``prefill_decode``   t = c + p·prefill + d·decode (+ x·attention pairs): timed by the plan's mix
 
+Any model takes an optional ``noise`` table: each batch's time is the model's times an independent
+factor of mean 1 (lognormal with a given ``cv``, or drawn from measured ``factors``), seeded per run
+and per engine (:class:`Noisy`).  Capacity and λ* are the mean's.
+
 Parameters are given in milliseconds in configs (``c_ms``...) and held in seconds here.
 The default is the paper's CodeLlama-34B / A100 fit: c = 11.28 ms, a = 35.47 ms, b0 = 128.
 """
@@ -68,6 +72,11 @@ class BatchTime(ABC):
     def assumption_warnings(self, token_budget: int) -> list[str]:
         """Messages for broken paper assumptions at this budget (none by default)."""
         return []
+
+    def fresh(self, seed: int, stream: int = 0) -> BatchTime:
+        """This model for one engine's run (run seed ``seed``, engine ``stream``): itself, unless it
+        draws random numbers (:class:`Noisy`), which then start a stream of their own."""
+        return self
 
 
 class Staircase(BatchTime):
@@ -210,6 +219,88 @@ class PrefillDecode(BatchTime):
                 + (f" and mean_context_tokens = {self.mean_context:g}" if self.context else "")]
 
 
+#: the noise stream's first seed word (arrivals and lengths draw from other streams of the seed)
+NOISE_STREAM = 0x6E6F6973
+#: noise factors drawn at a time
+_BLOCK = 4096
+NOISE_MAX_CV = 10.0
+
+
+class Noisy(BatchTime):
+    """A model's batch time times an independent factor ε of mean 1 per batch: t = t_model · ε.
+
+    Real batch times scatter around any fit (docs/real_engine.md); with deterministic times a
+    simulated queue's excursions are too short.  ε is lognormal with coefficient of variation
+    ``cv`` (σ² = ln(1 + cv²), mean 1), or resampled from measured ``factors`` (ratios of measured to
+    fitted times, rescaled to mean 1).  The mean batch time, hence Theorem 2's capacity and λ*,
+    is the model's.  Draws come from their own stream of (``seed``, ``stream``): the run's seed
+    unless the table sets one, and the engine's index in a pool; the arrivals are unchanged.
+    Times depend on the draw, so such runs use the reference interpreter.
+    """
+
+    tokens_only = False
+
+    def __init__(self, base: BatchTime, cv: float | None = None, factors: np.ndarray | None = None,
+                 seed: int | None = None, stream: int = 0, run_seed: int = 0) -> None:
+        self.base, self.cv, self.seed, self.stream = base, cv, seed, stream
+        self.factors = None if factors is None else np.asarray(factors, dtype=float) / float(np.mean(factors))
+        self.name = base.name
+        self._rng = np.random.default_rng([NOISE_STREAM, run_seed if seed is None else seed, stream])
+        self._draws: list[float] = []
+
+    def fresh(self, seed: int, stream: int = 0) -> Noisy:
+        return Noisy(self.base, self.cv, self.factors, self.seed, stream, seed)
+
+    def seconds(self, tokens: np.ndarray) -> np.ndarray:
+        return self.base.seconds(tokens)
+
+    def _next(self) -> float:
+        if not self._draws:
+            if self.factors is not None:
+                block = self._rng.choice(self.factors, size=_BLOCK)
+            else:
+                s2 = np.log1p(self.cv * self.cv)
+                block = self._rng.lognormal(-s2 / 2, np.sqrt(s2), size=_BLOCK)
+            self._draws = block[::-1].tolist()   # popped from the end: drawn order
+        return self._draws.pop()
+
+    def plan_seconds(self, plan) -> float:
+        return self.base.plan_seconds(plan) * self._next()
+
+    def noise_dict(self) -> dict:
+        out: dict = {"cv": self.cv} if self.factors is None else {"factors": self.factors.tolist()}
+        return out if self.seed is None else {**out, "seed": self.seed}
+
+    @property
+    def noise_cv(self) -> float:
+        """The factor's coefficient of variation (of the rescaled factors where measured)."""
+        return float(self.cv) if self.factors is None else float(np.std(self.factors))
+
+    def to_dict(self) -> dict:
+        return {**self.base.to_dict(), "noise": self.noise_dict()}
+
+    def assumption_warnings(self, token_budget: int) -> list[str]:
+        return self.base.assumption_warnings(token_budget)
+
+
+def _make_noise(base: BatchTime, noise, field: str) -> Noisy:
+    allowed = ("a table {cv = C} (lognormal factor of mean 1, 0 < C <= 10) or {factors = [f, ...]} "
+               "(at least 2 measured ratios > 0, resampled), with an optional integer seed")
+    if not isinstance(noise, Mapping) or not noise or set(noise) - {"cv", "factors", "seed"} \
+            or ("cv" in noise) == ("factors" in noise):
+        raise ConfigError(field, noise, allowed)
+    seed = None if noise.get("seed") is None else integer(noise["seed"], f"{field}.seed", 0)
+    if "cv" in noise:
+        return Noisy(base, cv=number(noise["cv"], f"{field}.cv", above=0, at_most=NOISE_MAX_CV), seed=seed)
+    try:
+        factors = np.asarray(noise["factors"], dtype=float)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}.factors", noise["factors"], allowed) from None
+    if factors.ndim != 1 or factors.size < 2 or not np.isfinite(factors).all() or (factors <= 0).any():
+        raise ConfigError(f"{field}.factors", noise["factors"], "at least 2 finite ratios > 0")
+    return Noisy(base, factors=factors, seed=seed)
+
+
 # ---- construction from a config table --------------------------------------------------
 
 _KEYS = {
@@ -223,12 +314,19 @@ _KEYS = {
 _OPTIONAL = {"extrapolate", "context_ms_per_token", "prefill_fraction", "mean_context_tokens"}
 
 
-def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time") -> BatchTime:
+def make_batch_time(spec: Mapping | None, field: str = "engine.batch_time", noise: bool = True) -> BatchTime:
     """Build a model from a config table such as ``{"model": "staircase", "c_ms": 11.28, ...}``.
 
-    Missing parameters of the staircase default to the paper's fit; other models need all.
+    Missing parameters of the staircase default to the paper's fit; other models need all.  A
+    ``noise`` key wraps the model in :class:`Noisy` (refused where ``noise`` is False).
     """
     spec = dict(PAPER_STAIRCASE if spec is None else spec)
+    if "noise" in spec:
+        table = spec.pop("noise")
+        if not noise:
+            raise ConfigError(f"{field}.noise", table, "omitted here: batch-time noise is for one engine "
+                              "([engine.batch_time]) and the replicas of a cluster, not yet for network engines")
+        return _make_noise(make_batch_time(spec, field), table, f"{field}.noise")
     model = spec.pop("model", "staircase")
     if not isinstance(model, str) or model not in _KEYS:
         raise ConfigError(f"{field}.model", model, f"one of {', '.join(_KEYS)}")

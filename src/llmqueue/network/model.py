@@ -303,7 +303,7 @@ def _engine(t: dict, where: str, class_names: list[str], base_dir: Path | None =
     spec = t.get("batch_time", dict(PAPER_STAIRCASE))
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}.batch_time", spec, "a table with a model and its parameters")
-    batch_time = make_batch_time(spec, f"{where}.batch_time")
+    batch_time = make_batch_time(spec, f"{where}.batch_time", noise=False)
     check_token_budget(budget, f"{where}.token_budget")   # before the table that the budget sizes
     batch_time.table(budget)
     policy = t.get("policy", FCFS)
