@@ -251,3 +251,15 @@ def test_unwritable_out_folder_is_a_clean_error(capsys, small_config, tmp_path):
     blocker.write_text("x")
     code, _, err = run_cli(capsys, "simulate", str(small_config), "--out", str(blocker / "sub"))
     assert code == 2 and err.startswith("llmqueue: error:") and "Traceback" not in err
+
+
+def test_the_prefill_decode_caveat_is_said_once_per_command():
+    """Each run and fit of a command repeats the prefill_decode caveat with its own numbers (with and
+    without a context term): the command prints it once, in the first one's words; other warnings
+    once each."""
+    from llmqueue.cli import _once
+
+    first = ("batch_time.model = prefill_decode times each batch by its mix (not Assumption 1); capacity and "
+             "λ* assume prefill_fraction = 0.666667 and mean_context_tokens = 48.6667")
+    second = first.split(" and mean_context")[0]
+    assert _once([first, "other", second, first, "other", "third"]) == [first, "other", "third"]

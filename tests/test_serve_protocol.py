@@ -120,3 +120,28 @@ def test_a_serve_config_splits_into_its_tables(tmp_path):
     path.write_text("serve = 3\n")
     with pytest.raises(ConfigError, match="serve = 3"):
         load_serve_config(path)
+
+
+def test_serve_bench_verdicts_near_saturation():
+    """serve-bench's verdict per rate: Theorem 2 at ρ = λ/λ* and the simulator over a long run with
+    the same batch-time fit agree on each side of λ*; the table shows them (docs/serving.md)."""
+    from pathlib import Path
+
+    from llmqueue.runner import analysis_of, build_workload
+    from llmqueue.serve import bench
+
+    cfg, _, _ = load_serve_config(Path(__file__).parents[1] / "docs" / "serving" / "small.toml")
+    capacity = analysis_of(cfg, build_workload(cfg)).max_stable_rate_rps
+    assert bench.theorem2(0.8) == "stable" and bench.theorem2(1.3) == "unstable"
+    below, reason = bench.simulated_verdict(cfg, 0.6 * capacity, horizon_s=120)
+    above, _ = bench.simulated_verdict(cfg, 1.3 * capacity, horizon_s=120)
+    assert (below, above) == ("stable", "unstable"), reason
+    row = {"rate_rps": 1.3 * capacity, "load": 1.3, "batch_time_ratio": {"served": 1.0, "near": 1.0},
+           "verdict": {"theorem2": "unstable", "simulated": above, "theorem2_run": "unstable"}}
+    for key in ("measured", "predicted", "predicted_near", "predicted_run"):
+        row[key] = {"ttft_s": 0.05, "tpot_s": 0.02, "throughput_rps": capacity}
+    for key in ("error", "error_near", "error_run"):
+        row[key] = {"ttft_s": 0.0, "tpot_s": 0.0}
+    lines = bench.table({"rows": [row], "saturation": {"capacity_rps": capacity, "grid_capacity_rps": capacity}})
+    assert lines[0].endswith("verdict: Theorem 2 / simulated / run's batches |")
+    assert lines[2].endswith("| unstable / unstable / unstable |")

@@ -108,6 +108,23 @@ def run_command(args: argparse.Namespace, debug: bool = False) -> int:
         return EXIT_FAILED
 
 
+#: a caveat each run and fit of a command repeats with its own numbers: said once per command, in
+#: the words of the first model that raised it (a validation's or serve-bench's simulator column)
+MIX_WARNING = "batch_time.model = prefill_decode"
+
+
+def _once(messages) -> list[str]:
+    """The command's warnings, each once, and the prefill_decode caveat once whatever its numbers."""
+    kept, mix = [], False
+    for message in dict.fromkeys(messages):
+        if message.startswith(MIX_WARNING):
+            if mix:
+                continue
+            mix = True
+        kept.append(message)
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug, argv = _split_debug(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(argv).parse_args(argv)
@@ -115,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught, common.signals_as_interrupts():
         warnings.simplefilter("always")
         code = run_command(args, debug)
-        for message in dict.fromkeys(str(w.message) for w in caught):
+        for message in _once(str(w.message) for w in caught):
             print(f"llmqueue: warning: {message}", file=sys.stderr)
     return code
 

@@ -12,7 +12,6 @@ import json
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 from llmqueue.cli.common import (
@@ -62,30 +61,6 @@ class _Progress(Progress):
         if self.plain and now >= self.next:
             self.next = now + PROGRESS_EVERY_S
             print(f"  {name}: {fraction * 100:.0f} % after {now - self.began:.0f} s", file=sys.stderr, flush=True)
-
-
-MIX_WARNING = "batch_time.model = prefill_decode"
-
-
-@contextmanager
-def _one_mix_warning():
-    """The prefill_decode caveat once per command, in the words of the first model that raised it
-    (the simulator column's): each run and fit would repeat it with its own numbers."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            said = False
-            kept = []
-            for w in caught:
-                if str(w.message).startswith(MIX_WARNING):
-                    if said:
-                        continue
-                    said = True
-                kept.append(w)
-    for w in kept:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _ints(arg: str, flag: str) -> list[int]:
@@ -181,8 +156,7 @@ def _source_label(resolved) -> str:
 
 def cmd_engine_run(args: argparse.Namespace) -> int:
     require_torch()
-    with _one_mix_warning():
-        return _engine_run(args)
+    return _engine_run(args)
 
 
 def _engine_run(args: argparse.Namespace) -> int:
@@ -279,8 +253,7 @@ def _engine_run(args: argparse.Namespace) -> int:
 
 def cmd_engine_capacity(args: argparse.Namespace) -> int:
     require_torch()
-    with _one_mix_warning():
-        return _engine_capacity(args)
+    return _engine_capacity(args)
 
 
 def _engine_capacity(args: argparse.Namespace) -> int:
@@ -333,8 +306,7 @@ def _span(r: tuple[float, float] | None) -> str:
 
 def cmd_engine_validate(args: argparse.Namespace) -> int:
     require_torch()
-    with _one_mix_warning():
-        return _engine_validate(args)
+    return _engine_validate(args)
 
 
 def _engine_validate(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ prediction for the same arrivals (docs/serving.md, "Measured against the simulat
    same scheduler.
 5. Compare median TTFT, median time between tokens per request (TPOT, what the simulator's
    ``tbt_s`` is), throughput, and at the rate above λ* the completions per second against λ*;
+   give each rate's stability verdict (Theorem 2 with each fit's λ*, the simulator over 300 s);
    write bench.json, bench.md and bench.png.
 """
 
@@ -288,6 +289,33 @@ def path_latency(config, samples, requests) -> float:
     return float(np.median(gaps)) if gaps else 0.0
 
 
+#: the simulated run behind each rate's verdict: long enough for the verdict of docs/model.md
+#: ("The stability verdict") to be called near capacity, where the measured 120 requests are not
+VERDICT_HORIZON_S = 300.0
+
+
+def theorem2(rho: float) -> str:
+    """Theorem 2's answer for a work-conserving scheduler at ρ = λ/λ* (paper §5)."""
+    return "stable" if rho < 1 else "unstable"
+
+
+def simulated_verdict(config, rate: float, horizon_s: float = VERDICT_HORIZON_S) -> tuple[str, str]:
+    """The simulator's stability verdict (and its reason) for ``config``'s batch-time fit and
+    workload at Poisson ``rate`` over ``horizon_s`` seconds of arrivals."""
+    import copy
+
+    from llmqueue.config import parse_config
+    from llmqueue.runner import run_config
+
+    data = copy.deepcopy(config.data)
+    data["workload"].pop("load", None)
+    data["workload"]["rate"] = float(rate)
+    data["run"] = {**data.get("run", {}), "horizon_s": horizon_s}
+    data["run"].pop("requests", None)
+    summary = run_config(parse_config(data, config.base_dir)).summary
+    return summary["verdict"], summary.get("verdict_reason", "")
+
+
 def _batches_so_far(metrics_text: str) -> int:
     """Batches the server ran so far (``llmqueue:batch_duration_seconds_count`` of /metrics)."""
     match = re.search(r"^llmqueue:batch_duration_seconds_count (\S+)$", metrics_text, re.MULTILINE)
@@ -394,6 +422,15 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
                **{k.replace("predicted", "error"): {q: _error(measured[_MEASURED.get(q, q)], v) for q, v in p.items()
                                                      if _MEASURED.get(q, q) in measured}
                   for k, p in predictions.items()}}
+        # the verdict near saturation: Theorem 2 with each fit's λ* (before the runs, just before the
+        # rate, the run's own batches: the real engine's capacity under this load) and the simulator
+        # over a run long enough for its verdict, with the fit before the runs
+        sim_verdict, sim_reason = simulated_verdict(served_cfg, rate)
+        row["verdict"] = {"theorem2": theorem2(rate / capacity),
+                          "theorem2_near": theorem2(rate / row["near_capacity_rps"]),
+                          "theorem2_run": theorem2(rate / row["run_capacity_rps"]),
+                          "simulated": sim_verdict, "simulated_reason": sim_reason,
+                          "simulated_horizon_s": VERDICT_HORIZON_S}
         rows.append(row)
         four = (measured, *(predictions[k] for k in ("predicted", "predicted_near", "predicted_run")))
         show = lambda key, scale, d: " / ".join(f"{x.get(key, x.get('ttft_s')) * scale:.{d}f}" for x in four)
@@ -402,7 +439,9 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
             f"{path_near * 1e3:.1f} ms just before); TPOT {show('tpot_s', 1e3, 2)} ms; "
             f"throughput {show('throughput_rps', 1, 2)} req/s; the run's batches {ratio['served']:.2f} / "
             f"{ratio['near']:.2f}x those fits, {ratio['grid']:.2f}x the grid's; {measured['errors']} errors "
-            f"{measured['error_kinds'] or ''}")
+            f"{measured['error_kinds'] or ''}; verdict: Theorem 2 {row['verdict']['theorem2']} (ρ "
+            f"{rate / capacity:.2f}), simulated {sim_verdict} ({VERDICT_HORIZON_S:.0f} s), with the run's batches' λ* "
+            f"{row['run_capacity_rps']:.1f} req/s {row['verdict']['theorem2_run']}")
     over = [r for r in rows if r["load"] > 1.0]
     # the saturation rate: completions over the whole overloaded run (first arrival to last
     # completion; the server is busy throughout), and the middle-half served rate for reference
@@ -426,12 +465,19 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
                                                                                           "vllm:request_success_total"))]}
 
 
+def _verdicts(row: dict) -> str:
+    v = row.get("verdict")
+    if v is None:   # a bench.json written before the verdicts
+        return "-"
+    return f"{v['theorem2']} / {v['simulated']} / {v['theorem2_run']}"
+
+
 def table(report: dict) -> list[str]:
     """A Markdown table of the comparison: measured / simulated with the calibration before the runs /
     with the calibration just before the rate / with the rate's own batches (grid: in bench.json)."""
     head = ("λ (req/s)", "load", "TTFT p50 ms: meas / sim / near / run", "err sim / near / run",
             "TPOT p50 ms: meas / sim / near / run", "err sim / near / run", "throughput req/s: meas / sim / near",
-            "batches ÷ fit: sim / near")
+            "batches ÷ fit: sim / near", "verdict: Theorem 2 / simulated / run's batches")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         m, p, n, u = (r[k] for k in ("measured", "predicted", "predicted_near", "predicted_run"))
@@ -442,7 +488,7 @@ def table(report: dict) -> list[str]:
         ratio = r["batch_time_ratio"]
         lines.append(f"| {r['rate_rps']:.2f} | {r['load']:.2f} | {ms('ttft_path_s', 1)} | {err('ttft_path_s')} | "
                      f"{ms('tpot_s', 2)} | {err('tpot_s')} | {m['throughput_rps']:.2f} / {p['throughput_rps']:.2f} / "
-                     f"{n['throughput_rps']:.2f} | {ratio['served']:.2f} / {ratio['near']:.2f} |")
+                     f"{n['throughput_rps']:.2f} | {ratio['served']:.2f} / {ratio['near']:.2f} | {_verdicts(r)} |")
     s = report["saturation"]
     lines.append("")
     lines.append(f"Predicted capacity λ* = {s['capacity_rps']:.2f} req/s from the served-batch fit before the runs "
