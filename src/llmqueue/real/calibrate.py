@@ -5,6 +5,12 @@ tokens, one for each of D requests holding K tokens of context.  Every point is 
 ``repeats`` times, the whole grid shuffled anew for each repeat (seeded) so slow phases of
 a shared machine spread over all points; the median is kept.  The KV contents do not change
 the time, so the decode requests' caches are reserved, not computed.
+
+The machine calibration also times the batches the config's scheduler forms (:func:`replay_spec`,
+:func:`replay_shapes`, :func:`measure_batches`): simulated runs at 0.5–1.0 of the grid fit's λ*
+(paper arXiv 2504.07347, Theorem 2) carry several prompt chunks, cached prefixes and many decodes
+of varied contexts, which no grid point does; near capacity the grid's fit underpredicted them by
+8–11 % (docs/real_engine.md, "Calibration that transfers").
 """
 
 from __future__ import annotations
@@ -108,3 +114,103 @@ def calibrate_config(config: Config, model: Transformer, timer: Callable[[], flo
     data = copy.deepcopy(config.data)
     data["engine"]["batch_time"] = fit.batch_time.to_dict()
     return parse_config(data, config.base_dir), fit
+
+
+# ---- the batches the scheduler forms (the machine calibration's second part) ----------------
+
+#: loads (fractions of the grid fit's λ*) at which the machine calibration simulates the config's
+#: scheduler and times a sample of the batches it forms: from half load to capacity, where runs'
+#: batches carry more decodes, several prompt chunks and varied contexts than any grid point
+REPLAY_LOADS = (0.5, 0.75, 0.9, 1.0)
+REPLAY_BATCHES = 80          # batches timed per load
+REPLAY_REQUESTS = 2000       # simulated arrivals per load (a run's worth of batches, in a second or so)
+
+
+def replay_spec(config: Config) -> dict | None:
+    """What the machine calibration replays for ``config`` (its scheduler, budget and request
+    lengths under Poisson arrivals), part of the calibration's grid and so of its cache key; None
+    for a trace's arrivals, whose lengths are the trace's (the grid alone then)."""
+    w = config.workload
+    if w.get("arrival") == "trace" or not isinstance(w.get("prompt"), dict) or not isinstance(w.get("output"), dict):
+        return None
+    engine = {k: config.engine[k] for k in ("scheduler", "token_budget", "max_batch_requests")
+              if config.engine.get(k) is not None}
+    return {"engine": engine, "prompt": copy.deepcopy(w["prompt"]), "output": copy.deepcopy(w["output"]),
+            "loads": list(REPLAY_LOADS), "batches": REPLAY_BATCHES, "requests": REPLAY_REQUESTS, "seed": 0}
+
+
+def replay_shapes(spec: dict, batch_time: dict) -> list[tuple[tuple[tuple[int, int], ...], tuple[int, ...]]]:
+    """Batches of ``spec``'s scheduler in simulated runs timed by ``batch_time`` (the grid fit), at each
+    of ``spec["loads"]`` of its λ*: ``spec["batches"]`` of each run's batches drawn uniformly (seeded),
+    each as ((prefill chunk tokens, tokens cached before it), ...) and (decode contexts, ...)."""
+    import warnings
+
+    from llmqueue.core.simulator import simulate
+    from llmqueue.runner import build_engine
+
+    shapes = []
+    for i, load in enumerate(spec["loads"]):
+        data = {"engine": {**spec["engine"], "batch_time": dict(batch_time)},
+                "workload": {"arrival": "poisson", "load": load, "prompt": spec["prompt"], "output": spec["output"]},
+                "run": {"seed": spec["seed"] + i, "requests": spec["requests"]}}
+        with warnings.catch_warnings():   # the prefill_decode caveat: the calibration's own runs
+            warnings.simplefilter("ignore")
+            cfg = parse_config(data)
+            engine = build_engine(cfg)
+        seen = []
+        timed = engine.batch_time.plan_seconds
+
+        def record(plan, seen=seen, timed=timed):   # read before the plan is applied, as batch times are
+            seen.append((tuple((n, r.num_prompt_tokens - r.prefill_left) for r, n in plan.prefill),
+                         tuple(r.num_prompt_tokens + r.num_output_tokens - r.decode_left for r in plan.decode)))
+            return timed(plan)
+
+        engine.batch_time.plan_seconds = record
+        simulate(engine, build_workload(cfg).generate(spec["seed"] + i, num_requests=spec["requests"]), method="reference")
+        rng = np.random.default_rng([spec["seed"], i])
+        pick = np.sort(rng.choice(len(seen), min(spec["batches"], len(seen)), replace=False))
+        shapes += [seen[j] for j in pick]
+    return shapes
+
+
+def measure_batches(model: Transformer, shapes, timer: Callable[[], float], repeats: int = 3, seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None) -> Samples:
+    """Median seconds of each batch shape (:func:`replay_shapes`) on ``model``, its requests' KV
+    runs one after another in the pool as a first-fit allocator leaves them; shuffled per repeat."""
+    def sizes(shape):
+        prefill, decode = shape
+        return [c + n + 1 for n, c in prefill] + [k + 1 for k in decode]
+
+    longest = max((c + n for shape in shapes for n, c in shape[0]), default=0)
+    longest = max(longest, max((k + 1 for shape in shapes for k in shape[1]), default=0))
+    if longest >= model.config.max_position:
+        from llmqueue.errors import ConfigError
+
+        raise ConfigError("real.model.max_position", model.config.max_position,
+                          f"more than the longest context the scheduler's batches reach ({longest + 1} tokens)")
+    pool = KVPool(model.config, max(sum(sizes(s)) for s in shapes))
+    batches = []
+    for shape in shapes:
+        starts = np.concatenate([[0], np.cumsum(sizes(shape))[:-1]]).astype(int).tolist()
+        prefill, decode = shape
+        chunks = [Chunk(s, c, [1] * n) for s, (n, c) in zip(starts, prefill)]
+        chunks += [Chunk(s, k, [1]) for s, k in zip(starts[len(prefill):], decode)]
+        batches.append(chunks)
+    model.forward(batches[0], pool.k, pool.v)   # warm-up
+    rng = np.random.default_rng(seed)
+    times: list[list[float]] = [[] for _ in shapes]
+    done, total = 0, len(shapes) * repeats
+    for _ in range(repeats):
+        for i in rng.permutation(len(shapes)):
+            began = timer()
+            model.forward(batches[i], pool.k, pool.v).argmax(-1)
+            times[i].append(timer() - began)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    rows = []
+    for (prefill, decode), t in zip(shapes, times):
+        pairs = sum(n * c + n * (n + 1) // 2 for n, c in prefill) + sum(k + 1 for k in decode)
+        rows.append((sum(n for n, _ in prefill), len(decode), float(np.mean(decode)) if decode else 0.0, pairs,
+                     float(np.median(t))))
+    return Samples.from_rows(rows)

@@ -376,7 +376,12 @@ def resolve(data: dict, base_dir: Path, engine, batch_time_file: str | None = No
     else:
         from llmqueue.real.calibrate import run_grid
 
+        from llmqueue.real.calibrate import replay_spec
+
         grid = run_grid(w.mean_prompt_len, w.mean_output_len, budget)
+        spec = replay_spec(cfg)
+        if spec is not None:
+            grid["replay"] = spec
         cal, why = (None, "--recalibrate") if recalibrate else cached(machine, shape, grid)
         if cal is None:
             notes.append(f"calibrating this machine ({why}): a grid of batches, then cached")
@@ -392,13 +397,34 @@ def resolve(data: dict, base_dir: Path, engine, batch_time_file: str | None = No
 
 
 def measure_calibration(engine, grid: dict, machine: dict, repeats: int = 3, progress=None) -> Calibration:
-    """Time ``grid`` (and the probe) on ``engine``'s model now."""
-    from llmqueue.real.calibrate import grid_points, measure
+    """Time ``grid`` (and the probe) on ``engine``'s model now; with ``grid["replay"]``, also the
+    batches its scheduler forms in simulated runs timed by the grid's fit (docs/real_engine.md,
+    "Calibration that transfers"), whose samples join the grid's."""
+    from llmqueue.real.calibrate import grid_points, measure, measure_batches, replay_shapes
     from llmqueue.real.serve import TIMERS
 
     model, timer = engine.model, TIMERS[engine.settings.timer]
     points = grid_points(grid["prefill"], grid["decode"], grid["context"], grid["max_tokens"], grid.get("cached", ()))
-    samples = measure(model, points, timer, repeats=repeats, seed=0, progress=progress)
+    replay = grid.get("replay")
+    extra = 0 if replay is None else len(replay["loads"]) * replay["batches"] * repeats   # at most
+    on_grid = None if progress is None else (lambda done, total: progress(done, total + extra))
+    samples = measure(model, points, timer, repeats=repeats, seed=0, progress=on_grid)
+    if replay is not None:
+        from llmqueue.config import parse_config
+        from llmqueue.real.fit import SAMPLE_COLUMNS
+        from llmqueue.runner import build_workload
+
+        from llmqueue.model.batch_time import PAPER_STAIRCASE
+
+        w = build_workload(parse_config({"engine": {**replay["engine"], "batch_time": dict(PAPER_STAIRCASE)},
+                                         "workload": {"arrival": "poisson", "rate": 1.0, "prompt": replay["prompt"],
+                                                      "output": replay["output"]}}))
+        fit = fit_prefill_decode(samples, True, *workload_mix(w.mean_prompt_len, w.mean_output_len))
+        shapes = replay_shapes(replay, fit.batch_time.to_dict())
+        first = len(points) * repeats
+        on_batches = None if progress is None else (lambda done, total: progress(first + done, first + total))
+        timed = measure_batches(model, shapes, timer, repeats=repeats, seed=1, progress=on_batches)
+        samples = Samples(*(np.concatenate([getattr(samples, c), getattr(timed, c)]) for c in SAMPLE_COLUMNS))
     reference = probe(model, timer, probe_points(grid["max_tokens"], model.config.max_position))
     return Calibration(machine, shape_of(model.config), grid, samples, reference, time.time())
 
