@@ -267,3 +267,21 @@ def test_a_token_only_model_that_cannot_be_fitted_is_left_out_with_its_reason():
     assert any("staircase fit" in r for r in skipped)
     with pytest.raises(LlmqueueError, match="staircase fit"):
         fit_all(s, 64)
+
+
+def test_an_inconclusive_capacity_trial_above_the_served_plateau_is_unstable():
+    """engine capacity's side of a trial too short to call (docs/real_engine.md, "Capacity on the real
+    engine"): measured on the small model, a trial at 69.75 req/s served 59.75 and ended with 217 in
+    system against 159.7 on average; by growth alone it counted stable, but an overloaded trial had
+    served 60.45 req/s at most, so it is unstable."""
+    from llmqueue.real.capacity import classify
+
+    trial = {"verdict": "inconclusive", "throughput_rps": 59.75, "final_in_system": 217, "mean_in_system": 159.7}
+    assert classify(trial, 69.75)[0] == "stable"                    # the growth rule alone
+    side, why = classify(trial, 69.75, plateau=60.45)
+    assert side == "unstable" and "above the 60.45" in why
+    # near the plateau, or keeping up with its arrivals: the growth rule decides
+    assert classify(trial, 62.0, plateau=60.45)[0] == "stable"
+    keeping_up = {**trial, "throughput_rps": 68.0}
+    assert classify(keeping_up, 69.75, plateau=60.45)[0] == "stable"
+    assert classify({**trial, "verdict": "stable"}, 69.75, plateau=60.45) == ("stable", "verdict stable")

@@ -3,8 +3,11 @@
 
 Bisection on the load (a fraction of the predicted λ*): each trial is a short real run of the
 config at that load, between two drift probes.  A trial's verdict is the run's own when it has
-one; an ``inconclusive`` run (too short to call) counts as stable when it ends with at most
-``GROWTH`` times its mean number in system, else as unstable, and says so.  The result is an interval:
+one; an ``inconclusive`` run (too short to call) counts as unstable when it arrives at more than
+``1 + PLATEAU_MARGIN`` times the most that a trial the verdict called unstable served (an
+overloaded work-conserving engine serves at its capacity: the served-rate plateau) and itself
+served less than ``1 - PLATEAU_MARGIN`` of its arrivals; otherwise as stable when it ends with at
+most ``GROWTH`` times its mean number in system, else as unstable, and says why.  The result is an interval:
 the real saturation rate lies between the highest load called stable and the lowest called
 unstable.  Work-conserving schedulers serve at capacity when overloaded, so the token rate of
 the overloaded trials is a second, direct estimate of the real capacity.
@@ -22,6 +25,8 @@ from llmqueue.runner import analysis_of, build_workload, generate
 
 #: an inconclusive trial ending with at most this multiple of its mean number in system counts as stable
 GROWTH = 1.5
+#: an inconclusive trial arriving this much above the plateau, and short of its arrivals by as much, is unstable
+PLATEAU_MARGIN = 0.05
 
 
 def at_load(config: Config, load: float, horizon_s: float) -> Config:
@@ -33,13 +38,20 @@ def at_load(config: Config, load: float, horizon_s: float) -> Config:
     return parse_config(data, config.base_dir)
 
 
-def classify(summary: dict, arrival_rate: float) -> tuple[str, str]:
-    """("stable" | "unstable", why) of one trial: the run's verdict, else (too short to call)
-    whether the number in system at the end is within ``GROWTH`` of its mean (a queue growing
-    linearly from empty ends at twice its mean; a stable one near it)."""
+def classify(summary: dict, arrival_rate: float, plateau: float | None = None) -> tuple[str, str]:
+    """("stable" | "unstable", why) of one trial: the run's verdict; else (too short to call)
+    unstable when it arrives above the served-rate ``plateau`` (the most a trial the verdict called
+    unstable served) and falls short of its arrivals, both by ``PLATEAU_MARGIN``; else whether
+    the number in system at the end is within ``GROWTH`` of its mean (a queue growing linearly
+    from empty ends at twice its mean; a stable one near it)."""
     verdict = summary["verdict"]
     if verdict in ("stable", "unstable"):
         return verdict, f"verdict {verdict}"
+    served = summary["throughput_rps"]
+    if plateau is not None and arrival_rate > (1 + PLATEAU_MARGIN) * plateau \
+            and served < (1 - PLATEAU_MARGIN) * arrival_rate:
+        return "unstable", (f"{verdict}; served {served:.2f} of {arrival_rate:.2f} req/s, above the {plateau:.2f} "
+                            "an overloaded trial served")
     final, mean = summary["final_in_system"], summary["mean_in_system"]
     side = "stable" if final <= GROWTH * mean + 1 else "unstable"
     return side, f"{verdict}; {final} in system at the end, {mean:.1f} on average"
@@ -60,7 +72,8 @@ def real_capacity(config: Config, engine, scheduler: str | None = None, low: flo
         workload = build_workload(cfg)
         run = probed_run(engine, cfg, name, generate(cfg, workload), calibration=calibration)
         s = run.summary
-        side, why = classify(s, run.analysis.arrival_rate)
+        overloaded = [t["throughput_rps"] for t in trials if t["verdict"] == "unstable"]
+        side, why = classify(s, run.analysis.arrival_rate, max(overloaded) if overloaded else None)
         t = {"load": load, "arrival_rate_rps": run.analysis.arrival_rate, "side": side, "why": why,
              "verdict": s["verdict"], "throughput_rps": s["throughput_rps"], "token_throughput": s["token_throughput"],
              "final_in_system": s["final_in_system"], "drift": s["real"].get("drift"), "wall_s": s["wall_s"]}
