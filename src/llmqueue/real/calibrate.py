@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from llmqueue.config import Config, parse_config
+from llmqueue.model.workload import make_length
 from llmqueue.real.fit import Fit, Samples, fit_prefill_decode, workload_mix
 from llmqueue.real.kvcache import KVPool
 from llmqueue.real.model import Chunk, Transformer
@@ -75,25 +76,36 @@ def measure(model: Transformer, points: Sequence[tuple[int, ...]], timer: Callab
         raise ConfigError("--context", longest, f"below the model's max_position = {max_position}")
     capacity = max(_cached(pt) + pt[0] + pt[1] * (pt[2] + 1) for pt in points)
     pool = KVPool(model.config, capacity)
-    rng = np.random.default_rng(seed)
-    times: dict[tuple[int, ...], list[float]] = {pt: [] for pt in points}
     model.forward([Chunk(0, 0, [1] * max(1, min(256, capacity - 1)))], pool.k, pool.v)   # warm-up
-    done, total = 0, len(points) * repeats
-    for _ in range(repeats):
-        for i in rng.permutation(len(points)):
-            p, d, k = points[i][:3]
-            c = _cached(points[i])
-            chunks = [Chunk(0, c, [1] * p)] if p else []
-            chunks += [Chunk(c + p + j * (k + 1), k, [1]) for j in range(d)]
-            began = timer()
-            model.forward(chunks, pool.k, pool.v).argmax(-1)
-            times[points[i]].append(timer() - began)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    batches = []
+    for pt in points:
+        p, d, k = pt[:3]
+        c = _cached(pt)
+        batches.append(([Chunk(0, c, [1] * p)] if p else []) + [Chunk(c + p + j * (k + 1), k, [1]) for j in range(d)])
+    times: dict[tuple[int, ...], list[float]] = {pt: [] for pt in points}
+    for pt, t in zip(points, _time_batches(model, pool, batches, timer, repeats, seed, progress)):
+        times[pt] += t
     rows = [(pt[0], pt[1], pt[2], pt[0] * _cached(pt) + pt[0] * (pt[0] + 1) // 2 + pt[1] * (pt[2] + 1),
              float(np.median(times[pt]))) for pt in points]
     return Samples.from_rows(rows)
+
+
+def _time_batches(model: Transformer, pool: KVPool, batches: Sequence[list[Chunk]], timer: Callable[[], float],
+                  repeats: int, seed: int, progress: Callable[[int, int], None] | None) -> list[list[float]]:
+    """Seconds of each batch's forward pass (and argmax), ``repeats`` times, the batches in a fresh
+    seeded order each time so that slow phases of a shared machine spread over all of them."""
+    rng = np.random.default_rng(seed)
+    times: list[list[float]] = [[] for _ in batches]
+    done, total = 0, len(batches) * repeats
+    for _ in range(repeats):
+        for i in rng.permutation(len(batches)):
+            began = timer()
+            model.forward(batches[i], pool.k, pool.v).argmax(-1)
+            times[i].append(timer() - began)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return times
 
 
 def workload_contexts(mean_prompt_len: float, mean_output_len: float) -> list[int]:
@@ -137,6 +149,18 @@ def replay_spec(config: Config) -> dict | None:
               if config.engine.get(k) is not None}
     return {"engine": engine, "prompt": copy.deepcopy(w["prompt"]), "output": copy.deepcopy(w["output"]),
             "loads": list(REPLAY_LOADS), "batches": REPLAY_BATCHES, "requests": REPLAY_REQUESTS, "seed": 0}
+
+
+def replay_samples(model: Transformer, spec: dict, grid: Samples, timer: Callable[[], float], repeats: int = 3,
+                   progress: Callable[[int, int], None] | None = None) -> Samples:
+    """The replayed batches of ``spec`` timed on ``model``: the grid samples' prefill_decode + context
+    fit (for the spec's mean lengths) times the simulated runs (:func:`replay_shapes`), and the
+    shapes they formed are measured (:func:`measure_batches`)."""
+    m_p = make_length(spec["prompt"], field="workload.prompt", minimum=1).mean
+    m_d = make_length(spec["output"], field="workload.output", minimum=0).mean
+    fit = fit_prefill_decode(grid, True, *workload_mix(m_p, m_d))
+    return measure_batches(model, replay_shapes(spec, fit.batch_time.to_dict()), timer, repeats=repeats, seed=1,
+                           progress=progress)
 
 
 def replay_shapes(spec: dict, batch_time: dict) -> list[tuple[tuple[tuple[int, int], ...], tuple[int, ...]]]:
@@ -197,17 +221,7 @@ def measure_batches(model: Transformer, shapes, timer: Callable[[], float], repe
         chunks += [Chunk(s, k, [1]) for s, k in zip(starts[len(prefill):], decode)]
         batches.append(chunks)
     model.forward(batches[0], pool.k, pool.v)   # warm-up
-    rng = np.random.default_rng(seed)
-    times: list[list[float]] = [[] for _ in shapes]
-    done, total = 0, len(shapes) * repeats
-    for _ in range(repeats):
-        for i in rng.permutation(len(shapes)):
-            began = timer()
-            model.forward(batches[i], pool.k, pool.v).argmax(-1)
-            times[i].append(timer() - began)
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    times = _time_batches(model, pool, batches, timer, repeats, seed, progress)
     rows = []
     for (prefill, decode), t in zip(shapes, times):
         pairs = sum(n * c + n * (n + 1) // 2 for n, c in prefill) + sum(k + 1 for k in decode)

@@ -254,6 +254,11 @@ def subset(s: Samples, mask: np.ndarray) -> Samples:
     return Samples(*(getattr(s, c)[mask] for c in SAMPLE_COLUMNS))
 
 
+def joined(*parts: Samples) -> Samples:
+    """The samples of ``parts``, one after another."""
+    return Samples(*(np.concatenate([getattr(s, c) for s in parts]) for c in SAMPLE_COLUMNS))
+
+
 def heldout_rmse(s: Samples, fitter, folds: int = 5, seed: int = 0) -> float | None:
     """Root mean square error (seconds) of ``fitter``'s model on samples it was not fitted to:
     ``folds``-fold cross-validation over a seeded shuffle; None with too few samples or a fold

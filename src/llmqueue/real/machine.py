@@ -32,7 +32,7 @@ import numpy as np
 
 from llmqueue.errors import LlmqueueError
 from llmqueue.files import atomic_path
-from llmqueue.real.fit import Samples, fit_prefill_decode, workload_mix
+from llmqueue.real.fit import Samples, fit_prefill_decode, joined, workload_mix
 
 KIND = "llmqueue-calibration"
 VERSION = 1
@@ -374,9 +374,7 @@ def resolve(data: dict, base_dir: Path, engine, batch_time_file: str | None = No
             table = cal.batch_time(w.mean_prompt_len, w.mean_output_len)
         label = "file"
     else:
-        from llmqueue.real.calibrate import run_grid
-
-        from llmqueue.real.calibrate import replay_spec
+        from llmqueue.real.calibrate import replay_spec, run_grid
 
         grid = run_grid(w.mean_prompt_len, w.mean_output_len, budget)
         spec = replay_spec(cfg)
@@ -400,7 +398,7 @@ def measure_calibration(engine, grid: dict, machine: dict, repeats: int = 3, pro
     """Time ``grid`` (and the probe) on ``engine``'s model now; with ``grid["replay"]``, also the
     batches its scheduler forms in simulated runs timed by the grid's fit (docs/real_engine.md,
     "Calibration that transfers"), whose samples join the grid's."""
-    from llmqueue.real.calibrate import grid_points, measure, measure_batches, replay_shapes
+    from llmqueue.real.calibrate import grid_points, measure, replay_samples
     from llmqueue.real.serve import TIMERS
 
     model, timer = engine.model, TIMERS[engine.settings.timer]
@@ -410,21 +408,9 @@ def measure_calibration(engine, grid: dict, machine: dict, repeats: int = 3, pro
     on_grid = None if progress is None else (lambda done, total: progress(done, total + extra))
     samples = measure(model, points, timer, repeats=repeats, seed=0, progress=on_grid)
     if replay is not None:
-        from llmqueue.config import parse_config
-        from llmqueue.real.fit import SAMPLE_COLUMNS
-        from llmqueue.runner import build_workload
-
-        from llmqueue.model.batch_time import PAPER_STAIRCASE
-
-        w = build_workload(parse_config({"engine": {**replay["engine"], "batch_time": dict(PAPER_STAIRCASE)},
-                                         "workload": {"arrival": "poisson", "rate": 1.0, "prompt": replay["prompt"],
-                                                      "output": replay["output"]}}))
-        fit = fit_prefill_decode(samples, True, *workload_mix(w.mean_prompt_len, w.mean_output_len))
-        shapes = replay_shapes(replay, fit.batch_time.to_dict())
         first = len(points) * repeats
         on_batches = None if progress is None else (lambda done, total: progress(first + done, first + total))
-        timed = measure_batches(model, shapes, timer, repeats=repeats, seed=1, progress=on_batches)
-        samples = Samples(*(np.concatenate([getattr(samples, c), getattr(timed, c)]) for c in SAMPLE_COLUMNS))
+        samples = joined(samples, replay_samples(model, replay, samples, timer, repeats, on_batches))
     reference = probe(model, timer, probe_points(grid["max_tokens"], model.config.max_position))
     return Calibration(machine, shape_of(model.config), grid, samples, reference, time.time())
 
