@@ -285,3 +285,24 @@ def test_the_machine_calibration_times_the_batches_its_scheduler_forms(tmp_path,
     g = cal.grid
     points = grid_points(g["prefill"], g["decode"], g["context"], g["max_tokens"], g["cached"])
     assert len(cal.samples.seconds) == len(points) + len(REPLAY_LOADS) * g["replay"]["batches"]
+
+
+def test_the_replay_reads_an_empirical_length_law_relative_to_its_config(tmp_path, monkeypatch):
+    """A config's empirical law names its file relative to the config; the replay's own simulated
+    runs (no config directory) find it wherever the command runs."""
+    from llmqueue.config import load_config
+    from llmqueue.real.calibrate import replay_shapes, replay_spec
+
+    (tmp_path / "lengths.csv").write_text("n\n" + "".join(f"{10 + i % 15}\n" for i in range(40)))
+    text = MACHINE_TOML.replace('prompt = {dist = "poisson", mean = 20}',
+                                'prompt = {dist = "empirical", trace = "lengths.csv", column = "n"}')
+    text = text.replace('calibration = "machine"', 'model = "prefill_decode"\nc_ms = 0.5\nprefill_ms_per_token = 0.01\n'
+                                                   'decode_ms_per_token = 0.05')
+    cfg = load_config(_config(tmp_path, text))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = replay_spec(cfg)
+    assert spec["prompt"]["trace"] == str(tmp_path / "lengths.csv")
+    shapes = replay_shapes(spec, cfg.engine["batch_time"])
+    assert all(c + n <= 24 for pre, _ in shapes for n, c in pre)     # prompts of the file's 10-24 tokens

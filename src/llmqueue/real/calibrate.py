@@ -147,8 +147,14 @@ def replay_spec(config: Config) -> dict | None:
         return None
     engine = {k: config.engine[k] for k in ("scheduler", "token_budget", "max_batch_requests")
               if config.engine.get(k) is not None}
-    return {"engine": engine, "prompt": copy.deepcopy(w["prompt"]), "output": copy.deepcopy(w["output"]),
-            "loads": list(REPLAY_LOADS), "batches": REPLAY_BATCHES, "requests": REPLAY_REQUESTS, "seed": 0}
+    lengths = {}
+    for key in ("prompt", "output"):   # an empirical law's file, relative to the config: made absolute
+        law = copy.deepcopy(w[key])
+        if isinstance(law.get("trace"), str):
+            law["trace"] = str(config.resolve(law["trace"]))
+        lengths[key] = law
+    return {"engine": engine, **lengths, "loads": list(REPLAY_LOADS), "batches": REPLAY_BATCHES,
+            "requests": REPLAY_REQUESTS, "seed": 0}
 
 
 def replay_samples(model: Transformer, spec: dict, grid: Samples, timer: Callable[[], float], repeats: int = 3,
