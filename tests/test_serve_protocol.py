@@ -133,6 +133,7 @@ def test_serve_bench_verdicts_near_saturation():
     cfg, _, _ = load_serve_config(Path(__file__).parents[1] / "docs" / "serving" / "small.toml")
     capacity = analysis_of(cfg, build_workload(cfg)).max_stable_rate_rps
     assert bench.theorem2(0.8) == "stable" and bench.theorem2(1.3) == "unstable"
+    assert bench.theorem2(0.8, work_conserving=False) == "-"     # Theorem 2 says nothing of it
     below, reason = bench.simulated_verdict(cfg, 0.6 * capacity, horizon_s=120)
     above, _ = bench.simulated_verdict(cfg, 1.3 * capacity, horizon_s=120)
     assert (below, above) == ("stable", "unstable"), reason

@@ -294,9 +294,13 @@ def path_latency(config, samples, requests) -> float:
 VERDICT_HORIZON_S = 300.0
 
 
-def theorem2(rho: float) -> str:
-    """Theorem 2's answer for a work-conserving scheduler at ρ = λ/λ* (paper §5)."""
-    return "stable" if rho < 1 else "unstable"
+def theorem2(rho: float, work_conserving: bool = True) -> str:
+    """Theorem 2's answer at ρ = λ/λ* (paper §5): "stable", "unstable", "near capacity" at ρ = 1,
+    "-" for a scheduler that is not work-conserving (the theorem says nothing of it); the rule
+    of ``llmqueue.real.machine.predicted_verdict`` with no drift."""
+    from llmqueue.real.machine import predicted_verdict
+
+    return predicted_verdict({"rho_low": rho, "rho_high": rho}, work_conserving)
 
 
 def simulated_verdict(config, rate: float, horizon_s: float = VERDICT_HORIZON_S) -> tuple[str, str]:
@@ -344,6 +348,7 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
     from llmqueue.real.calibrate import calibrate_config
     from llmqueue.real.serve import load_model, real_settings
     from llmqueue.runner import analysis_of, build_workload
+    from llmqueue.schedulers import make_scheduler
     from llmqueue.serve.settings import load_serve_config
 
     cfg, real, settings = load_serve_config(config_path, overrides)
@@ -376,6 +381,7 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
     served_cfg = _with_batch_time(cfg, served)
     path_before = path_latency(served_cfg, *lightest)
     capacity = analysis_of(served_cfg, workload).max_stable_rate_rps
+    work_conserving = make_scheduler(cfg.engine["scheduler"], **cfg.scheduler_options).work_conserving
     log(f"   served-batch fit: {_fit_line(served)}; λ* = {capacity:.2f} req/s; the HTTP path adds "
         f"{path_before * 1e3:.1f} ms to TTFT")
     rates = list(rates) if rates else [f * capacity for f in loads]
@@ -426,9 +432,9 @@ def run_bench(config_path: str, overrides, rates=None, loads=None, num_requests:
         # rate, the run's own batches: the real engine's capacity under this load) and the simulator
         # over a run long enough for its verdict, with the fit before the runs
         sim_verdict, sim_reason = simulated_verdict(served_cfg, rate)
-        row["verdict"] = {"theorem2": theorem2(rate / capacity),
-                          "theorem2_near": theorem2(rate / row["near_capacity_rps"]),
-                          "theorem2_run": theorem2(rate / row["run_capacity_rps"]),
+        row["verdict"] = {"theorem2": theorem2(rate / capacity, work_conserving),
+                          "theorem2_near": theorem2(rate / row["near_capacity_rps"], work_conserving),
+                          "theorem2_run": theorem2(rate / row["run_capacity_rps"], work_conserving),
                           "simulated": sim_verdict, "simulated_reason": sim_reason,
                           "simulated_horizon_s": VERDICT_HORIZON_S}
         rows.append(row)
