@@ -28,6 +28,7 @@ really run), checking after every batch that it holds as many blocks as the engi
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -529,8 +530,16 @@ class RealEngine:
         check_cache(engine.kv, workload)   # the simulator's refusal of a cache too small for a mean request
         executor.warm_up(self.settings.warmup_batches, config.engine["token_budget"])
         rc = config.run
-        result = serve(engine, executor, requests, clock=self.settings.clock, horizon_s=rc.horizon_s,
-                       drain=rc.drain, progress=progress)
+        # The heap as it is now (a long-lived process, e.g. a test suite, holds millions of objects)
+        # is left out of the run's garbage collections, so that one does not land inside a timed
+        # batch, as vLLM freezes its heap after its warm-up (freeze_gc_heap: gc.freeze).
+        gc.collect()
+        gc.freeze()
+        try:
+            result = serve(engine, executor, requests, clock=self.settings.clock, horizon_s=rc.horizon_s,
+                           drain=rc.drain, progress=progress)
+        finally:
+            gc.unfreeze()
         analysis = analysis_of(config, workload)
         summary = summarize(result, analysis, work_conserving=engine.scheduler.work_conserving,
                             tolerance=rc.verdict_tolerance)
