@@ -64,22 +64,28 @@ def capacity(config: Path, horizon: float, out: Path) -> dict:
     return json.loads((out / "capacity.json").read_text())
 
 
+#: the simulator columns: key in validation.json, heading
+SIMS = (("fresh", "sim, fresh calibration"), ("speed", "sim, speed-corrected"), ("run_fit", "sim, run fit"))
+
+
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| load (λ, req/s) | quantity | real | sim, fresh calibration | error | sim, run fit | error |",
-             "|---|---|---|---|---|---|---|"]
+    sims = [(k, h) for k, h in SIMS if all(k in r["sim"] for r in rows)]
+    lines = ["| load (λ, req/s) | quantity | real | " + " | ".join(f"{h} | error" for _, h in sims) + " |",
+             "|---|---|---|" + "---|---|" * len(sims)]
     for r in rows:
         for i, (q, label, target) in enumerate(QUANTITIES):
-            e, f = r["error"]["fresh"][q], r["error"]["run_fit"][q]
             mark = lambda x: f"**{x * 100:+.1f} %**" if abs(x) > target else f"{x * 100:+.1f} %"
             head = f"{r['load']:g} ({r['rate_rps']:.2f})" if i == 0 else ""
-            lines.append(f"| {head} | {label} | {r['real'][q]:.4g} | {r['sim']['fresh'][q]:.4g} | {mark(e)} | "
-                         f"{r['sim']['run_fit'][q]:.4g} | {mark(f)} |")
+            cells = " | ".join(f"{r['sim'][k][q]:.4g} | {mark(r['error'][k][q])}" for k, _ in sims)
+            lines.append(f"| {head} | {label} | {r['real'][q]:.4g} | {cells} |")
     lines.append("")
+    nan = float("nan")
     for r in rows:
         d = r["drift"]
-        lines.append(f"* {r['load']:g}: λ* {r['lambda_star_rps']:.2f} req/s; probe {d.get('probe_before', float('nan')):.2f}x"
-                     f" / {d.get('probe_after', float('nan')):.2f}x, run batches {d.get('run_batches', float('nan')):.2f}x"
-                     f" the calibration, ρ {d['rho_low']:.3f}–{d['rho_high']:.3f}"
+        lines.append(f"* {r['load']:g}: λ* {r['lambda_star_rps']:.2f} req/s; probe {d.get('probe_before', nan):.2f}x"
+                     f" / {d.get('probe_during', nan):.2f}x / {d.get('probe_after', nan):.2f}x (before / during / "
+                     f"after), run batches {d.get('run_batches', nan):.2f}x the calibration, ρ "
+                     f"{d['rho_low']:.3f}–{d['rho_high']:.3f}"
                      + ("; MACHINE CHANGED: " + "; ".join(d["reasons"]) if d["changed"] else ""))
     lines.append("")
     lines.append("Bold: outside the target (throughput 2 %, the others 10 %).")

@@ -306,3 +306,81 @@ def test_the_replay_reads_an_empirical_length_law_relative_to_its_config(tmp_pat
     assert spec["prompt"]["trace"] == str(tmp_path / "lengths.csv")
     shapes = replay_shapes(spec, cfg.engine["batch_time"])
     assert all(c + n <= 24 for pre, _ in shapes for n, c in pre)     # prompts of the file's 10-24 tokens
+
+
+def test_the_speed_probe_is_run_like_and_off_the_measured_clock(tmp_path, monkeypatch):
+    """The speed probe (docs/real_engine.md, "Error bars"): a few of the calibration's replayed
+    batches (at 0.75 and 0.9 of λ*, at 30/60/90 % of their token counts), timed every PROBE_EVERY
+    batches of a run; it takes no time on the measured clock: with a timer that advances a fixed
+    step per call, a run is the same batch for batch with and without it."""
+    from llmqueue.config import load_config
+    from llmqueue.real.calibrate import PROBE_EVERY
+    from llmqueue.real.machine import PROBE_LOADS, Probe, point_shape, probe_ratio, probe_shapes, probed_run
+    from llmqueue.real.model import Transformer, model_config
+    from llmqueue.real.serve import TIMERS, RealEngine, real_settings
+
+    loads = [0.5, 0.75, 0.9, 1.0]
+    replayed = [(((i + 10 * j, 0),), (5,) * j) for j in range(4) for i in range(10)]   # load j's batches
+    picked = probe_shapes(replayed, loads, 10)
+    pool = [s for j, load in enumerate(loads) if load in PROBE_LOADS for s in replayed[10 * j:10 * j + 10]]
+    assert all(s in pool for s in picked) and len(picked) == 3
+    tokens = [sum(n for n, _ in pre) + len(dec) for pre, dec in picked]
+    assert tokens == sorted(tokens) and tokens[0] < tokens[-1]
+
+    class Ticks:   # a timer of exact binary steps: every measured duration is one step
+        t = 0.0
+
+        def __call__(self):
+            self.t += 2.0 ** -10
+            return self.t
+
+    monkeypatch.setitem(TIMERS, "thread_cpu", Ticks())
+    cfg = load_config(_config(tmp_path, MACHINE_TOML.replace('calibration = "machine"', 'model = "prefill_decode"\n'
+                                                             'c_ms = 0.9\nprefill_ms_per_token = 0.001\n'
+                                                             'decode_ms_per_token = 0.002')))
+    settings = real_settings({"model": {"preset": "tiny"}, "kv_capacity_tokens": 8192, "warmup_batches": 1})
+    engine = RealEngine(settings, model=Transformer.random(model_config({"preset": "tiny"})))
+    plain = engine.run(cfg)
+    probed = probed_run(engine, cfg, "sarathi", None)
+    assert len(plain.result.batches["end_time"]) >= 2 * PROBE_EVERY
+    for column in ("start_time", "end_time", "num_prefill_tokens", "num_decode_tokens"):
+        assert np.array_equal(plain.result.batches[column], probed.result.batches[column]), column
+    d = probed.summary["real"]["drift"]
+    assert len(d["probe_series"]) == len(plain.result.batches["end_time"]) // PROBE_EVERY
+    assert d["speed"] == d["probe_during"] and d["low"] <= d["probe_during"] <= d["high"]
+    # each instance times every probe batch once; ratios of the same speed are 1
+    probe = Probe(engine.model, TIMERS["thread_cpu"], [point_shape((8, 2, 16)), point_shape((0, 4, 8))])
+    record = probe.repeat(3)
+    assert len(record["times"]) == 3 and len(record["seconds"]) == 2 and probe_ratio(record, record) == 1.0
+
+
+def test_the_speed_probe_divides_a_slower_machine_out(tmp_path, cache, capsys, monkeypatch):
+    """After the calibration the machine gets 1.5x slower (a timer scaled by 1.5): the run's batches
+    and the probe during the run both say so, the run is flagged, and the speed-corrected simulator
+    (the calibration's times scaled by the probe) lands far nearer the real run than the
+    calibration's own, which thinks the load is 0.5 where it is about 0.75."""
+    import time
+
+    import llmqueue.real.machine as machine
+    from llmqueue.real.serve import TIMERS
+
+    scale = {"factor": 1.0}
+    monkeypatch.setitem(TIMERS, "thread_cpu", lambda: scale["factor"] * time.thread_time())
+    measure = machine.measure_calibration
+
+    def then_slower(*args, **kwargs):
+        cal = measure(*args, **kwargs)
+        scale["factor"] = 1.5
+        return cal
+
+    monkeypatch.setattr(machine, "measure_calibration", then_slower)
+    out = tmp_path / "v"
+    assert main(["engine", "validate", _config(tmp_path), "--calibrate", "--no-refit", "--out", str(out),
+                 "--set", "run.horizon_s=6"]) == 0
+    assert "sim (speed)" in capsys.readouterr().out
+    row = json.loads((out / "validation.json").read_text())["rows"][0]
+    d = row["drift"]
+    assert 1.3 < d["probe_during"] < 1.7 and 1.3 < d["run_batches"] < 1.7 and d["changed"], d
+    errors = row["relative_error"]
+    for q in ("mean_in_system", "e2e_p50_s"):
+        assert abs(errors["speed"][q]) < 0.5 * abs(errors["fresh"][q]), (q, errors, d)

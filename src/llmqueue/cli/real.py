@@ -358,9 +358,11 @@ def _engine_validate(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(x, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"(sim ({label}): the simulator with {SOURCE_NAMES[label]}; range: the same with its batch times scaled "
-          "by the drift measured around the run)" if ranged else f"(sim ({label}): the simulator with "
-          f"{SOURCE_NAMES[label]})")
+    print(f"(sim ({label}): the simulator with {SOURCE_NAMES[label]}"
+          + ("; sim (speed): the same with its batch times scaled by the speed probe during the run against the "
+             "calibration's" if "speed" in sims else "")
+          + ("; range: the same with its batch times scaled by the drift measured around the run" if ranged else "")
+          + ")")
     if "kv" in rows[0]["real"]:
         print("\n" + _kv_head(rows[0]["real"]))
         print("\n".join(_kv_table([(r["scheduler"], r["real"], r["sim"]) for r in rows])))
@@ -569,10 +571,11 @@ def _calibration(model, settings, samples, prefill, decode, context, budget):
     """The measured grid as a calibration file's contents, with the probe timed now."""
     import time as clock
 
-    from llmqueue.real.machine import Calibration, machine_of, probe, probe_points, shape_of
+    from llmqueue.real.machine import Calibration, Probe, machine_of, point_shape, probe_points, shape_of
     from llmqueue.real.serve import TIMERS
 
-    reference = probe(model, TIMERS[settings.timer], probe_points(budget, model.config.max_position))
+    points = probe_points(budget, model.config.max_position)
+    reference = Probe(model, TIMERS[settings.timer], [point_shape(p) for p in points]).repeat()
     grid = {"prefill": list(prefill), "decode": list(decode), "context": list(context), "max_tokens": budget}
     return Calibration(machine_of(settings.threads, settings.timer), shape_of(model.config), grid, samples,
                        reference, clock.time())

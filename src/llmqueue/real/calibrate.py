@@ -65,9 +65,10 @@ def _cached(point: tuple[int, ...]) -> int:
 
 
 def measure(model: Transformer, points: Sequence[tuple[int, ...]], timer: Callable[[], float],
-            repeats: int = 3, seed: int = 0,
-            progress: Callable[[int, int], None] | None = None) -> Samples:
-    """Median seconds of each grid point (P, D, K) or (P, D, K, C) on ``model``."""
+            repeats: int = 3, seed: int = 0, progress: Callable[[int, int], None] | None = None,
+            between: Callable[[], None] | None = None) -> Samples:
+    """Median seconds of each grid point (P, D, K) or (P, D, K, C) on ``model`` (``between``: see
+    :func:`_time_batches`)."""
     max_position = model.config.max_position
     longest = max(max(_cached(pt) + pt[0], pt[2] + 1) for pt in points)
     if longest >= max_position:
@@ -83,17 +84,24 @@ def measure(model: Transformer, points: Sequence[tuple[int, ...]], timer: Callab
         c = _cached(pt)
         batches.append(([Chunk(0, c, [1] * p)] if p else []) + [Chunk(c + p + j * (k + 1), k, [1]) for j in range(d)])
     times: dict[tuple[int, ...], list[float]] = {pt: [] for pt in points}
-    for pt, t in zip(points, _time_batches(model, pool, batches, timer, repeats, seed, progress)):
+    for pt, t in zip(points, _time_batches(model, pool, batches, timer, repeats, seed, progress, between)):
         times[pt] += t
     rows = [(pt[0], pt[1], pt[2], pt[0] * _cached(pt) + pt[0] * (pt[0] + 1) // 2 + pt[1] * (pt[2] + 1),
              float(np.median(times[pt]))) for pt in points]
     return Samples.from_rows(rows)
 
 
+#: batches timed between two instances of a speed probe (``between``), in calibrations and runs
+PROBE_EVERY = 25
+
+
 def _time_batches(model: Transformer, pool: KVPool, batches: Sequence[list[Chunk]], timer: Callable[[], float],
-                  repeats: int, seed: int, progress: Callable[[int, int], None] | None) -> list[list[float]]:
+                  repeats: int, seed: int, progress: Callable[[int, int], None] | None,
+                  between: Callable[[], None] | None = None) -> list[list[float]]:
     """Seconds of each batch's forward pass (and argmax), ``repeats`` times, the batches in a fresh
-    seeded order each time so that slow phases of a shared machine spread over all of them."""
+    seeded order each time so that slow phases of a shared machine spread over all of them;
+    ``between`` (the speed probe, :class:`llmqueue.real.machine.Probe`) is called every
+    :data:`PROBE_EVERY` batches, off the measured times."""
     rng = np.random.default_rng(seed)
     times: list[list[float]] = [[] for _ in batches]
     done, total = 0, len(batches) * repeats
@@ -105,6 +113,8 @@ def _time_batches(model: Transformer, pool: KVPool, batches: Sequence[list[Chunk
             done += 1
             if progress is not None:
                 progress(done, total)
+            if between is not None and done % PROBE_EVERY == 0:
+                between()
     return times
 
 
@@ -157,16 +167,11 @@ def replay_spec(config: Config) -> dict | None:
             "requests": REPLAY_REQUESTS, "seed": 0}
 
 
-def replay_samples(model: Transformer, spec: dict, grid: Samples, timer: Callable[[], float], repeats: int = 3,
-                   progress: Callable[[int, int], None] | None = None) -> Samples:
-    """The replayed batches of ``spec`` timed on ``model``: the grid samples' prefill_decode + context
-    fit (for the spec's mean lengths) times the simulated runs (:func:`replay_shapes`), and the
-    shapes they formed are measured (:func:`measure_batches`)."""
+def replay_fit(spec: dict, grid: Samples) -> Fit:
+    """The grid samples' prefill_decode + context fit for the replay spec's mean lengths."""
     m_p = make_length(spec["prompt"], field="workload.prompt", minimum=1).mean
     m_d = make_length(spec["output"], field="workload.output", minimum=0).mean
-    fit = fit_prefill_decode(grid, True, *workload_mix(m_p, m_d))
-    return measure_batches(model, replay_shapes(spec, fit.batch_time.to_dict()), timer, repeats=repeats, seed=1,
-                           progress=progress)
+    return fit_prefill_decode(grid, True, *workload_mix(m_p, m_d))
 
 
 def replay_shapes(spec: dict, batch_time: dict) -> list[tuple[tuple[tuple[int, int], ...], tuple[int, ...]]]:
@@ -203,22 +208,13 @@ def replay_shapes(spec: dict, batch_time: dict) -> list[tuple[tuple[tuple[int, i
     return shapes
 
 
-def measure_batches(model: Transformer, shapes, timer: Callable[[], float], repeats: int = 3, seed: int = 0,
-                    progress: Callable[[int, int], None] | None = None) -> Samples:
-    """Median seconds of each batch shape (:func:`replay_shapes`) on ``model``, its requests' KV
-    runs one after another in the pool as a first-fit allocator leaves them; shuffled per repeat."""
+def batch_layout(shapes) -> tuple[int, list[list[Chunk]]]:
+    """The KV pool size and the chunks of each batch shape (:func:`replay_shapes`): its requests'
+    KV runs one after another, as a first-fit allocator leaves them."""
     def sizes(shape):
         prefill, decode = shape
         return [c + n + 1 for n, c in prefill] + [k + 1 for k in decode]
 
-    longest = max((c + n for shape in shapes for n, c in shape[0]), default=0)
-    longest = max(longest, max((k + 1 for shape in shapes for k in shape[1]), default=0))
-    if longest >= model.config.max_position:
-        from llmqueue.errors import ConfigError
-
-        raise ConfigError("real.model.max_position", model.config.max_position,
-                          f"more than the longest context the scheduler's batches reach ({longest + 1} tokens)")
-    pool = KVPool(model.config, max(sum(sizes(s)) for s in shapes))
     batches = []
     for shape in shapes:
         starts = np.concatenate([[0], np.cumsum(sizes(shape))[:-1]]).astype(int).tolist()
@@ -226,11 +222,42 @@ def measure_batches(model: Transformer, shapes, timer: Callable[[], float], repe
         chunks = [Chunk(s, c, [1] * n) for s, (n, c) in zip(starts, prefill)]
         chunks += [Chunk(s, k, [1]) for s, k in zip(starts[len(prefill):], decode)]
         batches.append(chunks)
+    return max(sum(sizes(s)) for s in shapes), batches
+
+
+def longest_context(shapes) -> int:
+    """The most positions any request of the batch shapes reaches."""
+    longest = max((c + n for shape in shapes for n, c in shape[0]), default=0)
+    return max(longest, max((k + 1 for shape in shapes for k in shape[1]), default=0))
+
+
+def check_positions(model: Transformer, shapes) -> None:
+    longest = longest_context(shapes)
+    if longest >= model.config.max_position:
+        from llmqueue.errors import ConfigError
+
+        raise ConfigError("real.model.max_position", model.config.max_position,
+                          f"more than the longest context the scheduler's batches reach ({longest + 1} tokens)")
+
+
+def measure_batches(model: Transformer, shapes, timer: Callable[[], float], repeats: int = 3, seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None,
+                    between: Callable[[], None] | None = None) -> Samples:
+    """Median seconds of each batch shape (:func:`replay_shapes`) on ``model``, laid out by
+    :func:`batch_layout`; shuffled per repeat (``between``: see :func:`_time_batches`)."""
+    check_positions(model, shapes)
+    capacity, batches = batch_layout(shapes)
+    pool = KVPool(model.config, capacity)
     model.forward(batches[0], pool.k, pool.v)   # warm-up
-    times = _time_batches(model, pool, batches, timer, repeats, seed, progress)
+    times = _time_batches(model, pool, batches, timer, repeats, seed, progress, between)
     rows = []
     for (prefill, decode), t in zip(shapes, times):
-        pairs = sum(n * c + n * (n + 1) // 2 for n, c in prefill) + sum(k + 1 for k in decode)
-        rows.append((sum(n for n, _ in prefill), len(decode), float(np.mean(decode)) if decode else 0.0, pairs,
-                     float(np.median(t))))
+        rows.append((sum(n for n, _ in prefill), len(decode), float(np.mean(decode)) if decode else 0.0,
+                     shape_pairs((prefill, decode)), float(np.median(t))))
     return Samples.from_rows(rows)
+
+
+def shape_pairs(shape) -> int:
+    """Attention pairs of a batch shape (:func:`llmqueue.model.batch_time.attention_pairs`)."""
+    prefill, decode = shape
+    return sum(n * c + n * (n + 1) // 2 for n, c in prefill) + sum(k + 1 for k in decode)

@@ -1,21 +1,23 @@
-"""This machine's batch times: calibration files, the calibration cache and the drift probe
+"""This machine's batch times: calibration files, the calibration cache and the speed probe
 (docs/real_engine.md, "Machine-relative runs" and "Error bars").
 
 A *calibration file* (JSON, ``kind = "llmqueue-calibration"``) holds a grid measurement of one
 model on one machine: the machine (CPU, torch threads and version, timer), the model's shape,
-the grid, every measured batch, and a short *probe* timed just after the grid.  A config uses
-it through ``--batch-time FILE`` or ``engine.batch_time = {file = "cal.json"}``; the fit is
-redone for the config's workload mix, so one file serves every workload of that model.  A file
-whose model shape or grid does not match the run is refused with a one-line error.
+the grid, every measured batch, and the *speed probe* timed through it.  A config uses it
+through ``--batch-time FILE`` or ``engine.batch_time = {file = "cal.json"}``; the fit is redone
+for the config's workload mix, so one file serves every workload of that model.  A file whose
+model shape or grid does not match the run is refused with a one-line error.
 
 ``engine.batch_time = {calibration = "machine"}`` (the demo configs) asks for this machine's
 calibration, cached under ``$XDG_CACHE_HOME/llmqueue`` (else ``~/.cache/llmqueue``) by machine,
 model, timer and grid; a missing or stale entry is measured again (a note says why).
 
-The probe (a few fixed batches, timed a few times, median) runs again before and after each
-run; its ratio to the calibration's probe, and the ratio of the run's own batch times to the
-calibration's prediction of them, measure how far the machine drifted, and bound the
-predictions (:func:`drift`).  numpy only, except where a model is passed in.
+The probe (:class:`Probe`: three of the calibration's replayed batches) is timed through the
+calibration, then before, during (every 25 batches, off the measured clock) and after each run;
+its ratio to the calibration's, and the ratio of the run's own batch times to the calibration's
+prediction of them, measure how far the machine drifted, split a run's batch-time error into
+the machine's speed and the model's error, and bound the predictions (:func:`drift`).  numpy
+only, except where a model is passed in.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from llmqueue.files import atomic_path
 from llmqueue.real.fit import Samples, fit_prefill_decode, joined, workload_mix
 
 KIND = "llmqueue-calibration"
-VERSION = 1
+VERSION = 2       # 2: the probe is run-like batches (shapes), timed through the calibration
 #: a cached calibration older than this is measured again
 MAX_AGE_S = 24 * 3600.0
 #: model fields that change batch times (not the seed, rope base or norm epsilon)
@@ -81,31 +83,104 @@ def describe_shape(shape: dict) -> str:
             f"{shape['dtype']}")
 
 
-# ---- the probe ---------------------------------------------------------------------------
+# ---- the speed probe ----------------------------------------------------------------------
+
+#: probe instances timed right before and right after a run
+PROBE_REPEATS = 5
+#: batches of a probe: from the calibration's replayed batches at these loads (the ones runs near
+#: capacity form), at these quantiles of their token counts
+PROBE_LOADS = (0.75, 0.9)
+PROBE_QUANTILES = (0.3, 0.6, 0.9)
+
+
+def point_shape(point) -> tuple:
+    """A grid point (P, D, K[, C]) as a batch shape (:func:`llmqueue.real.calibrate.replay_shapes`)."""
+    p, d, k = point[:3]
+    c = point[3] if len(point) > 3 else 0
+    return ((((p, c),) if p else ()), (k,) * d)
+
 
 def probe_points(token_budget: int, max_position: int) -> list[tuple[int, int, int]]:
-    """(P, D, K): a full-ish prefill, a decode batch, and a mix; all within the budget."""
+    """(P, D, K): a full-ish prefill, a decode batch, and a mix; all within the budget (the probe
+    when there are no replayed batches: a trace's workload, a calibration from a grid or a run)."""
     p = max(1, min(token_budget // 2, max_position // 2))
     d = max(1, min(16, token_budget // 4))
     k = max(1, min(64, max_position // 4))
     return [(p, 0, 0), (0, d, k), (max(1, p // 4), max(1, d // 2), k)]
 
 
-def probe(model, timer, points: list[tuple[int, int, int]], repeats: int = 5) -> dict:
-    """Median seconds of each probe batch, and the CPU time per wall second while probing."""
-    from llmqueue.real.calibrate import measure
+def probe_shapes(replayed: list, loads: list[float], batches: int) -> list[tuple]:
+    """Run-like probe batches: of the replayed batches at :data:`PROBE_LOADS` (``batches`` per load, in
+    ``loads``' order), those at :data:`PROBE_QUANTILES` of their token counts."""
+    grouped = len(replayed) == len(loads) * batches
+    pool = [s for i, load in enumerate(loads) if load in PROBE_LOADS for s in replayed[i * batches:(i + 1) * batches]]
+    pool = pool if grouped and pool else list(replayed)
+    ranked = sorted(pool, key=lambda s: (sum(n for n, _ in s[0]) + len(s[1]), s))
+    return [ranked[min(len(ranked) - 1, int(q * len(ranked)))] for q in PROBE_QUANTILES]
 
-    wall, cpu = time.perf_counter(), time.thread_time()
-    samples = measure(model, points, timer, repeats=repeats, seed=0)
-    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-    return {"points": [list(p) for p in points], "seconds": samples.seconds.tolist(),
-            "cpu_per_wall": cpu / wall if wall > 0 else 1.0}
+
+def _shape_list(shapes) -> list:
+    return [[[list(c) for c in pre], list(dec)] for pre, dec in shapes]
+
+
+def _shape_tuples(shapes) -> list[tuple]:
+    return [(tuple((int(n), int(c)) for n, c in pre), tuple(int(k) for k in dec)) for pre, dec in shapes]
+
+
+class Probe:
+    """A few run-like batches on their own KV pool, timed together now and again (each call is one
+    instance) during a calibration and a run, off the measured clock: their times against the
+    calibration's divide the machine's speed out of a comparison (docs/real_engine.md, "Error bars")."""
+
+    def __init__(self, model, timer, shapes) -> None:
+        from llmqueue.real.calibrate import batch_layout, check_positions
+        from llmqueue.real.kvcache import KVPool
+
+        self.model, self.timer, self.shapes = model, timer, _shape_tuples(shapes)
+        check_positions(model, self.shapes)
+        capacity, self.batches = batch_layout(self.shapes)
+        self.pool = KVPool(model.config, capacity)
+        self.times: list[list[float]] = []
+        self.at: list[float] = []          # the caller's clock at each instance (a run's measured time)
+        self.wall = self.cpu = 0.0
+        self.model.forward(self.batches[0], self.pool.k, self.pool.v)   # warm-up
+
+    def __call__(self, at: float | None = None) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        row = []
+        for chunks in self.batches:
+            began = self.timer()
+            self.model.forward(chunks, self.pool.k, self.pool.v).argmax(-1)
+            row.append(self.timer() - began)
+        self.times.append(row)
+        self.at.append(float(len(self.at) if at is None else at))
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.thread_time() - cpu
+
+    def repeat(self, n: int = PROBE_REPEATS) -> dict:
+        for _ in range(n):
+            self()
+        return self.record()
+
+    def record(self, since: int = 0) -> dict:
+        """The instances from ``since`` on: shapes, seconds (median per shape), every instance."""
+        times = self.times[since:]
+        return {"shapes": _shape_list(self.shapes),
+                "seconds": np.median(np.asarray(times), axis=0).tolist() if times else [],
+                "times": [list(r) for r in times], "at": self.at[since:],
+                "cpu_per_wall": self.cpu / self.wall if self.wall > 0 else 1.0}
 
 
 def probe_ratio(now: dict, reference: dict) -> float:
-    """Median over the probe batches of now / reference (> 1: the machine is slower now)."""
-    a, b = np.asarray(now["seconds"]), np.asarray(reference["seconds"])
-    return float(np.median(a / b))
+    """The probe's batches now against the reference, their median seconds summed (> 1: the
+    machine is slower now)."""
+    return float(np.sum(now["seconds"]) / np.sum(reference["seconds"]))
+
+
+def probe_series(during: dict, reference: dict) -> list[list[float]]:
+    """[clock, ratio] of each probe instance of a run against the reference."""
+    total = float(np.sum(reference["seconds"]))
+    return [[t, float(np.sum(row)) / total] for t, row in zip(during["at"], during["times"])]
 
 
 # ---- calibration files -------------------------------------------------------------------
@@ -184,7 +259,9 @@ def read_calibration(path: str | Path) -> Calibration:
         int(grid["max_tokens"])
         shape = {k: data["model"][k] for k in SHAPE_KEYS}
         machine, probe_ = dict(data["machine"]), dict(data["probe"])
-        len(probe_["seconds"])
+        if len(_shape_tuples(probe_["shapes"])) != len(probe_["seconds"]) or not all(
+                np.isfinite(x) and x > 0 for x in probe_["seconds"]):
+            raise ValueError("probe")
         created = float(data["created_unix"])
     except (KeyError, TypeError, ValueError):
         raise LlmqueueError(f"{p}: a damaged calibration file (samples, grid, model, machine or probe missing or "
@@ -257,16 +334,27 @@ def predicted_batch_seconds(batch_time, batches: dict) -> np.ndarray:
 
 
 def drift(before: dict | None, after: dict | None, reference: dict | None, run_ratio: float | None,
-          cpu_per_wall: float | None, rho: float) -> dict:
-    """How far the machine moved: probe before and after the run against the calibration's probe,
-    the run's batches against the calibration's prediction of them, CPU per wall second.  The
-    range [low, high] of these factors scales the batch times; ρ scales with it."""
+          cpu_per_wall: float | None, rho: float, during: dict | None = None) -> dict:
+    """How far the machine moved: the speed probe before, during and after the run against the
+    calibration's probe, the run's batches against the calibration's prediction of them, CPU per
+    wall second.  The range [low, high] of these factors scales the batch times; ρ scales with it.
+    ``speed`` (the probe during the run, else the mean of before and after) is the factor that
+    divides the machine's speed out (``engine validate``'s speed-corrected column)."""
     factors = {}
+    series = None
     if reference is not None:
         if before is not None:
             factors["probe_before"] = probe_ratio(before, reference)
+        if during is not None and during["times"]:
+            factors["probe_during"] = probe_ratio(during, reference)
+            series = probe_series(during, reference)
         if after is not None:
             factors["probe_after"] = probe_ratio(after, reference)
+    instances = {k: [r for _, r in probe_series(v, reference)] for k, v in (("before", before), ("after", after))
+                 if reference is not None and v is not None and v.get("times")}
+    speed = factors.get("probe_during")
+    if speed is None and "probe_before" in factors and "probe_after" in factors:
+        speed = (factors["probe_before"] + factors["probe_after"]) / 2
     if run_ratio is not None and np.isfinite(run_ratio):
         factors["run_batches"] = float(run_ratio)
     values = list(factors.values()) or [1.0]
@@ -280,8 +368,13 @@ def drift(before: dict | None, after: dict | None, reference: dict | None, run_r
         reasons.append(f"the run's batches took {factors['run_batches']:.2f}x the batch-time model's times")
     if cpu_per_wall is not None and cpu_per_wall < CPU_WALL_LIMIT:
         reasons.append(f"it got {cpu_per_wall:.2f} s of CPU per wall second (the machine was busy)")
-    return {**factors, "cpu_per_wall": cpu_per_wall, "low": low, "high": high,
-            "rho_low": rho * low, "rho_high": rho * high, "changed": bool(reasons), "reasons": reasons}
+    # the run's batches against the calibration, split: the machine's speed (the probe) times the
+    # batch-time model's own error on the run's batches at the calibration's speed
+    model = factors["run_batches"] / speed if speed and "run_batches" in factors else None
+    return {**factors, "speed": speed, "model_error": model, "cpu_per_wall": cpu_per_wall, "low": low, "high": high,
+            "rho_low": rho * low, "rho_high": rho * high, "changed": bool(reasons), "reasons": reasons,
+            **({"probe_series": series} if series is not None else {}),
+            **({"probe_instances": instances} if instances else {})}
 
 
 def predicted_verdict(d: dict, work_conserving: bool) -> str:
@@ -297,7 +390,10 @@ def predicted_verdict(d: dict, work_conserving: bool) -> str:
 
 
 def drift_line(name: str, d: dict, work_conserving: bool) -> str:
-    parts = [f"{k.replace('_', ' ')} {d[k]:.2f}x" for k in ("probe_before", "probe_after", "run_batches") if k in d]
+    parts = [f"{k.replace('_', ' ')} {d[k]:.2f}x" for k in ("probe_before", "probe_during", "probe_after",
+                                                             "run_batches") if k in d]
+    if d.get("model_error") is not None and parts:
+        parts[-1] += f" (= machine speed {d['speed']:.2f}x × batch-time model {d['model_error']:.2f}x)"
     cpu = "" if d["cpu_per_wall"] is None else f"; CPU/wall {d['cpu_per_wall']:.2f}"
     verdict = predicted_verdict(d, work_conserving)
     line = (f"{name}: drift against the calibration: {', '.join(parts) or 'not measured'}{cpu}; ρ "
@@ -395,10 +491,12 @@ def resolve(data: dict, base_dir: Path, engine, batch_time_file: str | None = No
 
 
 def measure_calibration(engine, grid: dict, machine: dict, repeats: int = 3, progress=None) -> Calibration:
-    """Time ``grid`` (and the probe) on ``engine``'s model now; with ``grid["replay"]``, also the
-    batches its scheduler forms in simulated runs timed by the grid's fit (docs/real_engine.md,
-    "Calibration that transfers"), whose samples join the grid's."""
-    from llmqueue.real.calibrate import grid_points, measure, replay_samples
+    """Time ``grid`` on ``engine``'s model now; with ``grid["replay"]``, also the batches its
+    scheduler forms in simulated runs timed by the grid's fit (docs/real_engine.md, "Calibration
+    that transfers"), whose samples join the grid's.  The speed probe (:class:`Probe`: a few of the
+    replayed batches, else :func:`probe_points`) is timed through the replay (else the grid) and
+    :data:`PROBE_REPEATS` times at the end: the calibration's reference speed."""
+    from llmqueue.real.calibrate import grid_points, measure, measure_batches, replay_fit, replay_shapes
     from llmqueue.real.serve import TIMERS
 
     model, timer = engine.model, TIMERS[engine.settings.timer]
@@ -406,28 +504,38 @@ def measure_calibration(engine, grid: dict, machine: dict, repeats: int = 3, pro
     replay = grid.get("replay")
     extra = 0 if replay is None else len(replay["loads"]) * replay["batches"] * repeats   # at most
     on_grid = None if progress is None else (lambda done, total: progress(done, total + extra))
-    samples = measure(model, points, timer, repeats=repeats, seed=0, progress=on_grid)
-    if replay is not None:
+    if replay is None:
+        speed = Probe(model, timer, [point_shape(p) for p in probe_points(grid["max_tokens"], model.config.max_position)])
+        samples = measure(model, points, timer, repeats=repeats, seed=0, progress=on_grid, between=speed)
+    else:
+        samples = measure(model, points, timer, repeats=repeats, seed=0, progress=on_grid)
         first = len(points) * repeats
         on_batches = None if progress is None else (lambda done, total: progress(first + done, first + total))
-        samples = joined(samples, replay_samples(model, replay, samples, timer, repeats, on_batches))
-    reference = probe(model, timer, probe_points(grid["max_tokens"], model.config.max_position))
-    return Calibration(machine, shape_of(model.config), grid, samples, reference, time.time())
+        shapes = replay_shapes(replay, replay_fit(replay, samples).batch_time.to_dict())
+        speed = Probe(model, timer, probe_shapes(shapes, replay["loads"], replay["batches"]))
+        samples = joined(samples, measure_batches(model, shapes, timer, repeats=repeats, seed=1, progress=on_batches,
+                                                  between=speed))
+    speed.repeat()
+    return Calibration(machine, shape_of(model.config), grid, samples, speed.record(), time.time())
 
 
-def _probe_reference(calibration: Calibration | None, batch_time, points) -> dict:
+def _probe_reference(calibration: Calibration | None, batch_time, shapes) -> dict:
     """The calibration's own probe, or (no calibration file) what the config's model predicts for it."""
-    if calibration is not None and calibration.probe.get("points") == [list(p) for p in points]:
+    from llmqueue.real.calibrate import shape_pairs
+
+    if calibration is not None and _shape_tuples(calibration.probe["shapes"]) == _shape_tuples(shapes):
         return calibration.probe
-    arr = np.asarray(points, dtype=float)
-    batches = {"num_prefill_tokens": arr[:, 0], "num_decode_tokens": arr[:, 1],
-               "attention_pairs": arr[:, 0] * (arr[:, 0] + 1) / 2 + arr[:, 1] * (arr[:, 2] + 1)}
-    return {"points": [list(p) for p in points], "seconds": predicted_batch_seconds(batch_time, batches).tolist()}
+    batches = {"num_prefill_tokens": np.array([sum(n for n, _ in pre) for pre, _ in shapes], dtype=float),
+               "num_decode_tokens": np.array([len(dec) for _, dec in shapes], dtype=float),
+               "attention_pairs": np.array([shape_pairs(s) for s in shapes], dtype=float)}
+    return {"shapes": _shape_list(shapes), "seconds": predicted_batch_seconds(batch_time, batches).tolist()}
 
 
 def probed_run(engine, config, scheduler: str, requests, progress=None, calibration: Calibration | None = None):
-    """``engine.run`` between two probes; the summary's ``real.drift`` says how far the machine
-    moved against the calibration (not with ``clock = "model"``, whose times are the model's)."""
+    """``engine.run`` with the speed probe timed before, every :data:`~llmqueue.real.calibrate.PROBE_EVERY`
+    batches during (off the measured clock; not with ``clock = "wall"``, whose arrivals it would
+    delay) and after it; the summary's ``real.drift`` says how far the machine moved against the
+    calibration (not with ``clock = "model"``, whose times are the model's)."""
     from llmqueue.real.serve import TIMERS
     from llmqueue.runner import batch_time_of
 
@@ -435,20 +543,25 @@ def probed_run(engine, config, scheduler: str, requests, progress=None, calibrat
         return engine.run(config, scheduler, requests, progress)
     model, timer = engine.model, TIMERS[engine.settings.timer]
     if calibration is not None:
-        points = [tuple(p) for p in calibration.probe["points"]]
+        shapes = _shape_tuples(calibration.probe["shapes"])
     else:
-        points = probe_points(config.engine["token_budget"], model.config.max_position)
-    before = probe(model, timer, points)
+        shapes = [point_shape(p) for p in probe_points(config.engine["token_budget"], model.config.max_position)]
+    speed = Probe(model, timer, shapes)
+    before = speed.repeat()
+    start = len(speed.times)
     wall, cpu = time.perf_counter(), time.thread_time()
-    run = engine.run(config, scheduler, requests, progress)
+    run = engine.run(config, scheduler, requests, progress, between=None if engine.settings.clock == "wall" else speed)
     wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
-    after = probe(model, timer, points)
+    during = speed.record(start) if len(speed.times) > start else None
+    start = len(speed.times)
+    speed.repeat()
+    after = speed.record(start)
     batch_time = batch_time_of(config)
     b = run.result.batches
     predicted = float(predicted_batch_seconds(batch_time, b).sum()) if len(b["duration"]) else 0.0
     ratio = float(b["duration"].sum()) / predicted if predicted > 0 else None
-    d = drift(before, after, _probe_reference(calibration, batch_time, points), ratio,
-              cpu / wall if wall > 0 else None, run.analysis.rho)
+    reference = _probe_reference(calibration, batch_time, shapes)
+    d = drift(before, after, reference, ratio, cpu / wall if wall > 0 else None, run.analysis.rho, during)
     run.summary["real"]["drift"] = d
     verdict = predicted_verdict(d, run.summary["work_conserving_claimed"])
     if verdict == "near capacity" and run.summary["predicted"] in ("stable", "unstable"):

@@ -395,10 +395,15 @@ class MeasuredBatchTime(BatchTime):
 
 def serve(engine: Engine, executor: Executor, requests: Requests, *, clock: str = "measured",
           horizon_s: float | None = None, drain: bool = False,
-          progress: Callable[[float, int], None] | None = None) -> Result:
+          progress: Callable[[float, int], None] | None = None,
+          between: Callable[[float], None] | None = None) -> Result:
     """Run ``requests`` through ``engine`` on the real model; the simulator's :class:`Result`
     with per-batch records (plus KV use) always kept.  Same horizon rules as
-    :func:`llmqueue.core.simulator.simulate`."""
+    :func:`llmqueue.core.simulator.simulate`.  ``between(now)`` (the speed probe,
+    :class:`llmqueue.real.machine.Probe`) is called every
+    :data:`~llmqueue.real.calibrate.PROBE_EVERY` batches, after the batch's time is taken."""
+    from llmqueue.real.calibrate import PROBE_EVERY
+
     started = time.perf_counter()
     arrivals = requests.arrival_time.tolist()
     prompts, outputs = requests.num_prompt_tokens.tolist(), requests.num_output_tokens.tolist()
@@ -466,6 +471,8 @@ def serve(engine: Engine, executor: Executor, requests: Requests, *, clock: str 
                            len(waiting)))
         if progress is not None and len(ends) % 50 == 0:
             progress(now, i)
+        if between is not None and len(ends) % PROBE_EVERY == 0:
+            between(now)
     end_time = max(now, arrivals[-1] if n else 0.0) if drain else horizon
     result = _result(engine, requests, admitted, rejected, end_time, ends, tokens, detail,
                      PAGED_BATCH_COLUMNS if paged else EXTRA_BATCH_COLUMNS)
@@ -505,9 +512,11 @@ class RealEngine:
         self.pool = KVPool(self.model.config, settings.kv_capacity_tokens)
 
     def run(self, config: Config, scheduler: str | None = None, requests: Requests | None = None,
-            progress: Callable[[float, int], None] | None = None) -> Run:
+            progress: Callable[[float, int], None] | None = None,
+            between: Callable[[float], None] | None = None) -> Run:
         """One scheduler on ``requests`` (default: the config's generated workload), summarised
-        with :func:`llmqueue.metrics.summarize` against the config's batch-time model."""
+        with :func:`llmqueue.metrics.summarize` against the config's batch-time model
+        (``between``: see :func:`serve`)."""
         workload = build_workload(config)
         if requests is None:
             requests = generate(config, workload)
@@ -537,7 +546,7 @@ class RealEngine:
         gc.freeze()
         try:
             result = serve(engine, executor, requests, clock=self.settings.clock, horizon_s=rc.horizon_s,
-                           drain=rc.drain, progress=progress)
+                           drain=rc.drain, progress=progress, between=between)
         finally:
             gc.unfreeze()
         analysis = analysis_of(config, workload)

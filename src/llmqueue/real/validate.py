@@ -79,9 +79,11 @@ def prediction_range(config: Config, name: str, workload, requests, drift: dict)
 
 def validate(config: Config, engine: RealEngine, schedulers: Sequence[str], refit: bool = True,
              on_done: Callable[[dict], None] | None = None, label: str = "config", calibration=None) -> list[dict]:
-    """Per scheduler: the real run's summary (between two drift probes), the simulations'
-    summaries (``label``: the config's batch-time model, and "run_fit" with ``refit``), their
-    relative errors, and the range of the ``label`` simulation that the measured drift allows."""
+    """Per scheduler: the real run's summary (with the speed probe before, during and after it),
+    the simulations' summaries (``label``: the config's batch-time model; "speed": the same with
+    its times scaled by the probe's speed during the run against the calibration's; "run_fit"
+    with ``refit``), their relative errors, and the range of the ``label`` simulation that the
+    measured drift allows."""
     from llmqueue.real.machine import probed_run
 
     workload = build_workload(config)
@@ -90,11 +92,14 @@ def validate(config: Config, engine: RealEngine, schedulers: Sequence[str], refi
     for name in schedulers:
         real = probed_run(engine, config, name, requests, calibration=calibration)
         sims = {label: execute(config, build_engine(config, name), workload, requests)}
+        drift = real.summary["real"].get("drift")
+        if drift and drift.get("speed"):   # the machine's speed during the run divided out
+            faster = scaled_config(config, drift["speed"])
+            sims["speed"] = execute(faster, build_engine(faster, name), workload, requests)
         fit = None
         if refit:
             fitted, fit = refit_config(config, real.result)
             sims["run_fit"] = execute(fitted, build_engine(fitted, name), workload, requests)
-        drift = real.summary["real"].get("drift")
         row = {"scheduler": name, "real": real.summary, "sim": {k: r.summary for k, r in sims.items()},
                "relative_error": {k: {q: relative_error(get(r.summary), get(real.summary))
                                       for q, get in QUANTITIES} for k, r in sims.items()},
