@@ -65,7 +65,8 @@ def capacity(config: Path, horizon: float, out: Path) -> dict:
 
 
 #: the simulator columns: key in validation.json, heading
-SIMS = (("fresh", "sim, fresh calibration"), ("speed", "sim, speed-corrected"), ("run_fit", "sim, run fit"))
+SIMS = (("fresh", "sim, fresh calibration"), ("speed", "sim, speed-corrected"), ("run_fit", "sim, run fit"),
+        ("run_fit_noise", "sim, run fit + noise"))
 
 
 def table(rows: list[dict]) -> list[str]:

@@ -63,12 +63,43 @@ def test_runs_repeat_and_keep_the_arrivals():
     assert len(set(np.round(np.diff(plain.result.batch_end_time), 9))) >= 1 and len(set(np.round(gaps, 9))) > 100
 
 
+def test_correlated_factors_keep_the_law_and_correlate_by_r_to_the_k():
+    """With correlation r, ln ε is AR(1) (stationary from the first batch, carried across the draw
+    blocks): mean 1 and the cv as without it, lag-k correlation r^k of ln ε."""
+    model = make_batch_time(dict(CONSTANT, noise={"cv": 0.3, "correlation": 0.6})).fresh(4)
+    f = _factors(model, 200_000)
+    x = np.log(f)
+    assert abs(f.mean() - 1) < 0.01 and abs(f.std() / f.mean() - 0.3) < 0.01
+    for k in (1, 2, 3):
+        assert abs(np.corrcoef(x[:-k], x[k:])[0, 1] - 0.6 ** k) < 0.01, k
+    ends = np.arange(4096, len(x), 4096)   # the first draw of each block continues the last block's series
+    assert np.corrcoef(x[ends - 1], x[ends])[0, 1] > 0.3   # 48 pairs: 0.6 ± 0.1 carried, 0 ± 0.15 if not
+    first = np.array([np.log(make_batch_time(dict(CONSTANT, noise={"cv": 0.3, "correlation": 0.9})).fresh(s)._next())
+                      for s in range(3000)])
+    assert abs(first.std() - np.sqrt(np.log1p(0.09))) < 0.02      # stationary: no warm-up from 1
+    assert model.to_dict()["noise"] == {"cv": 0.3, "correlation": 0.6}
+    assert make_batch_time(model.to_dict()).fresh(4).correlation == 0.6
+
+
+def test_correlated_noise_lengthens_the_queue():
+    """Slow batches in runs: at the same cv the queue is longer with correlated factors than with
+    independent ones (the excursions a deterministic or independent model misses)."""
+    def mean_e2e(noise):
+        return np.mean([run_config(_config(noise, seed=s, horizon=300.0)).summary["e2e_s"]["mean"] for s in range(2)])
+
+    independent, correlated = mean_e2e({"cv": 0.3}), mean_e2e({"cv": 0.3, "correlation": 0.95})
+    assert correlated > 1.3 * independent, (correlated, independent)
+
+
 @pytest.mark.parametrize("noise, field", [
     ({"cv": 0}, "noise.cv"), ({"cv": 11}, "noise.cv"), ({"cv": "x"}, "noise.cv"),
     ({"factors": [1.0]}, "noise.factors"), ({"factors": [1.0, -1.0]}, "noise.factors"),
     ({"factors": [1.0, float("nan")]}, "noise.factors"), ({"factors": "ab"}, "noise.factors"),
     ({"cv": 0.1, "factors": [1, 2]}, "noise"), ({}, "noise"), ({"sigma": 1}, "noise"), (0.3, "noise"),
     ({"cv": 0.1, "seed": -1}, "noise.seed"), ({"cv": 0.1, "seed": 1.5}, "noise.seed"),
+    ({"cv": 0.1, "correlation": 1.0}, "noise.correlation"), ({"cv": 0.1, "correlation": -0.1}, "noise.correlation"),
+    ({"cv": 0.1, "correlation": "x"}, "noise.correlation"),
+    ({"factors": [1.0, 2.0], "correlation": 0.5}, "noise.correlation"),
 ])
 def test_bad_noise_is_refused_with_the_field(noise, field):
     with pytest.raises(ConfigError) as err:

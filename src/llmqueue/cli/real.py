@@ -374,6 +374,11 @@ def _engine_validate(args: argparse.Namespace) -> int:
             print(f"{r['scheduler']}: run_fit = prefill_decode fitted to the real run's {r['real']['batches']} batches, "
                   f"R² {bt['r2']:.3f}: c {bt['c_ms']:.3f} ms, prefill {bt['prefill_ms_per_token']:.4f}, decode "
                   f"{bt['decode_ms_per_token']:.4f} ms/token, context {bt['context_ms_per_token']:.3g} ms/pair")
+        if "run_fit_noise" in r["batch_time"]:
+            n = r["batch_time"]["run_fit_noise"]["noise"]
+            print(f"{r['scheduler']}: run_fit_noise = run_fit times the run's own scatter around it, lognormal "
+                  f"cv {n['cv']:.3f} with lag-1 correlation {n['correlation']:.2f} between successive batches "
+                  "(one seeded draw)")
     print(f"\nwrote {out / 'validation.json'}")
     return _validate_end(stop, rows, names)
 

@@ -232,7 +232,11 @@ class Noisy(BatchTime):
     Real batch times scatter around any fit (docs/real_engine.md); with deterministic times a
     simulated queue's excursions are too short.  ε is lognormal with coefficient of variation
     ``cv`` (σ² = ln(1 + cv²), mean 1), or resampled from measured ``factors`` (ratios of measured to
-    fitted times, rescaled to mean 1).  The mean batch time, hence Theorem 2's capacity and λ*,
+    fitted times, rescaled to mean 1).  With ``correlation`` r (lognormal only) the factors of
+    successive batches are correlated, as a real engine's slow and fast phases are: ln ε is an
+    AR(1) series, ln ε_t − μ = r (ln ε_{t−1} − μ) + √(1 − r²) σ z_t, stationary from the first
+    batch, so each ε keeps the same lognormal law (mean 1, the given cv) and batch t and t + k
+    correlate by r^k in the log.  The mean batch time, hence Theorem 2's capacity and λ*,
     is the model's.  Draws come from their own stream of (``seed``, ``stream``): the run's seed
     unless the table sets one, and the engine's index in a pool; the arrivals are unchanged.
     Times depend on the draw, so such runs use the reference interpreter.
@@ -241,15 +245,16 @@ class Noisy(BatchTime):
     tokens_only = False
 
     def __init__(self, base: BatchTime, cv: float | None = None, factors: np.ndarray | None = None,
-                 seed: int | None = None, stream: int = 0, run_seed: int = 0) -> None:
-        self.base, self.cv, self.seed, self.stream = base, cv, seed, stream
+                 seed: int | None = None, stream: int = 0, run_seed: int = 0, correlation: float = 0.0) -> None:
+        self.base, self.cv, self.seed, self.stream, self.correlation = base, cv, seed, stream, float(correlation)
         self.factors = None if factors is None else np.asarray(factors, dtype=float) / float(np.mean(factors))
         self.name = base.name
         self._rng = np.random.default_rng([NOISE_STREAM, run_seed if seed is None else seed, stream])
         self._draws: list[float] = []
+        self._last: float | None = None     # the AR(1) state: the last draw's standardized ln ε
 
     def fresh(self, seed: int, stream: int = 0) -> Noisy:
-        return Noisy(self.base, self.cv, self.factors, self.seed, stream, seed)
+        return Noisy(self.base, self.cv, self.factors, self.seed, stream, seed, self.correlation)
 
     def seconds(self, tokens: np.ndarray) -> np.ndarray:
         return self.base.seconds(tokens)
@@ -258,6 +263,15 @@ class Noisy(BatchTime):
         if not self._draws:
             if self.factors is not None:
                 block = self._rng.choice(self.factors, size=_BLOCK)
+            elif self.correlation:
+                s2 = np.log1p(self.cv * self.cv)
+                z = self._rng.standard_normal(_BLOCK)
+                r, scale, x = self.correlation, np.sqrt(1 - self.correlation ** 2), self._last
+                for i in range(_BLOCK):   # stationary from the first draw: x_0 ~ N(0, 1)
+                    x = z[i] if x is None else r * x + scale * z[i]
+                    z[i] = x
+                self._last = x
+                block = np.exp(-s2 / 2 + np.sqrt(s2) * z)
             else:
                 s2 = np.log1p(self.cv * self.cv)
                 block = self._rng.lognormal(-s2 / 2, np.sqrt(s2), size=_BLOCK)
@@ -269,6 +283,8 @@ class Noisy(BatchTime):
 
     def noise_dict(self) -> dict:
         out: dict = {"cv": self.cv} if self.factors is None else {"factors": self.factors.tolist()}
+        if self.correlation:
+            out["correlation"] = self.correlation
         return out if self.seed is None else {**out, "seed": self.seed}
 
     @property
@@ -284,14 +300,20 @@ class Noisy(BatchTime):
 
 
 def _make_noise(base: BatchTime, noise, field: str) -> Noisy:
-    allowed = ("a table {cv = C} (lognormal factor of mean 1, 0 < C <= 10) or {factors = [f, ...]} "
-               "(at least 2 measured ratios > 0, resampled), with an optional integer seed")
-    if not isinstance(noise, Mapping) or not noise or set(noise) - {"cv", "factors", "seed"} \
+    allowed = ("a table {cv = C} (lognormal factor of mean 1, 0 < C <= 10; optional correlation = r, "
+               "0 <= r <= 0.999, of successive batches) or {factors = [f, ...]} (at least 2 measured ratios > 0, "
+               "resampled), with an optional integer seed")
+    if not isinstance(noise, Mapping) or not noise or set(noise) - {"cv", "factors", "seed", "correlation"} \
             or ("cv" in noise) == ("factors" in noise):
         raise ConfigError(field, noise, allowed)
     seed = None if noise.get("seed") is None else integer(noise["seed"], f"{field}.seed", 0)
+    if "correlation" in noise and "cv" not in noise:
+        raise ConfigError(f"{field}.correlation", noise["correlation"], "with cv only (measured factors are "
+                          "resampled independently)")
     if "cv" in noise:
-        return Noisy(base, cv=number(noise["cv"], f"{field}.cv", above=0, at_most=NOISE_MAX_CV), seed=seed)
+        r = number(noise.get("correlation", 0.0), f"{field}.correlation", at_least=0, at_most=0.999)
+        return Noisy(base, cv=number(noise["cv"], f"{field}.cv", above=0, at_most=NOISE_MAX_CV), seed=seed,
+                     correlation=r)
     try:
         factors = np.asarray(noise["factors"], dtype=float)
     except (TypeError, ValueError):

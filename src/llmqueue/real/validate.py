@@ -14,6 +14,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from llmqueue.config import Config, parse_config
 from llmqueue.real.fit import Fit, Samples, fit_prefill_decode, workload_mix
 from llmqueue.real.serve import RealEngine
@@ -54,6 +56,23 @@ def refit_config(config: Config, result: Result) -> tuple[Config, Fit]:
     return parse_config(data, config.base_dir), fit
 
 
+def run_noise(fit: Fit, result: Result) -> dict:
+    """The run's batch times around the fit as an ``[engine.batch_time] noise`` table: cv and lag-1
+    correlation of ln(measured / fitted) over the batches in order (docs/real_engine.md, "Batch-time
+    noise"); successive real batches are slow or fast together, which independent noise misses."""
+    from llmqueue.real.machine import predicted_batch_seconds
+
+    measured = result.batches["duration"]
+    fitted = predicted_batch_seconds(fit.batch_time, result.batches)
+    ok = (measured > 0) & (fitted > 0)
+    x = np.log(measured[ok] / fitted[ok])
+    if len(x) < 3 or not np.std(x) > 1e-9:   # none (rounding aside): the fit is exact
+        return {}
+    r = float(np.corrcoef(x[:-1], x[1:])[0, 1])
+    cv = float(np.sqrt(np.expm1(np.var(x))))
+    return {"cv": min(cv, 10.0), "correlation": min(max(r, 0.0), 0.999) if np.isfinite(r) else 0.0}
+
+
 def scaled_config(config: Config, factor: float) -> Config:
     """``config`` with every batch time multiplied by ``factor`` (the drift's bounds)."""
     from llmqueue.real.machine import scaled
@@ -82,7 +101,8 @@ def validate(config: Config, engine: RealEngine, schedulers: Sequence[str], refi
     """Per scheduler: the real run's summary (with the speed probe before, during and after it),
     the simulations' summaries (``label``: the config's batch-time model; "speed": the same with
     its times scaled by the probe's speed during the run against the calibration's; "run_fit"
-    with ``refit``), their relative errors, and the range of the ``label`` simulation that the
+    with ``refit``, and "run_fit_noise": the same with the run's correlated scatter around it,
+    :func:`run_noise`), their relative errors, and the range of the ``label`` simulation that the
     measured drift allows."""
     from llmqueue.real.machine import probed_run
 
@@ -100,11 +120,18 @@ def validate(config: Config, engine: RealEngine, schedulers: Sequence[str], refi
         if refit:
             fitted, fit = refit_config(config, real.result)
             sims["run_fit"] = execute(fitted, build_engine(fitted, name), workload, requests)
+            noise = run_noise(fit, real.result)
+            if noise:   # the run fit with the run's own correlated scatter (reference interpreter)
+                data = copy.deepcopy(fitted.data)
+                data["engine"]["batch_time"] = {**fitted.engine["batch_time"], "noise": noise}
+                noisy = parse_config(data, fitted.base_dir)
+                sims["run_fit_noise"] = execute(noisy, build_engine(noisy, name), workload, requests)
         row = {"scheduler": name, "real": real.summary, "sim": {k: r.summary for k, r in sims.items()},
                "relative_error": {k: {q: relative_error(get(r.summary), get(real.summary))
                                       for q, get in QUANTITIES} for k, r in sims.items()},
                "batch_time": {label: config.engine["batch_time"],
-                              **({"run_fit": {**fit.batch_time.to_dict(), "r2": fit.r2}} if fit else {})},
+                              **({"run_fit": {**fit.batch_time.to_dict(), "r2": fit.r2}} if fit else {}),
+                              **({"run_fit_noise": noisy.engine["batch_time"]} if "run_fit_noise" in sims else {})},
                "range": {label: prediction_range(config, name, workload, requests, drift)} if drift else {},
                "drift": drift, "real_run": real, "sim_runs": sims}
         rows.append(row)
